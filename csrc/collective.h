@@ -1,0 +1,53 @@
+#pragma once
+// One collective as the pool sees it: what it is, on which tensors, and the
+// checks every transport needs before it can run it.
+//
+// Thread-safety: a Collective is a value; validate() and the accessors are
+// pure functions of it.
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pycomm {
+
+enum class CollectiveKind : uint8_t {
+  AllGather = 0, // outputs[i] = concat over ranks of inputs[i]
+  ReduceScatter = 1, // outputs[i] = this rank's slice of reduce(inputs[i])
+  AllReduce = 2, // in place on inputs
+  Broadcast = 3, // in place on inputs, from `root`
+  Barrier = 4,
+};
+
+const char* kindName(CollectiveKind kind);
+const char* reduceOpName(c10d::ReduceOp::RedOpType op);
+
+struct Collective {
+  CollectiveKind kind = CollectiveKind::Barrier;
+  // AllGather/ReduceScatter: one output per input (several = the coalesced
+  // form, run as one unit). AllReduce/Broadcast: in place, outputs empty.
+  std::vector<at::Tensor> inputs;
+  std::vector<at::Tensor> outputs;
+  c10d::ReduceOp::RedOpType reduceOp = c10d::ReduceOp::SUM;
+  int64_t root = 0;
+
+  // Bytes the op moves as nccl-tests counts them: the full gathered size for
+  // all-gather, the full input size for reduce-scatter, the buffer size for
+  // all-reduce and broadcast.
+  int64_t bytes() const;
+  // "all_gather(2 x float32[1024] -> [4096])", for errors and traces.
+  std::string describe() const;
+  // The device type every tensor is on (CPU for a barrier).
+  c10::DeviceType deviceType() const;
+  // A number equal on all ranks exactly when they issue the same op with the
+  // same shapes and dtypes, for the order check.
+  uint64_t fingerprint() const;
+};
+
+// Throws TensorMismatchError or UnsupportedOpError, naming what was wrong and
+// what is allowed. `groupSize` is the number of ranks in the group.
+void validate(const Collective& op, int64_t groupSize);
+
+} // namespace pycomm

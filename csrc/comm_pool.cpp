@@ -1,0 +1,136 @@
+#include "comm_pool.h"
+
+#include <algorithm>
+
+#include "errors.h"
+
+namespace pycomm {
+
+const std::vector<std::string>& CommPool::roles() {
+  static const std::vector<std::string> known{"ag", "rs"};
+  return known;
+}
+
+void CommPool::checkRole(const std::string& role) {
+  const auto& known = roles();
+  if (std::find(known.begin(), known.end(), role) == known.end()) {
+    std::string allowed;
+    for (const auto& r : known) {
+      allowed += (allowed.empty() ? "'" : ", '") + r + "'";
+    }
+    throw UnknownRoleError(
+        "unknown role '" + role + "'; a pooled group's role is one of " +
+        allowed);
+  }
+}
+
+CommPool::~CommPool() {
+  destroy();
+}
+
+void CommPool::throwIfClosed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!closedReason_.empty()) {
+    throw PoolClosedError(
+        "this CommPool was " + closedReason_ + "; create a new CommPool");
+  }
+}
+
+void CommPool::add(c10::intrusive_ptr<PooledBackend> backend) {
+  const auto& spec = backend->spec();
+  checkRole(spec.role);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!closedReason_.empty()) {
+    throw PoolClosedError(
+        "this CommPool was " + closedReason_ + "; create a new CommPool");
+  }
+  Key key{spec.baseGroupName, spec.role};
+  if (entries_.count(key)) {
+    throw PycommError(spec.label() + " is already in this pool");
+  }
+  entries_.emplace(std::move(key), std::move(backend));
+}
+
+c10::intrusive_ptr<PooledBackend> CommPool::find(
+    const std::string& baseGroupName,
+    const std::string& role) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = entries_.find({baseGroupName, role});
+  return it == entries_.end() ? c10::intrusive_ptr<PooledBackend>()
+                              : it->second;
+}
+
+c10::intrusive_ptr<PooledBackend> CommPool::remove(
+    const std::string& baseGroupName,
+    const std::string& role) {
+  c10::intrusive_ptr<PooledBackend> backend;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find({baseGroupName, role});
+    if (it == entries_.end()) {
+      return backend;
+    }
+    backend = std::move(it->second);
+    entries_.erase(it);
+  }
+  backend->close(); // outside the lock: it may wait for queued ops
+  return backend;
+}
+
+std::vector<c10::intrusive_ptr<PooledBackend>> CommPool::entries() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<c10::intrusive_ptr<PooledBackend>> all;
+  for (const auto& [key, backend] : entries_) {
+    all.push_back(backend);
+  }
+  return all;
+}
+
+std::vector<c10::intrusive_ptr<PooledBackend>> CommPool::takeAll() {
+  std::vector<c10::intrusive_ptr<PooledBackend>> all;
+  for (auto& [key, backend] : entries_) {
+    all.push_back(std::move(backend));
+  }
+  entries_.clear();
+  return all;
+}
+
+void CommPool::destroy() {
+  std::vector<c10::intrusive_ptr<PooledBackend>> all;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closedReason_.empty()) {
+      closedReason_ = "destroyed";
+    }
+    all = takeAll();
+  }
+  for (auto& backend : all) {
+    backend->close();
+  }
+}
+
+void CommPool::abort() {
+  std::vector<c10::intrusive_ptr<PooledBackend>> all;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closedReason_.empty()) {
+      closedReason_ = "aborted";
+    }
+    all = takeAll();
+  }
+  for (auto& backend : all) {
+    backend->abort();
+  }
+}
+
+bool CommPool::isOpen() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return closedReason_.empty();
+}
+
+std::string CommPool::closedReason() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return closedReason_;
+}
+
+} // namespace pycomm

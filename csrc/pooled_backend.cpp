@@ -1,0 +1,248 @@
+#include "pooled_backend.h"
+
+#include <sstream>
+
+#include "errors.h"
+
+namespace pycomm {
+
+namespace {
+// Waiting gives the transport's own timeout this long to report first, so its
+// more precise error wins over the generic one.
+constexpr auto kWaitGrace = std::chrono::seconds(2);
+} // namespace
+
+std::string PooledGroupSpec::label() const {
+  std::ostringstream out;
+  out << "role '" << role << "' of group '" << baseGroupName << "' (ranks ";
+  for (size_t i = 0; i < globalRanks.size(); ++i) {
+    out << (i ? "," : "") << globalRanks[i];
+  }
+  out << ")";
+  return out.str();
+}
+
+PooledBackend::LaneContext::LaneContext(
+    c10::intrusive_ptr<c10d::Backend> comm,
+    const PooledGroupSpec& spec)
+    : transport(
+          std::move(comm),
+          spec.label(),
+          spec.rank,
+          static_cast<int64_t>(spec.globalRanks.size())),
+      checkOrder(spec.checkOrder) {}
+
+PooledBackend::PooledBackend(
+    PooledGroupSpec spec,
+    c10::intrusive_ptr<c10d::Backend> cpuComm)
+    : c10d::Backend(
+          static_cast<int>(spec.rank),
+          static_cast<int>(spec.globalRanks.size())),
+      spec_(std::move(spec)),
+      context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)),
+      cpuLane_(std::make_unique<CpuLane>("pycomm-" + spec_.role)) {}
+
+PooledBackend::~PooledBackend() {
+  close();
+}
+
+bool PooledBackend::isOpen() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return state_ == State::Open;
+}
+
+void PooledBackend::throwIfNotOpen() const {
+  if (state_ == State::Closed) {
+    throw PoolClosedError(
+        spec_.label() + " was destroyed; duplicate the group again");
+  }
+  if (state_ == State::Aborted) {
+    throw PoolClosedError(
+        spec_.label() + " was aborted; duplicate the group again");
+  }
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
+    Collective op,
+    c10d::OpType type) {
+  validate(op, size_);
+  if (op.deviceType() != c10::DeviceType::CPU) {
+    throw UnsupportedOpError(
+        spec_.label() + ": " + op.describe() + " has tensors on " +
+        c10::DeviceTypeName(op.deviceType()) +
+        ", which this pooled group has no transport for; it serves CPU "
+        "tensors (see pycomm.build_info() for the transports built)");
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  throwIfNotOpen();
+  const uint64_t seq = nextSeq_++;
+  auto work = c10::make_intrusive<PooledWork>(
+      rank_,
+      type,
+      op.kind == CollectiveKind::AllGather ||
+              op.kind == CollectiveKind::ReduceScatter
+          ? op.outputs
+          : op.inputs,
+      spec_.timeout + kWaitGrace,
+      spec_.label() + ": " + op.describe() + " (op #" + std::to_string(seq) +
+          ")");
+  {
+    std::lock_guard<std::mutex> contextLock(context_->mutex);
+    context_->unfinished.emplace(seq, work);
+  }
+  auto context = context_;
+  cpuLane_->post([context, op = std::move(op), seq, work]() mutable {
+    execute(context, op, seq, work);
+  });
+  return work;
+}
+
+void PooledBackend::execute(
+    const std::shared_ptr<LaneContext>& context,
+    Collective& op,
+    uint64_t seq,
+    const c10::intrusive_ptr<PooledWork>& work) {
+  work->markStarted();
+  const int64_t startUs = LaneStats::nowUs();
+  std::exception_ptr error;
+  try {
+    if (context->checkOrder) {
+      context->transport.checkOrder(op, seq);
+    }
+    context->transport.run(op);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  context->stats.record(
+      OpRecord{op.kind, op.bytes(), startUs, LaneStats::nowUs(), !error});
+  {
+    std::lock_guard<std::mutex> lock(context->mutex);
+    context->unfinished.erase(seq);
+  }
+  work->complete(error);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::_allgather_base(
+    at::Tensor& output,
+    at::Tensor& input,
+    const c10d::AllgatherOptions& /*opts*/) {
+  Collective op;
+  op.kind = CollectiveKind::AllGather;
+  op.inputs = {input};
+  op.outputs = {output};
+  return submit(std::move(op), c10d::OpType::_ALLGATHER_BASE);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::allgather_into_tensor_coalesced(
+    std::vector<at::Tensor>& outputs,
+    std::vector<at::Tensor>& inputs,
+    const c10d::AllgatherOptions& /*opts*/) {
+  Collective op;
+  op.kind = CollectiveKind::AllGather;
+  op.inputs = inputs;
+  op.outputs = outputs;
+  return submit(std::move(op), c10d::OpType::ALLGATHER_INTO_TENSOR_COALESCED);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::_reduce_scatter_base(
+    at::Tensor& output,
+    at::Tensor& input,
+    const c10d::ReduceScatterOptions& opts) {
+  Collective op;
+  op.kind = CollectiveKind::ReduceScatter;
+  op.inputs = {input};
+  op.outputs = {output};
+  op.reduceOp = opts.reduceOp.op_;
+  return submit(std::move(op), c10d::OpType::_REDUCE_SCATTER_BASE);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter_tensor_coalesced(
+    std::vector<at::Tensor>& outputs,
+    std::vector<at::Tensor>& inputs,
+    const c10d::ReduceScatterOptions& opts) {
+  Collective op;
+  op.kind = CollectiveKind::ReduceScatter;
+  op.inputs = inputs;
+  op.outputs = outputs;
+  op.reduceOp = opts.reduceOp.op_;
+  return submit(std::move(op), c10d::OpType::REDUCE_SCATTER_TENSOR_COALESCED);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce(
+    std::vector<at::Tensor>& tensors,
+    const c10d::AllreduceOptions& opts) {
+  Collective op;
+  op.kind = CollectiveKind::AllReduce;
+  op.inputs = tensors;
+  op.reduceOp = opts.reduceOp.op_;
+  return submit(std::move(op), c10d::OpType::ALLREDUCE);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::broadcast(
+    std::vector<at::Tensor>& tensors,
+    const c10d::BroadcastOptions& opts) {
+  Collective op;
+  op.kind = CollectiveKind::Broadcast;
+  op.inputs = tensors;
+  op.root = opts.rootRank;
+  return submit(std::move(op), c10d::OpType::BROADCAST);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::barrier(
+    const c10d::BarrierOptions& /*opts*/) {
+  Collective op;
+  op.kind = CollectiveKind::Barrier;
+  return submit(std::move(op), c10d::OpType::BARRIER);
+}
+
+void PooledBackend::abort() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (state_ == State::Aborted) {
+      return;
+    }
+    state_ = State::Aborted;
+  }
+  // Unstarted tasks are dropped; their works are failed below with the rest.
+  cpuLane_->abandon();
+  context_->transport.release();
+  std::map<uint64_t, c10::intrusive_ptr<PooledWork>> unfinished;
+  {
+    std::lock_guard<std::mutex> lock(context_->mutex);
+    unfinished.swap(context_->unfinished);
+  }
+  for (auto& [seq, work] : unfinished) {
+    work->complete(std::make_exception_ptr(PoolClosedError(
+        work->description() + " was failed by abort()")));
+  }
+}
+
+void PooledBackend::shutdown() {
+  close();
+}
+
+void PooledBackend::close() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (state_ == State::Open) {
+      state_ = State::Closed;
+    }
+  }
+  // After abort() the lane is already abandoned and close() returns at once.
+  cpuLane_->close();
+  context_->transport.release();
+}
+
+StatsSnapshot PooledBackend::stats() const {
+  return context_->stats.snapshot();
+}
+
+std::vector<OpRecord> PooledBackend::trace() const {
+  return context_->stats.trace();
+}
+
+size_t PooledBackend::pending() const {
+  return cpuLane_->pending();
+}
+
+} // namespace pycomm

@@ -1,0 +1,123 @@
+#pragma once
+// A c10d::Backend bound to one pooled communicator and its lane. torch routes
+// the collectives of a pooled ProcessGroup here; each op is checked, queued on
+// the lane (FIFO) and run by the transport, and its Work completes there.
+//
+// Thread-safety: every public method may be called from any thread; ops issued
+// from several threads are ordered by the lane in the order submit() took
+// them.
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "collective.h"
+#include "cpu_transport.h"
+#include "lane.h"
+#include "lane_stats.h"
+#include "pooled_work.h"
+
+namespace pycomm {
+
+struct PooledGroupSpec {
+  std::string name; // torch's name of the pooled group
+  std::string baseGroupName; // the group it duplicates
+  std::string role; // "ag" or "rs"
+  std::vector<int64_t> globalRanks; // sorted
+  int64_t rank = 0; // this process's rank inside the group
+  std::chrono::milliseconds timeout{std::chrono::minutes(10)};
+  bool checkOrder = false;
+
+  // "role 'ag' of group '3' (ranks 0,2)": how errors name the group.
+  std::string label() const;
+};
+
+class PooledBackend : public c10d::Backend {
+ public:
+  PooledBackend(PooledGroupSpec spec, c10::intrusive_ptr<c10d::Backend> cpuComm);
+  ~PooledBackend() override;
+
+  const std::string getBackendName() const override {
+    return "pycomm";
+  }
+
+  c10::intrusive_ptr<c10d::Work> _allgather_base(
+      at::Tensor& output,
+      at::Tensor& input,
+      const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_into_tensor_coalesced(
+      std::vector<at::Tensor>& outputs,
+      std::vector<at::Tensor>& inputs,
+      const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
+      at::Tensor& output,
+      at::Tensor& input,
+      const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter_tensor_coalesced(
+      std::vector<at::Tensor>& outputs,
+      std::vector<at::Tensor>& inputs,
+      const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce(
+      std::vector<at::Tensor>& tensors,
+      const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> broadcast(
+      std::vector<at::Tensor>& tensors,
+      const c10d::BroadcastOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> barrier(
+      const c10d::BarrierOptions& opts) override;
+
+  // Fails every op not yet finished with PoolClosedError and stops taking new
+  // ones, without waiting for a peer (for a hung or dead peer). Idempotent.
+  void abort() override;
+  // Same as close().
+  void shutdown() override;
+  // Stops taking ops, lets the queued ones finish (each bounded by the
+  // timeout), then releases the lane and the communicator. Idempotent.
+  void close();
+
+  bool isOpen() const;
+  const PooledGroupSpec& spec() const {
+    return spec_;
+  }
+  StatsSnapshot stats() const;
+  std::vector<OpRecord> trace() const;
+  // Ops queued or running.
+  size_t pending() const;
+
+ private:
+  // What the lane's tasks share with the backend; held by shared_ptr so a
+  // task still running after abort() never outlives what it touches.
+  struct LaneContext {
+    LaneContext(
+        c10::intrusive_ptr<c10d::Backend> comm,
+        const PooledGroupSpec& spec);
+    CpuTransport transport;
+    LaneStats stats;
+    bool checkOrder;
+    std::mutex mutex;
+    std::map<uint64_t, c10::intrusive_ptr<PooledWork>> unfinished;
+  };
+  enum class State { Open, Closed, Aborted };
+
+  c10::intrusive_ptr<c10d::Work> submit(Collective op, c10d::OpType type);
+  static void execute(
+      const std::shared_ptr<LaneContext>& context,
+      Collective& op,
+      uint64_t seq,
+      const c10::intrusive_ptr<PooledWork>& work);
+  void throwIfNotOpen() const;
+
+  PooledGroupSpec spec_;
+  std::shared_ptr<LaneContext> context_;
+  std::unique_ptr<CpuLane> cpuLane_;
+  mutable std::mutex mutex_;
+  State state_ = State::Open;
+  uint64_t nextSeq_ = 0;
+};
+
+} // namespace pycomm

@@ -1,0 +1,173 @@
+"""Per-role tuning of pooled communicators (RoleConfig) and the YAML format
+that carries it, a superset of Megatron's nccl_communicator_config file."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from pycomm.errors import ConfigError
+
+# The timeout pooled groups get when neither the RoleConfig nor the caller
+# names one: Megatron's default `distributed_timeout_minutes`.
+DEFAULT_TIMEOUT_SECONDS = 600.0
+
+# Keys of Megatron's nccl_communicator_config YAML, by the RoleConfig field
+# each one sets.
+MEGATRON_KEYS = {
+    "cga_cluster_size": "cga_cluster_size",
+    "min_ctas": "min_ctas",
+    "max_ctas": "max_ctas",
+    "net_name": "net_name",
+}
+
+# Group keys the YAML may hold for pooled groups, beside Megatron's own
+# (dp, dp_cp, tp, ...), and the role each one is for.
+POOLED_GROUP_KEYS = {
+    "dp_cp_ag": "ag",
+    "expt_dp_ag": "ag",
+    "dp_cp_rs": "rs",
+    "expt_dp_rs": "rs",
+}
+
+# Megatron's own group keys (parallel_state's NCCL config names).
+MEGATRON_GROUP_KEYS = {
+    "dp", "dp_cp", "cp", "tp", "pp", "mp", "tp_pp", "tp_cp", "tp_dp_cp", "tp_dp",
+    "ep", "tp_ep", "tp_ep_pp", "expt_tp", "expt_dp", "intra_dp_cp", "inter_dp_cp",
+    "embd", "pos_embd", "amax", "ep_dp", "intra_expt_dp", "inter_expt_dp",
+    "hcp", "intra_dist_opt",
+}
+
+CTA_POLICIES = {"default": 0, "efficiency": 1, "zero": 2}
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """Tuning of one pooled role.
+
+    stream_priority: CUDA stream priority of the lane (lower is higher
+        priority; None: the highest for 'ag', the default for 'rs').
+    min_ctas / max_ctas / cga_cluster_size / net_name: ncclConfig_t fields
+        (NCCL >= 2.17); traffic_class (>= 2.26); cta_policy (>= 2.27, one of
+        'default', 'efficiency', 'zero'). None leaves NCCL's default.
+    timeout: seconds a collective or the creation rendezvous may take before
+        it fails with a named error (None: DEFAULT_TIMEOUT_SECONDS).
+    """
+
+    stream_priority: int | None = None
+    min_ctas: int | None = None
+    max_ctas: int | None = None
+    cga_cluster_size: int | None = None
+    net_name: str | None = None
+    traffic_class: int | None = None
+    cta_policy: str | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_ctas", "max_ctas"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 1 <= value <= 64):
+                raise ConfigError(f"{name} must be an integer from 1 to 64, got {value!r}")
+        if (
+            self.min_ctas is not None
+            and self.max_ctas is not None
+            and self.min_ctas > self.max_ctas
+        ):
+            raise ConfigError(
+                f"min_ctas ({self.min_ctas}) is greater than max_ctas ({self.max_ctas})"
+            )
+        if self.cga_cluster_size is not None and (
+            not _is_int(self.cga_cluster_size) or not 0 <= self.cga_cluster_size <= 8
+        ):
+            raise ConfigError(
+                f"cga_cluster_size must be an integer from 0 to 8, got {self.cga_cluster_size!r}"
+            )
+        if self.traffic_class is not None and (
+            not _is_int(self.traffic_class) or self.traffic_class < 0
+        ):
+            raise ConfigError(f"traffic_class must be an integer >= 0, got {self.traffic_class!r}")
+        if self.stream_priority is not None and not _is_int(self.stream_priority):
+            raise ConfigError(f"stream_priority must be an integer, got {self.stream_priority!r}")
+        if self.net_name is not None and (not isinstance(self.net_name, str) or not self.net_name):
+            raise ConfigError(f"net_name must be a non-empty string, got {self.net_name!r}")
+        if self.cta_policy is not None and self.cta_policy not in CTA_POLICIES:
+            raise ConfigError(
+                f"cta_policy must be one of {sorted(CTA_POLICIES)}, got {self.cta_policy!r}"
+            )
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool)
+            or not isinstance(self.timeout, (int, float))
+            or not self.timeout > 0
+        ):
+            raise ConfigError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+
+    @property
+    def timeout_seconds(self) -> float:
+        return float(self.timeout) if self.timeout is not None else DEFAULT_TIMEOUT_SECONDS
+
+    def merged(self, other: "RoleConfig | None") -> "RoleConfig":
+        """This config with every field `other` sets taken from `other`."""
+        if other is None:
+            return self
+        changes = {
+            f.name: getattr(other, f.name)
+            for f in fields(other)
+            if getattr(other, f.name) is not None
+        }
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> "RoleConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}"
+            )
+        try:
+            return cls(**dict(values))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_group_configs(document: Mapping[str, Any], where: str = "config") -> dict[str, RoleConfig]:
+    """Group key -> RoleConfig from a parsed nccl_communicator_config document.
+
+    Megatron's keys (dp, dp_cp, ...) and the pooled keys (dp_cp_ag,
+    expt_dp_ag, dp_cp_rs, expt_dp_rs) are accepted; anything else is a
+    ConfigError naming it.
+    """
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of group names to settings")
+    allowed = MEGATRON_GROUP_KEYS | set(POOLED_GROUP_KEYS)
+    configs: dict[str, RoleConfig] = {}
+    for group_key, settings in document.items():
+        if group_key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown group key {group_key!r}; allowed: {sorted(allowed)}"
+            )
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"{where}: settings of {group_key!r} must be a mapping")
+        configs[group_key] = RoleConfig.from_mapping(settings, f"{where}: {group_key}")
+    return configs
+
+
+def load_group_configs(path: str | Path) -> dict[str, RoleConfig]:
+    """Reads a Megatron nccl_communicator_config YAML file (extended with the
+    pooled keys) into group key -> RoleConfig."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read NCCL communicator config {path}: {e}") from e
+    return parse_group_configs(document, str(path))

@@ -1,0 +1,34 @@
+"""Builds pycomm._C with torch.utils.cpp_extension (ninja, incremental).
+
+The CPU variant (gloo transport) is always built; see pycomm_build.py for how
+the CUDA/NCCL variant is detected.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # build backends do not put the project on sys.path
+
+import pycomm_build  # noqa: E402
+
+setup(
+    name="pycomm",
+    version=pycomm_build.VERSION,
+    description=(
+        "Pooled duplicate communicators with dedicated all-gather and "
+        "reduce-scatter lanes for FSDP trainers"
+    ),
+    python_requires=">=3.12",
+    packages=find_packages(include=["pycomm", "pycomm.*"]),
+    ext_modules=[pycomm_build.extension(ROOT)],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.11", "pyyaml", "rich", "tqdm", "matplotlib"],
+    extras_require={"megatron": ["megatron-core>=0.19", "einops"]},
+    entry_points={"console_scripts": ["pycomm=pycomm.__main__:main"]},
+)
