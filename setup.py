@@ -6,6 +6,7 @@ the CUDA/NCCL variant is detected.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,10 @@ setup(
     ),
     python_requires=">=3.12",
     packages=find_packages(include=["pycomm", "pycomm.*"]),
-    ext_modules=[pycomm_build.extension(ROOT)],
+    # scripts/setup.sh builds the extension in place first (ninja, incremental
+    # in build/) and then installs editable with PYCOMM_PREBUILT=1, so the
+    # install does not compile everything again in a temporary folder.
+    ext_modules=[] if os.environ.get("PYCOMM_PREBUILT") else [pycomm_build.extension(ROOT)],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.11", "pyyaml", "rich", "tqdm", "matplotlib"],
     extras_require={"megatron": ["megatron-core>=0.19", "einops"]},

@@ -1,0 +1,181 @@
+// PooledBackend over a one-rank loopback communicator: the lane, Work and
+// lifecycle semantics, without processes (the multi-rank behaviour is tested
+// from Python on real gloo worlds).
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+
+#include "comm_pool.h"
+#include "errors.h"
+#include "pooled_backend.h"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+class DoneWork : public c10d::Work {
+ public:
+  bool wait(std::chrono::milliseconds) override {
+    return true;
+  }
+};
+
+// A one-rank communicator whose ops can be held at a gate.
+class LoopbackBackend : public c10d::Backend {
+ public:
+  LoopbackBackend() : c10d::Backend(0, 1) {}
+  const std::string getBackendName() const override {
+    return "loopback";
+  }
+  c10::intrusive_ptr<c10d::Work> _allgather_base(
+      at::Tensor& out, at::Tensor& in, const c10d::AllgatherOptions&) override {
+    passGate();
+    out.copy_(in);
+    return c10::make_intrusive<DoneWork>();
+  }
+  c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
+      at::Tensor& out, at::Tensor& in, const c10d::ReduceScatterOptions&) override {
+    passGate();
+    out.copy_(in);
+    return c10::make_intrusive<DoneWork>();
+  }
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions&) override {
+    passGate();
+    return c10::make_intrusive<DoneWork>();
+  }
+  void close() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = false;
+  }
+  void open() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
+  std::atomic<int> entered{0};
+
+ private:
+  void passGate() {
+    entered += 1;
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] { return open_; });
+  }
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool open_ = true;
+};
+
+pycomm::PooledGroupSpec specFor(const std::string& role, int timeoutMs = 2000) {
+  pycomm::PooledGroupSpec spec;
+  spec.name = "test";
+  spec.baseGroupName = "base";
+  spec.role = role;
+  spec.globalRanks = {0};
+  spec.rank = 0;
+  spec.timeout = std::chrono::milliseconds(timeoutMs);
+  return spec;
+}
+
+} // namespace
+
+TEST(PooledBackend, RunsOpsAndCountsThem) {
+  auto comm = c10::make_intrusive<LoopbackBackend>();
+  auto backend = c10::make_intrusive<pycomm::PooledBackend>(specFor("ag"), comm);
+  auto in = at::arange(4, at::kFloat);
+  auto out = at::zeros({4});
+  auto work = backend->_allgather_base(out, in, c10d::AllgatherOptions());
+  EXPECT_TRUE(work->wait());
+  EXPECT_TRUE(at::equal(out, in));
+  EXPECT_TRUE(work->getFuture()->completed());
+  auto stats = backend->stats();
+  EXPECT_EQ(stats.ops, 1);
+  EXPECT_EQ(stats.bytes, 16);
+  EXPECT_EQ(backend->trace().size(), 1u);
+}
+
+TEST(PooledBackend, OpsCompleteInIssueOrder) {
+  auto comm = c10::make_intrusive<LoopbackBackend>();
+  auto backend = c10::make_intrusive<pycomm::PooledBackend>(specFor("ag"), comm);
+  comm->close();
+  auto in = at::ones({2});
+  std::vector<at::Tensor> outs;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  for (int i = 0; i < 5; ++i) {
+    outs.push_back(at::zeros({2}));
+    works.push_back(backend->_allgather_base(outs.back(), in, {}));
+  }
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(comm->entered.load(), 1); // one op at a time on a lane
+  for (auto& w : works) {
+    EXPECT_FALSE(w->isCompleted());
+  }
+  comm->open();
+  works.back()->wait(); // out-of-order wait: the last one implies the rest
+  for (auto& w : works) {
+    EXPECT_TRUE(w->isCompleted());
+  }
+}
+
+TEST(PooledBackend, WaitTimesOutWithANamedError) {
+  auto comm = c10::make_intrusive<LoopbackBackend>();
+  auto backend = c10::make_intrusive<pycomm::PooledBackend>(specFor("rs", 200), comm);
+  comm->close();
+  auto work = backend->barrier({});
+  EXPECT_THROW(work->wait(), pycomm::CollectiveTimeoutError);
+  EXPECT_THROW(work->wait(50ms), pycomm::CollectiveTimeoutError);
+  comm->open();
+}
+
+TEST(PooledBackend, AbortFailsUnfinishedOpsWithoutWaiting) {
+  auto comm = c10::make_intrusive<LoopbackBackend>();
+  auto backend = c10::make_intrusive<pycomm::PooledBackend>(specFor("ag", 60000), comm);
+  comm->close();
+  auto running = backend->barrier({});
+  auto queued = backend->barrier({});
+  auto begin = std::chrono::steady_clock::now();
+  backend->abort();
+  backend->abort(); // idempotent
+  EXPECT_LT(std::chrono::steady_clock::now() - begin, 1s);
+  EXPECT_THROW(running->wait(), pycomm::PoolClosedError);
+  EXPECT_THROW(queued->wait(), pycomm::PoolClosedError);
+  EXPECT_THROW(backend->barrier({}), pycomm::PoolClosedError);
+  backend.reset(); // the detached lane still owns what its running op needs
+  comm->open();
+}
+
+TEST(PooledBackend, CloseDrainsThenRefuses) {
+  auto comm = c10::make_intrusive<LoopbackBackend>();
+  auto backend = c10::make_intrusive<pycomm::PooledBackend>(specFor("ag"), comm);
+  auto in = at::ones({3});
+  auto out = at::zeros({3});
+  auto work = backend->_allgather_base(out, in, {});
+  backend->close();
+  EXPECT_TRUE(work->isCompleted());
+  EXPECT_TRUE(at::equal(out, in));
+  EXPECT_THROW(backend->_allgather_base(out, in, {}), pycomm::PoolClosedError);
+  EXPECT_FALSE(backend->isOpen());
+}
+
+TEST(CommPool, RolesAndLifecycle) {
+  EXPECT_THROW(pycomm::CommPool::checkRole("xx"), pycomm::UnknownRoleError);
+  pycomm::CommPool pool;
+  auto comm = c10::make_intrusive<LoopbackBackend>();
+  auto ag = c10::make_intrusive<pycomm::PooledBackend>(specFor("ag"), comm);
+  pool.add(ag);
+  EXPECT_THROW(pool.add(ag), pycomm::PycommError);
+  EXPECT_EQ(pool.find("base", "ag").get(), ag.get());
+  EXPECT_FALSE(pool.find("base", "rs"));
+  pool.destroy();
+  pool.destroy();
+  EXPECT_FALSE(ag->isOpen());
+  EXPECT_EQ(pool.closedReason(), "destroyed");
+  auto rs = c10::make_intrusive<pycomm::PooledBackend>(specFor("rs"), comm);
+  EXPECT_THROW(pool.add(rs), pycomm::PoolClosedError);
+}

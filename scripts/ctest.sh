@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the C++ core with CMake and runs its unit tests with ctest.
+# PYCOMM_SANITIZE=1 builds with AddressSanitizer + LeakSanitizer instead
+# (build/cmake-asan). Installs GoogleTest from Debian's packages when missing.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ ! -f /usr/include/gtest/gtest.h ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "ctest: installing GoogleTest (libgtest-dev)"
+    (apt-get install -y -q libgtest-dev >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libgtest-dev >/dev/null; })
+  else
+    echo "ctest: GoogleTest is missing; install libgtest-dev (needs root)" >&2
+    exit 1
+  fi
+fi
+SANITIZE="${PYCOMM_SANITIZE:-0}"
+BUILD="$ROOT/build/cmake"
+[ "$SANITIZE" = 1 ] && BUILD="$ROOT/build/cmake-asan"
+GEN=()
+command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
+[ -x "$ROOT/.venv/bin/ninja" ] && GEN=(-G Ninja -DCMAKE_MAKE_PROGRAM="$ROOT/.venv/bin/ninja")
+cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" \
+  -DPYCOMM_SANITIZE="$( [ "$SANITIZE" = 1 ] && echo ON || echo OFF )" -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$BUILD.log" 2>&1 \
+  || { tail -30 "$BUILD.log" >&2; exit 1; }
+cmake --build "$BUILD" -j "$(nproc)" >> "$BUILD.log" 2>&1 || { tail -40 "$BUILD.log" >&2; exit 1; }
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0"
+export LSAN_OPTIONS="suppressions=$ROOT/csrc/tests/lsan.supp:print_suppressions=0"
+ctest --test-dir "$BUILD" --output-on-failure --timeout 120
