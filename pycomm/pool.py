@@ -16,8 +16,10 @@ from pycomm.config import RoleConfig
 from pycomm.errors import NotAMemberError, NotInitializedError
 from pycomm.registration import (
     BACKEND_NAME,
+    CpuCommFactory,
     CreateRequest,
     ensure_backend_registered,
+    gloo_comm,
     rendezvous,
     root_store,
 )
@@ -55,10 +57,17 @@ class CommPool:
         default_config: RoleConfig | None = None,
         *,
         check_order: bool | None = None,
+        cpu_comm_factory: CpuCommFactory = gloo_comm,
     ) -> None:
+        """`default_config` applies to every role unless duplicate() gets its
+        own; `check_order` turns on the cross-rank op-order check (default:
+        PYCOMM_DEBUG=order); `cpu_comm_factory` makes each pooled group's CPU
+        communicator (default: a gloo communicator of its own; simulated
+        worlds pass torch's fake backend)."""
         self._core = _C.CommPool()
         self._default_config = default_config or RoleConfig()
         self._check_order = debug_checks_order() if check_order is None else check_order
+        self._cpu_comm_factory = cpu_comm_factory
         self._groups: dict[tuple[str, str], dist.ProcessGroup] = {}
         self._configs: dict[tuple[str, str], RoleConfig] = {}
         self._lock = threading.RLock()
@@ -124,6 +133,7 @@ class CommPool:
                 config=resolved,
                 store_prefix=prefix,
                 check_order=self._check_order,
+                cpu_comm_factory=self._cpu_comm_factory,
             )
             pooled = dist.new_group(
                 ranks,

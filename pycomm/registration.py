@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch.distributed as dist
 
@@ -20,6 +20,16 @@ logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "pycomm"
 
+# Makes a pooled group's CPU communicator: (store, group rank, group size,
+# timeout) -> a c10d Backend. The default is a gloo communicator of its own.
+CpuCommFactory = Callable[[dist.Store, int, int, datetime.timedelta], dist.Backend]
+
+
+def gloo_comm(
+    store: dist.Store, rank: int, size: int, timeout: datetime.timedelta
+) -> dist.Backend:
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
 
 @dataclass
 class CreateRequest:
@@ -32,6 +42,7 @@ class CreateRequest:
     config: "RoleConfig"
     store_prefix: str
     check_order: bool
+    cpu_comm_factory: CpuCommFactory = gloo_comm
 
 
 def root_store() -> dist.Store:
@@ -67,8 +78,8 @@ def _create_backend(
     opts: "dist.distributed_c10d._DistributedBackendOptions", request: CreateRequest
 ) -> "_C.PooledBackend":
     timeout = datetime.timedelta(seconds=request.config.timeout_seconds)
-    gloo_store = dist.PrefixStore(f"{request.store_prefix}/gloo/", root_store())
-    gloo = dist.ProcessGroupGloo(gloo_store, opts.group_rank, opts.group_size, timeout)
+    comm_store = dist.PrefixStore(f"{request.store_prefix}/cpu/", root_store())
+    cpu_comm = request.cpu_comm_factory(comm_store, opts.group_rank, opts.group_size, timeout)
     spec = _C.PooledGroupSpec()
     spec.name = str(opts.group_id)
     spec.base_group_name = request.base_group_name
@@ -77,7 +88,7 @@ def _create_backend(
     spec.rank = opts.group_rank
     spec.timeout_seconds = request.config.timeout_seconds
     spec.check_order = request.check_order
-    backend = _C.PooledBackend(spec, gloo)
+    backend = _C.PooledBackend(spec, cpu_comm)
     request.core.add(backend)
     logger.debug("created pooled group %s as %s", spec.label(), spec.name)
     return backend
