@@ -1,0 +1,37 @@
+"""Helpers the spawned ranks of the tests use."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+
+def expect_error(kind: type[BaseException], fn: Callable[[], Any]) -> str:
+    """Runs fn, which must raise `kind`; returns the message."""
+    try:
+        fn()
+    except kind as e:
+        return str(e)
+    except BaseException as e:  # noqa: BLE001
+        raise AssertionError(f"expected {kind.__name__}, got {type(e).__name__}: {e}") from e
+    raise AssertionError(f"expected {kind.__name__}, nothing was raised")
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rank_tensor(rank: int, numel: int, dtype: torch.dtype, salt: int = 0) -> torch.Tensor:
+    """Distinct, exactly representable values per rank (bf16 has 8 bits of
+    mantissa, so values stay small integers or halves)."""
+    base = torch.arange(numel, dtype=torch.float64) % 61
+    values = base * (rank + 1) + salt + rank * 0.5
+    if not dtype.is_floating_point:
+        values = values.floor()
+    return values.to(dtype)
