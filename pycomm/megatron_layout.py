@@ -179,7 +179,7 @@ class MegatronLayout:
                 f"expert dp ({self.expert_dp}) must be equal"
             )
         decoder, expert = self.decoder_grid(), self.expert_grid()
-        if decoder.strides["pp"] != expert.strides["pp"]:
+        if self.pp > 1 and decoder.strides["pp"] != expert.strides["pp"]:
             raise LayoutError(
                 f"pipeline groups differ between the dense and the expert layout with order "
                 f"{self.order!r} (pp stride {decoder.strides['pp']} vs "
