@@ -472,6 +472,35 @@ def test_config_object_mirrors_megatron_flag(tmp_path: Any) -> None:
         AllGatherGroupConfig(timeout=-1)
 
 
+@pytest.mark.timeout(300)
+def test_creation_scale_benchmark_runs_and_pycomm_stays_flat(tmp_path: Any) -> None:
+    """Smoke run of benchmarks/creation_scale.py for small simulated worlds."""
+    import json
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "creation_scale.py")
+    out = tmp_path / "creation_scale.json"
+    done = subprocess.run(
+        [sys.executable, script, "--worlds", "8,64,512", "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "right ranks" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["family"], r["world"]) for r in rows} == {
+        (f, n) for f in ("tp2-pp2-ep2", "dp8-ep2") for n in (8, 64, 512)
+    }
+    for row in rows:
+        for key in ("pycomm", "pycomm_init_barrier"):
+            assert row[key]["new_group_calls"] == 2, row
+            assert row[key]["groups_joined"] == 2, row
+            assert row[key]["correct"], row
+        assert row["pycomm"]["store_ops"] == 4, row
+    small = {r["world"]: r for r in rows if r["family"] == "dp8-ep2"}
+    # megatron-core visits every group of both kinds on every rank.
+    assert [small[n]["megatron_core"]["new_group_calls"] for n in (8, 64, 512)] == [3, 10, 80]
+
+
 # ---------------------------------------------------------------- comparison table
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
@@ -491,7 +520,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
                 "megatron_core" not in row or row["megatron_core"][role] is None
             ):
                 continue
-            theirs = row.get("megatron_core", {}).get(role, "(no such function)")
+            theirs = row.get("megatron_core", {}).get(role, "— (none for grids)")
             verdict = "" if theirs == row["expected"][role] or "megatron_core" not in row else " ✗"
             lines.append(
                 f"| {row['layout']} | {row['rank']} | {role} | {row['expected'][role]} "
