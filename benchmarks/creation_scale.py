@@ -135,7 +135,7 @@ def _measure(store: Any, call: Callable[[], Any], expected: list[int] | None) ->
     world = dist.distributed_c10d._world
     store.ops.clear()
     store.keys_waited = 0
-    calls, joined = world.group_count, len(world.pg_map)
+    calls, joined = dist.get_pg_count(), len(world.pg_map)
     started = time.perf_counter()
     dp_cp_ag, _ = call()
     elapsed = time.perf_counter() - started
@@ -143,7 +143,7 @@ def _measure(store: Any, call: Callable[[], Any], expected: list[int] | None) ->
     if dp_cp_ag is not None and dp_cp_ag is not dist.GroupMember.NON_GROUP_MEMBER:
         ranks = sorted(dist.get_process_group_ranks(dp_cp_ag))
     return Measure(
-        new_group_calls=world.group_count - calls,
+        new_group_calls=dist.get_pg_count() - calls,
         groups_joined=len(world.pg_map) - joined,
         store_ops=sum(store.ops.values()),
         store_ops_by_kind=dict(sorted(store.ops.items())),

@@ -23,10 +23,13 @@ duplicates are created collectively by their members.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Sequence
 
+import torch
 import torch.distributed as dist
 
 from pycomm.config import RoleConfig
@@ -45,8 +48,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AllGatherGroupConfig",
+    "apply_config",
     "attach_all_gather_groups",
     "create_all_gather_groups",
+    "default_grid_dims",
     "default_pool",
     "destroy_all_gather_groups",
     "grid_all_gather_groups",
@@ -93,11 +98,30 @@ def _duplicate(
     if not _is_member(base):
         logger.debug("rank %d is in no %s group; no all-gather group made", dist.get_rank(), what)
         return None
+    if config.timeout is None:
+        inherited = _group_timeout_seconds(base)
+        if inherited is not None:
+            config = dataclasses.replace(config, timeout=inherited)
     group = pool.duplicate(base, AG_ROLE, config)
     logger.info(
         "%s all-gather group on ranks %s", what, dist.get_process_group_ranks(group)
     )
     return group
+
+
+def _group_timeout_seconds(group: dist.ProcessGroup) -> float | None:
+    """The timeout the trainer gave `group` (Megatron's
+    distributed_timeout_minutes), which the duplicate inherits when the
+    caller names none. torch keeps it only in the backend's options; None
+    when the backend does not say."""
+    for device in ("cuda", "cpu"):
+        try:
+            timeout = group._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError, ValueError):
+            continue
+        if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
+            return timeout.total_seconds()
+    return None
 
 
 def _parallel_state() -> Any:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from pycomm.config import RoleConfig, load_group_configs, parse_group_configs
+from pycomm.config import RoleConfig, parse_group_configs
 from pycomm.errors import ConfigError
 
 # Config keys each all-gather group reads, most specific first. The AG
@@ -48,13 +48,15 @@ def parse_nccl_comm_cfgs(
     """Group key -> RoleConfig from Megatron's nccl_comm_cfgs dict (values:
     dicts of settings or RoleConfig objects) or from the path of its YAML
     file. Unknown group keys or settings raise ConfigError."""
+    where = "nccl_comm_cfgs"
+    if isinstance(nccl_comm_cfgs, (str, Path)):
+        where = str(nccl_comm_cfgs)
+        nccl_comm_cfgs = _read_yaml(Path(nccl_comm_cfgs))
     if nccl_comm_cfgs is None:
         return {}
-    if isinstance(nccl_comm_cfgs, (str, Path)):
-        return load_group_configs(nccl_comm_cfgs)
     if not isinstance(nccl_comm_cfgs, Mapping):
         raise ConfigError(
-            f"nccl_comm_cfgs must be a mapping of group keys to settings or a YAML path, "
+            f"{where}: expected a mapping of group keys to settings (or a YAML path), "
             f"got {type(nccl_comm_cfgs).__name__}"
         )
     ready = {k: v for k, v in nccl_comm_cfgs.items() if isinstance(v, RoleConfig)}
@@ -63,12 +65,24 @@ def parse_nccl_comm_cfgs(
         for k, v in nccl_comm_cfgs.items()
         if not isinstance(v, RoleConfig)
     }
-    parsed = parse_group_configs(raw, "nccl_comm_cfgs")
+    parsed = parse_group_configs(raw, where)
     # parse_group_configs only sees the dict entries; RoleConfig entries need
     # the same group-key check.
-    parse_group_configs({k: {} for k in ready}, "nccl_comm_cfgs")
+    parse_group_configs({k: {} for k in ready}, where)
     parsed.update(ready)
     return parsed
+
+
+def _read_yaml(path: Path) -> Any:
+    # Read here rather than with pycomm.config.load_group_configs so that a
+    # Megatron file's is_high_priority_stream goes through the same
+    # translation as the dict form.
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read NCCL communicator config {path}: {e}") from e
 
 
 def _translate_megatron_settings(group_key: str, settings: Any) -> Any:
@@ -174,9 +188,7 @@ class AllGatherGroupConfig:
     def role_configs(self) -> dict[str, RoleConfig]:
         """RoleConfig per AG group, as resolve_role_configs() computes it from
         the file, then the dict."""
-        merged: dict[str, RoleConfig] = {}
-        if self.nccl_communicator_config_path is not None:
-            merged.update(load_group_configs(self.nccl_communicator_config_path))
+        merged = parse_nccl_comm_cfgs(self.nccl_communicator_config_path)
         for key, config in parse_nccl_comm_cfgs(self.nccl_comm_cfgs).items():
             merged[key] = merged[key].merged(config) if key in merged else config
         return resolve_role_configs(self.timeout, merged)

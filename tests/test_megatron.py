@@ -35,7 +35,7 @@ WORLD_TIMEOUT = 420.0
 LAYOUTS_4: list[tuple[str, dict[str, Any]]] = [
     ("pp=2, order tp-cp-ep-pp-dp", dict(pipeline_model_parallel_size=2, order="tp-cp-ep-pp-dp")),
     ("pp=2, order tp-cp-ep-dp-pp", dict(pipeline_model_parallel_size=2, order="tp-cp-ep-dp-pp")),
-    ("cp=2", dict(context_parallel_size=2)),
+    ("cp=2", dict(context_parallel_size=2, distributed_timeout_minutes=7)),
     ("tp=2, ep=2, etp=1", dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
                                expert_tensor_parallel_size=1)),
     ("ep=2, 2 dist-opt instances", dict(expert_model_parallel_size=2,
@@ -80,7 +80,11 @@ def _ranks(group: Any) -> list[int] | None:
 def _group_count() -> int:
     # torch counts every new_group call a rank makes; the difference across a
     # call is how many groups that rank created (or visited, as a non-member).
-    return dist.distributed_c10d._world.group_count
+    return dist.get_pg_count()
+
+
+def _timeout_of(group: dist.ProcessGroup) -> float:
+    return group._get_backend(torch.device("cpu")).spec.timeout_seconds
 
 
 def _gather_matches(group: dist.ProcessGroup | None) -> bool | None:
@@ -166,6 +170,12 @@ def _check_parallel_state_layout(
         row["pycomm"] = {"dp_cp_ag": _ranks(dp_cp_ag), "expt_dp_ag": _ranks(expt_dp_ag)}
         row["gather_ok"] = {"dp_cp_ag": _gather_matches(dp_cp_ag),
                             "expt_dp_ag": _gather_matches(expt_dp_ag)}
+        row["timeout"] = _timeout_of(dp_cp_ag)
+        if "distributed_timeout_minutes" in kwargs:
+            # Named by nobody: the duplicate keeps the trainer's timeout.
+            with pycomm.CommPool() as pool:
+                inherited, _ = pm.create_all_gather_groups(pool=pool)
+                row["inherited_timeout"] = _timeout_of(inherited)
 
         before = _group_count()
         collection = pm.pg_collection_with_ag()
@@ -297,6 +307,9 @@ def _assert_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for role, ok in row["gather_ok"].items():
             assert ok is (None if row["expected"][role] is None else True), (where, role, row)
         if "plan" in row:
+            assert row["timeout"] == AG_TIMEOUT, (where, row)
+            if "inherited_timeout" in row:
+                assert row["inherited_timeout"] == 7 * 60.0, (where, row)
             plan = row["plan"]
             assert plan["dp_cp_ag"] == row["expected"]["dp_cp_ag"], (where, row)
             assert plan["expt_dp_ag"] == row["expected"]["expt_dp_ag"], (where, row)
@@ -359,6 +372,7 @@ def test_four_ranks_every_layout_matches_parallel_state_and_grid(rows_4: list[di
     want |= {OFFSET_LAYOUT_4[0], OFFSET_GRID_4[0]}
     assert layouts == want
     assert len(rows_4) == 4 * len(want)
+    assert sum("inherited_timeout" in r for r in rows_4) == 4
     offset_rows = [r for r in rows_4 if r["layout"] == OFFSET_LAYOUT_4[0]]
     assert [("not_initialized" in r) for r in offset_rows] == [True, True, False, False]
     grid_offset = [r for r in rows_4 if r["layout"] == OFFSET_GRID_4[0]]
@@ -448,7 +462,11 @@ def test_bad_nccl_comm_cfgs_raise_config_error(cfgs: Any, match: str) -> None:
 @pytest.mark.timeout(30)
 def test_config_object_mirrors_megatron_flag(tmp_path: Any) -> None:
     yaml_path = tmp_path / "nccl.yaml"
-    yaml_path.write_text("dp_cp:\n  max_ctas: 8\nexpt_dp_ag:\n  min_ctas: 2\n")
+    yaml_path.write_text(
+        "dp_cp:\n  max_ctas: 8\n"
+        "ep_dp:\n  is_high_priority_stream: false\n"
+        "expt_dp_ag:\n  min_ctas: 2\n"
+    )
 
     class Args:  # Megatron-LM's parsed args carry these names
         create_all_gather_group = True
@@ -461,7 +479,9 @@ def test_config_object_mirrors_megatron_flag(tmp_path: Any) -> None:
     assert config.create_all_gather_group
     roles = config.role_configs()
     assert roles["dp_cp_ag"] == RoleConfig(max_ctas=4, timeout=180.0)
-    assert roles["expt_dp_ag"] == RoleConfig(min_ctas=2, timeout=180.0)
+    assert roles["expt_dp_ag"] == RoleConfig(min_ctas=2, stream_priority=0, timeout=180.0)
+    with pytest.raises(pycomm.ConfigError, match="cannot read"):
+        AllGatherGroupConfig(nccl_communicator_config_path=str(tmp_path / "absent.yaml")).role_configs()
     off = AllGatherGroupConfig()
     assert off.create_all_gather_group is False
     marker = object()
