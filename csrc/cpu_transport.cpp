@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
+#include <vector>
 
 #include "errors.h"
 
@@ -18,6 +20,73 @@ bool mentionsTimeout(std::string message) {
   return message.find("timed out") != std::string::npos ||
       message.find("timeout") != std::string::npos;
 }
+
+std::string messageOf(std::exception_ptr error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "unknown error";
+  }
+}
+
+// Issues the gloo ops that make up `op` (several for the coalesced forms).
+std::vector<c10::intrusive_ptr<c10d::Work>> issue(c10d::Backend& comm, Collective& op) {
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  switch (op.kind) {
+    case CollectiveKind::AllGather:
+      for (size_t i = 0; i < op.inputs.size(); ++i) {
+        works.push_back(comm._allgather_base(op.outputs[i], op.inputs[i]));
+      }
+      break;
+    case CollectiveKind::ReduceScatter: {
+      c10d::ReduceScatterOptions opts;
+      opts.reduceOp = c10d::ReduceOp(op.reduceOp);
+      for (size_t i = 0; i < op.inputs.size(); ++i) {
+        works.push_back(comm._reduce_scatter_base(op.outputs[i], op.inputs[i], opts));
+      }
+      break;
+    }
+    case CollectiveKind::AllReduce: {
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp(op.reduceOp);
+      works.push_back(comm.allreduce(op.inputs, opts));
+      break;
+    }
+    case CollectiveKind::Broadcast: {
+      c10d::BroadcastOptions opts;
+      opts.rootRank = op.root;
+      works.push_back(comm.broadcast(op.inputs, opts));
+      break;
+    }
+    case CollectiveKind::Barrier:
+      works.push_back(comm.barrier(c10d::BarrierOptions()));
+      break;
+  }
+  return works;
+}
+
+// Counts the gloo works of one op down to zero; the last one reports.
+struct Completion {
+  Completion(size_t count, CpuTransport::OnDone onDone)
+      : remaining(count), onDone(std::move(onDone)) {}
+  void finishOne(std::exception_ptr error) {
+    if (error) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!firstError) {
+        firstError = error;
+      }
+    }
+    if (remaining.fetch_sub(1) == 1) {
+      onDone(firstError);
+    }
+  }
+  std::atomic<size_t> remaining;
+  std::mutex mutex;
+  std::exception_ptr firstError;
+  CpuTransport::OnDone onDone;
+};
 
 // What the order check exchanges per rank; decodable, so a mismatch can name
 // the other rank's op.
@@ -46,6 +115,22 @@ std::string describeFields(const int64_t* f) {
   return text + ")";
 }
 
+at::Tensor orderFields(const Collective& op, uint64_t seq) {
+  auto mine = at::zeros({kFieldCount}, at::kLong);
+  auto* f = mine.data_ptr<int64_t>();
+  f[kSeq] = static_cast<int64_t>(seq);
+  f[kFingerprint] = static_cast<int64_t>(op.fingerprint());
+  f[kKind] = static_cast<int64_t>(op.kind);
+  f[kReduceOp] = static_cast<int64_t>(op.reduceOp);
+  f[kDtype] = static_cast<int64_t>(
+      op.inputs.empty() ? at::kLong : op.inputs.front().scalar_type());
+  for (const auto& t : op.inputs) {
+    f[kNumel] += t.numel();
+  }
+  f[kTensorCount] = static_cast<int64_t>(op.inputs.size());
+  return mine;
+}
+
 } // namespace
 
 CpuTransport::CpuTransport(
@@ -59,109 +144,129 @@ CpuTransport::CpuTransport(
   }
 }
 
-void CpuTransport::runOne(c10d::Backend& comm, Collective& op) const {
-  switch (op.kind) {
-    case CollectiveKind::AllGather:
-      for (size_t i = 0; i < op.inputs.size(); ++i) {
-        comm._allgather_base(op.outputs[i], op.inputs[i])->wait();
-      }
-      return;
-    case CollectiveKind::ReduceScatter: {
-      c10d::ReduceScatterOptions opts;
-      opts.reduceOp = c10d::ReduceOp(op.reduceOp);
-      for (size_t i = 0; i < op.inputs.size(); ++i) {
-        comm._reduce_scatter_base(op.outputs[i], op.inputs[i], opts)->wait();
-      }
-      return;
-    }
-    case CollectiveKind::AllReduce: {
-      c10d::AllreduceOptions opts;
-      opts.reduceOp = c10d::ReduceOp(op.reduceOp);
-      comm.allreduce(op.inputs, opts)->wait();
-      return;
-    }
-    case CollectiveKind::Broadcast: {
-      c10d::BroadcastOptions opts;
-      opts.rootRank = op.root;
-      comm.broadcast(op.inputs, opts)->wait();
-      return;
-    }
-    case CollectiveKind::Barrier:
-      comm.barrier(c10d::BarrierOptions())->wait();
-      return;
-  }
+c10::intrusive_ptr<c10d::Backend> CpuTransport::comm() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return comm_;
 }
 
 void CpuTransport::release() {
-  std::lock_guard<std::mutex> lock(mutex_);
-  comm_.reset();
-}
-
-void CpuTransport::run(Collective& op) const {
-  c10::intrusive_ptr<c10d::Backend> comm;
+  std::unique_ptr<Waiter> waiter;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    comm = comm_;
+    comm_.reset();
+    waiter.swap(waiter_);
   }
-  if (!comm) {
-    throw PoolClosedError(label_ + ": " + op.describe() +
-        " was issued after the communicator was released");
-  }
+  // Destroyed outside the lock: it joins its thread when nothing is watched.
+}
+
+std::exception_ptr CpuTransport::describedError(
+    const Collective& op,
+    std::exception_ptr error) const {
   try {
-    runOne(*comm, op);
+    std::rethrow_exception(error);
   } catch (const PycommError&) {
-    throw;
-  } catch (const std::exception& e) {
-    const std::string message =
-        label_ + ": " + op.describe() + " failed: " + e.what();
-    if (mentionsTimeout(e.what())) {
-      throw CollectiveTimeoutError(message);
-    }
-    throw CollectiveError(message);
+    return error;
+  } catch (...) {
+  }
+  const std::string gloo = messageOf(error);
+  const std::string message = label_ + ": " + op.describe() + " failed: " + gloo;
+  if (mentionsTimeout(gloo)) {
+    return std::make_exception_ptr(CollectiveTimeoutError(message));
+  }
+  return std::make_exception_ptr(CollectiveError(message));
+}
+
+void CpuTransport::start(std::shared_ptr<Collective> op, OnDone onDone) const {
+  auto comm = this->comm();
+  if (!comm) {
+    onDone(std::make_exception_ptr(PoolClosedError(
+        label_ + ": " + op->describe() +
+        " was issued after the communicator was released")));
+    return;
+  }
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  try {
+    works = issue(*comm, *op);
+  } catch (...) {
+    // Some of the op's parts may be in flight; they finish on their own.
+    onDone(describedError(*op, std::current_exception()));
+    return;
+  }
+  auto completion = std::make_shared<Completion>(
+      works.size(),
+      [this, op, comm, onDone = std::move(onDone)](std::exception_ptr error) {
+        onDone(error ? describedError(*op, error) : nullptr);
+      });
+  for (auto& work : works) {
+    whenDone(work, op->kind, [completion](std::exception_ptr error) {
+      completion->finishOne(error);
+    });
   }
 }
 
-void CpuTransport::checkOrder(const Collective& op, uint64_t seq) const {
-  auto mine = at::zeros({kFieldCount}, at::kLong);
-  auto* f = mine.data_ptr<int64_t>();
-  f[kSeq] = static_cast<int64_t>(seq);
-  f[kFingerprint] = static_cast<int64_t>(op.fingerprint());
-  f[kKind] = static_cast<int64_t>(op.kind);
-  f[kReduceOp] = static_cast<int64_t>(op.reduceOp);
-  f[kDtype] = op.inputs.empty()
-      ? -1
-      : static_cast<int64_t>(op.inputs.front().scalar_type());
-  int64_t numel = 0;
-  for (const auto& t : op.inputs) {
-    numel += t.numel();
-  }
-  f[kNumel] = numel;
-  f[kTensorCount] = static_cast<int64_t>(op.inputs.size());
-  if (op.inputs.empty()) {
-    f[kDtype] = static_cast<int64_t>(at::kLong);
-  }
-
-  auto all = at::empty({size_ * kFieldCount}, at::kLong);
-  Collective exchange;
-  exchange.kind = CollectiveKind::AllGather;
-  exchange.inputs = {mine};
-  exchange.outputs = {all};
-  run(exchange);
-
-  const auto* everyone = all.data_ptr<int64_t>();
-  for (int64_t r = 0; r < size_; ++r) {
-    const int64_t* theirs = everyone + r * kFieldCount;
-    if (theirs[kSeq] != f[kSeq] || theirs[kFingerprint] != f[kFingerprint]) {
-      throw OrderMismatchError(
-          label_ + ": ranks issued different ops at the same place of the "
-          "lane: this rank (group rank " + std::to_string(rank_) +
-          ") issued op #" + std::to_string(f[kSeq]) + " " + describeFields(f) +
-          ", group rank " + std::to_string(r) + " issued op #" +
-          std::to_string(theirs[kSeq]) + " " + describeFields(theirs) +
-          ". Every rank must issue the same ops in the same order on each "
-          "pooled group");
+void CpuTransport::whenDone(
+    const c10::intrusive_ptr<c10d::Work>& work,
+    CollectiveKind kind,
+    std::function<void(std::exception_ptr)> onEnd) const {
+  const uint32_t bit = 1u << static_cast<uint32_t>(kind);
+  if (!(kindsWithoutFuture_.load() & bit)) {
+    c10::intrusive_ptr<c10::ivalue::Future> future;
+    try {
+      future = work->getFuture();
+    } catch (const std::exception&) {
+      kindsWithoutFuture_.fetch_or(bit);
+    }
+    if (future) {
+      future->addCallback([onEnd](c10::ivalue::Future& f) {
+        onEnd(f.hasError() ? f.exception_ptr() : nullptr);
+      });
+      return;
     }
   }
+  Waiter* waiter;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!waiter_) {
+      waiter_ = std::make_unique<Waiter>("pycomm-wait");
+    }
+    waiter = waiter_.get();
+  }
+  waiter->watch(work, std::move(onEnd));
+}
+
+void CpuTransport::startChecked(
+    std::shared_ptr<Collective> op,
+    uint64_t seq,
+    OnDone onDone) const {
+  auto exchange = std::make_shared<Collective>();
+  exchange->kind = CollectiveKind::AllGather;
+  exchange->inputs = {orderFields(*op, seq)};
+  exchange->outputs = {at::empty({size_ * kFieldCount}, at::kLong)};
+  start(exchange, [this, exchange, op, onDone](std::exception_ptr error) {
+    if (error) {
+      onDone(error);
+      return;
+    }
+    const auto* mine = exchange->inputs.front().data_ptr<int64_t>();
+    const auto* everyone = exchange->outputs.front().data_ptr<int64_t>();
+    for (int64_t r = 0; r < size_; ++r) {
+      const int64_t* theirs = everyone + r * kFieldCount;
+      if (theirs[kSeq] != mine[kSeq] ||
+          theirs[kFingerprint] != mine[kFingerprint]) {
+        onDone(std::make_exception_ptr(OrderMismatchError(
+            label_ + ": ranks issued different ops at the same place of the "
+            "lane: this rank (group rank " + std::to_string(rank_) +
+            ") issued op #" + std::to_string(mine[kSeq]) + " " +
+            describeFields(mine) + ", group rank " + std::to_string(r) +
+            " issued op #" + std::to_string(theirs[kSeq]) + " " +
+            describeFields(theirs) +
+            ". Every rank must issue the same ops in the same order on each "
+            "pooled group")));
+        return;
+      }
+    }
+    start(op, onDone);
+  });
 }
 
 } // namespace pycomm

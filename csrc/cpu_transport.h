@@ -4,45 +4,70 @@
 // the communicator is made through torch's Python API and reaches C++ as a
 // plain c10d::Backend; only its virtual interface is used here.
 //
-// Thread-safety: run() blocks and is meant for one lane worker at a time
-// (the lane gives the FIFO order); release() may be called from any thread;
-// the wrapped gloo backend is thread-safe.
+// Thread-safety: start() and release() may be called from any thread; the
+// lane calls start() for one op at a time, which keeps the issue order equal
+// on every rank (gloo matches ops by that order). The wrapped gloo backend is
+// thread-safe.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
-#include <chrono>
+#include <atomic>
+#include <exception>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 
 #include "collective.h"
+#include "waiter.h"
 
 namespace pycomm {
 
 class CpuTransport {
  public:
+  // Called exactly once per started op, with its error or null, on the
+  // thread that finished it (a gloo worker, or the starting thread when the
+  // op could not be issued).
+  using OnDone = std::function<void(std::exception_ptr)>;
+
   CpuTransport(
       c10::intrusive_ptr<c10d::Backend> comm,
       std::string label,
       int64_t rank,
       int64_t size);
 
-  // Runs `op` to completion. Throws CollectiveTimeoutError or CollectiveError
-  // naming the group, role and op, with gloo's own message.
-  void run(Collective& op) const;
+  // Issues `op` without waiting for it. Errors reach `onDone` as
+  // CollectiveTimeoutError or CollectiveError naming the group, role and op,
+  // with gloo's own message.
+  void start(std::shared_ptr<Collective> op, OnDone onDone) const;
 
-  // Exchanges `op`'s fingerprint with every rank of the group and throws
-  // OrderMismatchError, naming both ops, when they differ. `seq` is the op's
-  // position on the lane.
-  void checkOrder(const Collective& op, uint64_t seq) const;
+  // Like start(), after exchanging the op's fingerprint with every rank of
+  // the group: differing ops fail with OrderMismatchError naming both.
+  // `seq` is the op's position on the lane.
+  void startChecked(std::shared_ptr<Collective> op, uint64_t seq, OnDone onDone)
+      const;
 
-  // Drops this transport's reference to the communicator; an op still running
-  // keeps its own until it returns. Later ops throw PoolClosedError.
+  // Drops this transport's reference to the communicator and its waiter
+  // thread; ops in flight keep their own. Later ops fail with PoolClosedError.
   void release();
 
  private:
-  void runOne(c10d::Backend& comm, Collective& op) const;
+  c10::intrusive_ptr<c10d::Backend> comm() const;
+  std::exception_ptr describedError(const Collective& op, std::exception_ptr error)
+      const;
+
+  // Calls `onEnd` when `work` ends: through its future when it has one,
+  // else through the waiter thread (started on first need).
+  void whenDone(
+      const c10::intrusive_ptr<c10d::Work>& work,
+      CollectiveKind kind,
+      std::function<void(std::exception_ptr)> onEnd) const;
 
   mutable std::mutex mutex_;
   c10::intrusive_ptr<c10d::Backend> comm_;
+  // Kinds whose gloo Work was seen without a future; asking again would cost
+  // a thrown c10::Error per op.
+  mutable std::atomic<uint32_t> kindsWithoutFuture_{0};
+  mutable std::unique_ptr<Waiter> waiter_;
   std::string label_;
   int64_t rank_;
   int64_t size_;

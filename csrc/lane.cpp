@@ -1,102 +1,103 @@
 #include "lane.h"
 
-#include <pthread.h>
-
-#include <exception>
 #include <iostream>
 
 #include "errors.h"
 
 namespace pycomm {
 
-CpuLane::CpuLane(std::string name)
-    : name_(std::move(name)), state_(std::make_shared<State>()) {
-  worker_ = std::thread(&CpuLane::work, state_, name_);
+namespace {
+// Set while this thread runs a Start of `lane`: a done() from inside it is
+// recorded instead of recursing, and drain() loops instead.
+thread_local const Lane* startingLane = nullptr;
+thread_local bool doneWhileStarting = false;
+} // namespace
+
+Lane::Lane(std::string name) : name_(std::move(name)) {}
+
+Lane::~Lane() {
+  abandon();
 }
 
-CpuLane::~CpuLane() {
-  close();
-}
-
-void CpuLane::work(std::shared_ptr<State> state, std::string name) {
-  // Linux limits thread names to 15 characters.
-  pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
-  std::unique_lock<std::mutex> lock(state->mutex);
-  while (true) {
-    state->wake.wait(
-        lock, [&] { return state->closing || !state->queue.empty(); });
-    if (state->queue.empty()) {
-      return; // closing, and nothing left to run
-    }
-    Task task = std::move(state->queue.front());
-    state->queue.pop_front();
-    state->running = true;
-    lock.unlock();
-    try {
-      task();
-    } catch (const std::exception& e) {
-      std::cerr << "pycomm: lane " << name << " dropped a task that threw: "
-                << e.what() << std::endl;
-    } catch (...) {
-      std::cerr << "pycomm: lane " << name
-                << " dropped a task that threw a non-standard exception"
-                << std::endl;
-    }
-    task = nullptr; // release captured tensors before taking the lock
-    lock.lock();
-    state->running = false;
-    state->wake.notify_all();
-  }
-}
-
-void CpuLane::post(Task task) {
+void Lane::post(Start start) {
   {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    if (state_->closing) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (closing_) {
       throw PoolClosedError("lane " + name_ + " is closed");
     }
-    state_->queue.push_back(std::move(task));
+    queue_.push_back(std::move(start));
+    if (inFlight_) {
+      return;
+    }
+    inFlight_ = true;
   }
-  state_->wake.notify_all();
+  drain();
 }
 
-void CpuLane::close() {
-  {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    state_->closing = true;
+void Lane::done() {
+  if (startingLane == this) {
+    doneWhileStarting = true;
+    return;
   }
-  state_->wake.notify_all();
-  std::lock_guard<std::mutex> lock(threadMutex_);
-  if (worker_.joinable()) {
-    if (worker_.get_id() == std::this_thread::get_id()) {
-      worker_.detach(); // closed from one of its own tasks
-    } else {
-      worker_.join();
+  drain();
+}
+
+void Lane::drain() {
+  while (true) {
+    Start start;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (queue_.empty()) {
+        inFlight_ = false;
+        idle_.notify_all();
+        return;
+      }
+      start = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    const Lane* outerLane = startingLane;
+    const bool outerDone = doneWhileStarting;
+    startingLane = this;
+    doneWhileStarting = false;
+    bool finishedInside = false;
+    try {
+      start();
+      finishedInside = doneWhileStarting;
+    } catch (const std::exception& e) {
+      std::cerr << "pycomm: lane " << name_ << ": an op failed to start: "
+                << e.what() << std::endl;
+      finishedInside = true;
+    } catch (...) {
+      finishedInside = true;
+    }
+    startingLane = outerLane;
+    doneWhileStarting = outerDone;
+    if (!finishedInside) {
+      return; // its done() will start the next one
     }
   }
 }
 
-std::vector<CpuLane::Task> CpuLane::abandon() {
-  std::vector<Task> unstarted;
-  {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    state_->closing = true;
-    for (auto& task : state_->queue) {
-      unstarted.push_back(std::move(task));
-    }
-    state_->queue.clear();
+void Lane::close() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  closing_ = true;
+  idle_.wait(lock, [&] { return !inFlight_ && queue_.empty(); });
+}
+
+std::vector<Lane::Start> Lane::abandon() {
+  std::vector<Start> unstarted;
+  std::lock_guard<std::mutex> lock(mutex_);
+  closing_ = true;
+  for (auto& start : queue_) {
+    unstarted.push_back(std::move(start));
   }
-  state_->wake.notify_all();
-  std::lock_guard<std::mutex> lock(threadMutex_);
-  if (worker_.joinable()) {
-    worker_.detach();
-  }
+  queue_.clear();
   return unstarted;
 }
 
-size_t CpuLane::pending() const {
-  std::lock_guard<std::mutex> lock(state_->mutex);
-  return state_->queue.size() + (state_->running ? 1 : 0);
+size_t Lane::pending() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return queue_.size() + (inFlight_ ? 1 : 0);
 }
 
 } // namespace pycomm

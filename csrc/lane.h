@@ -1,69 +1,72 @@
 #pragma once
-// An execution lane on the CPU: one worker thread running posted tasks one at
-// a time in post order. That is the semantics of one NCCL communicator on one
-// CUDA stream (FIFO inside a lane); two lanes run concurrently.
+// An execution lane: ops posted to it start one at a time, in post order, and
+// the next one starts only when the previous one reported done(). That is the
+// semantics of one NCCL communicator on one CUDA stream (FIFO inside a lane);
+// two lanes run concurrently.
+//
+// A lane owns no thread. Like a CUDA stream it only orders work that runs
+// elsewhere: the op that finds the lane idle starts on the posting thread,
+// and each later one starts on the thread that reports its predecessor done
+// (on the CPU, the gloo worker that finished it). So a pooled op costs no
+// thread hand-off beyond the transport's own.
 //
 // Thread-safety: every public method may be called from any thread, also
-// concurrently with each other and with the worker.
+// concurrently and from inside a starting op.
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
 #include <functional>
-#include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace pycomm {
 
-class CpuLane {
+class Lane {
  public:
-  using Task = std::function<void()>;
+  // Starts one op. It must lead to exactly one done() call, from any thread,
+  // possibly before it returns. It must not throw; one that does is counted
+  // as done.
+  using Start = std::function<void()>;
 
-  explicit CpuLane(std::string name);
-  // Runs whatever was posted, then joins the worker (close()).
-  ~CpuLane();
-
-  CpuLane(const CpuLane&) = delete;
-  CpuLane& operator=(const CpuLane&) = delete;
+  explicit Lane(std::string name);
+  ~Lane();
+  Lane(const Lane&) = delete;
+  Lane& operator=(const Lane&) = delete;
 
   const std::string& name() const {
     return name_;
   }
 
-  // Queues a task. Tasks must not throw; one that does is logged and dropped so
-  // the lane keeps its order for the tasks after it. Throws PoolClosedError
-  // once the lane is closed or abandoned.
-  void post(Task task);
+  // Starts `start` now when the lane is idle, else queues it. Throws
+  // PoolClosedError once the lane is closed or abandoned.
+  void post(Start start);
 
-  // Stops taking tasks, lets the queued ones run, and joins the worker.
+  // The op in flight has ended: start the next queued one.
+  void done();
+
+  // Stops taking ops and waits until the queued ones have started and ended.
   // Idempotent.
   void close();
 
-  // Stops taking tasks and hands back those not yet started, for the caller to
-  // fail. Does not wait for a task already running (it may be blocked on a
-  // peer that is gone): the worker is detached and exits when that task
-  // returns; it owns what it needs, so nothing dangles. Idempotent.
-  std::vector<Task> abandon();
+  // Stops taking ops and hands back those not yet started, without waiting
+  // for the one in flight. Idempotent.
+  std::vector<Start> abandon();
 
-  // Tasks queued or running.
+  // Ops queued or in flight.
   size_t pending() const;
 
  private:
-  struct State {
-    std::mutex mutex;
-    std::condition_variable wake;
-    std::deque<Task> queue;
-    bool running = false;
-    bool closing = false;
-  };
-  static void work(std::shared_ptr<State> state, std::string name);
+  // Starts queued ops while they finish synchronously; the caller holds the
+  // "in flight" token.
+  void drain();
 
   std::string name_;
-  std::shared_ptr<State> state_;
-  std::mutex threadMutex_;
-  std::thread worker_;
+  mutable std::mutex mutex_;
+  std::condition_variable idle_;
+  std::deque<Start> queue_;
+  bool inFlight_ = false;
+  bool closing_ = false;
 };
 
 } // namespace pycomm

@@ -30,6 +30,7 @@ PooledBackend::LaneContext::LaneContext(
           spec.label(),
           spec.rank,
           static_cast<int64_t>(spec.globalRanks.size())),
+      lane("pycomm-" + spec.role),
       checkOrder(spec.checkOrder) {}
 
 PooledBackend::PooledBackend(
@@ -39,8 +40,7 @@ PooledBackend::PooledBackend(
           static_cast<int>(spec.rank),
           static_cast<int>(spec.globalRanks.size())),
       spec_(std::move(spec)),
-      context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)),
-      cpuLane_(std::make_unique<CpuLane>("pycomm-" + spec_.role)) {}
+      context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)) {}
 
 PooledBackend::~PooledBackend() {
   close();
@@ -91,35 +91,39 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
     context_->unfinished.emplace(seq, work);
   }
   auto context = context_;
-  cpuLane_->post([context, op = std::move(op), seq, work]() mutable {
-    execute(context, op, seq, work);
-  });
+  context_->lane.post(
+      [context, op = std::make_shared<Collective>(std::move(op)), seq, work] {
+        start(context, op, seq, work);
+      });
   return work;
 }
 
-void PooledBackend::execute(
+void PooledBackend::start(
     const std::shared_ptr<LaneContext>& context,
-    Collective& op,
+    std::shared_ptr<Collective> op,
     uint64_t seq,
     const c10::intrusive_ptr<PooledWork>& work) {
   work->markStarted();
   const int64_t startUs = LaneStats::nowUs();
-  std::exception_ptr error;
+  auto onDone = [context, op, seq, work, startUs](std::exception_ptr error) {
+    context->stats.record(
+        OpRecord{op->kind, op->bytes(), startUs, LaneStats::nowUs(), !error});
+    {
+      std::lock_guard<std::mutex> lock(context->mutex);
+      context->unfinished.erase(seq);
+    }
+    work->complete(error);
+    context->lane.done(); // may start the next op on this thread
+  };
   try {
     if (context->checkOrder) {
-      context->transport.checkOrder(op, seq);
+      context->transport.startChecked(op, seq, onDone);
+    } else {
+      context->transport.start(op, onDone);
     }
-    context->transport.run(op);
   } catch (...) {
-    error = std::current_exception();
+    onDone(std::current_exception()); // the transport reports through onDone; this is a bug guard
   }
-  context->stats.record(
-      OpRecord{op.kind, op.bytes(), startUs, LaneStats::nowUs(), !error});
-  {
-    std::lock_guard<std::mutex> lock(context->mutex);
-    context->unfinished.erase(seq);
-  }
-  work->complete(error);
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::_allgather_base(
@@ -204,7 +208,7 @@ void PooledBackend::abort() {
     state_ = State::Aborted;
   }
   // Unstarted tasks are dropped; their works are failed below with the rest.
-  cpuLane_->abandon();
+  context_->lane.abandon();
   context_->transport.release();
   std::map<uint64_t, c10::intrusive_ptr<PooledWork>> unfinished;
   {
@@ -228,8 +232,11 @@ void PooledBackend::close() {
       state_ = State::Closed;
     }
   }
-  // After abort() the lane is already abandoned and close() returns at once.
-  cpuLane_->close();
+  // After abort() the lane is abandoned: close() waits only for the op in
+  // flight, which abort() already failed.
+  if (isOpenOrClosed()) {
+    context_->lane.close();
+  }
   context_->transport.release();
 }
 
@@ -242,7 +249,12 @@ std::vector<OpRecord> PooledBackend::trace() const {
 }
 
 size_t PooledBackend::pending() const {
-  return cpuLane_->pending();
+  return context_->lane.pending();
+}
+
+bool PooledBackend::isOpenOrClosed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return state_ != State::Aborted;
 }
 
 } // namespace pycomm

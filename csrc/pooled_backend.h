@@ -1,7 +1,8 @@
 #pragma once
 // A c10d::Backend bound to one pooled communicator and its lane. torch routes
-// the collectives of a pooled ProcessGroup here; each op is checked, queued on
-// the lane (FIFO) and run by the transport, and its Work completes there.
+// the collectives of a pooled ProcessGroup here; each op is checked, posted to
+// the lane (FIFO: it starts when the one before it has ended) and issued to the
+// transport, and its Work completes on the thread that finishes it.
 //
 // Thread-safety: every public method may be called from any thread; ops issued
 // from several threads are ordered by the lane in the order submit() took
@@ -90,13 +91,15 @@ class PooledBackend : public c10d::Backend {
   size_t pending() const;
 
  private:
-  // What the lane's tasks share with the backend; held by shared_ptr so a
-  // task still running after abort() never outlives what it touches.
+  // What ops in flight share with the backend; held by shared_ptr so an op
+  // still in flight after abort() or destruction never outlives what it
+  // touches.
   struct LaneContext {
     LaneContext(
         c10::intrusive_ptr<c10d::Backend> comm,
         const PooledGroupSpec& spec);
     CpuTransport transport;
+    Lane lane;
     LaneStats stats;
     bool checkOrder;
     std::mutex mutex;
@@ -105,16 +108,16 @@ class PooledBackend : public c10d::Backend {
   enum class State { Open, Closed, Aborted };
 
   c10::intrusive_ptr<c10d::Work> submit(Collective op, c10d::OpType type);
-  static void execute(
+  static void start(
       const std::shared_ptr<LaneContext>& context,
-      Collective& op,
+      std::shared_ptr<Collective> op,
       uint64_t seq,
       const c10::intrusive_ptr<PooledWork>& work);
   void throwIfNotOpen() const;
+  bool isOpenOrClosed() const;
 
   PooledGroupSpec spec_;
   std::shared_ptr<LaneContext> context_;
-  std::unique_ptr<CpuLane> cpuLane_;
   mutable std::mutex mutex_;
   State state_ = State::Open;
   uint64_t nextSeq_ = 0;

@@ -252,6 +252,20 @@ def _check_grid_layout(
         row["pycomm"] = {"dp_cp_ag": _ranks(dp_cp_ag), "expt_dp_ag": _ranks(expt_dp_ag)}
         row["gather_ok"] = {"dp_cp_ag": _gather_matches(dp_cp_ag),
                             "expt_dp_ag": _gather_matches(expt_dp_ag)}
+        if grid.is_current_rank_in_grid():
+            # A collection built from the grid, as Megatron-Bridge does, gets
+            # the same (pooled) groups through attach_all_gather_groups.
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            collection = ProcessGroupCollection(dp_cp=grid.get_pg(dims))
+            if expert_grid is not None:
+                collection.intra_expt_dp = expert_grid.get_pg(expert_dims)
+            before = _group_count()
+            pm.attach_all_gather_groups(collection, expert_grid is not None, timeout=AG_TIMEOUT)
+            row["attach_same_groups"] = (
+                collection.dp_cp_ag is dp_cp_ag and collection.expt_dp_ag is expt_dp_ag
+                and _group_count() == before
+            )
         return row
     finally:
         pm.destroy_all_gather_groups()
@@ -322,6 +336,7 @@ def _assert_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             _assert_emulation_matches(where, row)
         else:
             assert row["base"] == row["expected"], (where, row)
+            assert row.get("attach_same_groups", row["expected"]["dp_cp_ag"] is None), (where, row)
             if row["rank"] >= 0 and row["expected"]["dp_cp_ag"] is not None:
                 assert "create it with grid.create_pg" in row["missing_base_error"], (where, row)
     return rows

@@ -18,14 +18,25 @@ using namespace std::chrono_literals;
 
 namespace {
 
-class DoneWork : public c10d::Work {
+// A Work that completes through its future, as gloo's do.
+class GatedWork : public c10d::Work {
  public:
-  bool wait(std::chrono::milliseconds) override {
-    return true;
+  GatedWork()
+      : future_(c10::make_intrusive<c10::ivalue::Future>(c10::NoneType::get())) {}
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override {
+    return future_;
   }
+  void complete() {
+    future_->markCompleted();
+  }
+
+ private:
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
 };
 
-// A one-rank communicator whose ops can be held at a gate.
+// A one-rank communicator whose ops complete only while its gate is open
+// (ops issued while it is closed complete when it opens), like a peer that
+// is slow to arrive.
 class LoopbackBackend : public c10d::Backend {
  public:
   LoopbackBackend() : c10d::Backend(0, 1) {}
@@ -34,43 +45,53 @@ class LoopbackBackend : public c10d::Backend {
   }
   c10::intrusive_ptr<c10d::Work> _allgather_base(
       at::Tensor& out, at::Tensor& in, const c10d::AllgatherOptions&) override {
-    passGate();
     out.copy_(in);
-    return c10::make_intrusive<DoneWork>();
+    return issued();
   }
   c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
       at::Tensor& out, at::Tensor& in, const c10d::ReduceScatterOptions&) override {
-    passGate();
     out.copy_(in);
-    return c10::make_intrusive<DoneWork>();
+    return issued();
   }
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions&) override {
-    passGate();
-    return c10::make_intrusive<DoneWork>();
+    return issued();
   }
   void close() {
     std::lock_guard<std::mutex> lock(mutex_);
     open_ = false;
   }
   void open() {
+    std::vector<c10::intrusive_ptr<GatedWork>> held;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       open_ = true;
+      held.swap(held_);
     }
-    cv_.notify_all();
+    for (auto& w : held) {
+      w->complete(); // ends the op; the lane may start the next one here
+    }
   }
   std::atomic<int> entered{0};
 
  private:
-  void passGate() {
+  c10::intrusive_ptr<c10d::Work> issued() {
     entered += 1;
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [&] { return open_; });
+    auto work = c10::make_intrusive<GatedWork>();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!open_) {
+        held_.push_back(work);
+        return work;
+      }
+    }
+    work->complete();
+    return work;
   }
   std::mutex mutex_;
-  std::condition_variable cv_;
   bool open_ = true;
+  std::vector<c10::intrusive_ptr<GatedWork>> held_;
 };
+
 
 pycomm::PooledGroupSpec specFor(const std::string& role, int timeoutMs = 2000) {
   pycomm::PooledGroupSpec spec;
