@@ -149,14 +149,17 @@ c10::intrusive_ptr<c10d::Backend> CpuTransport::comm() const {
   return comm_;
 }
 
-void CpuTransport::release() {
+c10::intrusive_ptr<c10d::Backend> CpuTransport::release() {
   std::unique_ptr<Waiter> waiter;
+  c10::intrusive_ptr<c10d::Backend> comm;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    comm_.reset();
+    comm.swap(comm_);
     waiter.swap(waiter_);
   }
-  // Destroyed outside the lock: it joins its thread when nothing is watched.
+  // The waiter is destroyed outside the lock: it joins its thread when
+  // nothing is watched.
+  return comm;
 }
 
 std::exception_ptr CpuTransport::describedError(
@@ -194,7 +197,9 @@ void CpuTransport::start(std::shared_ptr<Collective> op, OnDone onDone) const {
   }
   auto completion = std::make_shared<Completion>(
       works.size(),
-      [this, op, comm, onDone = std::move(onDone)](std::exception_ptr error) {
+      // No reference to `comm` here: this closure dies on a gloo worker, and
+      // dropping gloo's last reference there would make it join itself.
+      [this, op, onDone = std::move(onDone)](std::exception_ptr error) {
         onDone(error ? describedError(*op, error) : nullptr);
       });
   for (auto& work : works) {

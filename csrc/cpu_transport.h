@@ -46,9 +46,11 @@ class CpuTransport {
   void startChecked(std::shared_ptr<Collective> op, uint64_t seq, OnDone onDone)
       const;
 
-  // Drops this transport's reference to the communicator and its waiter
-  // thread; ops in flight keep their own. Later ops fail with PoolClosedError.
-  void release();
+  // Hands back the communicator (for the caller to drop on a thread of its
+  // choosing: gloo's destructor waits for its ops in flight and joins its
+  // workers) and stops the waiter thread. Later ops fail with
+  // PoolClosedError.
+  c10::intrusive_ptr<c10d::Backend> release();
 
  private:
   c10::intrusive_ptr<c10d::Backend> comm() const;

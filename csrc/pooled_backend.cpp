@@ -1,6 +1,7 @@
 #include "pooled_backend.h"
 
 #include <sstream>
+#include <thread>
 
 #include "errors.h"
 
@@ -209,7 +210,13 @@ void PooledBackend::abort() {
   }
   // Unstarted tasks are dropped; their works are failed below with the rest.
   context_->lane.abandon();
-  context_->transport.release();
+  const bool opInFlight = context_->lane.pending() > 0;
+  auto comm = context_->transport.release();
+  if (opInFlight && comm) {
+    // Dropping gloo now would wait for the op in flight (up to its timeout);
+    // abort() must not wait for peers, so a short-lived thread drops it.
+    std::thread([comm = std::move(comm)]() mutable { comm.reset(); }).detach();
+  }
   std::map<uint64_t, c10::intrusive_ptr<PooledWork>> unfinished;
   {
     std::lock_guard<std::mutex> lock(context_->mutex);
@@ -237,7 +244,7 @@ void PooledBackend::close() {
   if (isOpenOrClosed()) {
     context_->lane.close();
   }
-  context_->transport.release();
+  context_->transport.release(); // idle now: gloo joins its workers here
 }
 
 StatsSnapshot PooledBackend::stats() const {

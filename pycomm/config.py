@@ -39,7 +39,9 @@ MEGATRON_GROUP_KEYS = {
     "dp", "dp_cp", "cp", "tp", "pp", "mp", "tp_pp", "tp_cp", "tp_dp_cp", "tp_dp",
     "ep", "tp_ep", "tp_ep_pp", "expt_tp", "expt_dp", "intra_dp_cp", "inter_dp_cp",
     "embd", "pos_embd", "amax", "ep_dp", "intra_expt_dp", "inter_expt_dp",
-    "hcp", "intra_dist_opt",
+    "hcp", "intra_dist_opt", "ep_tp", "tp_ep_mp", "intra_ep_dp", "inter_ep_dp",
+    "intra_dist_opt_instance", "gtp_remat", "gtp_remat_dp", "gtp_remat_dp_cp",
+    "expt_gtp_remat", "tp_ep_gtp_remat_pp", "ep_gtp_remat_dp",
 }
 
 CTA_POLICIES = {"default": 0, "efficiency": 1, "zero": 2}

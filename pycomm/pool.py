@@ -154,6 +154,13 @@ class CommPool:
         with self._lock:
             return self._groups.get((_group_name(group), role))
 
+    def config(self, group: dist.ProcessGroup, role: str = "ag") -> RoleConfig | None:
+        """The RoleConfig the pooled duplicate of `group` for `role` was made
+        with, or None when there is none."""
+        _C.CommPool.check_role(role)
+        with self._lock:
+            return self._configs.get((_group_name(group), role))
+
     def groups(self) -> list[dist.ProcessGroup]:
         with self._lock:
             return list(self._groups.values())

@@ -60,13 +60,20 @@ def rendezvous(
     label: str,
 ) -> None:
     """Waits until every member announced itself under `prefix`; raises
-    RendezvousTimeoutError naming the missing ranks instead of hanging."""
+    RendezvousTimeoutError naming the missing ranks instead of hanging.
+
+    Each member adds to one counter and waits on one key, which the last
+    arrival sets: store traffic per rank does not grow with the group. The
+    per-member keys are read only to name the missing ranks after a timeout."""
     store.set(f"{prefix}/arrived/{group_rank}", "1")
-    keys = [f"{prefix}/arrived/{i}" for i in range(len(global_ranks))]
+    if store.add(f"{prefix}/count", 1) == len(global_ranks):
+        store.set(f"{prefix}/all", "1")
     try:
-        store.wait(keys, datetime.timedelta(seconds=timeout_seconds))
+        store.wait([f"{prefix}/all"], datetime.timedelta(seconds=timeout_seconds))
     except (RuntimeError, dist.DistError) as e:
-        missing = [r for i, r in enumerate(global_ranks) if not store.check([keys[i]])]
+        missing = [
+            r for i, r in enumerate(global_ranks) if not store.check([f"{prefix}/arrived/{i}"])
+        ]
         raise RendezvousTimeoutError(
             f"{label}: ranks {missing} did not call duplicate() within "
             f"{timeout_seconds:g} s; every member of the group must duplicate it "

@@ -1,0 +1,119 @@
+"""The demo's per-rank job: Megatron parallel state with dp and ep, all-gather
+groups through pycomm.megatron, and a small FSDP2 model trained on the pool's
+lanes (plus an expert layer sharded over the expert data-parallel group)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pycomm
+import pycomm.fsdp
+import pycomm.megatron
+
+logger = logging.getLogger(__name__)
+
+HIDDEN = 256
+
+
+class ToyModel(nn.Module):
+    def __init__(self, hidden: int = HIDDEN, layers: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def _group_ranks(group: dist.ProcessGroup | None) -> list[int] | None:
+    return None if group is None else dist.get_process_group_ranks(group)
+
+
+def _expert_step(
+    expert_shard: torch.Tensor,
+    x: torch.Tensor,
+    ag: dist.ProcessGroup,
+    rs: dist.ProcessGroup,
+) -> torch.Tensor:
+    """An expert weight sharded over the expert data-parallel group: gather it
+    on the AG lane, use it, reduce-scatter its gradient on the RS lane."""
+    size = dist.get_world_size(ag)
+    full = torch.empty(expert_shard.numel() * size)
+    dist.all_gather_into_tensor(full, expert_shard, group=ag)
+    weight = full.view(HIDDEN, -1).requires_grad_()
+    out = x @ weight
+    out.square().mean().backward()
+    grad_shard = torch.empty_like(expert_shard)
+    dist.reduce_scatter_tensor(grad_shard, weight.grad.reshape(-1), op=dist.ReduceOp.AVG, group=rs)
+    return grad_shard
+
+
+def demo_rank(rank: int, world: int, steps: int, ep: int, show_progress: bool) -> dict[str, Any]:
+    warnings.filterwarnings("ignore")
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    from megatron.core import parallel_state
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from tqdm import tqdm
+
+    parallel_state.initialize_model_parallel(
+        expert_model_parallel_size=ep, create_gloo_process_groups=False
+    )
+    pool = pycomm.CommPool()
+    pg_collection = pycomm.megatron.pg_collection_with_ag(pool=pool)
+    dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=True)
+
+    torch.manual_seed(0)
+    model = ToyModel()
+    mesh = DeviceMesh.from_group(dp_cp, "cpu")
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    pycomm.fsdp.use_pool(model, pool, group=dp_cp)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    expert_ag = pg_collection.expt_dp_ag
+    expert_rs = None
+    expert_shard = None
+    if expert_ag is not None:
+        expt_dp = parallel_state.get_expert_data_parallel_group(partial_expert_data_parallel=True)
+        expert_rs = pool.duplicate(expt_dp, role="rs")
+        generator = torch.Generator().manual_seed(parallel_state.get_expert_model_parallel_rank())
+        full = torch.randn(HIDDEN * 16, generator=generator) * 0.05
+        expert_shard = full.chunk(dist.get_world_size(expert_ag))[dist.get_rank(expert_ag)].clone()
+
+    data_gen = torch.Generator().manual_seed(1000 + dist.get_rank(dp_cp))
+    losses = []
+    for _ in tqdm(range(steps), desc=f"training on {world} ranks", disable=not show_progress, unit="step"):
+        x = torch.randn(32, HIDDEN, generator=data_gen)
+        y = x.sum(dim=1, keepdim=True) * 0.01
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if expert_shard is not None:
+            expert_shard -= 0.05 * _expert_step(expert_shard, x, expert_ag, expert_rs)
+
+    result = {
+        "rank": rank,
+        "losses": losses,
+        "groups": {
+            "dp_cp": _group_ranks(dp_cp),
+            "dp_cp_ag": _group_ranks(pg_collection.dp_cp_ag),
+            "expt_dp_ag": _group_ranks(expert_ag),
+        },
+        "stats": pool.stats(),
+        "trace": pool.trace(),
+    }
+    pool.destroy()
+    parallel_state.destroy_model_parallel()
+    return result
