@@ -6,4 +6,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 bash "$ROOT/scripts/ctest.sh"
+# The same C++ unit tests under AddressSanitizer + LeakSanitizer.
+PYCOMM_SANITIZE=1 bash "$ROOT/scripts/ctest.sh"
 exec "$ROOT/.venv/bin/python" -m pytest -q "$@"

@@ -1,0 +1,77 @@
+"""The CLI commands, run as a user runs them (python -m pycomm ...)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pycomm", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def test_help_lists_every_command() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("plan", "demo", "bench", "doctor"):
+        assert command in result.stdout
+
+
+def test_doctor_reports_this_installation() -> None:
+    import torch
+
+    import pycomm
+
+    result = run_cli("doctor", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["torch"]["value"] == torch.__version__
+    assert checks["pycomm"]["value"] == pycomm.__version__
+    assert "gloo" in checks["transports built"]["value"]
+    assert checks["megatron-core"]["value"] == "0.19.2"
+    assert checks["FSDP2 custom AG/RS hooks"]["value"] == "available"
+
+
+def test_doctor_names_nccl_overrides() -> None:
+    import os
+
+    env = dict(os.environ, NCCL_MAX_CTAS="4")
+    result = subprocess.run(
+        [sys.executable, "-m", "pycomm", "doctor", "--json"],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["NCCL env overrides"]["value"] == "NCCL_MAX_CTAS=4"
+
+
+@pytest.mark.timeout(300)
+def test_bench_writes_json_and_plot(tmp_path: Path) -> None:
+    result = run_cli(
+        "bench", "--ranks", "2", "--sizes", "64K", "--iters", "10",
+        "--overhead-iters", "10", "--out", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    variants = {r["variant"] for r in summary["overlap"]}
+    assert variants == {"one_group", "two_groups", "pool_lanes"}
+    for r in summary["overlap"]:
+        assert r["world"] == 2 and r["shard_bytes"] == 65536
+        assert 0 < r["ideal_ratio"] <= 1.0 and r["overlap_ratio"] > 0
+    assert {r["variant"] for r in summary["overhead"]} == {"plain", "pooled", "pooled_order_check"}
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "T_together" in result.stdout
+
+
+def test_bench_refuses_too_few_iterations(tmp_path: Path) -> None:
+    result = run_cli("bench", "--iters", "3", "--out", str(tmp_path))
+    assert result.returncode != 0
+    assert "--iters must be >= 10" in result.stderr
