@@ -92,7 +92,8 @@ def demo_rank(rank: int, world: int, steps: int, ep: int, show_progress: bool) -
 
     data_gen = torch.Generator().manual_seed(1000 + dist.get_rank(dp_cp))
     losses = []
-    for _ in tqdm(range(steps), desc=f"training on {world} ranks", disable=not show_progress, unit="step"):
+    progress = show_progress and rank == 0
+    for _ in tqdm(range(steps), desc=f"training on {world} ranks", disable=not progress, unit="step"):
         x = torch.randn(32, HIDDEN, generator=data_gen)
         y = x.sum(dim=1, keepdim=True) * 0.01
         loss = nn.functional.mse_loss(model(x), y)

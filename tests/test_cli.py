@@ -75,3 +75,24 @@ def test_bench_refuses_too_few_iterations(tmp_path: Path) -> None:
     result = run_cli("bench", "--iters", "3", "--out", str(tmp_path))
     assert result.returncode != 0
     assert "--iters must be >= 10" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_demo_trains_on_the_pool_and_writes_its_outputs(tmp_path: Path) -> None:
+    result = run_cli("demo", "--nproc-per-node", "2", "--steps", "3", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert summary["ranks"] == 2 and summary["steps"] == 3 and summary["ep"] == 1
+    assert len(summary["losses_rank0"]) == 3
+    for rank in ("0", "1"):
+        groups = summary["groups"][rank]
+        assert groups["dp_cp_ag"] == groups["dp_cp"] == [0, 1]
+        assert groups["expt_dp_ag"] is None
+    lanes = summary["lanes"]
+    ag = [lane for lane in lanes if lane["role"] == "ag"]
+    rs = [lane for lane in lanes if lane["role"] == "rs"]
+    assert len(ag) == len(rs) == 2  # one per rank
+    assert all(lane["ops_by_kind"]["all_gather"] > 0 and lane["ops_by_kind"]["reduce_scatter"] == 0 for lane in ag)
+    assert all(lane["ops_by_kind"]["reduce_scatter"] > 0 and lane["ops_by_kind"]["all_gather"] == 0 for lane in rs)
+    assert (tmp_path / "timeline.png").stat().st_size > 1000
+    assert "pycomm lanes after training" in result.stdout
