@@ -112,8 +112,9 @@ class _GroupRoute:
         return pooled
 
 
-class _PooledAllGather(_AllGatherBase):  # type: ignore[misc]
-    """FSDP2 custom all-gather: the same collective on the 'ag' duplicate."""
+class _RoutedComm:
+    """What both custom comms share: the route to the pooled duplicate, and
+    FSDP's buffers allocated as plain tensors."""
 
     def __init__(self, route: _GroupRoute) -> None:
         self._route = route
@@ -126,6 +127,10 @@ class _PooledAllGather(_AllGatherBase):  # type: ignore[misc]
         device: torch.device,
     ) -> torch.Tensor:
         return torch.empty(size, dtype=dtype, device=device)
+
+
+class _PooledAllGather(_RoutedComm, _AllGatherBase):  # type: ignore[misc]
+    """FSDP2 custom all-gather: the same collective on the 'ag' duplicate."""
 
     def __call__(
         self,
@@ -139,20 +144,8 @@ class _PooledAllGather(_AllGatherBase):  # type: ignore[misc]
         )
 
 
-class _PooledReduceScatter(_ReduceScatterBase):  # type: ignore[misc]
+class _PooledReduceScatter(_RoutedComm, _ReduceScatterBase):  # type: ignore[misc]
     """FSDP2 custom reduce-scatter: the same collective on the 'rs' duplicate."""
-
-    def __init__(self, route: _GroupRoute) -> None:
-        self._route = route
-
-    def allocate(
-        self,
-        size: Sequence[int | torch.SymInt],
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> torch.Tensor:
-        return torch.empty(size, dtype=dtype, device=device)
 
     def __call__(
         self,

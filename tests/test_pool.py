@@ -213,31 +213,40 @@ def test_lanes_overlap_across_roles_and_stay_fifo_within_one() -> None:
         assert r["overlaps"] >= r["rounds"] // 2, r
 
 
-def lifecycle_world(rank: int, world: int, cycles: int) -> dict:
+def cycles_world(rank: int, world: int, cycles: int) -> dict:
+    """create / use / destroy (or abort, every other cycle) `cycles` times;
+    threads and open fds before and after."""
     _quiet()
     dp = dist.new_group(list(range(world)))
     # Warm up once so torch's own lazily created threads are in the baseline.
     with pycomm.CommPool() as warm:
-        dist.barrier(group=warm.duplicate(dp, role="ag"))
+        dist.barrier(group=warm.duplicate(dp, role="rs"))
     threads0, fds0 = thread_count(), open_fd_count()
     for i in range(cycles):
         pool = pycomm.CommPool()
         ag = pool.duplicate(dp, role="ag")
         rs = pool.duplicate(dp, role="rs")
-        t = torch.full((4,), float(rank + i))
-        dist.all_reduce(t, group=ag)
-        out = torch.empty(2)
-        dist.reduce_scatter_tensor(out, torch.ones(2 * world), group=rs)
-        assert t[0].item() == sum(r + i for r in range(world))
-        assert out.tolist() == [float(world)] * 2
-        pool.destroy()
-        pool.destroy()  # idempotent
+        gathered = torch.empty(world)
+        w1 = dist.all_gather_into_tensor(gathered, torch.tensor([float(rank + i)]), group=ag, async_op=True)
+        reduced = torch.empty(2)
+        w2 = dist.reduce_scatter_tensor(reduced, torch.ones(2 * world), group=rs, async_op=True)
+        w1.wait()
+        w2.wait()
+        assert gathered.tolist() == [float(r + i) for r in range(world)]
+        assert reduced.tolist() == [float(world)] * 2
+        if i % 2:
+            pool.abort()
+            pool.abort()  # idempotent
+        else:
+            pool.destroy()
+            pool.destroy()
     return {"threads": (threads0, thread_count()), "fds": (fds0, open_fd_count())}
 
 
-@pytest.mark.timeout(240)
-def test_destroy_and_recreate_twenty_times_leaks_nothing() -> None:
-    results = run_world(lifecycle_world, 2, 20, timeout_seconds=200)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world,cycles", [(2, 20), (4, 50)])
+def test_create_use_destroy_cycles_leak_no_thread_or_fd(world: int, cycles: int) -> None:
+    results = run_world(cycles_world, world, cycles, timeout_seconds=280)
     for r in results:
         before, after = r["threads"]
         assert after == before, r
