@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from setuptools import Extension
 from torch.utils.cpp_extension import CppExtension
 
-VERSION = "0.1.0"
+# One place for the version: pycomm/__init__.py (read as text: the package
+# cannot be imported before its extension is built).
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (Path(__file__).parent / "pycomm" / "__init__.py").read_text(), re.M
+).group(1)
 
 # Sources every variant compiles; CUDA-only ones live in csrc/cuda/.
 def cpu_sources(root: Path) -> list[str]:

@@ -18,9 +18,28 @@ from pycomm.errors import (
     UnknownRoleError,
     UnsupportedOpError,
 )
-from pycomm.info import build_info, __version__
-from pycomm.config import RoleConfig
-from pycomm.pool import CommPool
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from pycomm.config import RoleConfig
+    from pycomm.info import build_info
+    from pycomm.pool import CommPool
+
+# Imported on first use, so `python -m pycomm plan` (pure layout arithmetic)
+# starts without loading torch.
+_LAZY = {"CommPool": "pycomm.pool", "RoleConfig": "pycomm.config", "build_info": "pycomm.info"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pycomm' has no attribute {name!r}")
 
 __all__ = [
     "CommPool",

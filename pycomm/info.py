@@ -7,9 +7,7 @@ from typing import Any
 
 import torch
 
-from pycomm import _C
-
-__version__ = "0.1.0"
+from pycomm import _C, __version__
 
 # NCCL reads these at communicator creation; each one overrides the value a
 # RoleConfig puts into ncclConfig_t for every communicator of the process.
