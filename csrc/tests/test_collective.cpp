@@ -95,3 +95,13 @@ TEST(Collective, FingerprintSeesKindSizeAndDtype) {
   b.kind = CollectiveKind::ReduceScatter;
   EXPECT_NE(a.fingerprint(), b.fingerprint());
 }
+
+TEST(Collective, NamesDeviceMismatch) {
+  auto op = gather(at::empty({8}, at::TensorOptions().device(at::kMeta)), at::empty({4}));
+  try {
+    pycomm::validate(op, 2);
+    FAIL();
+  } catch (const TensorMismatchError& e) {
+    EXPECT_NE(std::string(e.what()).find("devices differ"), std::string::npos) << e.what();
+  }
+}

@@ -1,0 +1,65 @@
+"""RoleConfig validation and the nccl_communicator_config YAML format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pycomm import ConfigError, RoleConfig
+from pycomm.config import DEFAULT_TIMEOUT_SECONDS, load_group_configs, parse_group_configs
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"min_ctas": -1}, "min_ctas must be an integer from 1 to 64, got -1"),
+        ({"max_ctas": 0}, "max_ctas must be an integer from 1 to 64, got 0"),
+        ({"min_ctas": 8, "max_ctas": 4}, "min_ctas (8) is greater than max_ctas (4)"),
+        ({"cga_cluster_size": 9}, "cga_cluster_size must be an integer from 0 to 8"),
+        ({"traffic_class": -3}, "traffic_class must be an integer >= 0"),
+        ({"stream_priority": 1.5}, "stream_priority must be an integer"),
+        ({"net_name": ""}, "net_name must be a non-empty string"),
+        ({"cta_policy": "fast"}, "cta_policy must be one of"),
+        ({"timeout": 0}, "timeout must be a number of seconds > 0"),
+        ({"timeout": True}, "timeout must be a number of seconds > 0"),
+    ],
+)
+def test_bad_values_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        RoleConfig(**kwargs)
+    assert message in str(e.value)
+
+
+def test_defaults_and_merging() -> None:
+    base = RoleConfig(timeout=30.0, max_ctas=16)
+    assert RoleConfig().timeout_seconds == DEFAULT_TIMEOUT_SECONDS
+    merged = base.merged(RoleConfig(min_ctas=2))
+    assert (merged.timeout, merged.min_ctas, merged.max_ctas) == (30.0, 2, 16)
+    assert base.merged(None) is base
+
+
+def test_megatron_yaml_with_pooled_keys(tmp_path: Path) -> None:
+    path = tmp_path / "nccl.yaml"
+    path.write_text(
+        "dp_cp:\n  min_ctas: 4\n  max_ctas: 8\n"
+        "dp_cp_ag:\n  max_ctas: 2\n  min_ctas: 1\n  stream_priority: -1\n"
+        "expt_dp_rs:\n  net_name: IB\n"
+    )
+    configs = load_group_configs(path)
+    assert configs["dp_cp"] == RoleConfig(min_ctas=4, max_ctas=8)
+    assert configs["dp_cp_ag"] == RoleConfig(min_ctas=1, max_ctas=2, stream_priority=-1)
+    assert configs["expt_dp_rs"].net_name == "IB"
+
+
+def test_unknown_keys_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown group key 'dp_cp_allgather'"):
+        parse_group_configs({"dp_cp_allgather": {"max_ctas": 2}})
+    with pytest.raises(ConfigError, match=r"dp_cp_ag: unknown key\(s\) \['max_cta'\]"):
+        parse_group_configs({"dp_cp_ag": {"max_cta": 2}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dp_cp: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot read NCCL communicator config"):
+        load_group_configs(bad)
+    with pytest.raises(ConfigError, match="dp_cp_ag: min_ctas"):
+        parse_group_configs({"dp_cp_ag": {"min_ctas": 100}})
