@@ -8,7 +8,12 @@
 #include "comm_pool.h"
 #include "errors.h"
 #include "layout.h"
+#include "nccl_fields.h"
 #include "pooled_backend.h"
+#ifdef PYCOMM_CUDA
+#include "cuda/nccl_api.h"
+#include "cuda/nccl_lane.h"
+#endif
 
 namespace py = pybind11;
 
@@ -76,13 +81,142 @@ py::list traceToList(const std::vector<pycomm::OpRecord>& records) {
   return out;
 }
 
+// RoleConfig's ncclConfig_t fields, as pycomm.nccl passes them.
+pycomm::NcclSettings settingsFromDict(const py::dict& values) {
+  pycomm::NcclSettings s;
+  for (const auto& [key, value] : values) {
+    const auto name = py::cast<std::string>(key);
+    if (value.is_none()) {
+      continue;
+    }
+    if (name == "cga_cluster_size") {
+      s.cgaClusterSize = py::cast<int>(value);
+    } else if (name == "min_ctas") {
+      s.minCtas = py::cast<int>(value);
+    } else if (name == "max_ctas") {
+      s.maxCtas = py::cast<int>(value);
+    } else if (name == "net_name") {
+      s.netName = py::cast<std::string>(value);
+    } else if (name == "traffic_class") {
+      s.trafficClass = py::cast<int>(value);
+    } else if (name == "cta_policy") {
+      s.ctaPolicy = py::cast<int>(value);
+    } else if (name == "comm_name") {
+      s.commName = py::cast<std::string>(value);
+    } else {
+      throw pycomm::ConfigError("unknown ncclConfig_t setting '" + name + "'");
+    }
+  }
+  return s;
+}
+
+py::dict planToDict(const pycomm::NcclFieldPlan& plan) {
+  py::list applied;
+  for (auto field : plan.applied) {
+    applied.append(pycomm::ncclFieldName(field));
+  }
+  py::list skipped;
+  for (auto field : plan.skipped) {
+    skipped.append(py::make_tuple(
+        pycomm::ncclFieldName(field),
+        pycomm::ncclVersionText(pycomm::ncclFieldMinVersion(field))));
+  }
+  py::dict d;
+  d["applied"] = applied;
+  d["skipped"] = skipped;
+  return d;
+}
+
+#ifdef PYCOMM_CUDA
+void bindCuda(py::module_& m) {
+  m.def("nccl_built_version", &pycomm::nccl::builtVersion);
+  m.def("nccl_loaded_version", &pycomm::nccl::loadedVersion);
+  m.def("nccl_usable_version", &pycomm::nccl::usableVersion);
+  m.def("nccl_unique_id", [] { return py::bytes(pycomm::nccl::newUniqueId()); });
+  m.def("live_nccl_comms", &pycomm::NcclComm::liveCount);
+  m.def(
+      "stream_priority_range",
+      [](int device) {
+        auto range = pycomm::streamPriorityRange(device);
+        return py::make_tuple(range.least, range.greatest);
+      },
+      py::arg("device"),
+      "(least, greatest) stream priority of a device; greatest is the most "
+      "urgent (numerically lowest)");
+
+  py::class_<pycomm::NcclLane, pycomm::DeviceLane, std::shared_ptr<pycomm::NcclLane>>(
+      m, "NcclLane")
+      .def(
+          py::init([](int device,
+                      int rank,
+                      int size,
+                      const std::string& role,
+                      const py::dict& settings,
+                      std::optional<int> streamPriority,
+                      double timeoutSeconds,
+                      const std::string& label,
+                      const py::bytes& uniqueId,
+                      uintptr_t parent) {
+            pycomm::NcclLaneSpec spec;
+            spec.comm.device = device;
+            spec.comm.rank = rank;
+            spec.comm.size = size;
+            spec.comm.settings = settingsFromDict(settings);
+            spec.comm.timeout = std::chrono::milliseconds(
+                static_cast<int64_t>(timeoutSeconds * 1000.0));
+            spec.comm.label = label;
+            spec.role = role;
+            spec.streamPriority = streamPriority;
+            const std::string id = uniqueId;
+            py::gil_scoped_release release; // collective: peers must progress
+            return std::make_shared<pycomm::NcclLane>(spec, id, parent);
+          }),
+          py::arg("device"),
+          py::arg("rank"),
+          py::arg("size"),
+          py::arg("role"),
+          py::arg("settings"),
+          py::arg("stream_priority"),
+          py::arg("timeout_seconds"),
+          py::arg("label"),
+          py::arg("unique_id") = py::bytes(),
+          py::arg("parent") = 0)
+      .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
+      .def_property_readonly("stream_handle", &pycomm::NcclLane::streamHandle)
+      .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
+      .def_property_readonly(
+          "device_index",
+          [](const pycomm::NcclLane& lane) { return lane.device().index(); })
+      .def_static(
+          "default_priority", &pycomm::NcclLane::defaultPriority,
+          py::arg("role"), py::arg("device"));
+}
+#endif
+
 } // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pycomm's compiled core: rank layouts, lanes, pooled backends";
   py::register_exception_translator(&translate);
 
+#ifdef PYCOMM_CUDA
+  m.attr("cuda_built") = true;
+#else
   m.attr("cuda_built") = false;
+#endif
+  m.def(
+      "nccl_config_plan",
+      [](const py::dict& settings, int version) {
+        return planToDict(pycomm::planNcclFields(settingsFromDict(settings), version));
+      },
+      py::arg("settings"),
+      py::arg("version"),
+      "Which ncclConfig_t fields `settings` sets that NCCL `version` (e.g. "
+      "23007) takes ('applied') and which it is too old for ('skipped', with "
+      "the version each needs)");
+
+  py::class_<pycomm::DeviceLane, std::shared_ptr<pycomm::DeviceLane>>(m, "DeviceLane")
+      .def("pending", &pycomm::DeviceLane::pending);
 
   py::class_<pycomm::RankLayout>(m, "RankLayout")
       .def(
@@ -143,6 +277,9 @@ PYBIND11_MODULE(_C, m) {
         return traceToList(b.trace());
       })
       .def("pending", &pycomm::PooledBackend::pending)
+      .def("attach_device_lane", &pycomm::PooledBackend::attachDeviceLane,
+           py::arg("lane"))
+      .def_property_readonly("device_lane", &pycomm::PooledBackend::deviceLane)
       .def("close", &pycomm::PooledBackend::close,
            py::call_guard<py::gil_scoped_release>())
       .def("abort", &pycomm::PooledBackend::abort,
@@ -165,4 +302,8 @@ PYBIND11_MODULE(_C, m) {
       .def("is_open", &pycomm::CommPool::isOpen)
       .def("closed_reason", &pycomm::CommPool::closedReason)
       .def("throw_if_closed", &pycomm::CommPool::throwIfClosed);
+
+#ifdef PYCOMM_CUDA
+  bindCuda(m);
+#endif
 }

@@ -44,7 +44,12 @@ PooledBackend::PooledBackend(
       context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)) {}
 
 PooledBackend::~PooledBackend() {
-  close();
+  try {
+    close();
+  } catch (const std::exception&) {
+    // Only the device lane's final flush can fail; it has aborted its
+    // communicator then, so nothing is left to free.
+  }
 }
 
 bool PooledBackend::isOpen() const {
@@ -68,11 +73,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
     c10d::OpType type) {
   validate(op, size_);
   if (op.deviceType() != c10::DeviceType::CPU) {
-    throw UnsupportedOpError(
-        spec_.label() + ": " + op.describe() + " has tensors on " +
-        c10::DeviceTypeName(op.deviceType()) +
-        ", which this pooled group has no transport for; it serves CPU "
-        "tensors (see pycomm.build_info() for the transports built)");
+    return submitToDevice(std::move(op), type);
   }
   std::lock_guard<std::mutex> lock(mutex_);
   throwIfNotOpen();
@@ -97,6 +98,50 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
         start(context, op, seq, work);
       });
   return work;
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
+    Collective op,
+    c10d::OpType type) {
+  std::shared_ptr<DeviceLane> lane;
+  uint64_t seq = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    throwIfNotOpen();
+    lane = deviceLane_;
+    seq = nextSeq_++;
+  }
+  const auto device = op.inputs.front().device();
+  if (!lane) {
+    throw UnsupportedOpError(
+        spec_.label() + ": " + op.describe() + " has tensors on " +
+        device.str() +
+        ", but this pooled group has no lane for that device: it was built "
+        "without CUDA, or duplicated while no CUDA device was set (see "
+        "pycomm.build_info() and CommPool(device=...))");
+  }
+  if (lane->device() != device) {
+    throw TensorMismatchError(
+        spec_.label() + ": " + op.describe() + " has tensors on " +
+        device.str() + ", but this pooled group's NCCL lane is on " +
+        lane->device().str() + "; a pooled group serves one CUDA device");
+  }
+  const std::string description = spec_.label() + ": " + op.describe() +
+      " (op #" + std::to_string(seq) + ")";
+  return lane->issue(op, type, description);
+}
+
+void PooledBackend::attachDeviceLane(std::shared_ptr<DeviceLane> lane) {
+  // The device lane counts its ops into the same stats as the CPU lane.
+  lane->bindStats(std::shared_ptr<LaneStats>(context_, &context_->stats));
+  std::lock_guard<std::mutex> lock(mutex_);
+  throwIfNotOpen();
+  deviceLane_ = std::move(lane);
+}
+
+std::shared_ptr<DeviceLane> PooledBackend::deviceLane() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return deviceLane_;
 }
 
 void PooledBackend::start(
@@ -146,7 +191,9 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::allgather_into_tensor_coalesced(
   op.kind = CollectiveKind::AllGather;
   op.inputs = inputs;
   op.outputs = outputs;
-  return submit(std::move(op), c10d::OpType::ALLGATHER_INTO_TENSOR_COALESCED);
+  // OpType::COALESCED, not the per-kind values torch 2.14 added, so the
+  // same source builds against torch 2.11 to 2.15.
+  return submit(std::move(op), c10d::OpType::COALESCED);
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::_reduce_scatter_base(
@@ -170,7 +217,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter_tensor_coalesced(
   op.inputs = inputs;
   op.outputs = outputs;
   op.reduceOp = opts.reduceOp.op_;
-  return submit(std::move(op), c10d::OpType::REDUCE_SCATTER_TENSOR_COALESCED);
+  return submit(std::move(op), c10d::OpType::COALESCED); // see above
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce(
@@ -207,6 +254,9 @@ void PooledBackend::abort() {
       return;
     }
     state_ = State::Aborted;
+  }
+  if (auto lane = deviceLane()) {
+    lane->abort();
   }
   // Unstarted tasks are dropped; their works are failed below with the rest.
   context_->lane.abandon();
@@ -245,6 +295,9 @@ void PooledBackend::close() {
     context_->lane.close();
   }
   context_->transport.release(); // idle now: gloo joins its workers here
+  if (auto lane = deviceLane()) {
+    lane->close(); // after abort() this only joins its watchdog
+  }
 }
 
 StatsSnapshot PooledBackend::stats() const {
@@ -256,7 +309,8 @@ std::vector<OpRecord> PooledBackend::trace() const {
 }
 
 size_t PooledBackend::pending() const {
-  return context_->lane.pending();
+  auto lane = deviceLane();
+  return context_->lane.pending() + (lane ? lane->pending() : 0);
 }
 
 bool PooledBackend::isOpenOrClosed() const {

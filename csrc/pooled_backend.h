@@ -19,6 +19,7 @@
 
 #include "collective.h"
 #include "cpu_transport.h"
+#include "device_lane.h"
 #include "lane.h"
 #include "lane_stats.h"
 #include "pooled_work.h"
@@ -81,6 +82,11 @@ class PooledBackend : public c10d::Backend {
   // timeout), then releases the lane and the communicator. Idempotent.
   void close();
 
+  // Gives device (CUDA) tensors a lane of their own; without one, ops on
+  // them raise UnsupportedOpError. Set once, right after construction.
+  void attachDeviceLane(std::shared_ptr<DeviceLane> lane);
+  std::shared_ptr<DeviceLane> deviceLane() const;
+
   bool isOpen() const;
   const PooledGroupSpec& spec() const {
     return spec_;
@@ -108,6 +114,9 @@ class PooledBackend : public c10d::Backend {
   enum class State { Open, Closed, Aborted };
 
   c10::intrusive_ptr<c10d::Work> submit(Collective op, c10d::OpType type);
+  c10::intrusive_ptr<c10d::Work> submitToDevice(
+      Collective op,
+      c10d::OpType type);
   static void start(
       const std::shared_ptr<LaneContext>& context,
       std::shared_ptr<Collective> op,
@@ -121,6 +130,7 @@ class PooledBackend : public c10d::Backend {
   mutable std::mutex mutex_;
   State state_ = State::Open;
   uint64_t nextSeq_ = 0;
+  std::shared_ptr<DeviceLane> deviceLane_;
 };
 
 } // namespace pycomm

@@ -39,12 +39,21 @@ def _rank_main(
 ) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
+        device_id = None
+        if "nccl" in backend:
+            import torch
+
+            # One GPU per rank, bound at init: torch creates its NCCL
+            # communicator eagerly, so pooled groups can split it.
+            device_id = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device_id)
         dist.init_process_group(
             backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_seconds),
+            device_id=device_id,
         )
         try:
             value = fn(rank, world_size, *args)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from pycomm import _C
 from pycomm.config import RoleConfig
 from pycomm.errors import NotAMemberError, NotInitializedError
+from pycomm.nccl import DeviceChoice, resolve_device
 from pycomm.registration import (
     BACKEND_NAME,
     CpuCommFactory,
@@ -58,16 +59,22 @@ class CommPool:
         *,
         check_order: bool | None = None,
         cpu_comm_factory: CpuCommFactory = gloo_comm,
+        device: DeviceChoice = "auto",
     ) -> None:
         """`default_config` applies to every role unless duplicate() gets its
         own; `check_order` turns on the cross-rank op-order check (default:
         PYCOMM_DEBUG=order); `cpu_comm_factory` makes each pooled group's CPU
         communicator (default: a gloo communicator of its own; simulated
-        worlds pass torch's fake backend)."""
+        worlds pass torch's fake backend); `device` is the CUDA device whose
+        tensors get an NCCL lane per pooled group ('auto': the current device
+        when this build has NCCL and CUDA is available; None: CPU tensors
+        only)."""
         self._core = _C.CommPool()
         self._default_config = default_config or RoleConfig()
         self._check_order = debug_checks_order() if check_order is None else check_order
         self._cpu_comm_factory = cpu_comm_factory
+        self._device = device
+        resolve_device(device)  # a bad choice fails here, not at first use
         self._groups: dict[tuple[str, str], dist.ProcessGroup] = {}
         self._configs: dict[tuple[str, str], RoleConfig] = {}
         self._lock = threading.RLock()
@@ -134,6 +141,8 @@ class CommPool:
                 store_prefix=prefix,
                 check_order=self._check_order,
                 cpu_comm_factory=self._cpu_comm_factory,
+                base_group=group,
+                device=resolve_device(self._device),
             )
             pooled = dist.new_group(
                 ranks,
@@ -171,7 +180,9 @@ class CommPool:
 
     def stats(self) -> list[dict[str, Any]]:
         """Per pooled group: name, base group, role, ranks, ops, bytes, busy
-        seconds, errors, ops by kind, ops pending."""
+        seconds, errors, ops by kind, ops pending, and for
+        groups with an NCCL lane its device, stream priority and whether its
+        communicator was split from the base group's."""
         rows = []
         for backend in self._core.entries():
             spec = backend.spec
@@ -183,6 +194,14 @@ class CommPool:
                 "pending": backend.pending(),
             }
             row.update(backend.stats())
+            lane = backend.device_lane
+            if lane is not None:
+                row["nccl"] = {
+                    "device": lane.device_index,
+                    "stream_priority": lane.stream_priority,
+                    "created_by_split": lane.created_by_split,
+                    "pending": lane.pending(),
+                }
             rows.append(row)
         return sorted(rows, key=lambda r: (r["base_group"], r["role"]))
 

@@ -43,6 +43,10 @@ class CreateRequest:
     store_prefix: str
     check_order: bool
     cpu_comm_factory: CpuCommFactory = gloo_comm
+    # The group duplicated (its NCCL communicator may be split) and the CUDA
+    # device of the NCCL lane; None: CPU tensors only.
+    base_group: dist.ProcessGroup | None = None
+    device: int | None = None
 
 
 def root_store() -> dist.Store:
@@ -96,6 +100,25 @@ def _create_backend(
     spec.timeout_seconds = request.config.timeout_seconds
     spec.check_order = request.check_order
     backend = _C.PooledBackend(spec, cpu_comm)
+    if request.device is not None:
+        from pycomm import nccl  # the CUDA build only
+
+        try:
+            lane = nccl.create_lane(
+                device=request.device,
+                base_group=request.base_group,
+                role=request.role,
+                config=request.config,
+                group_rank=opts.group_rank,
+                group_size=opts.group_size,
+                store=dist.PrefixStore(f"{request.store_prefix}/nccl/", root_store()),
+                label=spec.label(),
+                comm_name=f"pycomm_{request.role}_of_{request.base_group_name}",
+            )
+            backend.attach_device_lane(lane)
+        except BaseException:
+            backend.abort()  # frees the gloo communicator made above
+            raise
     request.core.add(backend)
     logger.debug("created pooled group %s as %s", spec.label(), spec.name)
     return backend

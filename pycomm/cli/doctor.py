@@ -55,7 +55,18 @@ def collect() -> list[Check]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
     checks.append(Check("GPUs seen", f"{gpus}" + (f" ({names})" if names else "")))
-    checks.append(Check("NCCL built / loaded", f"{info['nccl']} / {info['nccl_loaded']}"))
+    checks.append(Check(
+        "NCCL built / loaded",
+        f"{info['nccl']} / {info['nccl_loaded']}",
+        ok=info["nccl"] == info["nccl_loaded"],
+    ))
+    if not info["cuda"]:
+        lanes = "not built: CPU-only variant (no CUDA toolkit or nccl.h at build time, or PYCOMM_CUDA=0)"
+    elif gpus:
+        lanes = f"pooled groups get an NCCL lane on the current device (cuda:{torch.cuda.current_device()})"
+    else:
+        lanes = "built; no GPU in this process, so pooled groups serve CPU tensors only"
+    checks.append(Check("NCCL lanes", lanes, ok=info["cuda"] and gpus > 0))
     overrides = info["nccl_env_overrides"]
     checks.append(Check(
         "NCCL env overrides",

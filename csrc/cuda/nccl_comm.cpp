@@ -1,0 +1,214 @@
+#include "nccl_comm.h"
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include <thread>
+
+#include "errors.h"
+#include "nccl_api.h"
+
+namespace pycomm {
+
+namespace {
+std::atomic<int64_t> liveComms{0};
+
+// A poll of a nonblocking communicator costs one call; this keeps a waiting
+// thread from spinning a core while NCCL connects.
+constexpr auto kPollInterval = std::chrono::microseconds(200);
+
+// Waits for a communicator made by `create` to finish connecting; frees it
+// with abort if that fails or takes longer than the timeout.
+ncclComm_t settleNew(
+    const NcclCommSpec& spec,
+    const std::string& what,
+    ncclComm_t comm) {
+  const auto deadline = std::chrono::steady_clock::now() + spec.timeout;
+  ncclResult_t state = ncclInProgress;
+  while (true) {
+    ncclResult_t result = nccl::getAsyncError(comm, &state);
+    if (result != ncclSuccess) {
+      state = result;
+    }
+    if (state != ncclInProgress) {
+      break;
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      (void)nccl::commAbort(comm);
+      throw CollectiveTimeoutError(
+          spec.label + ": " + what + " did not complete within " +
+          std::to_string(spec.timeout.count()) +
+          " ms; every member must duplicate the group with the same role");
+    }
+    std::this_thread::sleep_for(kPollInterval);
+  }
+  if (state != ncclSuccess) {
+    std::string message = spec.label + ": " + what + " failed: " +
+        nccl::errorText(state) + " (NCCL: " + nccl::lastError(comm) + ")";
+    (void)nccl::commAbort(comm);
+    throw CollectiveError(message);
+  }
+  return comm;
+}
+} // namespace
+
+NcclComm::NcclComm(NcclCommSpec spec, ncclComm_t comm)
+    : spec_(std::move(spec)), comm_(comm) {
+  liveComms.fetch_add(1);
+}
+
+std::unique_ptr<NcclComm> NcclComm::initRank(
+    const NcclCommSpec& spec,
+    const std::string& uniqueId) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec.device));
+  ncclConfig_t config = nccl::makeConfig(spec.settings);
+  ncclComm_t comm = nullptr;
+  const std::string what = "ncclCommInitRankConfig (rank " +
+      std::to_string(spec.rank) + " of " + std::to_string(spec.size) + ")";
+  try {
+    nccl::check(
+        nccl::commInitRank(&comm, spec.size, uniqueId, spec.rank, &config),
+        spec.label + ": " + what,
+        comm);
+  } catch (...) {
+    if (comm != nullptr) {
+      (void)nccl::commAbort(comm);
+    }
+    throw;
+  }
+  return std::unique_ptr<NcclComm>(
+      new NcclComm(spec, settleNew(spec, what, comm)));
+}
+
+std::unique_ptr<NcclComm> NcclComm::split(
+    const NcclCommSpec& spec,
+    ncclComm_t parent) {
+  if (parent == nullptr) {
+    throw ConfigError(spec.label + ": no parent NCCL communicator to split");
+  }
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec.device));
+  ncclConfig_t config = nccl::makeConfig(spec.settings);
+  ncclComm_t comm = nullptr;
+  const std::string what = "ncclCommSplit of the base group's communicator";
+  try {
+    // One color for all members: the child has exactly the parent's ranks,
+    // in the same order (key = rank).
+    nccl::check(
+        nccl::commSplit(parent, /*color=*/0, /*key=*/spec.rank, &comm, &config),
+        spec.label + ": " + what,
+        parent);
+  } catch (...) {
+    if (comm != nullptr) {
+      (void)nccl::commAbort(comm);
+    }
+    throw;
+  }
+  if (comm == nullptr) {
+    throw CollectiveError(spec.label + ": " + what + " returned no communicator");
+  }
+  return std::unique_ptr<NcclComm>(
+      new NcclComm(spec, settleNew(spec, what, comm)));
+}
+
+NcclComm::~NcclComm() {
+  // Finalizing here could wait for peers; a communicator nobody destroyed is
+  // abandoned, so it is aborted.
+  abort();
+}
+
+int64_t NcclComm::liveCount() {
+  return liveComms.load();
+}
+
+void NcclComm::settleLocked(const std::string& what) {
+  const auto deadline = std::chrono::steady_clock::now() + spec_.timeout;
+  while (true) {
+    ncclResult_t state = ncclSuccess;
+    nccl::check(nccl::getAsyncError(comm_, &state), spec_.label + ": " + what, comm_);
+    if (state == ncclSuccess) {
+      return;
+    }
+    if (state != ncclInProgress) {
+      nccl::check(state, spec_.label + ": " + what, comm_);
+    }
+    if (abortRequested_.load()) {
+      throw PoolClosedError(spec_.label + ": " + what + " was ended by abort()");
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      throw CollectiveTimeoutError(
+          spec_.label + ": NCCL did not take " + what + " within " +
+          std::to_string(spec_.timeout.count()) + " ms");
+    }
+    std::this_thread::sleep_for(kPollInterval);
+  }
+}
+
+void NcclComm::enqueue(
+    const std::string& what,
+    const std::function<ncclResult_t(ncclComm_t)>& calls) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (comm_ == nullptr || abortRequested_.load()) {
+    throw PoolClosedError(
+        spec_.label + ": " + what + ": the NCCL communicator was " +
+        (abortRequested_.load() ? "aborted" : "destroyed"));
+  }
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec_.device));
+  if (nccl::check(calls(comm_), spec_.label + ": " + what, comm_) ==
+      ncclInProgress) {
+    settleLocked(what);
+  }
+}
+
+ncclResult_t NcclComm::asyncError() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (comm_ == nullptr) {
+    return ncclSuccess;
+  }
+  ncclResult_t state = ncclSuccess;
+  const ncclResult_t result = nccl::getAsyncError(comm_, &state);
+  return result != ncclSuccess ? result : state;
+}
+
+std::string NcclComm::lastError() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return nccl::lastError(comm_);
+}
+
+void NcclComm::destroy() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (comm_ == nullptr) {
+    return;
+  }
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec_.device));
+  try {
+    if (nccl::check(nccl::commFinalize(comm_), spec_.label + ": ncclCommFinalize", comm_) ==
+        ncclInProgress) {
+      settleLocked("ncclCommFinalize");
+    }
+  } catch (const PycommError&) {
+    // Finalize could not flush (a peer gone, or past the timeout): nothing
+    // more can be delivered, so free without waiting.
+    releaseLocked(/*abort=*/true);
+    throw;
+  }
+  releaseLocked(/*abort=*/false);
+}
+
+void NcclComm::abort() {
+  abortRequested_.store(true); // ends a poll in enqueue()/destroy() first
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (comm_ == nullptr) {
+    return;
+  }
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec_.device));
+  releaseLocked(/*abort=*/true);
+}
+
+void NcclComm::releaseLocked(bool abort) {
+  // The communicator is gone whatever NCCL answers; an error here leaves
+  // nothing of ours to free, so it is not rethrown.
+  (void)(abort ? nccl::commAbort(comm_) : nccl::commDestroy(comm_));
+  comm_ = nullptr;
+  liveComms.fetch_sub(1);
+}
+
+} // namespace pycomm

@@ -1,0 +1,89 @@
+#include "nccl_work.h"
+
+#include <ATen/core/jit_type.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "errors.h"
+
+namespace pycomm {
+
+NcclWork::NcclWork(
+    int rank,
+    c10d::OpType opType,
+    std::vector<at::Tensor> outputs,
+    std::shared_ptr<CudaEvent> end,
+    c10::Device device,
+    std::string description)
+    : c10d::Work(rank, opType),
+      outputs_(std::move(outputs)),
+      end_(std::move(end)),
+      device_(device),
+      description_(std::move(description)),
+      future_(c10::make_intrusive<c10::ivalue::Future>(
+          c10::ListType::create(c10::TensorType::get()))) {}
+
+bool NcclWork::complete(std::exception_ptr error) {
+  if (claimed_.exchange(true)) {
+    return false;
+  }
+  finish(error); // takes mutex_ and wakes host-side waiters
+  if (error) {
+    future_->setErrorIfNeeded(error);
+  } else if (!future_->completed()) {
+    future_->markCompleted(c10::IValue(outputs_));
+  }
+  return true;
+}
+
+bool NcclWork::endPassed() const {
+  return end_->query();
+}
+
+bool NcclWork::isCompleted() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return completed_;
+}
+
+void NcclWork::throwIfFailed() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (exception_) {
+    std::rethrow_exception(exception_);
+  }
+}
+
+void NcclWork::blockCurrentStream() const {
+  const auto current = c10::cuda::getCurrentCUDAStream(device_.index());
+  end_->block(current.stream());
+}
+
+bool NcclWork::wait(std::chrono::milliseconds timeout) {
+  throwIfFailed();
+  blockCurrentStream();
+  if (timeout != kNoTimeout) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!cv_.wait_for(lock, timeout, [&] { return completed_; })) {
+      throw CollectiveTimeoutError(
+          description_ + " did not finish within the " +
+          std::to_string(timeout.count()) + " ms given to wait()");
+    }
+    if (exception_) {
+      std::rethrow_exception(exception_);
+    }
+  }
+  return true;
+}
+
+void NcclWork::synchronize() {
+  throwIfFailed();
+  blockCurrentStream();
+}
+
+std::vector<at::Tensor> NcclWork::result() {
+  return outputs_;
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> NcclWork::getFuture() {
+  return future_;
+}
+
+} // namespace pycomm

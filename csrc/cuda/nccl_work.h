@@ -1,0 +1,61 @@
+#pragma once
+// The Work handle of one op on an NCCL lane. wait() and synchronize() make the
+// caller's current stream wait on the op's end event, on the device: the host
+// does not block (as with torch's NCCL backend), unless wait() is given an
+// explicit timeout, which then bounds a host-side wait for completion. The
+// lane's watchdog completes the work (and its future) once the end event has
+// passed, or fails it with the error it found.
+//
+// Thread-safety: every method may be called concurrently from any thread.
+#include <ATen/core/ivalue.h>
+#include <c10/core/Device.h>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include <atomic>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda_resources.h"
+
+namespace pycomm {
+
+class NcclWork : public c10d::Work {
+ public:
+  NcclWork(
+      int rank,
+      c10d::OpType opType,
+      std::vector<at::Tensor> outputs,
+      std::shared_ptr<CudaEvent> end,
+      c10::Device device,
+      std::string description);
+
+  // Called by the watchdog; the first call wins. Returns whether it did.
+  bool complete(std::exception_ptr error);
+  // Whether the op's end event has passed on the device (no lock, no error).
+  bool endPassed() const;
+
+  bool isCompleted() override;
+  bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
+  void synchronize() override;
+  std::vector<at::Tensor> result() override;
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
+
+  const std::string& description() const {
+    return description_;
+  }
+
+ private:
+  void throwIfFailed();
+  void blockCurrentStream() const;
+
+  std::vector<at::Tensor> outputs_;
+  std::shared_ptr<CudaEvent> end_;
+  c10::Device device_;
+  std::string description_;
+  std::atomic<bool> claimed_{false};
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
+};
+
+} // namespace pycomm

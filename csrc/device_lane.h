@@ -1,0 +1,44 @@
+#pragma once
+// The interface through which a PooledBackend hands ops on device tensors to a
+// device transport (the NCCL lane of the CUDA build). Declared here, free of
+// CUDA headers, so the backend is the same in every build variant.
+//
+// Thread-safety: implementations must accept every call from any thread.
+#include <c10/core/Device.h>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "collective.h"
+#include "lane_stats.h"
+
+namespace pycomm {
+
+class DeviceLane {
+ public:
+  virtual ~DeviceLane() = default;
+
+  // The one device this lane's communicator was created on.
+  virtual c10::Device device() const = 0;
+  // Issues `op` (validated, all tensors on device()) behind every op issued
+  // before it, ordered after the work already queued on the caller's current
+  // stream. Never blocks the host on the device.
+  virtual c10::intrusive_ptr<c10d::Work> issue(
+      const Collective& op,
+      c10d::OpType type,
+      std::string description) = 0;
+  // Where finished ops are counted; set once before the first issue().
+  virtual void bindStats(std::shared_ptr<LaneStats> stats) = 0;
+  // Ops issued and not yet observed finished.
+  virtual size_t pending() const = 0;
+  // Lets issued ops finish (bounded by the timeout), then frees the
+  // communicator. Idempotent.
+  virtual void close() = 0;
+  // Aborts the communicator without waiting for peers; unfinished ops fail.
+  // Idempotent.
+  virtual void abort() = 0;
+};
+
+} // namespace pycomm

@@ -1,0 +1,81 @@
+#include "nccl_fields.h"
+
+namespace pycomm {
+
+const char* ncclFieldName(NcclField field) {
+  switch (field) {
+    case NcclField::CgaClusterSize:
+      return "cgaClusterSize";
+    case NcclField::MinCtas:
+      return "minCTAs";
+    case NcclField::MaxCtas:
+      return "maxCTAs";
+    case NcclField::NetName:
+      return "netName";
+    case NcclField::TrafficClass:
+      return "trafficClass";
+    case NcclField::CommName:
+      return "commName";
+    case NcclField::CtaPolicy:
+      return "CTAPolicy";
+  }
+  return "?";
+}
+
+int ncclFieldMinVersion(NcclField field) {
+  switch (field) {
+    case NcclField::CgaClusterSize:
+    case NcclField::MinCtas:
+    case NcclField::MaxCtas:
+    case NcclField::NetName:
+      return ncclVersionCode(2, 17, 0);
+    case NcclField::TrafficClass:
+      return ncclVersionCode(2, 26, 0);
+    case NcclField::CommName:
+    case NcclField::CtaPolicy:
+      return ncclVersionCode(2, 27, 0);
+  }
+  return 0;
+}
+
+std::vector<NcclField> fieldsSet(const NcclSettings& s) {
+  std::vector<NcclField> set;
+  if (s.cgaClusterSize) {
+    set.push_back(NcclField::CgaClusterSize);
+  }
+  if (s.minCtas) {
+    set.push_back(NcclField::MinCtas);
+  }
+  if (s.maxCtas) {
+    set.push_back(NcclField::MaxCtas);
+  }
+  if (s.netName) {
+    set.push_back(NcclField::NetName);
+  }
+  if (s.trafficClass) {
+    set.push_back(NcclField::TrafficClass);
+  }
+  if (s.commName) {
+    set.push_back(NcclField::CommName);
+  }
+  if (s.ctaPolicy) {
+    set.push_back(NcclField::CtaPolicy);
+  }
+  return set;
+}
+
+NcclFieldPlan planNcclFields(const NcclSettings& settings, int version) {
+  NcclFieldPlan plan;
+  for (NcclField field : fieldsSet(settings)) {
+    (version >= ncclFieldMinVersion(field) ? plan.applied : plan.skipped)
+        .push_back(field);
+  }
+  return plan;
+}
+
+std::string ncclVersionText(int version) {
+  return std::to_string(version / 10000) + "." +
+      std::to_string(version / 100 % 100) + "." + std::to_string(version % 100);
+}
+
+} // namespace pycomm

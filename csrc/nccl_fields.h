@@ -1,0 +1,59 @@
+#pragma once
+// The ncclConfig_t fields a RoleConfig can set, and which of them a given NCCL
+// version understands. Pure data, free of torch and NCCL headers, so the
+// version guards are tested in every build variant.
+//
+// Thread-safety: values and pure functions only.
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace pycomm {
+
+// NCCL_VERSION_CODE's encoding for releases since 2.9.
+constexpr int ncclVersionCode(int major, int minor, int patch) {
+  return major * 10000 + minor * 100 + patch;
+}
+
+// The fields of ncclConfig_t pycomm sets per role; unset means NCCL's default.
+struct NcclSettings {
+  std::optional<int> cgaClusterSize;
+  std::optional<int> minCtas;
+  std::optional<int> maxCtas;
+  std::optional<std::string> netName;
+  std::optional<int> trafficClass;
+  std::optional<int> ctaPolicy; // NCCL_CTA_POLICY_* value
+  std::optional<std::string> commName;
+};
+
+enum class NcclField {
+  CgaClusterSize,
+  MinCtas,
+  MaxCtas,
+  NetName,
+  TrafficClass,
+  CommName,
+  CtaPolicy,
+};
+
+// ncclConfig_t's own spelling of the field ("cgaClusterSize", "CTAPolicy").
+const char* ncclFieldName(NcclField field);
+// The NCCL version that introduced the field.
+int ncclFieldMinVersion(NcclField field);
+// The fields `settings` sets, in declaration order.
+std::vector<NcclField> fieldsSet(const NcclSettings& settings);
+
+struct NcclFieldPlan {
+  std::vector<NcclField> applied; // set and understood by `version`
+  std::vector<NcclField> skipped; // set but newer than `version`
+};
+
+// Which of the fields `settings` sets NCCL `version` can take. A field newer
+// than the NCCL in use is skipped (and reported), never written into a struct
+// that version does not have.
+NcclFieldPlan planNcclFields(const NcclSettings& settings, int version);
+
+// "2.30.7" for 23007.
+std::string ncclVersionText(int version);
+
+} // namespace pycomm

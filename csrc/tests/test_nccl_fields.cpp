@@ -1,0 +1,58 @@
+#include <gtest/gtest.h>
+
+#include "nccl_fields.h"
+
+using pycomm::NcclField;
+using pycomm::NcclSettings;
+using pycomm::ncclVersionCode;
+using pycomm::planNcclFields;
+
+namespace {
+NcclSettings everyField() {
+  NcclSettings s;
+  s.cgaClusterSize = 2;
+  s.minCtas = 4;
+  s.maxCtas = 16;
+  s.netName = "IB";
+  s.trafficClass = 106;
+  s.ctaPolicy = 1;
+  s.commName = "pycomm_ag_of_0";
+  return s;
+}
+} // namespace
+
+TEST(NcclFields, NewestVersionTakesEveryField) {
+  auto plan = planNcclFields(everyField(), ncclVersionCode(2, 30, 7));
+  EXPECT_EQ(plan.applied.size(), 7u);
+  EXPECT_TRUE(plan.skipped.empty());
+}
+
+TEST(NcclFields, SkipsFieldsNewerThanTheVersion) {
+  auto plan = planNcclFields(everyField(), ncclVersionCode(2, 26, 5));
+  EXPECT_EQ(plan.applied.size(), 5u); // the 2.17 four and trafficClass
+  ASSERT_EQ(plan.skipped.size(), 2u);
+  EXPECT_EQ(plan.skipped[0], NcclField::CommName);
+  EXPECT_EQ(plan.skipped[1], NcclField::CtaPolicy);
+
+  plan = planNcclFields(everyField(), ncclVersionCode(2, 18, 1));
+  EXPECT_EQ(plan.applied.size(), 4u);
+  EXPECT_EQ(plan.skipped.front(), NcclField::TrafficClass);
+
+  plan = planNcclFields(everyField(), ncclVersionCode(2, 16, 0));
+  EXPECT_TRUE(plan.applied.empty());
+  EXPECT_EQ(plan.skipped.size(), 7u);
+}
+
+TEST(NcclFields, UnsetFieldsAreNeitherAppliedNorSkipped) {
+  NcclSettings s;
+  s.maxCtas = 8;
+  auto plan = planNcclFields(s, ncclVersionCode(2, 10, 0));
+  EXPECT_TRUE(plan.applied.empty());
+  ASSERT_EQ(plan.skipped.size(), 1u);
+  EXPECT_STREQ(pycomm::ncclFieldName(plan.skipped[0]), "maxCTAs");
+}
+
+TEST(NcclFields, VersionText) {
+  EXPECT_EQ(pycomm::ncclVersionText(23007), "2.30.7");
+  EXPECT_EQ(pycomm::ncclVersionText(ncclVersionCode(2, 17, 1)), "2.17.1");
+}

@@ -1,0 +1,69 @@
+"""GPU benchmark of the NCCL lanes: pooled all-gather and reduce-scatter against
+torch's NCCL backend from 1 MiB to 1 GiB (time, algbw and busbw as nccl-tests
+defines them), and GEMM slowdown while the all-gather lane runs. One rank per
+visible GPU. Prints tables and writes bench-nccl.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pycomm.cli.common import add_output_arguments, parse_size, print_json, size_text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpus", type=int, default=0, help="ranks, one per GPU (default: every visible GPU)")
+    parser.add_argument(
+        "--sizes", default="1M,4M,16M,64M,256M,1G",
+        help="comma-separated full (gathered) buffer sizes (default: 1M to 1G)",
+    )
+    parser.add_argument("--iters", type=int, default=20, help="interleaved iterations per size (>= 10)")
+    parser.add_argument("--gemm-n", type=int, default=8192, help="GEMM size n (n x n x n, bfloat16)")
+    parser.add_argument("--gemm-ag-size", default="256M", help="all-gather size beside the GEMMs")
+    add_output_arguments(parser, default_dir="pycomm-out/bench-nccl")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from pycomm import _C
+    from pycomm.launch import run_world
+    from pycomm.nccl_bench import bench_rank
+
+    if args.iters < 10:
+        raise SystemExit("--iters must be >= 10")
+    if not _C.cuda_built or not torch.cuda.is_available():
+        raise SystemExit("bench-nccl needs the CUDA build of pycomm and a GPU (see `python -m pycomm doctor`)")
+    gpus = args.gpus or torch.cuda.device_count()
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    result = run_world(
+        bench_rank, gpus, sizes, args.iters, args.gemm_n, parse_size(args.gemm_ag_size),
+        backend="cpu:gloo,cuda:nccl", timeout_seconds=1800,
+    )[0]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench-nccl.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print_json(result)
+        return 0
+    console = Console()
+    table = Table(title=f"{result['world']} x {result['device']}: medians of {args.iters} interleaved iterations")
+    for column in ("op", "size", "impl", "ms", "algbw GB/s", "busbw GB/s", "x torch"):
+        table.add_column(column, justify="right")
+    for r in result["collectives"]:
+        table.add_row(
+            r["op"], size_text(r["bytes"]), r["impl"], f"{r['ms']:.3f}",
+            f"{r['algbw_GBps']:.1f}", f"{r['busbw_GBps']:.1f}", f"{r['ratio_to_torch']:.3f}",
+        )
+    console.print(table)
+    g = result["gemm"]
+    console.print(
+        f"8 GEMMs n={g['gemm_n']}: {g['gemm_ms']:.2f} ms alone, {g['both_ms']:.2f} ms beside a "
+        f"{size_text(g['ag_bytes'])} all-gather ({g['ag_ms']:.2f} ms alone): slowdown "
+        f"{g['slowdown']:.3f} (serial would be {g['serial_slowdown']:.3f})"
+    )
+    console.print(f"wrote {out_dir / 'bench-nccl.json'}")
+    return 0

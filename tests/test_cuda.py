@@ -1,0 +1,257 @@
+"""The NCCL lanes on a GPU (marked cuda; skipped without one). One process,
+one GPU: an NCCL world of size 1, the only GPU setting a single lent GPU
+allows. Results are compared with torch's own NCCL backend on the same
+tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pycomm
+from pycomm import ConfigError, PoolClosedError, RoleConfig, UnsupportedOpError, _C
+from pycomm import nccl as pycomm_nccl
+from pycomm.launch import free_port
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.int64]
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[torch.device]:
+    if not _C.cuda_built:
+        pytest.skip("this pycomm was built without the NCCL transport")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend="cpu:gloo,cuda:nccl",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        device_id=device,  # torch's NCCL communicator exists now: it can be split
+    )
+    yield device
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def pool(world: torch.device) -> Iterator[pycomm.CommPool]:
+    with pycomm.CommPool() as p:
+        yield p
+
+
+def _nccl_row(pool: pycomm.CommPool, role: str) -> dict:
+    return next(r for r in pool.stats() if r["role"] == role)["nccl"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_equal_torch_nccl(pool: pycomm.CommPool, world: torch.device, dtype: torch.dtype) -> None:
+    ag = pool.duplicate(role="ag")
+    rs = pool.duplicate(role="rs")
+    x = (torch.arange(4096, device=world) % 97).to(dtype)
+
+    gathered, expected = torch.empty_like(x), torch.empty_like(x)
+    pool_work = dist.all_gather_into_tensor(gathered, x, group=ag, async_op=True)
+    dist.all_gather_into_tensor(expected, x)
+    pool_work.wait()
+    assert torch.equal(gathered, expected)
+
+    ops = [dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN]
+    if dtype.is_floating_point:
+        ops.append(dist.ReduceOp.AVG)
+    for op in ops:
+        out, ref = torch.empty_like(x), torch.empty_like(x)
+        dist.reduce_scatter_tensor(out, x, op=op, group=rs)
+        dist.reduce_scatter_tensor(ref, x, op=op)
+        assert torch.equal(out, ref), op
+
+    y, y_ref = x.clone(), x.clone()
+    dist.all_reduce(y, group=rs)
+    dist.all_reduce(y_ref)
+    assert torch.equal(y, y_ref)
+    torch.cuda.synchronize()
+    row = next(r for r in pool.stats() if r["role"] == "rs")
+    assert row["errors"] == 0
+
+
+def test_coalesced_all_gather(pool: pycomm.CommPool, world: torch.device) -> None:
+    ag = pool.duplicate(role="ag")
+    inputs = [torch.full((n,), float(n), device=world) for n in (3, 1024, 77)]
+    outputs = [torch.empty_like(t) for t in inputs]
+    with dist._coalescing_manager(group=ag, device=world, async_ops=True) as manager:
+        for out, inp in zip(outputs, inputs):
+            dist.all_gather_into_tensor(out, inp, group=ag)
+    manager.wait()
+    for out, inp in zip(outputs, inputs):
+        assert torch.equal(out, inp)
+
+
+def test_lane_waits_for_work_queued_on_the_caller_stream(pool: pycomm.CommPool, world: torch.device) -> None:
+    """The lane orders itself after the caller's stream on the device: a
+    tensor written by a kernel queued just before the op is sent complete."""
+    ag = pool.duplicate(role="ag")
+    x = torch.zeros(64 << 20, device=world)  # 256 MiB: the fill takes a while
+    out = torch.empty_like(x)
+    for value in (1.0, 2.0, 3.0):
+        x.fill_(value)
+        dist.all_gather_into_tensor(out, x, group=ag, async_op=True).wait()
+        assert out.min().item() == out.max().item() == value
+
+
+def test_communicators_are_split_from_torchs(pool: pycomm.CommPool, world: torch.device) -> None:
+    pool.duplicate(role="ag")
+    torch_and_pycomm_share_libnccl = len(pycomm_nccl._libnccl_paths()) == 1
+    assert _nccl_row(pool, "ag")["created_by_split"] == torch_and_pycomm_share_libnccl
+
+
+def test_fresh_communicator_when_splitting_is_off(world: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(pycomm_nccl.SPLIT_ENV, "0")
+    with pycomm.CommPool() as pool:
+        ag = pool.duplicate(role="ag")
+        assert _nccl_row(pool, "ag")["created_by_split"] is False
+        x = torch.ones(1000, device=world)
+        out = torch.empty_like(x)
+        dist.all_gather_into_tensor(out, x, group=ag)
+        assert torch.equal(out, x)
+
+
+def test_lane_streams_have_the_configured_priorities(pool: pycomm.CommPool, world: torch.device) -> None:
+    least, greatest = torch.cuda.Stream.priority_range()
+    assert _C.stream_priority_range(world.index) == (least, greatest)
+    pool.duplicate(role="ag")
+    pool.duplicate(role="rs")
+    assert _nccl_row(pool, "ag")["stream_priority"] == greatest
+    assert _nccl_row(pool, "rs")["stream_priority"] == least
+
+    other = dist.new_group([0], backend="gloo")
+    with pycomm.CommPool() as tuned:
+        tuned.duplicate(other, "ag", RoleConfig(stream_priority=least))
+        tuned.duplicate(other, "rs", RoleConfig(stream_priority=greatest))
+        assert _nccl_row(tuned, "ag")["stream_priority"] == least
+        assert _nccl_row(tuned, "rs")["stream_priority"] == greatest
+    with pycomm.CommPool() as wrong:
+        with pytest.raises(ConfigError, match="outside this device's range"):
+            wrong.duplicate(other, "ag", RoleConfig(stream_priority=least + 5))
+    dist.destroy_process_group(other)
+
+
+def _intervals(trace: dict, names: tuple[str, ...]) -> dict[int, list[tuple[float, float]]]:
+    """Kernel and memcpy intervals by stream id."""
+    streams: dict[int, list[tuple[float, float]]] = {}
+    for event in trace.get("traceEvents", []):
+        if event.get("cat") not in names or "dur" not in event:
+            continue
+        stream = int(event.get("args", {}).get("stream", -1))
+        streams.setdefault(stream, []).append((event["ts"], event["ts"] + event["dur"]))
+    return streams
+
+
+def test_all_gather_overlaps_a_gemm(pool: pycomm.CommPool, world: torch.device, tmp_path: Path) -> None:
+    ag = pool.duplicate(role="ag")
+    shard = torch.randn(128 << 20, device=world)  # 512 MiB
+    gathered = torch.empty_like(shard)
+    a = torch.randn(8192, 8192, device=world, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(2):  # warm up cuBLAS and NCCL outside the trace
+        dist.all_gather_into_tensor(gathered, shard, group=ag, async_op=True).wait()
+        a @ b
+    torch.cuda.synchronize()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            work = dist.all_gather_into_tensor(gathered, shard, group=ag, async_op=True)
+            for _ in range(8):
+                a @ b  # on the compute stream, issued after the all-gather
+            work.wait()
+        torch.cuda.synchronize()
+    path = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(path))
+    streams = _intervals(json.loads(path.read_text()), ("kernel", "gpu_memcpy"))
+    compute = torch.cuda.current_stream(world)
+    gemm_streams = {
+        s for s, spans in streams.items() if len(spans) >= 24  # the 24 GEMMs
+    }
+    assert gemm_streams, f"no stream ran the GEMMs: {sorted((s, len(v)) for s, v in streams.items())}"
+    lane = [span for s, spans in streams.items() if s not in gemm_streams for span in spans]
+    gemm = [span for s in gemm_streams for span in streams[s]]
+    overlapping = [
+        (l0, l1) for l0, l1 in lane if any(g0 < l1 and l0 < g1 for g0, g1 in gemm)
+    ]
+    assert overlapping, (
+        f"no all-gather interval overlaps a GEMM on stream {compute.stream_id}: "
+        f"lane {lane[:5]}, gemm {gemm[:5]}"
+    )
+
+
+def test_create_destroy_cycles_leak_nothing(world: torch.device) -> None:
+    x = torch.ones(1 << 20, device=world)
+    out = torch.empty_like(x)
+
+    def cycle() -> None:
+        with pycomm.CommPool() as pool:
+            ag = pool.duplicate(role="ag")
+            rs = pool.duplicate(role="rs")
+            dist.all_gather_into_tensor(out, x, group=ag)
+            dist.reduce_scatter_tensor(out, x, group=rs)
+            torch.cuda.synchronize()
+            assert _C.live_nccl_comms() == 2
+
+    for _ in range(5):  # NCCL and the allocator settle their first allocations
+        cycle()
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated(world)
+    free_before, _ = torch.cuda.mem_get_info(world)
+    for _ in range(50):
+        cycle()
+    torch.cuda.synchronize()
+    free_after, _ = torch.cuda.mem_get_info(world)
+    assert _C.live_nccl_comms() == 0
+    assert torch.cuda.memory_allocated(world) == allocated
+    assert free_before - free_after < 64 << 20, (
+        f"{(free_before - free_after) >> 20} MiB of device memory gone after 50 cycles"
+    )
+
+
+def test_abort_fails_later_ops_by_name(world: torch.device) -> None:
+    pool = pycomm.CommPool()
+    ag = pool.duplicate(role="ag")
+    x = torch.ones(16, device=world)
+    dist.all_gather_into_tensor(torch.empty_like(x), x, group=ag)
+    pool.abort()
+    assert _C.live_nccl_comms() == 0
+    with pytest.raises((PoolClosedError, ValueError, RuntimeError)):
+        dist.all_gather_into_tensor(torch.empty_like(x), x, group=ag)
+
+
+def test_graph_capture_is_a_clear_error(pool: pycomm.CommPool, world: torch.device) -> None:
+    ag = pool.duplicate(role="ag")
+    x = torch.ones(16, device=world)
+    out = torch.empty_like(x)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            with pytest.raises(UnsupportedOpError, match="CUDA graph"):
+                dist.all_gather_into_tensor(out, x, group=ag)
+        finally:
+            graph.capture_end()
+
+
+def test_cpu_tensors_still_use_gloo(pool: pycomm.CommPool) -> None:
+    ag = pool.duplicate(role="ag")
+    x = torch.arange(10.0)
+    out = torch.empty_like(x)
+    dist.all_gather_into_tensor(out, x, group=ag)
+    assert torch.equal(out, x)
+
+
+if __name__ == "__main__":  # for a quick run on a GPU machine without pytest's collection
+    raise SystemExit(pytest.main([__file__, "-v", *os.sys.argv[1:]]))

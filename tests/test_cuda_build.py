@@ -1,0 +1,124 @@
+"""The CUDA+NCCL variant on every machine: it is built where it can be, it
+imports and reports its NCCL versions without a GPU, the ncclConfig_t
+version guards, and the device choice's errors. GPU behaviour is in
+test_cuda.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pycomm
+from pycomm import ConfigError, RoleConfig, _C
+from pycomm.nccl import nccl_settings, resolve_device
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import pycomm_build  # noqa: E402
+
+needs_cuda_build = pytest.mark.skipif(
+    not _C.cuda_built, reason="this pycomm was built without the NCCL transport"
+)
+
+
+def _cuda_buildable() -> bool:
+    try:
+        pycomm_build.find_cuda_paths()
+    except pycomm_build.CudaNotFound:
+        return False
+    return os.environ.get("PYCOMM_CUDA", "auto").lower() not in ("0", "off", "no", "false")
+
+
+def test_cuda_variant_is_built_wherever_it_can_be() -> None:
+    assert pycomm.build_info()["cuda"] == _cuda_buildable()
+
+
+@needs_cuda_build
+def test_build_info_reports_both_nccl_versions() -> None:
+    info = pycomm.build_info()
+    assert info["transports"] == ["gloo", "nccl"]
+    built = _C.nccl_built_version()
+    loaded = _C.nccl_loaded_version()
+    assert info["nccl"] == f"{built // 10000}.{built // 100 % 100}.{built % 100}"
+    assert info["nccl_loaded"] == f"{loaded // 10000}.{loaded // 100 % 100}.{loaded % 100}"
+    # The libnccl loaded is the one torch uses: the same version.
+    assert loaded == pycomm.nccl._version_code(torch.cuda.nccl.version())
+    assert _C.nccl_usable_version() == min(built, loaded)
+
+
+@needs_cuda_build
+def test_unique_ids_are_fresh_128_byte_strings() -> None:
+    first, second = _C.nccl_unique_id(), _C.nccl_unique_id()
+    assert len(first) == len(second) == 128
+    assert first != second
+
+
+def test_config_fields_are_guarded_by_nccl_version() -> None:
+    config = RoleConfig(
+        min_ctas=2, max_ctas=8, cga_cluster_size=2, net_name="IB",
+        traffic_class=106, cta_policy="efficiency",
+    )
+    settings = nccl_settings(config, "pycomm_ag_of_0")
+    newest = _C.nccl_config_plan(settings, 23007)
+    assert newest["applied"] == [
+        "cgaClusterSize", "minCTAs", "maxCTAs", "netName", "trafficClass", "commName", "CTAPolicy",
+    ]
+    assert newest["skipped"] == []
+    at_2_26 = _C.nccl_config_plan(settings, 22605)
+    assert at_2_26["skipped"] == [("commName", "2.27.0"), ("CTAPolicy", "2.27.0")]
+    at_2_18 = _C.nccl_config_plan(settings, 21803)
+    assert at_2_18["applied"] == ["cgaClusterSize", "minCTAs", "maxCTAs", "netName"]
+    assert [f for f, _ in at_2_18["skipped"]] == ["trafficClass", "commName", "CTAPolicy"]
+    at_2_16 = _C.nccl_config_plan(settings, 21600)
+    assert at_2_16["applied"] == []
+    assert ("netName", "2.17.0") in at_2_16["skipped"]
+
+
+def test_unset_fields_and_cta_policy_values() -> None:
+    assert nccl_settings(RoleConfig(), "x")["cta_policy"] is None
+    assert nccl_settings(RoleConfig(cta_policy="zero"), "x")["cta_policy"] == 2
+    plan = _C.nccl_config_plan(nccl_settings(RoleConfig(), "x"), 23007)
+    assert plan == {"applied": ["commName"], "skipped": []}
+    with pytest.raises(ConfigError, match="unknown ncclConfig_t setting 'max_ctaz'"):
+        _C.nccl_config_plan({"max_ctaz": 3}, 23007)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without a GPU")
+def test_device_choice_without_a_gpu() -> None:
+    assert resolve_device("auto") is None
+    assert resolve_device(None) is None
+    expected = "CUDA is not available" if _C.cuda_built else "built without the NCCL transport"
+    with pytest.raises(ConfigError, match=expected):
+        resolve_device(0)
+    with pytest.raises(ConfigError, match=expected):
+        pycomm.CommPool(device="cuda:0")
+    with pytest.raises(ConfigError, match="must be a CUDA device"):
+        resolve_device("cpu")
+    with pytest.raises(ConfigError, match="must be 'auto', None, an index or a CUDA device"):
+        resolve_device("gpu-zero")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
+def test_toolkit_is_found_through_an_nvcc_wrapper(tmp_path: Path) -> None:
+    """nvcc on PATH may be a script outside the toolkit (as /usr/local/bin/nvcc
+    here): the build must still find the folder with include/cuda_runtime.h."""
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("nvcc")} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    toolkit = pycomm_build._toolkit_from_nvcc(str(wrapper))
+    assert toolkit is not None
+    assert (toolkit / "include" / "cuda_runtime.h").is_file()
+
+
+def test_cpu_variant_is_chosen_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYCOMM_CUDA", "0")
+    assert pycomm_build.cuda_paths_or_none() is None
+    assert all("csrc/cuda/" not in s for s in pycomm_build.sources(ROOT, cuda=False))
+    assert any("csrc/cuda/nccl_lane.cpp" in s for s in pycomm_build.sources(ROOT, cuda=True))
