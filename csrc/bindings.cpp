@@ -216,7 +216,11 @@ PYBIND11_MODULE(_C, m) {
       "the version each needs)");
 
   py::class_<pycomm::DeviceLane, std::shared_ptr<pycomm::DeviceLane>>(m, "DeviceLane")
-      .def("pending", &pycomm::DeviceLane::pending);
+      .def("pending", &pycomm::DeviceLane::pending)
+      .def("close", &pycomm::DeviceLane::close,
+           py::call_guard<py::gil_scoped_release>())
+      .def("abort", &pycomm::DeviceLane::abort,
+           py::call_guard<py::gil_scoped_release>());
 
   py::class_<pycomm::RankLayout>(m, "RankLayout")
       .def(
@@ -280,7 +284,7 @@ PYBIND11_MODULE(_C, m) {
       .def("attach_device_lane", &pycomm::PooledBackend::attachDeviceLane,
            py::arg("lane"))
       .def_property_readonly("device_lane", &pycomm::PooledBackend::deviceLane)
-      .def("close", &pycomm::PooledBackend::close,
+      .def("close", [](pycomm::PooledBackend& b) { b.close(); },
            py::call_guard<py::gil_scoped_release>())
       .def("abort", &pycomm::PooledBackend::abort,
            py::call_guard<py::gil_scoped_release>());
@@ -295,7 +299,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("base_group_name"), py::arg("role"),
            py::call_guard<py::gil_scoped_release>())
       .def("entries", &pycomm::CommPool::entries)
-      .def("destroy", &pycomm::CommPool::destroy,
+      .def("destroy", [](pycomm::CommPool& pool) { pool.destroy(); },
            py::call_guard<py::gil_scoped_release>())
       .def("abort", &pycomm::CommPool::abort,
            py::call_guard<py::gil_scoped_release>())

@@ -1,6 +1,7 @@
 #include "comm_pool.h"
 
 #include <algorithm>
+#include <exception>
 
 #include "errors.h"
 
@@ -25,7 +26,11 @@ void CommPool::checkRole(const std::string& role) {
 }
 
 CommPool::~CommPool() {
-  destroy();
+  try {
+    destroy(/*waitForDevice=*/false);
+  } catch (const std::exception&) {
+    // destroy() closed every backend before rethrowing; nothing is left.
+  }
 }
 
 void CommPool::throwIfClosed() const {
@@ -95,7 +100,7 @@ std::vector<c10::intrusive_ptr<PooledBackend>> CommPool::takeAll() {
   return all;
 }
 
-void CommPool::destroy() {
+void CommPool::destroy(bool waitForDevice) {
   std::vector<c10::intrusive_ptr<PooledBackend>> all;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -104,8 +109,19 @@ void CommPool::destroy() {
     }
     all = takeAll();
   }
+  // Every backend is closed even if one fails; the first error is reported.
+  std::exception_ptr first;
   for (auto& backend : all) {
-    backend->close();
+    try {
+      backend->close(waitForDevice);
+    } catch (...) {
+      if (!first) {
+        first = std::current_exception();
+      }
+    }
+  }
+  if (first) {
+    std::rethrow_exception(first);
   }
 }
 

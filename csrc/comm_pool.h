@@ -39,8 +39,9 @@ class CommPool {
   std::vector<c10::intrusive_ptr<PooledBackend>> entries() const;
 
   // Closes every entry (queued ops finish first) and refuses new ones.
-  // Idempotent.
-  void destroy();
+  // Idempotent. Without waitForDevice, device lanes finish on their own
+  // threads (the destructor's way: see DeviceLane::release()).
+  void destroy(bool waitForDevice = true);
   // Fails every unfinished op and refuses new entries, without waiting for
   // peers. Idempotent; destroy() after abort() only forgets the entries.
   void abort();

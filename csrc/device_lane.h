@@ -34,8 +34,12 @@ class DeviceLane {
   // Ops issued and not yet observed finished.
   virtual size_t pending() const = 0;
   // Lets issued ops finish (bounded by the timeout), then frees the
-  // communicator. Idempotent.
+  // communicator; waits for both. Idempotent.
   virtual void close() = 0;
+  // close() without waiting: the lane finishes and frees on its own thread.
+  // For destructors, which must not block (they may run holding Python's
+  // GIL, which an op's completion callback may need).
+  virtual void release() = 0;
   // Aborts the communicator without waiting for peers; unfinished ops fail.
   // Idempotent.
   virtual void abort() = 0;

@@ -44,12 +44,7 @@ PooledBackend::PooledBackend(
       context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)) {}
 
 PooledBackend::~PooledBackend() {
-  try {
-    close();
-  } catch (const std::exception&) {
-    // Only the device lane's final flush can fail; it has aborted its
-    // communicator then, so nothing is left to free.
-  }
+  close(/*waitForDevice=*/false);
 }
 
 bool PooledBackend::isOpen() const {
@@ -279,10 +274,10 @@ void PooledBackend::abort() {
 }
 
 void PooledBackend::shutdown() {
-  close();
+  close(/*waitForDevice=*/true);
 }
 
-void PooledBackend::close() {
+void PooledBackend::close(bool waitForDevice) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (state_ == State::Open) {
@@ -296,7 +291,11 @@ void PooledBackend::close() {
   }
   context_->transport.release(); // idle now: gloo joins its workers here
   if (auto lane = deviceLane()) {
-    lane->close(); // after abort() this only joins its watchdog
+    if (waitForDevice) {
+      lane->close(); // after abort() this only joins its watchdog
+    } else {
+      lane->release();
+    }
   }
 }
 

@@ -1,11 +1,11 @@
 """The NCCL lane of a pooled group (CUDA build): which device it serves, how its
 communicator is made, and the ncclConfig_t a RoleConfig turns into.
 
-A communicator is split (ncclCommSplit, splitShare=0) from the base group's own
-NCCL communicator when torch already has one bound to this device and both
-use the same libnccl; otherwise it is created with ncclCommInitRankConfig from
-a unique id that the group's first rank publishes in the store. The group's
-first rank decides which, so every member does the same.
+A communicator is split (ncclCommSplit) from the base group's own NCCL
+communicator when every member can: torch has one bound to the device, both
+use the same libnccl, and its children would not share its resources.
+Otherwise every member creates it with ncclCommInitRankConfig from one unique
+id published in the store by the last member to arrive.
 """
 
 from __future__ import annotations
@@ -34,16 +34,39 @@ _SPLIT = b"split"
 _INIT = b"init:"
 
 
-def resolve_device(choice: DeviceChoice) -> int | None:
-    """The CUDA device index pooled groups get an NCCL lane on, or None for
-    no NCCL lane. 'auto': the current device when this build has the NCCL
-    transport and CUDA is available, else None."""
+def _bound_nccl_device(group: dist.ProcessGroup | None) -> int | None:
+    """The device of `group`'s torch NCCL backend: its bound device, else the
+    current one; None when the group has no NCCL backend."""
+    if group is None or not torch.cuda.is_available():
+        return None
+    try:
+        backend = group._get_backend(torch.device("cuda"))
+    except RuntimeError:
+        return None
+    nccl_class = getattr(dist, "ProcessGroupNCCL", None)
+    if nccl_class is None or not isinstance(backend, nccl_class):
+        return None
+    bound = getattr(backend, "bound_device_id", None)
+    return bound.index if bound is not None and bound.index is not None else torch.cuda.current_device()
+
+
+def check_device_choice(choice: DeviceChoice) -> None:
+    """Raises ConfigError now for a choice resolve_device() would refuse."""
+    if not (isinstance(choice, str) and choice == "auto"):
+        resolve_device(choice, None)
+
+
+def resolve_device(choice: DeviceChoice, base_group: dist.ProcessGroup | None) -> int | None:
+    """The CUDA device index a pooled duplicate of `base_group` gets an NCCL
+    lane on, or None for none (CPU tensors only).
+
+    'auto': the device of the base group's own NCCL backend when it has one
+    (so a gloo-only world on a GPU machine makes no NCCL communicators);
+    an index or CUDA device: that device, always; None: no NCCL lane."""
     if choice is None:
         return None
     if isinstance(choice, str) and choice == "auto":
-        if _C.cuda_built and torch.cuda.is_available():
-            return torch.cuda.current_device()
-        return None
+        return _bound_nccl_device(base_group) if _C.cuda_built else None
     try:
         device = torch.device("cuda", choice) if isinstance(choice, int) else torch.device(choice)
     except (RuntimeError, TypeError) as e:
@@ -82,11 +105,9 @@ def _libnccl_paths() -> set[str]:
     maps = Path("/proc/self/maps")
     if not maps.exists():
         return set()
-    return {
-        line.split()[-1]
-        for line in maps.read_text().splitlines()
-        if "libnccl" in line and line.split()[-1].startswith("/")
-    }
+    paths = {line.split()[-1] for line in maps.read_text().splitlines() if "/" in line}
+    # Only NCCL itself: its network plugins (libnccl-net*.so) may be loaded too.
+    return {p for p in paths if os.path.basename(p).startswith("libnccl.so")}
 
 
 def _version_code(version: tuple[int, ...]) -> int:
@@ -94,11 +115,26 @@ def _version_code(version: tuple[int, ...]) -> int:
     return major * 10000 + minor * 100 + patch
 
 
+def _shares_resources(backend: Any) -> bool:
+    """Whether children split from torch's communicator would share its
+    resources: NCCL takes splitShare from the parent, and shared children
+    share its stream (the lanes would serialize) and its abort."""
+    undefined = -(2**31)
+    try:
+        split_share = backend.options.config.split_share
+    except AttributeError:
+        split_share = undefined
+    if split_share != undefined:
+        return split_share == 1
+    return os.environ.get("NCCL_COMM_SPLIT_SHARE_RESOURCES", "0") == "1"
+
+
 def parent_comm(base_group: dist.ProcessGroup | None, device: int) -> int:
     """The address of the base group's ncclComm_t on `device`, or 0 when there
     is none this process can safely split: the split needs torch's NCCL
-    backend bound to this device (so its communicator exists on every member)
-    and one libnccl shared by torch and pycomm."""
+    backend bound to this device (so its communicator exists on every
+    member), one libnccl shared by torch and pycomm, and a parent whose
+    children do not share its resources."""
     if base_group is None or os.environ.get(SPLIT_ENV, "1") == "0":
         return 0
     try:
@@ -115,29 +151,31 @@ def parent_comm(base_group: dist.ProcessGroup | None, device: int) -> int:
         return 0
     if _version_code(torch.cuda.nccl.version()) != _C.nccl_loaded_version():
         return 0
-    if len(_libnccl_paths()) != 1:
+    if len(_libnccl_paths()) != 1 or _shares_resources(backend):
         return 0
     with torch.cuda.device(device):
         return int(backend._comm_ptr())
 
 
 def _agree_on_plan(
-    store: dist.Store, group_rank: int, parent: int, timeout_seconds: float, label: str
+    store: dist.Store, group_size: int, parent: int, timeout_seconds: float, label: str
 ) -> bytes:
-    """The first rank's choice, split or a fresh unique id, for every member."""
-    key = "plan"
-    if group_rank == 0:
-        plan = _SPLIT if parent else _INIT + _C.nccl_unique_id()
-        store.set(key, plan)
-        return plan
+    """Split only if every member can; else one fresh unique id for all. Each
+    member adds whether it can split, then counts itself in; the last to
+    arrive decides for everyone (so a member that cannot split never leaves
+    the others waiting inside ncclCommSplit)."""
+    store.add("can_split", 1 if parent else 0)
+    if store.add("arrived", 1) == group_size:
+        all_can = store.add("can_split", 0) == group_size
+        store.set("plan", _SPLIT if all_can else _INIT + _C.nccl_unique_id())
     try:
-        store.wait([key], datetime.timedelta(seconds=timeout_seconds))
+        store.wait(["plan"], datetime.timedelta(seconds=timeout_seconds))
     except (RuntimeError, dist.DistError) as e:
         raise RendezvousTimeoutError(
-            f"{label}: the group's first rank published no NCCL communicator plan "
+            f"{label}: not every member reached the NCCL communicator plan "
             f"within {timeout_seconds:g} s"
         ) from e
-    return store.get(key)
+    return store.get("plan")
 
 
 def create_lane(
@@ -160,17 +198,9 @@ def create_lane(
             "%s: ncclConfig_t.%s needs NCCL %s; the NCCL in use ignores it", label, field, needs
         )
     parent = parent_comm(base_group, device)
-    decision = _agree_on_plan(store, group_rank, parent, config.timeout_seconds, label)
+    decision = _agree_on_plan(store, group_size, parent, config.timeout_seconds, label)
     unique_id = b""
-    if decision == _SPLIT:
-        if not parent:
-            raise ConfigError(
-                f"{label}: the group's first rank splits the base group's NCCL "
-                f"communicator, but rank {group_rank} has none it can split; bind "
-                f"every rank's default group to its device (init_process_group("
-                f"device_id=...)) or set {SPLIT_ENV}=0 on every rank"
-            )
-    else:
+    if decision != _SPLIT:
         unique_id = decision[len(_INIT):]
         parent = 0
     lane = _C.NcclLane(

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from pycomm import _C
 from pycomm.config import RoleConfig
 from pycomm.errors import NotAMemberError, NotInitializedError
-from pycomm.nccl import DeviceChoice, resolve_device
+from pycomm.nccl import DeviceChoice, check_device_choice, resolve_device
 from pycomm.registration import (
     BACKEND_NAME,
     CpuCommFactory,
@@ -66,15 +66,15 @@ class CommPool:
         PYCOMM_DEBUG=order); `cpu_comm_factory` makes each pooled group's CPU
         communicator (default: a gloo communicator of its own; simulated
         worlds pass torch's fake backend); `device` is the CUDA device whose
-        tensors get an NCCL lane per pooled group ('auto': the current device
-        when this build has NCCL and CUDA is available; None: CPU tensors
-        only)."""
+        tensors get an NCCL lane per pooled group ('auto': the device of the
+        base group's own NCCL backend, if it has one; an index or device:
+        always that one; None: CPU tensors only)."""
         self._core = _C.CommPool()
         self._default_config = default_config or RoleConfig()
         self._check_order = debug_checks_order() if check_order is None else check_order
         self._cpu_comm_factory = cpu_comm_factory
         self._device = device
-        resolve_device(device)  # a bad choice fails here, not at first use
+        check_device_choice(device)  # a bad choice fails here, not at first use
         self._groups: dict[tuple[str, str], dist.ProcessGroup] = {}
         self._configs: dict[tuple[str, str], RoleConfig] = {}
         self._lock = threading.RLock()
@@ -142,7 +142,7 @@ class CommPool:
                 check_order=self._check_order,
                 cpu_comm_factory=self._cpu_comm_factory,
                 base_group=group,
-                device=resolve_device(self._device),
+                device=resolve_device(self._device, group),
             )
             pooled = dist.new_group(
                 ranks,
@@ -242,8 +242,10 @@ class CommPool:
         """Releases every pooled communicator, lane thread and connection.
         Ops already queued finish first (each bounded by its timeout); new ops
         raise PoolClosedError. Idempotent."""
-        self._core.destroy()
-        self._release_groups()
+        try:
+            self._core.destroy()
+        finally:
+            self._release_groups()  # also when a communicator could not be flushed
 
     def abort(self) -> None:
         """Fails every unfinished op with PoolClosedError and releases the pool

@@ -115,7 +115,11 @@ def _create_backend(
                 label=spec.label(),
                 comm_name=f"pycomm_{request.role}_of_{request.base_group_name}",
             )
-            backend.attach_device_lane(lane)
+            try:
+                backend.attach_device_lane(lane)
+            except BaseException:
+                lane.abort()
+                raise
         except BaseException:
             backend.abort()  # frees the gloo communicator made above
             raise

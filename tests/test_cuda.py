@@ -85,7 +85,7 @@ def test_coalesced_all_gather(pool: pycomm.CommPool, world: torch.device) -> Non
     ag = pool.duplicate(role="ag")
     inputs = [torch.full((n,), float(n), device=world) for n in (3, 1024, 77)]
     outputs = [torch.empty_like(t) for t in inputs]
-    with dist._coalescing_manager(group=ag, device=world, async_ops=True) as manager:
+    with dist._coalescing_manager(group=ag, async_ops=True) as manager:
         for out, inp in zip(outputs, inputs):
             dist.all_gather_into_tensor(out, inp, group=ag)
     manager.wait()
@@ -95,11 +95,12 @@ def test_coalesced_all_gather(pool: pycomm.CommPool, world: torch.device) -> Non
 
 def test_lane_waits_for_work_queued_on_the_caller_stream(pool: pycomm.CommPool, world: torch.device) -> None:
     """The lane orders itself after the caller's stream on the device: a
-    tensor written by a kernel queued just before the op is sent complete."""
+    tensor written by a kernel queued behind a long one is sent complete."""
     ag = pool.duplicate(role="ag")
-    x = torch.zeros(64 << 20, device=world)  # 256 MiB: the fill takes a while
+    x = torch.zeros(1 << 20, device=world)
     out = torch.empty_like(x)
     for value in (1.0, 2.0, 3.0):
+        torch.cuda._sleep(20_000_000)  # keeps the caller's stream busy for milliseconds
         x.fill_(value)
         dist.all_gather_into_tensor(out, x, group=ag, async_op=True).wait()
         assert out.min().item() == out.max().item() == value
@@ -123,20 +124,26 @@ def test_fresh_communicator_when_splitting_is_off(world: torch.device, monkeypat
 
 
 def test_lane_streams_have_the_configured_priorities(pool: pycomm.CommPool, world: torch.device) -> None:
-    least, greatest = torch.cuda.Stream.priority_range()
-    assert _C.stream_priority_range(world.index) == (least, greatest)
+    least, greatest = _C.stream_priority_range(world.index)
+    torch_least, torch_greatest = torch.cuda.Stream.priority_range()  # torch clamps its own
+    assert greatest <= torch_greatest <= torch_least <= least
     pool.duplicate(role="ag")
     pool.duplicate(role="rs")
     assert _nccl_row(pool, "ag")["stream_priority"] == greatest
     assert _nccl_row(pool, "rs")["stream_priority"] == least
 
     other = dist.new_group([0], backend="gloo")
-    with pycomm.CommPool() as tuned:
+    with pycomm.CommPool() as automatic:  # a gloo-only base group: no NCCL lane
+        automatic.duplicate(other, "ag")
+        assert "nccl" not in automatic.stats()[0]
+    with pycomm.CommPool(device=world) as tuned:  # named device: a fresh communicator
         tuned.duplicate(other, "ag", RoleConfig(stream_priority=least))
         tuned.duplicate(other, "rs", RoleConfig(stream_priority=greatest))
-        assert _nccl_row(tuned, "ag")["stream_priority"] == least
+        assert _nccl_row(tuned, "ag") == {
+            "device": world.index, "stream_priority": least, "created_by_split": False, "pending": 0,
+        }
         assert _nccl_row(tuned, "rs")["stream_priority"] == greatest
-    with pycomm.CommPool() as wrong:
+    with pycomm.CommPool(device=world) as wrong:
         with pytest.raises(ConfigError, match="outside this device's range"):
             wrong.duplicate(other, "ag", RoleConfig(stream_priority=least + 5))
     dist.destroy_process_group(other)

@@ -16,7 +16,8 @@ import torch
 
 import pycomm
 from pycomm import ConfigError, RoleConfig, _C
-from pycomm.nccl import nccl_settings, resolve_device
+from pycomm.launch import run_world
+from pycomm.nccl import _agree_on_plan, _libnccl_paths, nccl_settings, resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -91,17 +92,63 @@ def test_unset_fields_and_cta_policy_values() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without a GPU")
 def test_device_choice_without_a_gpu() -> None:
-    assert resolve_device("auto") is None
-    assert resolve_device(None) is None
+    assert resolve_device("auto", None) is None
+    assert resolve_device(None, None) is None
     expected = "CUDA is not available" if _C.cuda_built else "built without the NCCL transport"
     with pytest.raises(ConfigError, match=expected):
-        resolve_device(0)
+        resolve_device(0, None)
     with pytest.raises(ConfigError, match=expected):
         pycomm.CommPool(device="cuda:0")
     with pytest.raises(ConfigError, match="must be a CUDA device"):
-        resolve_device("cpu")
+        resolve_device("cpu", None)
     with pytest.raises(ConfigError, match="must be 'auto', None, an index or a CUDA device"):
-        resolve_device("gpu-zero")
+        pycomm.CommPool(device="gpu-zero")
+
+
+def _auto_device_of_gloo_world(rank: int, world_size: int) -> int | None:
+    import torch.distributed as dist
+
+    return resolve_device("auto", dist.group.WORLD)
+
+
+def test_auto_gives_gloo_only_groups_no_nccl_lane() -> None:
+    """Also on a GPU machine: a base group without torch's NCCL backend makes
+    no NCCL communicators unless a device is named."""
+    assert run_world(_auto_device_of_gloo_world, 2) == [None, None]
+
+
+def _members_agree(can_split: list[bool]) -> list[bytes]:
+    import threading
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    plans: list[bytes] = [b""] * len(can_split)
+
+    def member(i: int) -> None:
+        plans[i] = _agree_on_plan(store, len(can_split), 0xBEEF if can_split[i] else 0, 30.0, "test")
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(len(can_split))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return plans
+
+
+@needs_cuda_build
+def test_members_split_only_if_every_member_can() -> None:
+    assert _members_agree([True, True, True]) == [b"split"] * 3
+    plans = _members_agree([True, False, True])
+    assert len(set(plans)) == 1, "every member must get the same plan"
+    assert plans[0].startswith(b"init:") and len(plans[0]) == len(b"init:") + 128
+
+
+@needs_cuda_build
+def test_only_nccl_itself_counts_as_a_loaded_libnccl() -> None:
+    paths = _libnccl_paths()
+    assert len(paths) == 1, paths  # torch and pycomm share the wheel's libnccl.so.2
+    assert Path(next(iter(paths))).name == "libnccl.so.2"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")

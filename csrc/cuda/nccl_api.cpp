@@ -12,8 +12,12 @@ int builtVersion() {
 }
 
 int loadedVersion() {
-  int version = 0;
-  check(ncclGetVersion(&version), "ncclGetVersion", nullptr);
+  // The library cannot change while the process runs.
+  static const int version = [] {
+    int v = 0;
+    check(ncclGetVersion(&v), "ncclGetVersion", nullptr);
+    return v;
+  }();
   return version;
 }
 
@@ -55,8 +59,10 @@ ncclConfig_t makeConfig(const NcclSettings& settings) {
   // thread stuck inside NCCL.
   config.blocking = 0;
 #if NCCL_VERSION_CODE >= 21800
-  // Children sharing the parent's resources share its stream too, and the AG
-  // and RS duplicates would serialize again.
+  // Children sharing resources share a stream, and the AG and RS duplicates
+  // would serialize again. NCCL reads splitShare from the parent when
+  // splitting, so pycomm/nccl.py refuses parents that share; this value
+  // matters for communicators split from ours.
   config.splitShare = 0;
 #endif
   const auto plan = planNcclFields(settings, usableVersion());
@@ -117,9 +123,14 @@ ncclDataType_t dataType(at::ScalarType type, const std::string& context) {
       return ncclInt64;
 #if NCCL_VERSION_CODE >= 22400
     case at::kFloat8_e4m3fn:
-      return ncclFloat8e4m3;
     case at::kFloat8_e5m2:
-      return ncclFloat8e5m2;
+      // The header may know FP8 while the library loaded is older.
+      if (loadedVersion() < 22400) {
+        throw UnsupportedOpError(
+            context + ": " + c10::toString(type) + " needs NCCL 2.24, loaded " +
+            ncclVersionText(loadedVersion()));
+      }
+      return type == at::kFloat8_e4m3fn ? ncclFloat8e4m3 : ncclFloat8e5m2;
 #endif
     default:
       throw UnsupportedOpError(

@@ -16,16 +16,15 @@ std::atomic<int64_t> liveComms{0};
 // thread from spinning a core while NCCL connects.
 constexpr auto kPollInterval = std::chrono::microseconds(200);
 
-// Waits for a communicator made by `create` to finish connecting; frees it
-// with abort if that fails or takes longer than the timeout.
-ncclComm_t settleNew(
-    const NcclCommSpec& spec,
-    const std::string& what,
-    ncclComm_t comm) {
-  const auto deadline = std::chrono::steady_clock::now() + spec.timeout;
+} // namespace
+
+NcclComm::NcclComm(NcclCommSpec spec) : spec_(std::move(spec)) {}
+
+void NcclComm::adopt(ncclComm_t comm, const std::string& what) {
+  const auto deadline = std::chrono::steady_clock::now() + spec_.timeout;
   ncclResult_t state = ncclInProgress;
   while (true) {
-    ncclResult_t result = nccl::getAsyncError(comm, &state);
+    const ncclResult_t result = nccl::getAsyncError(comm, &state);
     if (result != ncclSuccess) {
       state = result;
     }
@@ -33,80 +32,82 @@ ncclComm_t settleNew(
       break;
     }
     if (std::chrono::steady_clock::now() > deadline) {
-      (void)nccl::commAbort(comm);
+      (void)nccl::commAbort(comm); // freeing it is all that is left to do
       throw CollectiveTimeoutError(
-          spec.label + ": " + what + " did not complete within " +
-          std::to_string(spec.timeout.count()) +
+          spec_.label + ": " + what + " did not complete within " +
+          std::to_string(spec_.timeout.count()) +
           " ms; every member must duplicate the group with the same role");
     }
     std::this_thread::sleep_for(kPollInterval);
   }
   if (state != ncclSuccess) {
-    std::string message = spec.label + ": " + what + " failed: " +
+    const std::string message = spec_.label + ": " + what + " failed: " +
         nccl::errorText(state) + " (NCCL: " + nccl::lastError(comm) + ")";
     (void)nccl::commAbort(comm);
     throw CollectiveError(message);
   }
-  return comm;
-}
-} // namespace
-
-NcclComm::NcclComm(NcclCommSpec spec, ncclComm_t comm)
-    : spec_(std::move(spec)), comm_(comm) {
+  comm_ = comm;
   liveComms.fetch_add(1);
 }
 
 std::unique_ptr<NcclComm> NcclComm::initRank(
-    const NcclCommSpec& spec,
+    NcclCommSpec spec,
     const std::string& uniqueId) {
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec.device));
-  ncclConfig_t config = nccl::makeConfig(spec.settings);
+  std::unique_ptr<NcclComm> self(new NcclComm(std::move(spec)));
+  const NcclCommSpec& s = self->spec_;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(s.device));
+  ncclConfig_t config = nccl::makeConfig(s.settings);
   ncclComm_t comm = nullptr;
   const std::string what = "ncclCommInitRankConfig (rank " +
-      std::to_string(spec.rank) + " of " + std::to_string(spec.size) + ")";
-  try {
-    nccl::check(
-        nccl::commInitRank(&comm, spec.size, uniqueId, spec.rank, &config),
-        spec.label + ": " + what,
-        comm);
-  } catch (...) {
-    if (comm != nullptr) {
-      (void)nccl::commAbort(comm);
-    }
-    throw;
+      std::to_string(s.rank) + " of " + std::to_string(s.size) + ")";
+  const ncclResult_t result =
+      nccl::commInitRank(&comm, s.size, uniqueId, s.rank, &config);
+  if (result != ncclSuccess && result != ncclInProgress && comm != nullptr) {
+    (void)nccl::commAbort(comm); // the error below is what matters
   }
-  return std::unique_ptr<NcclComm>(
-      new NcclComm(spec, settleNew(spec, what, comm)));
+  nccl::check(result, s.label + ": " + what, comm);
+  self->adopt(comm, what);
+  return self;
 }
 
-std::unique_ptr<NcclComm> NcclComm::split(
-    const NcclCommSpec& spec,
-    ncclComm_t parent) {
+std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, ncclComm_t parent) {
+  std::unique_ptr<NcclComm> self(new NcclComm(std::move(spec)));
+  const NcclCommSpec& s = self->spec_;
   if (parent == nullptr) {
-    throw ConfigError(spec.label + ": no parent NCCL communicator to split");
+    throw ConfigError(s.label + ": no parent NCCL communicator to split");
   }
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec.device));
-  ncclConfig_t config = nccl::makeConfig(spec.settings);
-  ncclComm_t comm = nullptr;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(s.device));
+  ncclConfig_t config = nccl::makeConfig(s.settings);
   const std::string what = "ncclCommSplit of the base group's communicator";
-  try {
-    // One color for all members: the child has exactly the parent's ranks,
-    // in the same order (key = rank).
-    nccl::check(
-        nccl::commSplit(parent, /*color=*/0, /*key=*/spec.rank, &comm, &config),
-        spec.label + ": " + what,
-        parent);
-  } catch (...) {
-    if (comm != nullptr) {
-      (void)nccl::commAbort(comm);
+  // A nonblocking parent writes the child here only when the split is done,
+  // after this call returned: the slot must outlive the call.
+  auto slot = std::make_unique<ncclComm_t>(nullptr);
+  // One color for all members: the child has exactly the parent's ranks, in
+  // the same order (key = rank).
+  const ncclResult_t result =
+      nccl::commSplit(parent, /*color=*/0, /*key=*/s.rank, slot.get(), &config);
+  nccl::check(result, s.label + ": " + what, parent);
+  if (result == ncclInProgress) {
+    const auto deadline = std::chrono::steady_clock::now() + s.timeout;
+    ncclResult_t state = ncclInProgress;
+    while (state == ncclInProgress) {
+      nccl::check(nccl::getAsyncError(parent, &state), s.label + ": " + what, parent);
+      if (state == ncclInProgress && std::chrono::steady_clock::now() > deadline) {
+        // NCCL may still write the child into the slot: it is left to it.
+        (void)slot.release();
+        throw CollectiveTimeoutError(
+            s.label + ": " + what + " did not complete within " +
+            std::to_string(s.timeout.count()) + " ms");
+      }
+      std::this_thread::sleep_for(kPollInterval);
     }
-    throw;
+    nccl::check(state, s.label + ": " + what, parent);
   }
-  if (comm == nullptr) {
-    throw CollectiveError(spec.label + ": " + what + " returned no communicator");
+  if (*slot == nullptr) {
+    throw CollectiveError(s.label + ": " + what + " returned no communicator");
   }
-  return std::unique_ptr<NcclComm>(
-      new NcclComm(spec, settleNew(spec, what, comm)));
+  self->adopt(*slot, what);
+  return self;
 }
 
 NcclComm::~NcclComm() {

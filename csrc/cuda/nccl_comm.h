@@ -34,13 +34,15 @@ struct NcclCommSpec {
 class NcclComm {
  public:
   static std::unique_ptr<NcclComm> initRank(
-      const NcclCommSpec& spec,
+      NcclCommSpec spec,
       const std::string& uniqueId);
   // Every member of `parent` must split it in the same order; the child has
-  // the parent's ranks and resources of its own (splitShare=0).
-  static std::unique_ptr<NcclComm> split(
-      const NcclCommSpec& spec,
-      ncclComm_t parent);
+  // the parent's ranks. NCCL takes splitShare from the parent's config: the
+  // caller must not pass a parent created with splitShare=1. A blocking
+  // parent (torch's default) makes this call block until every member split,
+  // which the members-only rendezvous before it makes prompt; a nonblocking
+  // one is polled, bounded by the timeout.
+  static std::unique_ptr<NcclComm> split(NcclCommSpec spec, ncclComm_t parent);
   ~NcclComm();
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
@@ -73,7 +75,12 @@ class NcclComm {
   static int64_t liveCount();
 
  private:
-  NcclComm(NcclCommSpec spec, ncclComm_t comm);
+  // The spec lives as long as the communicator: NCCL keeps pointers into
+  // the config's strings (commName).
+  explicit NcclComm(NcclCommSpec spec);
+  // Waits for a new communicator to finish connecting and takes ownership;
+  // aborts it on failure or past the timeout.
+  void adopt(ncclComm_t comm, const std::string& what);
   // Polls until NCCL is done with the last call; lock held by the caller.
   void settleLocked(const std::string& what);
   void releaseLocked(bool abort);

@@ -14,8 +14,8 @@ namespace {
 // waits for it.
 constexpr auto kWatchInterval = std::chrono::microseconds(500);
 
-int64_t countOf(const at::Tensor& tensor) {
-  return tensor.numel();
+int64_t toUs(std::chrono::milliseconds ms) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(ms).count();
 }
 } // namespace
 
@@ -47,16 +47,19 @@ NcclLane::NcclLane(
       : NcclComm::initRank(spec.comm, uniqueId);
   c10::cuda::CUDAGuard guard(device_.index());
   stream_ = std::make_unique<CudaStream>(priority);
-  watchdog_ = std::thread([this] { watch(); });
 }
 
 NcclLane::~NcclLane() {
-  try {
-    close();
-  } catch (const std::exception&) {
-    // close() already aborted the communicator when it could not flush it;
-    // nothing is left to free.
+  // The watchdog holds a reference while it runs, so it has returned from
+  // watch() by now; it may be this very thread, ending.
+  if (watchdog_.joinable()) {
+    if (onWatchdogThread()) {
+      watchdog_.detach();
+    } else {
+      watchdog_.join();
+    }
   }
+  // comm_ aborts itself if nobody destroyed it.
 }
 
 c10::Device NcclLane::device() const {
@@ -81,16 +84,21 @@ uintptr_t NcclLane::streamHandle() const {
   return reinterpret_cast<uintptr_t>(stream_->get());
 }
 
+bool NcclLane::onWatchdogThread() const {
+  return std::this_thread::get_id() == watchdogId_.load();
+}
+
 void NcclLane::enqueueCollective(const Collective& op, const std::string& what) {
   const cudaStream_t stream = stream_->get();
-  const ncclDataType_t type = nccl::dataType(op.inputs.empty()
-                                                 ? at::kByte
-                                                 : op.inputs[0].scalar_type(),
-                                             what);
-  std::optional<ncclRedOp_t> reduce;
-  if (op.kind == CollectiveKind::ReduceScatter ||
-      op.kind == CollectiveKind::AllReduce) {
-    reduce = nccl::reduceOp(op.reduceOp, op.inputs[0].scalar_type(), what);
+  // Each tensor pair has its own type: a coalesced op may mix them.
+  std::vector<ncclDataType_t> types;
+  std::vector<ncclRedOp_t> reduces;
+  for (const auto& in : op.inputs) {
+    types.push_back(nccl::dataType(in.scalar_type(), what));
+    if (op.kind == CollectiveKind::ReduceScatter ||
+        op.kind == CollectiveKind::AllReduce) {
+      reduces.push_back(nccl::reduceOp(op.reduceOp, in.scalar_type(), what));
+    }
   }
   comm_->enqueue(what, [&](ncclComm_t comm) -> ncclResult_t {
     nccl::check(nccl::groupStart(), what + ": ncclGroupStart", comm);
@@ -100,20 +108,22 @@ void NcclLane::enqueueCollective(const Collective& op, const std::string& what) 
       switch (op.kind) {
         case CollectiveKind::AllGather:
           result = nccl::allGather(
-              in.data_ptr(), op.outputs[i].data_ptr(), countOf(in), type, comm, stream);
+              in.data_ptr(), op.outputs[i].data_ptr(), in.numel(), types[i],
+              comm, stream);
           break;
         case CollectiveKind::ReduceScatter:
           result = nccl::reduceScatter(
-              in.data_ptr(), op.outputs[i].data_ptr(),
-              countOf(op.outputs[i]), type, *reduce, comm, stream);
+              in.data_ptr(), op.outputs[i].data_ptr(), op.outputs[i].numel(),
+              types[i], reduces[i], comm, stream);
           break;
         case CollectiveKind::AllReduce:
           result = nccl::allReduce(
-              in.data_ptr(), in.data_ptr(), countOf(in), type, *reduce, comm, stream);
+              in.data_ptr(), in.data_ptr(), in.numel(), types[i], reduces[i],
+              comm, stream);
           break;
         case CollectiveKind::Broadcast:
           result = nccl::broadcast(
-              in.data_ptr(), in.data_ptr(), countOf(in), type,
+              in.data_ptr(), in.data_ptr(), in.numel(), types[i],
               static_cast<int>(op.root), comm, stream);
           break;
         case CollectiveKind::Barrier:
@@ -134,7 +144,7 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     const Collective& op,
     c10d::OpType type,
     std::string description) {
-  std::lock_guard<std::mutex> issueLock(issueMutex_);
+  std::unique_lock<std::mutex> issueLock(issueMutex_);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (state_ == State::Failed && failure_) {
@@ -145,7 +155,8 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     }
   }
   c10::cuda::CUDAGuard guard(device_.index());
-  const cudaStream_t caller = at::cuda::getCurrentCUDAStream(device_.index()).stream();
+  const cudaStream_t caller =
+      at::cuda::getCurrentCUDAStream(device_.index()).stream();
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   checkCuda(cudaStreamIsCapturing(caller, &capture), "cudaStreamIsCapturing");
   if (capture != cudaStreamCaptureStatusNone) {
@@ -153,12 +164,24 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
         description + ": pooled NCCL lanes cannot be captured into a CUDA "
         "graph; issue the op outside the capture or use the base group");
   }
-  CudaEvent ready; // freed at once; CUDA keeps it until the wait is done
-  ready.record(caller);
-  ready.block(stream_->get());
-  enqueueCollective(op, description);
-  auto end = std::make_shared<CudaEvent>();
-  end->record(stream_->get());
+  std::shared_ptr<CudaEvent> end;
+  try {
+    CudaEvent ready; // freed at once; CUDA keeps it until the wait is done
+    ready.record(caller);
+    ready.block(stream_->get());
+    enqueueCollective(op, description);
+    end = std::make_shared<CudaEvent>();
+    end->record(stream_->get());
+  } catch (const UnsupportedOpError&) {
+    throw; // a type or reduce op NCCL lacks: nothing was issued
+  } catch (...) {
+    // NCCL may have taken part of the op, or may still: the communicator
+    // can no longer be trusted with the next one.
+    auto error = std::current_exception();
+    issueLock.unlock();
+    fail(error, State::Failed);
+    std::rethrow_exception(error);
+  }
 
   std::vector<at::Tensor> tensors = op.inputs;
   tensors.insert(tensors.end(), op.outputs.begin(), op.outputs.end());
@@ -175,91 +198,117 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     std::lock_guard<std::mutex> lock(mutex_);
     inFlight_.push_back(InFlight{
         work, std::move(tensors), op.kind, op.bytes(), LaneStats::nowUs()});
+    if (!watchdog_.joinable()) {
+      watchdog_ = std::thread([self = shared_from_this()] { self->watch(); });
+      watchdogId_.store(watchdog_.get_id());
+    }
   }
   changed_.notify_all();
   return work;
 }
 
 void NcclLane::watch() {
-  // Each op's timeout counts from when it could start: its issue, or the end
-  // of the op before it, whichever is later.
+  try {
+    // Event queries need this device's context (not device 0's), and must
+    // not be refused while another thread captures a CUDA graph.
+    checkCuda(cudaSetDevice(device_.index()), "cudaSetDevice");
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    checkCuda(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
+  } catch (...) {
+    fail(std::current_exception(), State::Failed);
+    return;
+  }
   int64_t previousEndUs = 0;
   std::unique_lock<std::mutex> lock(mutex_);
-  while (true) {
-    changed_.wait(lock, [&] {
-      return !inFlight_.empty() || state_ == State::Closed || state_ == State::Failed;
-    });
-    if (inFlight_.empty()) {
-      return; // closed or failed, and nothing left to finish
-    }
-    auto work = inFlight_.front().work;
-    const int64_t issuedUs = inFlight_.front().issuedUs;
-    lock.unlock();
-
-    std::exception_ptr error;
-    bool passed = false;
+  while (watchOnce(lock, previousEndUs)) {
+  }
+  const bool freeComm = state_ == State::Closing && freeWhenDrained_;
+  if (freeComm) {
+    state_ = State::Closed;
+  }
+  lock.unlock();
+  changed_.notify_all();
+  if (freeComm) {
     try {
-      passed = work->endPassed();
-    } catch (...) {
-      error = std::current_exception();
+      comm_->destroy();
+    } catch (const PycommError&) {
+      // release() has no caller to report to; destroy() aborted instead.
     }
-    if (!passed && !error) {
-      const ncclResult_t async = comm_->asyncError();
-      if (async != ncclSuccess && async != ncclInProgress) {
-        error = std::make_exception_ptr(CollectiveError(
-            work->description() + " failed in NCCL: " + nccl::errorText(async) +
-            " (NCCL: " + comm_->lastError() + ")"));
-      }
-    }
-    const int64_t now = LaneStats::nowUs();
-    lock.lock();
-    if (inFlight_.empty() || inFlight_.front().work != work) {
-      continue; // fail() took it meanwhile
-    }
-    if (passed) {
-      InFlight done = std::move(inFlight_.front());
-      inFlight_.pop_front();
-      auto stats = stats_;
-      lock.unlock();
-      changed_.notify_all(); // close() may be waiting for the lane to drain
-      if (stats) {
-        stats->record(OpRecord{
-            done.kind, done.bytes, std::max(done.issuedUs, previousEndUs), now, true});
-      }
-      previousEndUs = now;
-      work->complete(nullptr);
-      done.tensors.clear();
-      lock.lock();
-      continue;
-    }
-    const int64_t startedUs = std::max(issuedUs, previousEndUs);
-    if (!error &&
-        now - startedUs > std::chrono::duration_cast<std::chrono::microseconds>(
-                              spec_.comm.timeout)
-                              .count()) {
-      error = std::make_exception_ptr(CollectiveTimeoutError(
-          work->description() + " did not finish within its timeout of " +
-          std::to_string(spec_.comm.timeout.count()) +
-          " ms; a peer may be gone or may not have issued the same op. The "
-          "communicator was aborted"));
-    }
-    if (error) {
-      lock.unlock();
-      fail(error, State::Failed);
-      lock.lock();
-      continue;
-    }
-    changed_.wait_for(lock, kWatchInterval);
   }
 }
 
+bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEndUs) {
+  changed_.wait(lock, [&] { return !inFlight_.empty() || state_ != State::Open; });
+  if (inFlight_.empty()) {
+    return false; // no longer open, and nothing left to finish
+  }
+  auto work = inFlight_.front().work;
+  const int64_t issuedUs = inFlight_.front().issuedUs;
+  lock.unlock();
+
+  std::exception_ptr error;
+  bool passed = false;
+  try {
+    passed = work->endPassed();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  if (!passed && !error) {
+    const ncclResult_t async = comm_->asyncError();
+    if (async != ncclSuccess && async != ncclInProgress) {
+      error = std::make_exception_ptr(CollectiveError(
+          work->description() + " failed in NCCL: " + nccl::errorText(async) +
+          " (NCCL: " + comm_->lastError() + ")"));
+    }
+  }
+  const int64_t now = LaneStats::nowUs();
+  // Each op's timeout counts from when it could start: its issue, or the end
+  // of the op before it, whichever is later.
+  const int64_t startedUs = std::max(issuedUs, previousEndUs);
+  if (!passed && !error && now - startedUs > toUs(spec_.comm.timeout)) {
+    error = std::make_exception_ptr(CollectiveTimeoutError(
+        work->description() + " did not finish within its timeout of " +
+        std::to_string(spec_.comm.timeout.count()) +
+        " ms; a peer may be gone or may not have issued the same op. The "
+        "communicator was aborted"));
+  }
+  if (error) {
+    fail(error, State::Failed);
+    lock.lock();
+    return true;
+  }
+  lock.lock();
+  if (!passed) {
+    changed_.wait_for(lock, kWatchInterval);
+    return true;
+  }
+  if (inFlight_.empty() || inFlight_.front().work != work) {
+    return true; // fail() took it meanwhile
+  }
+  InFlight done = std::move(inFlight_.front());
+  inFlight_.pop_front();
+  auto stats = stats_;
+  lock.unlock();
+  changed_.notify_all(); // close() may be waiting for the lane to drain
+  if (stats) {
+    stats->record(OpRecord{done.kind, done.bytes, startedUs, now, true});
+  }
+  previousEndUs = now;
+  work->complete(nullptr); // may run callbacks; no lock held
+  done.tensors.clear();
+  lock.lock();
+  return true;
+}
+
 void NcclLane::fail(std::exception_ptr error, State next) {
-  // Aborting first makes NCCL's kernels return, so held tensors are safe to
-  // release afterwards.
+  // Aborting first makes NCCL's kernels return and ends any poll inside an
+  // issue(), so held tensors are safe to release afterwards and issueMutex_
+  // is free soon.
   comm_->abort();
   std::deque<InFlight> unfinished;
   std::shared_ptr<LaneStats> stats;
   {
+    std::lock_guard<std::mutex> issueLock(issueMutex_);
     std::lock_guard<std::mutex> lock(mutex_);
     if (state_ == State::Open || state_ == State::Closing) {
       state_ = next;
@@ -280,23 +329,53 @@ void NcclLane::fail(std::exception_ptr error, State next) {
   }
 }
 
+bool NcclLane::stopTakingOps(bool freeWhenDrained) {
+  std::lock_guard<std::mutex> issueLock(issueMutex_); // no issue half done
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (state_ == State::Open) {
+    state_ = State::Closing;
+    freeWhenDrained_ = freeWhenDrained;
+  }
+  return watchdog_.joinable();
+}
+
 void NcclLane::close() {
+  if (onWatchdogThread()) {
+    // From a completion callback: waiting for the drain would wait for this
+    // very thread, so what is left is failed instead.
+    fail(
+        std::make_exception_ptr(PoolClosedError(
+            spec_.comm.label + ": the lane was closed from a completion "
+            "callback before this op finished")),
+        State::Closed);
+    return;
+  }
+  stopTakingOps(/*freeWhenDrained=*/false);
+  changed_.notify_all();
   {
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (state_ == State::Open) {
-      state_ = State::Closing;
-    }
     // The watchdog finishes or fails every op, each bounded by its timeout.
+    std::unique_lock<std::mutex> lock(mutex_);
     changed_.wait(lock, [&] { return inFlight_.empty(); });
     if (state_ == State::Closing) {
       state_ = State::Closed;
     }
   }
   changed_.notify_all();
-  if (watchdog_.joinable() && watchdog_.get_id() != std::this_thread::get_id()) {
-    watchdog_.join();
+  joinWatchdog();
+  comm_->destroy(); // after an abort, a no-op
+}
+
+void NcclLane::release() {
+  const bool watched = stopTakingOps(/*freeWhenDrained=*/true);
+  changed_.notify_all();
+  if (!watched) {
+    // Nothing was ever issued: nothing to wait for.
+    try {
+      comm_->destroy();
+    } catch (const PycommError&) {
+      // destroy() aborted the communicator; no caller to report to.
+    }
   }
-  comm_->destroy();
 }
 
 void NcclLane::abort() {
@@ -304,7 +383,12 @@ void NcclLane::abort() {
       std::make_exception_ptr(PoolClosedError(
           spec_.comm.label + ": the op was failed by abort()")),
       State::Closed);
-  if (watchdog_.joinable() && watchdog_.get_id() != std::this_thread::get_id()) {
+  joinWatchdog();
+}
+
+void NcclLane::joinWatchdog() {
+  std::lock_guard<std::mutex> lock(joinMutex_);
+  if (watchdog_.joinable() && !onWatchdogThread()) {
     watchdog_.join();
   }
 }

@@ -15,17 +15,23 @@
 // caller drops cannot be freed, so its memory cannot be handed to another
 // stream while NCCL still reads or writes it.
 //
-// Errors: one watchdog thread per lane polls the end events and
-// ncclCommGetAsyncError. An NCCL error or an op past its timeout aborts the
-// communicator and fails every unfinished op with a named error; later ops
-// raise that error at once.
+// Errors: a watchdog thread (started with the first op) polls the end events
+// and ncclCommGetAsyncError. An NCCL error, a failed issue or an op past its
+// timeout aborts the communicator and fails every unfinished op with a named
+// error; later ops raise that error at once.
+//
+// Lifetime: a lane is always owned by a shared_ptr. The watchdog holds one
+// while it runs, so a completion callback that drops the last outside
+// reference cannot destroy the lane under the watchdog's feet.
 //
 // CUDA graphs: ops issued while the caller's stream is capturing raise
 // UnsupportedOpError (the watchdog and the held references are host-side and
 // cannot follow replays).
 //
-// Thread-safety: every public method may be called from any thread; issue()
-// calls are serialized in the order they take the lane's lock.
+// Thread-safety: every public method may be called from any thread. Lock
+// order: issueMutex_, then mutex_; the communicator's own lock is never taken
+// while mutex_ is held.
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <memory>
@@ -43,10 +49,11 @@ namespace pycomm {
 struct NcclLaneSpec {
   NcclCommSpec comm;
   std::string role; // "ag" or "rs": picks the default stream priority
-  std::optional<int> streamPriority; // unset: highest for "ag", default for "rs"
+  std::optional<int> streamPriority; // unset: highest for "ag", lowest for "rs"
 };
 
-class NcclLane : public DeviceLane {
+class NcclLane : public DeviceLane,
+                 public std::enable_shared_from_this<NcclLane> {
  public:
   // Creates the communicator (split from `parent` when it is not null,
   // otherwise from `uniqueId`) and the stream. Collective over the group.
@@ -64,6 +71,7 @@ class NcclLane : public DeviceLane {
   void bindStats(std::shared_ptr<LaneStats> stats) override;
   size_t pending() const override;
   void close() override;
+  void release() override;
   void abort() override;
 
   // The priority the stream has (CUDA may clamp what was asked).
@@ -86,25 +94,35 @@ class NcclLane : public DeviceLane {
   };
   enum class State { Open, Closing, Closed, Failed };
 
+  // Issues on the stream; any error here leaves the communicator unusable.
   void enqueueCollective(const Collective& op, const std::string& what);
   void watch();
+  // One look at the oldest op; false once the watchdog should stop.
+  bool watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEndUs);
   // Aborts the communicator and fails every unfinished op with `error`.
   void fail(std::exception_ptr error, State next);
+  // Stops taking ops; returns whether a watchdog was running.
+  bool stopTakingOps(bool freeWhenDrained);
+  bool onWatchdogThread() const;
+  void joinWatchdog();
 
   NcclLaneSpec spec_;
   c10::Device device_;
   bool createdBySplit_;
   std::unique_ptr<NcclComm> comm_;
   std::unique_ptr<CudaStream> stream_;
-  std::shared_ptr<LaneStats> stats_;
 
+  std::mutex issueMutex_; // one issue at a time, in order; state changes too
   mutable std::mutex mutex_; // guards everything below
   std::condition_variable changed_;
   State state_ = State::Open;
+  bool freeWhenDrained_ = false; // release(): the watchdog frees the comm
   std::exception_ptr failure_; // why the lane failed, for later ops
   std::deque<InFlight> inFlight_;
-  std::mutex issueMutex_; // keeps event, NCCL and stream order in one order
+  std::shared_ptr<LaneStats> stats_;
   std::thread watchdog_;
+  std::atomic<std::thread::id> watchdogId_{};
+  std::mutex joinMutex_;
 };
 
 } // namespace pycomm

@@ -51,14 +51,14 @@ void NcclWork::throwIfFailed() {
   }
 }
 
-void NcclWork::blockCurrentStream() const {
+void NcclWork::makeCurrentStreamWait() const {
   const auto current = c10::cuda::getCurrentCUDAStream(device_.index());
   end_->block(current.stream());
 }
 
 bool NcclWork::wait(std::chrono::milliseconds timeout) {
   throwIfFailed();
-  blockCurrentStream();
+  makeCurrentStreamWait();
   if (timeout != kNoTimeout) {
     std::unique_lock<std::mutex> lock(mutex_);
     if (!cv_.wait_for(lock, timeout, [&] { return completed_; })) {
@@ -75,7 +75,7 @@ bool NcclWork::wait(std::chrono::milliseconds timeout) {
 
 void NcclWork::synchronize() {
   throwIfFailed();
-  blockCurrentStream();
+  makeCurrentStreamWait();
 }
 
 std::vector<at::Tensor> NcclWork::result() {

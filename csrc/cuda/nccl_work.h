@@ -48,7 +48,7 @@ class NcclWork : public c10d::Work {
 
  private:
   void throwIfFailed();
-  void blockCurrentStream() const;
+  void makeCurrentStreamWait() const;
 
   std::vector<at::Tensor> outputs_;
   std::shared_ptr<CudaEvent> end_;
