@@ -73,52 +73,56 @@ class Measure:
 
 def _counting_store_class() -> type:
     import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
     class CountingStore(dist.Store):
-        """A FakeStore that counts what is asked of it."""
+        """An in-memory store for one simulated rank that counts what is asked
+        of it. The other ranks of the simulated world never run, so a wait
+        returns at once, as if they had all arrived (torch's FakeStore gives
+        these semantics only on some versions)."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.inner = FakeStore()
+            self.values: dict[str, bytes] = {}
             self.ops: collections.Counter[str] = collections.Counter()
             self.keys_waited = 0
 
         def set(self, key: str, value: Any) -> None:
             self.ops["set"] += 1
-            self.inner.set(key, value)
+            self.values[key] = value.encode() if isinstance(value, str) else bytes(value)
 
         def get(self, key: str) -> bytes:
             self.ops["get"] += 1
-            return self.inner.get(key)
+            return self.values.get(key, b"")
 
         def add(self, key: str, value: int) -> int:
             self.ops["add"] += 1
-            return self.inner.add(key, value)
+            total = int(self.values.get(key, b"0")) + value
+            self.values[key] = str(total).encode()
+            return total
 
         def compare_set(self, key: str, expected: Any, desired: Any) -> bytes:
             self.ops["compare_set"] += 1
-            return self.inner.compare_set(key, expected, desired)
+            current = self.values.get(key)
+            expected = expected.encode() if isinstance(expected, str) else bytes(expected)
+            if current is None and not expected or current == expected:
+                self.values[key] = desired.encode() if isinstance(desired, str) else bytes(desired)
+            return self.values.get(key, b"")
 
         def delete_key(self, key: str) -> bool:
             self.ops["delete_key"] += 1
-            return self.inner.delete_key(key)
+            return self.values.pop(key, None) is not None
 
         def num_keys(self) -> int:
             self.ops["num_keys"] += 1
-            return self.inner.num_keys()
+            return len(self.values)
 
         def check(self, keys: list[str]) -> bool:
             self.ops["check"] += 1
-            return self.inner.check(keys)
+            return True
 
         def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
             self.ops["wait"] += 1
             self.keys_waited += len(keys)
-            if timeout is None:
-                self.inner.wait(keys)
-            else:
-                self.inner.wait(keys, timeout)
 
     return CountingStore
 
@@ -135,15 +139,29 @@ def _measure(store: Any, call: Callable[[], Any], expected: list[int] | None) ->
     world = dist.distributed_c10d._world
     store.ops.clear()
     store.keys_waited = 0
-    calls, joined = dist.get_pg_count(), len(world.pg_map)
-    started = time.perf_counter()
-    dp_cp_ag, _ = call()
-    elapsed = time.perf_counter() - started
+    joined = len(world.pg_map)
+    # Every new_group call, counted at the function itself: torch's
+    # get_pg_count() skips use_local_synchronization groups on some versions.
+    calls = 0
+    original = dist.distributed_c10d.new_group
+
+    def counting_new_group(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    dist.new_group = dist.distributed_c10d.new_group = counting_new_group
+    try:
+        started = time.perf_counter()
+        dp_cp_ag, _ = call()
+        elapsed = time.perf_counter() - started
+    finally:
+        dist.new_group = dist.distributed_c10d.new_group = original
     ranks = None
     if dp_cp_ag is not None and dp_cp_ag is not dist.GroupMember.NON_GROUP_MEMBER:
         ranks = sorted(dist.get_process_group_ranks(dp_cp_ag))
     return Measure(
-        new_group_calls=dist.get_pg_count() - calls,
+        new_group_calls=calls,
         groups_joined=len(world.pg_map) - joined,
         store_ops=sum(store.ops.values()),
         store_ops_by_kind=dict(sorted(store.ops.items())),

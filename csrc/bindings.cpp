@@ -169,7 +169,7 @@ void bindCuda(py::module_& m) {
             spec.streamPriority = streamPriority;
             const std::string id = uniqueId;
             py::gil_scoped_release release; // collective: peers must progress
-            return std::make_shared<pycomm::NcclLane>(spec, id, parent);
+            return pycomm::NcclLane::create(spec, id, parent);
           }),
           py::arg("device"),
           py::arg("rank"),
@@ -189,7 +189,22 @@ void bindCuda(py::module_& m) {
           [](const pycomm::NcclLane& lane) { return lane.device().index(); })
       .def_static(
           "default_priority", &pycomm::NcclLane::defaultPriority,
-          py::arg("role"), py::arg("device"));
+          py::arg("role"), py::arg("device"))
+      .def_static(
+          "resolve_priority",
+          [](int device, const std::string& role, std::optional<int> priority,
+             const std::string& label) {
+            pycomm::NcclLaneSpec spec;
+            spec.comm.device = device;
+            spec.comm.label = label;
+            spec.role = role;
+            spec.streamPriority = priority;
+            return pycomm::NcclLane::resolvePriority(spec);
+          },
+          py::arg("device"), py::arg("role"), py::arg("stream_priority"),
+          py::arg("label"),
+          "The stream priority a lane of `role` gets; ConfigError when "
+          "`stream_priority` is outside the device's range");
 }
 #endif
 
@@ -204,6 +219,26 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
+  m.def(
+      "premul_sum_factor",
+      [](const c10d::ReduceOp& op) -> std::optional<double> {
+        // torch 2.11's Python ReduceOp does not expose the factor that
+        // _make_nccl_premul_sum() stores; every version keeps it here.
+        if (op.op_ != c10d::ReduceOp::PREMUL_SUM || !op.supplement_) {
+          return std::nullopt;
+        }
+        const auto* supplement =
+            dynamic_cast<const c10d::NCCLPreMulSumSupplement*>(op.supplement_.get());
+        if (supplement == nullptr) {
+          return std::nullopt;
+        }
+        if (supplement->tensor_factor.defined()) {
+          return supplement->tensor_factor.item<double>();
+        }
+        return supplement->double_factor;
+      },
+      py::arg("op"),
+      "The factor of a PREMUL_SUM ReduceOp, or None");
   m.def(
       "nccl_config_plan",
       [](const py::dict& settings, int version) {

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pycomm import _C
 from pycomm.errors import (
     LayoutError,
     NotAMemberError,
@@ -129,6 +130,12 @@ class _RoutedComm:
         return torch.empty(size, dtype=dtype, device=device)
 
 
+# torch 2.14 names the single-tensor collectives *_single; 2.11 has only the
+# older names, which take the same arguments.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
 class _PooledAllGather(_RoutedComm, _AllGatherBase):  # type: ignore[misc]
     """FSDP2 custom all-gather: the same collective on the 'ag' duplicate."""
 
@@ -139,7 +146,7 @@ class _PooledAllGather(_RoutedComm, _AllGatherBase):  # type: ignore[misc]
         group: dist.ProcessGroup,
         async_op: bool = False,
     ) -> dist.Work | None:
-        return dist.all_gather_single(
+        return _all_gather_single(
             output_tensor, input_tensor, group=self._route(group), async_op=async_op
         )
 
@@ -157,7 +164,7 @@ class _PooledReduceScatter(_RoutedComm, _ReduceScatterBase):  # type: ignore[mis
     ) -> dist.Work | None:
         pooled = self._route(group)
         op = _premultiply(op, input_tensor)
-        return dist.reduce_scatter_single(
+        return _reduce_scatter_single(
             output_tensor, input_tensor, op=op, group=pooled, async_op=async_op
         )
 
@@ -170,10 +177,7 @@ def _premultiply(op: Any, input_tensor: torch.Tensor) -> Any:
     the reduce-scatter (it pre-divides the same buffer in place itself)."""
     if op != dist.ReduceOp.PREMUL_SUM:
         return op
-    try:
-        factor = op.factor
-    except (AttributeError, RuntimeError):  # the bare enum, or no factor set
-        factor = None
+    factor = _C.premul_sum_factor(op) if isinstance(op, dist.ReduceOp) else None
     if factor is None:
         raise UnsupportedOpError(
             "reduce-scatter with PREMUL_SUM but no factor; pass "
@@ -200,7 +204,11 @@ def _param_groups(name: str, fsdp_module: Any) -> list[Any]:
     # FSDP2 exposes a module's shard group only through its state; custom
     # comms are also set per state, so this is the unit use_pool works in.
     try:
-        return list(fsdp_module._get_fsdp_state()._fsdp_param_groups)
+        state = fsdp_module._get_fsdp_state()
+        if hasattr(state, "_fsdp_param_groups"):  # torch >= 2.12: a list per state
+            return list(state._fsdp_param_groups)
+        group = state._fsdp_param_group  # torch 2.11: one group or None
+        return [] if group is None else [group]
     except AttributeError as e:  # pragma: no cover - torch internals moved
         raise UnsupportedOpError(
             f"cannot read the FSDP2 parameter groups of module {name or '<root>'!r} "

@@ -115,6 +115,15 @@ def _version_code(version: tuple[int, ...]) -> int:
     return major * 10000 + minor * 100 + patch
 
 
+def torch_nccl_runtime_version() -> int:
+    """The version of the libnccl torch runs with, as a version code.
+    (torch.cuda.nccl.version() is the one torch was built with on some
+    versions, e.g. 2.11.)"""
+    nccl_class = getattr(dist, "ProcessGroupNCCL", None)
+    runtime = getattr(nccl_class, "get_runtime_nccl_version", None)
+    return _version_code(tuple(runtime()) if runtime else torch.cuda.nccl.version())
+
+
 def _shares_resources(backend: Any) -> bool:
     """Whether children split from torch's communicator would share its
     resources: NCCL takes splitShare from the parent, and shared children
@@ -149,7 +158,7 @@ def parent_comm(base_group: dist.ProcessGroup | None, device: int) -> int:
     bound = getattr(backend, "bound_device_id", None)
     if bound is None or bound.index != device:
         return 0
-    if _version_code(torch.cuda.nccl.version()) != _C.nccl_loaded_version():
+    if torch_nccl_runtime_version() != _C.nccl_loaded_version():
         return 0
     if len(_libnccl_paths()) != 1 or _shares_resources(backend):
         return 0
@@ -197,6 +206,9 @@ def create_lane(
         logger.warning(
             "%s: ncclConfig_t.%s needs NCCL %s; the NCCL in use ignores it", label, field, needs
         )
+    # Everything that can fail on one rank alone fails before the collective
+    # part: a blocking parent's split would wait for that rank forever.
+    priority = _C.NcclLane.resolve_priority(device, role, config.stream_priority, label)
     parent = parent_comm(base_group, device)
     decision = _agree_on_plan(store, group_size, parent, config.timeout_seconds, label)
     unique_id = b""
@@ -209,7 +221,7 @@ def create_lane(
         size=group_size,
         role=role,
         settings=settings,
-        stream_priority=config.stream_priority,
+        stream_priority=priority,
         timeout_seconds=config.timeout_seconds,
         label=label,
         unique_id=unique_id,

@@ -123,7 +123,11 @@ def _create_backend(
         except BaseException:
             backend.abort()  # frees the gloo communicator made above
             raise
-    request.core.add(backend)
+    try:
+        request.core.add(backend)
+    except BaseException:
+        backend.abort()  # the pool closed meanwhile: free what was made
+        raise
     logger.debug("created pooled group %s as %s", spec.label(), spec.name)
     return backend
 

@@ -17,7 +17,13 @@ import torch
 import pycomm
 from pycomm import ConfigError, RoleConfig, _C
 from pycomm.launch import run_world
-from pycomm.nccl import _agree_on_plan, _libnccl_paths, nccl_settings, resolve_device
+from pycomm.nccl import (
+    _agree_on_plan,
+    _libnccl_paths,
+    nccl_settings,
+    resolve_device,
+    torch_nccl_runtime_version,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -49,7 +55,7 @@ def test_build_info_reports_both_nccl_versions() -> None:
     assert info["nccl"] == f"{built // 10000}.{built // 100 % 100}.{built % 100}"
     assert info["nccl_loaded"] == f"{loaded // 10000}.{loaded // 100 % 100}.{loaded % 100}"
     # The libnccl loaded is the one torch uses: the same version.
-    assert loaded == pycomm.nccl._version_code(torch.cuda.nccl.version())
+    assert loaded == torch_nccl_runtime_version()
     assert _C.nccl_usable_version() == min(built, loaded)
 
 

@@ -78,9 +78,10 @@ def _ranks(group: Any) -> list[int] | None:
 
 
 def _group_count() -> int:
-    # torch counts every new_group call a rank makes; the difference across a
-    # call is how many groups that rank created (or visited, as a non-member).
-    return dist.get_pg_count()
+    # The groups this rank is a member of; the difference across a call is
+    # how many it created. (torch's own get_pg_count() does not count groups
+    # made with use_local_synchronization=True in torch 2.11.)
+    return len(dist.distributed_c10d._world.pg_names)
 
 
 def _timeout_of(group: dist.ProcessGroup) -> float:
@@ -348,7 +349,11 @@ def _assert_emulation_matches(where: str, row: dict[str, Any]) -> None:
     real, emulated = row["megatron_core"], row["emulated_megatron_core"]
     for role in ("dp_cp_ag", "expt_dp_ag"):
         if isinstance(real[role], str):
-            assert isinstance(emulated[role], str) and "out of range" in real[role], (where, row)
+            # torch >= 2.14 / 2.11 word megatron-core's bad new_group call so.
+            refused = ("out of range", "should be within the world_size")
+            assert isinstance(emulated[role], str) and any(r in real[role] for r in refused), (
+                where, row,
+            )
         else:
             assert emulated[role] == real[role], (where, role, row)
 
@@ -513,11 +518,14 @@ def test_creation_scale_benchmark_runs_and_pycomm_stays_flat(tmp_path: Any) -> N
     import json
     import subprocess
 
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "creation_scale.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "creation_scale.py")
     out = tmp_path / "creation_scale.json"
+    # The checkout under test, also where pycomm is not installed.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
         [sys.executable, script, "--worlds", "8,64,512", "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=240, env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "right ranks" in done.stdout

@@ -46,6 +46,23 @@ int CudaStream::priority() const {
   return priority;
 }
 
+QuietDeviceScope::QuietDeviceScope(int device) {
+  if (cudaGetDevice(&previous_) != cudaSuccess) {
+    previous_ = -1;
+  }
+  if (previous_ != device) {
+    (void)cudaSetDevice(device);
+  }
+}
+
+QuietDeviceScope::~QuietDeviceScope() {
+  int current = -1;
+  if (previous_ >= 0 && cudaGetDevice(&current) == cudaSuccess &&
+      current != previous_) {
+    (void)cudaSetDevice(previous_);
+  }
+}
+
 CudaEvent::CudaEvent() {
   checkCuda(
       cudaEventCreateWithFlags(&event_, cudaEventDisableTiming),

@@ -38,6 +38,20 @@ class CudaStream {
   cudaStream_t stream_ = nullptr;
 };
 
+// Makes `device` current for a scope and restores the previous one; never
+// throws, for teardown paths (abort, destructors) where an error can only be
+// ignored: if the device cannot be set, the NCCL call after it reports it.
+class QuietDeviceScope {
+ public:
+  explicit QuietDeviceScope(int device);
+  ~QuietDeviceScope();
+  QuietDeviceScope(const QuietDeviceScope&) = delete;
+  QuietDeviceScope& operator=(const QuietDeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 // An event without timing (cheaper to record and wait on), on the current
 // device, destroyed with it; CUDA releases it once pending work is done.
 class CudaEvent {

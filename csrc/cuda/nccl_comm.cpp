@@ -179,7 +179,7 @@ void NcclComm::destroy() {
   if (comm_ == nullptr) {
     return;
   }
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec_.device));
+  QuietDeviceScope device(spec_.device);
   try {
     if (nccl::check(nccl::commFinalize(comm_), spec_.label + ": ncclCommFinalize", comm_) ==
         ncclInProgress) {
@@ -194,13 +194,13 @@ void NcclComm::destroy() {
   releaseLocked(/*abort=*/false);
 }
 
-void NcclComm::abort() {
+void NcclComm::abort() noexcept {
   abortRequested_.store(true); // ends a poll in enqueue()/destroy() first
   std::lock_guard<std::mutex> lock(mutex_);
   if (comm_ == nullptr) {
     return;
   }
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec_.device));
+  QuietDeviceScope device(spec_.device);
   releaseLocked(/*abort=*/true);
 }
 

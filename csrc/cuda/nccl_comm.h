@@ -18,6 +18,7 @@
 #include <mutex>
 #include <string>
 
+#include "cuda_resources.h"
 #include "nccl_fields.h"
 
 namespace pycomm {
@@ -62,8 +63,8 @@ class NcclComm {
   // frees the communicator. Idempotent.
   void destroy();
   // Frees the communicator at once, without waiting for peers; operations in
-  // flight end with an error. Idempotent, any thread.
-  void abort();
+  // flight end with an error. Idempotent, any thread, never throws.
+  void abort() noexcept;
 
   const NcclCommSpec& spec() const {
     return spec_;

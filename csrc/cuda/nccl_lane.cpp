@@ -26,13 +26,7 @@ int NcclLane::defaultPriority(const std::string& role, int device) {
   return role == "ag" ? range.greatest : range.least;
 }
 
-NcclLane::NcclLane(
-    const NcclLaneSpec& spec,
-    const std::string& uniqueId,
-    uintptr_t parent)
-    : spec_(spec),
-      device_(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(spec.comm.device)),
-      createdBySplit_(parent != 0) {
+int NcclLane::resolvePriority(const NcclLaneSpec& spec) {
   const auto range = streamPriorityRange(spec.comm.device);
   const int priority = spec.streamPriority.value_or(
       defaultPriority(spec.role, spec.comm.device));
@@ -42,6 +36,26 @@ NcclLane::NcclLane(
         " is outside this device's range " + std::to_string(range.greatest) +
         " (highest) to " + std::to_string(range.least) + " (lowest)");
   }
+  return priority;
+}
+
+std::shared_ptr<NcclLane> NcclLane::create(
+    const NcclLaneSpec& spec,
+    const std::string& uniqueId,
+    uintptr_t parent) {
+  // Not make_shared: the constructor is private, so every lane is owned by a
+  // shared_ptr, which the watchdog relies on.
+  return std::shared_ptr<NcclLane>(new NcclLane(spec, uniqueId, parent));
+}
+
+NcclLane::NcclLane(
+    const NcclLaneSpec& spec,
+    const std::string& uniqueId,
+    uintptr_t parent)
+    : spec_(spec),
+      device_(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(spec.comm.device)),
+      createdBySplit_(parent != 0) {
+  const int priority = resolvePriority(spec);
   comm_ = createdBySplit_
       ? NcclComm::split(spec.comm, reinterpret_cast<ncclComm_t>(parent))
       : NcclComm::initRank(spec.comm, uniqueId);
@@ -53,7 +67,7 @@ NcclLane::~NcclLane() {
   // The watchdog holds a reference while it runs, so it has returned from
   // watch() by now; it may be this very thread, ending.
   if (watchdog_.joinable()) {
-    if (onWatchdogThread()) {
+    if (watchdog_.get_id() == std::this_thread::get_id()) {
       watchdog_.detach();
     } else {
       watchdog_.join();
@@ -154,6 +168,8 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
       throw PoolClosedError(description + ": the NCCL lane was closed");
     }
   }
+  // Before anything is issued: if the thread cannot start, nothing is lost.
+  ensureWatchdog();
   c10::cuda::CUDAGuard guard(device_.index());
   const cudaStream_t caller =
       at::cuda::getCurrentCUDAStream(device_.index()).stream();
@@ -180,7 +196,10 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     auto error = std::current_exception();
     issueLock.unlock();
     fail(error, State::Failed);
-    std::rethrow_exception(error);
+    // If the watchdog failed the lane first (the reason this issue broke),
+    // its error is the one to report.
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::rethrow_exception(failure_ ? failure_ : error);
   }
 
   std::vector<at::Tensor> tensors = op.inputs;
@@ -198,16 +217,33 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     std::lock_guard<std::mutex> lock(mutex_);
     inFlight_.push_back(InFlight{
         work, std::move(tensors), op.kind, op.bytes(), LaneStats::nowUs()});
-    if (!watchdog_.joinable()) {
-      watchdog_ = std::thread([self = shared_from_this()] { self->watch(); });
-      watchdogId_.store(watchdog_.get_id());
-    }
   }
   changed_.notify_all();
   return work;
 }
 
+void NcclLane::ensureWatchdog() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!watchdog_.joinable()) {
+    watchdog_ = std::thread([self = shared_from_this()] { self->watch(); });
+    watchdogId_.store(watchdog_.get_id());
+  }
+}
+
 void NcclLane::watch() {
+  try {
+    watchUntilDone();
+  } catch (...) {
+    // Nothing may escape a thread; whatever broke here fails the lane.
+    try {
+      fail(std::current_exception(), State::Failed);
+    } catch (...) {
+    }
+  }
+  watchdogId_.store(std::thread::id()); // the id may be reused by a new thread
+}
+
+void NcclLane::watchUntilDone() {
   try {
     // Event queries need this device's context (not device 0's), and must
     // not be refused while another thread captures a CUDA graph.
@@ -231,7 +267,7 @@ void NcclLane::watch() {
   if (freeComm) {
     try {
       comm_->destroy();
-    } catch (const PycommError&) {
+    } catch (...) {
       // release() has no caller to report to; destroy() aborted instead.
     }
   }
@@ -301,7 +337,18 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
 }
 
 void NcclLane::fail(std::exception_ptr error, State next) {
-  // Aborting first makes NCCL's kernels return and ends any poll inside an
+  {
+    // Recorded before the abort, so an issue() that the abort breaks reports
+    // this error, not the abort.
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (state_ == State::Open || state_ == State::Closing) {
+      state_ = next;
+      if (next == State::Failed) {
+        failure_ = error;
+      }
+    }
+  }
+  // Aborting makes NCCL's kernels return and ends any poll inside an
   // issue(), so held tensors are safe to release afterwards and issueMutex_
   // is free soon.
   comm_->abort();
@@ -310,12 +357,6 @@ void NcclLane::fail(std::exception_ptr error, State next) {
   {
     std::lock_guard<std::mutex> issueLock(issueMutex_);
     std::lock_guard<std::mutex> lock(mutex_);
-    if (state_ == State::Open || state_ == State::Closing) {
-      state_ = next;
-      if (next == State::Failed) {
-        failure_ = error;
-      }
-    }
     unfinished.swap(inFlight_);
     stats = stats_;
   }
@@ -369,11 +410,18 @@ void NcclLane::release() {
   const bool watched = stopTakingOps(/*freeWhenDrained=*/true);
   changed_.notify_all();
   if (!watched) {
-    // Nothing was ever issued: nothing to wait for.
+    // Nothing was ever issued, but finalizing may still wait for peers; a
+    // short-lived thread does it, so release() never blocks.
     try {
-      comm_->destroy();
-    } catch (const PycommError&) {
-      // destroy() aborted the communicator; no caller to report to.
+      std::thread([self = shared_from_this()] {
+        try {
+          self->comm_->destroy();
+        } catch (...) {
+          // destroy() aborted the communicator; no caller to report to.
+        }
+      }).detach();
+    } catch (...) {
+      comm_->abort(); // no thread to be had: free without waiting
     }
   }
 }
@@ -387,8 +435,11 @@ void NcclLane::abort() {
 }
 
 void NcclLane::joinWatchdog() {
+  if (onWatchdogThread()) {
+    return; // from a callback: the thread ends by itself, and must not wait here
+  }
   std::lock_guard<std::mutex> lock(joinMutex_);
-  if (watchdog_.joinable() && !onWatchdogThread()) {
+  if (watchdog_.joinable()) {
     watchdog_.join();
   }
 }

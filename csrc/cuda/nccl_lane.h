@@ -57,11 +57,16 @@ class NcclLane : public DeviceLane,
  public:
   // Creates the communicator (split from `parent` when it is not null,
   // otherwise from `uniqueId`) and the stream. Collective over the group.
-  NcclLane(
+  static std::shared_ptr<NcclLane> create(
       const NcclLaneSpec& spec,
       const std::string& uniqueId,
       uintptr_t parent);
   ~NcclLane() override;
+
+  // The stream priority `spec` gives; ConfigError when it is outside the
+  // device's range. Checked before the collective creation, so one rank's
+  // bad config cannot leave the others waiting in NCCL.
+  static int resolvePriority(const NcclLaneSpec& spec);
 
   c10::Device device() const override;
   c10::intrusive_ptr<c10d::Work> issue(
@@ -85,6 +90,11 @@ class NcclLane : public DeviceLane,
   static int defaultPriority(const std::string& role, int device);
 
  private:
+  NcclLane(
+      const NcclLaneSpec& spec,
+      const std::string& uniqueId,
+      uintptr_t parent);
+
   struct InFlight {
     c10::intrusive_ptr<NcclWork> work;
     std::vector<at::Tensor> tensors; // held until the end event passed
@@ -97,12 +107,15 @@ class NcclLane : public DeviceLane,
   // Issues on the stream; any error here leaves the communicator unusable.
   void enqueueCollective(const Collective& op, const std::string& what);
   void watch();
+  void watchUntilDone();
   // One look at the oldest op; false once the watchdog should stop.
   bool watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEndUs);
   // Aborts the communicator and fails every unfinished op with `error`.
   void fail(std::exception_ptr error, State next);
   // Stops taking ops; returns whether a watchdog was running.
   bool stopTakingOps(bool freeWhenDrained);
+  // Starts the watchdog once; the caller holds issueMutex_.
+  void ensureWatchdog();
   bool onWatchdogThread() const;
   void joinWatchdog();
 

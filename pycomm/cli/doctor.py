@@ -63,7 +63,10 @@ def collect() -> list[Check]:
     if not info["cuda"]:
         lanes = "not built: CPU-only variant (no CUDA toolkit or nccl.h at build time, or PYCOMM_CUDA=0)"
     elif gpus:
-        lanes = f"pooled groups get an NCCL lane on the current device (cuda:{torch.cuda.current_device()})"
+        lanes = (
+            "duplicates of groups with torch's NCCL backend get an NCCL lane on its device "
+            "(CommPool(device=...) names one for every group)"
+        )
     else:
         lanes = "built; no GPU in this process, so pooled groups serve CPU tensors only"
     checks.append(Check("NCCL lanes", lanes, ok=info["cuda"] and gpus > 0))
