@@ -27,7 +27,7 @@ void CommPool::checkRole(const std::string& role) {
 
 CommPool::~CommPool() {
   try {
-    destroy(/*waitForDevice=*/false);
+    destroy(/*wait=*/false);
   } catch (const std::exception&) {
     // destroy() closed every backend before rethrowing; nothing is left.
   }
@@ -100,7 +100,7 @@ std::vector<c10::intrusive_ptr<PooledBackend>> CommPool::takeAll() {
   return all;
 }
 
-void CommPool::destroy(bool waitForDevice) {
+void CommPool::destroy(bool wait) {
   std::vector<c10::intrusive_ptr<PooledBackend>> all;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -113,7 +113,7 @@ void CommPool::destroy(bool waitForDevice) {
   std::exception_ptr first;
   for (auto& backend : all) {
     try {
-      backend->close(waitForDevice);
+      backend->close(wait);
     } catch (...) {
       if (!first) {
         first = std::current_exception();

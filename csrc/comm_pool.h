@@ -39,9 +39,9 @@ class CommPool {
   std::vector<c10::intrusive_ptr<PooledBackend>> entries() const;
 
   // Closes every entry (queued ops finish first) and refuses new ones.
-  // Idempotent. Without waitForDevice, device lanes finish on their own
-  // threads (the destructor's way: see DeviceLane::release()).
-  void destroy(bool waitForDevice = true);
+  // Idempotent. Without wait (the destructor's way), queued ops finish on
+  // other threads (see PooledBackend::close()).
+  void destroy(bool wait = true);
   // Fails every unfinished op and refuses new entries, without waiting for
   // peers. Idempotent; destroy() after abort() only forgets the entries.
   void abort();

@@ -1,6 +1,7 @@
 #include "pooled_backend.h"
 
 #include <sstream>
+#include <system_error>
 #include <thread>
 
 #include "errors.h"
@@ -44,7 +45,7 @@ PooledBackend::PooledBackend(
       context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)) {}
 
 PooledBackend::~PooledBackend() {
-  close(/*waitForDevice=*/false);
+  close(/*wait=*/false);
 }
 
 bool PooledBackend::isOpen() const {
@@ -274,10 +275,10 @@ void PooledBackend::abort() {
 }
 
 void PooledBackend::shutdown() {
-  close(/*waitForDevice=*/true);
+  close(/*wait=*/true);
 }
 
-void PooledBackend::close(bool waitForDevice) {
+void PooledBackend::close(bool wait) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (state_ == State::Open) {
@@ -286,12 +287,29 @@ void PooledBackend::close(bool waitForDevice) {
   }
   // After abort() the lane is abandoned: close() waits only for the op in
   // flight, which abort() already failed.
-  if (isOpenOrClosed()) {
-    context_->lane.close();
+  const bool drain = isOpenOrClosed();
+  bool handedOff = false;
+  if (!wait && drain && context_->lane.pending() > 0) {
+    // A destructor must not wait for queued ops (it may hold the GIL that an
+    // op's callback needs): a short-lived thread drains and frees instead.
+    try {
+      std::thread([context = context_] {
+        context->lane.close();
+        context->transport.release();
+      }).detach();
+      handedOff = true;
+    } catch (const std::system_error&) {
+      // no thread to be had: drain here after all
+    }
   }
-  context_->transport.release(); // idle now: gloo joins its workers here
+  if (!handedOff) {
+    if (drain) {
+      context_->lane.close();
+    }
+    context_->transport.release(); // idle now: gloo joins its workers here
+  }
   if (auto lane = deviceLane()) {
-    if (waitForDevice) {
+    if (wait) {
       lane->close(); // after abort() this only joins its watchdog
     } else {
       lane->release();

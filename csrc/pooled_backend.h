@@ -79,10 +79,10 @@ class PooledBackend : public c10d::Backend {
   // Same as close().
   void shutdown() override;
   // Stops taking ops, lets the queued ones finish (each bounded by the
-  // timeout), then releases the lane and the communicator. Idempotent. With
-  // waitForDevice false, the device lane finishes and frees on its own
-  // thread (for destructors: see DeviceLane::release()).
-  void close(bool waitForDevice = true);
+  // timeout), then releases the lanes and the communicators. Idempotent.
+  // With wait false (destructors), nothing here waits: queued ops finish
+  // and are freed on other threads (see DeviceLane::release()).
+  void close(bool wait = true);
 
   // Gives device (CUDA) tensors a lane of their own; without one, ops on
   // them raise UnsupportedOpError. Set once, right after construction.

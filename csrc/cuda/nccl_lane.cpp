@@ -373,11 +373,12 @@ void NcclLane::fail(std::exception_ptr error, State next) {
 bool NcclLane::stopTakingOps(bool freeWhenDrained) {
   std::lock_guard<std::mutex> issueLock(issueMutex_); // no issue half done
   std::lock_guard<std::mutex> lock(mutex_);
-  if (state_ == State::Open) {
-    state_ = State::Closing;
-    freeWhenDrained_ = freeWhenDrained;
+  if (state_ != State::Open) {
+    return false;
   }
-  return watchdog_.joinable();
+  state_ = State::Closing;
+  freeWhenDrained_ = freeWhenDrained;
+  return true;
 }
 
 void NcclLane::close() {
@@ -407,7 +408,14 @@ void NcclLane::close() {
 }
 
 void NcclLane::release() {
-  const bool watched = stopTakingOps(/*freeWhenDrained=*/true);
+  if (!stopTakingOps(/*freeWhenDrained=*/true)) {
+    return; // closed, failed or aborted already: nothing left to free
+  }
+  bool watched = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    watched = watchdog_.joinable();
+  }
   changed_.notify_all();
   if (!watched) {
     // Nothing was ever issued, but finalizing may still wait for peers; a

@@ -112,7 +112,7 @@ class NcclLane : public DeviceLane,
   bool watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEndUs);
   // Aborts the communicator and fails every unfinished op with `error`.
   void fail(std::exception_ptr error, State next);
-  // Stops taking ops; returns whether a watchdog was running.
+  // Stops taking ops; returns whether the lane was open until now.
   bool stopTakingOps(bool freeWhenDrained);
   // Starts the watchdog once; the caller holds issueMutex_.
   void ensureWatchdog();
