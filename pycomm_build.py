@@ -174,7 +174,7 @@ def extension(root: Path) -> Extension:
         # libnccl.so.2 has no unversioned link name in the wheel: link by file.
         extra_link_args=[
             *(f"-Wl,-rpath,{d}" for d in library_dirs),
-            f"-l:libnccl.so.2",
+            "-l:libnccl.so.2",
         ],
         define_macros=[("PYCOMM_CUDA", "1")],
         extra_compile_args={"cxx": COMPILE_FLAGS, "nvcc": ["-O2"]},

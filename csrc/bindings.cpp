@@ -182,14 +182,10 @@ void bindCuda(py::module_& m) {
           py::arg("unique_id") = py::bytes(),
           py::arg("parent") = 0)
       .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
-      .def_property_readonly("stream_handle", &pycomm::NcclLane::streamHandle)
       .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
       .def_property_readonly(
           "device_index",
           [](const pycomm::NcclLane& lane) { return lane.device().index(); })
-      .def_static(
-          "default_priority", &pycomm::NcclLane::defaultPriority,
-          py::arg("role"), py::arg("device"))
       .def_static(
           "resolve_priority",
           [](int device, const std::string& role, std::optional<int> priority,
@@ -252,8 +248,6 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<pycomm::DeviceLane, std::shared_ptr<pycomm::DeviceLane>>(m, "DeviceLane")
       .def("pending", &pycomm::DeviceLane::pending)
-      .def("close", &pycomm::DeviceLane::close,
-           py::call_guard<py::gil_scoped_release>())
       .def("abort", &pycomm::DeviceLane::abort,
            py::call_guard<py::gil_scoped_release>());
 

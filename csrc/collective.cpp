@@ -120,6 +120,12 @@ void checkSameKind(const Collective& op, const at::Tensor& a, const at::Tensor& 
 
 } // namespace
 
+const std::vector<at::Tensor>& Collective::results() const {
+  return kind == CollectiveKind::AllGather || kind == CollectiveKind::ReduceScatter
+      ? outputs
+      : inputs;
+}
+
 int64_t Collective::bytes() const {
   int64_t total = 0;
   const auto& counted =

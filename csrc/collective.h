@@ -39,6 +39,9 @@ struct Collective {
   int64_t bytes() const;
   // "all_gather(2 x float32[1024] -> [4096])", for errors and traces.
   std::string describe() const;
+  // What the op's Work returns: the outputs of an all-gather or
+  // reduce-scatter, the (in-place) inputs otherwise.
+  const std::vector<at::Tensor>& results() const;
   // The device type every tensor is on (CPU for a barrier).
   c10::DeviceType deviceType() const;
   // A number equal on all ranks exactly when they issue the same op with the

@@ -75,15 +75,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
   throwIfNotOpen();
   const uint64_t seq = nextSeq_++;
   auto work = c10::make_intrusive<PooledWork>(
-      rank_,
-      type,
-      op.kind == CollectiveKind::AllGather ||
-              op.kind == CollectiveKind::ReduceScatter
-          ? op.outputs
-          : op.inputs,
-      spec_.timeout + kWaitGrace,
-      spec_.label() + ": " + op.describe() + " (op #" + std::to_string(seq) +
-          ")");
+      rank_, type, op.results(), spec_.timeout + kWaitGrace, describe(op, seq));
   {
     std::lock_guard<std::mutex> contextLock(context_->mutex);
     context_->unfinished.emplace(seq, work);
@@ -94,6 +86,10 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
         start(context, op, seq, work);
       });
   return work;
+}
+
+std::string PooledBackend::describe(const Collective& op, uint64_t seq) const {
+  return spec_.label() + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
@@ -122,9 +118,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
         device.str() + ", but this pooled group's NCCL lane is on " +
         lane->device().str() + "; a pooled group serves one CUDA device");
   }
-  const std::string description = spec_.label() + ": " + op.describe() +
-      " (op #" + std::to_string(seq) + ")";
-  return lane->issue(op, type, description);
+  return lane->issue(op, type, describe(op, seq));
 }
 
 void PooledBackend::attachDeviceLane(std::shared_ptr<DeviceLane> lane) {

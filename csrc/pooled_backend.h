@@ -116,6 +116,9 @@ class PooledBackend : public c10d::Backend {
   enum class State { Open, Closed, Aborted };
 
   c10::intrusive_ptr<c10d::Work> submit(Collective op, c10d::OpType type);
+  // "role 'ag' of group '3' (ranks 0,2): all_gather(...) (op #7)": how
+  // errors and timeouts name one op.
+  std::string describe(const Collective& op, uint64_t seq) const;
   c10::intrusive_ptr<c10d::Work> submitToDevice(
       Collective op,
       c10d::OpType type);

@@ -34,17 +34,25 @@ _SPLIT = b"split"
 _INIT = b"init:"
 
 
-def _bound_nccl_device(group: dist.ProcessGroup | None) -> int | None:
-    """The device of `group`'s torch NCCL backend: its bound device, else the
-    current one; None when the group has no NCCL backend."""
-    if group is None or not torch.cuda.is_available():
+def _torch_nccl_backend(group: dist.ProcessGroup | None, device: torch.device) -> Any:
+    """`group`'s torch NCCL backend for `device`, or None when it has none."""
+    if group is None:
         return None
     try:
-        backend = group._get_backend(torch.device("cuda"))
+        backend = group._get_backend(device)
     except RuntimeError:
         return None
     nccl_class = getattr(dist, "ProcessGroupNCCL", None)
-    if nccl_class is None or not isinstance(backend, nccl_class):
+    return backend if nccl_class is not None and isinstance(backend, nccl_class) else None
+
+
+def _bound_nccl_device(group: dist.ProcessGroup | None) -> int | None:
+    """The device of `group`'s torch NCCL backend: its bound device, else the
+    current one; None when the group has no NCCL backend."""
+    if not torch.cuda.is_available():
+        return None
+    backend = _torch_nccl_backend(group, torch.device("cuda"))
+    if backend is None:
         return None
     bound = getattr(backend, "bound_device_id", None)
     return bound.index if bound is not None and bound.index is not None else torch.cuda.current_device()
@@ -144,14 +152,10 @@ def parent_comm(base_group: dist.ProcessGroup | None, device: int) -> int:
     backend bound to this device (so its communicator exists on every
     member), one libnccl shared by torch and pycomm, and a parent whose
     children do not share its resources."""
-    if base_group is None or os.environ.get(SPLIT_ENV, "1") == "0":
+    if os.environ.get(SPLIT_ENV, "1") == "0":
         return 0
-    try:
-        backend = base_group._get_backend(torch.device("cuda", device))
-    except RuntimeError:
-        return 0
-    nccl_class = getattr(dist, "ProcessGroupNCCL", None)
-    if nccl_class is None or not isinstance(backend, nccl_class):
+    backend = _torch_nccl_backend(base_group, torch.device("cuda", device))
+    if backend is None:
         return 0
     if not hasattr(backend, "_comm_ptr") or not backend._is_initialized():
         return 0

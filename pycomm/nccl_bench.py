@@ -6,13 +6,13 @@ iterations timed with CUDA events on the caller's stream."""
 
 from __future__ import annotations
 
-import statistics
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from pycomm.pool import CommPool
+from pycomm.sampling import interleaved_medians
 
 Op = Callable[[], "dist.Work | None"]
 
@@ -30,14 +30,14 @@ def _time_ms(op: Op, stream: torch.cuda.Stream) -> float:
 
 
 def _interleaved_medians(ops: dict[str, Op], iters: int, stream: torch.cuda.Stream) -> dict[str, float]:
-    for op in ops.values():  # warm-up: NCCL connects, cuBLAS picks kernels
-        _time_ms(op, stream)
-    samples: dict[str, list[float]] = {name: [] for name in ops}
-    for _ in range(iters):
-        for name, op in ops.items():
+    def sampler(op: Op) -> Callable[[], float]:
+        def sample() -> float:
             dist.barrier()  # ranks start each sample together
-            samples[name].append(_time_ms(op, stream))
-    return {name: statistics.median(values) for name, values in samples.items()}
+            return _time_ms(op, stream)
+
+        return sample
+
+    return interleaved_medians({name: sampler(op) for name, op in ops.items()}, iters)
 
 
 def collective_rows(pool: CommPool, world: int, sizes: list[int], iters: int) -> list[dict[str, Any]]:

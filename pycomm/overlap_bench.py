@@ -7,7 +7,6 @@ and the time of one pooled op over the same op on a plain group."""
 
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import pycomm
+from pycomm.sampling import interleaved_medians
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -36,10 +36,6 @@ def _timed(fn: Callable[[], None], group: dist.ProcessGroup) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def measure_overlap(
@@ -63,8 +59,6 @@ def measure_overlap(
         gathered = torch.empty(numel * world)
         grads = torch.rand(numel * world)
         reduced = torch.empty(numel)
-        samples = {v: {"ag": [], "rs": [], "together": []} for v in VARIANTS}
-
         def ag(p: Pair) -> None:
             dist.all_gather_into_tensor(gathered, shard, group=p.ag)
 
@@ -77,17 +71,18 @@ def measure_overlap(
             w1.wait()
             w2.wait()
 
-        for p in pairs.values():  # warm-up: connections, allocations
-            together(p)
-        for _ in range(iterations):
-            for variant, p in pairs.items():  # interleaved: same noise for all
-                samples[variant]["ag"].append(_timed(lambda: ag(p), base))
-                samples[variant]["rs"].append(_timed(lambda: rs(p), base))
-                samples[variant]["together"].append(_timed(lambda: together(p), base))
+        medians = interleaved_medians(
+            {
+                (variant, kind): (lambda run=run, p=p: _timed(lambda: run(p), base))
+                for variant, p in pairs.items()
+                for kind, run in (("ag", ag), ("rs", rs), ("together", together))
+            },
+            iterations,
+        )
         for variant in VARIANTS:
-            t_ag = _median(samples[variant]["ag"])
-            t_rs = _median(samples[variant]["rs"])
-            t_both = _median(samples[variant]["together"])
+            t_ag = medians[(variant, "ag")]
+            t_rs = medians[(variant, "rs")]
+            t_both = medians[(variant, "together")]
             rows.append(
                 {
                     "world": world,
@@ -121,27 +116,29 @@ def measure_overhead(rank: int, world: int, nbytes: int, iterations: int) -> lis
     numel = nbytes // 4
     shard = torch.rand(numel)
     out = torch.empty(numel * world)
-    samples: dict[str, list[float]] = {name: [] for name in groups}
-    for group in groups.values():
-        dist.all_gather_into_tensor(out, shard, group=group)
-    for _ in range(iterations):
-        for name, group in groups.items():
-            samples[name].append(
-                _timed(lambda: dist.all_gather_into_tensor(out, shard, group=group), plain)
+    medians = interleaved_medians(
+        {
+            name: (
+                lambda group=group: _timed(
+                    lambda: dist.all_gather_into_tensor(out, shard, group=group), plain
+                )
             )
+            for name, group in groups.items()
+        },
+        iterations,
+    )
     pool.destroy()
     checked_pool.destroy()
-    base = _median(samples["plain"])
     return [
         {
             "world": world,
             "bytes": nbytes,
             "variant": name,
-            "median_s": _median(values),
-            "ratio_to_plain": _median(values) / base,
+            "median_s": median,
+            "ratio_to_plain": median / medians["plain"],
             "iterations": iterations,
         }
-        for name, values in samples.items()
+        for name, median in medians.items()
     ]
 
 

@@ -16,29 +16,43 @@ std::atomic<int64_t> liveComms{0};
 // thread from spinning a core while NCCL connects.
 constexpr auto kPollInterval = std::chrono::microseconds(200);
 
+// Polls `comm`'s asynchronous state until it leaves ncclInProgress and
+// returns it (ncclSuccess or the error). Returns ncclInProgress when the
+// timeout passed, or `stop` was raised, first.
+ncclResult_t pollAsyncState(
+    ncclComm_t comm,
+    std::chrono::milliseconds timeout,
+    const std::atomic<bool>* stop = nullptr) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (true) {
+    ncclResult_t state = ncclInProgress;
+    const ncclResult_t result = nccl::getAsyncError(comm, &state);
+    if (result != ncclSuccess) {
+      return result;
+    }
+    if (state != ncclInProgress) {
+      return state;
+    }
+    if ((stop != nullptr && stop->load()) ||
+        std::chrono::steady_clock::now() > deadline) {
+      return ncclInProgress;
+    }
+    std::this_thread::sleep_for(kPollInterval);
+  }
+}
+
 } // namespace
 
 NcclComm::NcclComm(NcclCommSpec spec) : spec_(std::move(spec)) {}
 
 void NcclComm::adopt(ncclComm_t comm, const std::string& what) {
-  const auto deadline = std::chrono::steady_clock::now() + spec_.timeout;
-  ncclResult_t state = ncclInProgress;
-  while (true) {
-    const ncclResult_t result = nccl::getAsyncError(comm, &state);
-    if (result != ncclSuccess) {
-      state = result;
-    }
-    if (state != ncclInProgress) {
-      break;
-    }
-    if (std::chrono::steady_clock::now() > deadline) {
-      (void)nccl::commAbort(comm); // freeing it is all that is left to do
-      throw CollectiveTimeoutError(
-          spec_.label + ": " + what + " did not complete within " +
-          std::to_string(spec_.timeout.count()) +
-          " ms; every member must duplicate the group with the same role");
-    }
-    std::this_thread::sleep_for(kPollInterval);
+  const ncclResult_t state = pollAsyncState(comm, spec_.timeout);
+  if (state == ncclInProgress) {
+    (void)nccl::commAbort(comm); // freeing it is all that is left to do
+    throw CollectiveTimeoutError(
+        spec_.label + ": " + what + " did not complete within " +
+        std::to_string(spec_.timeout.count()) +
+        " ms; every member must duplicate the group with the same role");
   }
   if (state != ncclSuccess) {
     const std::string message = spec_.label + ": " + what + " failed: " +
@@ -88,18 +102,13 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, ncclComm_t parent) 
       nccl::commSplit(parent, /*color=*/0, /*key=*/s.rank, slot.get(), &config);
   nccl::check(result, s.label + ": " + what, parent);
   if (result == ncclInProgress) {
-    const auto deadline = std::chrono::steady_clock::now() + s.timeout;
-    ncclResult_t state = ncclInProgress;
-    while (state == ncclInProgress) {
-      nccl::check(nccl::getAsyncError(parent, &state), s.label + ": " + what, parent);
-      if (state == ncclInProgress && std::chrono::steady_clock::now() > deadline) {
-        // NCCL may still write the child into the slot: it is left to it.
-        (void)slot.release();
-        throw CollectiveTimeoutError(
-            s.label + ": " + what + " did not complete within " +
-            std::to_string(s.timeout.count()) + " ms");
-      }
-      std::this_thread::sleep_for(kPollInterval);
+    const ncclResult_t state = pollAsyncState(parent, s.timeout);
+    if (state == ncclInProgress) {
+      // NCCL may still write the child into the slot: it is left to it.
+      (void)slot.release();
+      throw CollectiveTimeoutError(
+          s.label + ": " + what + " did not complete within " +
+          std::to_string(s.timeout.count()) + " ms");
     }
     nccl::check(state, s.label + ": " + what, parent);
   }
@@ -121,26 +130,16 @@ int64_t NcclComm::liveCount() {
 }
 
 void NcclComm::settleLocked(const std::string& what) {
-  const auto deadline = std::chrono::steady_clock::now() + spec_.timeout;
-  while (true) {
-    ncclResult_t state = ncclSuccess;
-    nccl::check(nccl::getAsyncError(comm_, &state), spec_.label + ": " + what, comm_);
-    if (state == ncclSuccess) {
-      return;
-    }
-    if (state != ncclInProgress) {
-      nccl::check(state, spec_.label + ": " + what, comm_);
-    }
+  const ncclResult_t state = pollAsyncState(comm_, spec_.timeout, &abortRequested_);
+  if (state == ncclInProgress) {
     if (abortRequested_.load()) {
       throw PoolClosedError(spec_.label + ": " + what + " was ended by abort()");
     }
-    if (std::chrono::steady_clock::now() > deadline) {
-      throw CollectiveTimeoutError(
-          spec_.label + ": NCCL did not take " + what + " within " +
-          std::to_string(spec_.timeout.count()) + " ms");
-    }
-    std::this_thread::sleep_for(kPollInterval);
+    throw CollectiveTimeoutError(
+        spec_.label + ": NCCL did not take " + what + " within " +
+        std::to_string(spec_.timeout.count()) + " ms");
   }
+  nccl::check(state, spec_.label + ": " + what, comm_);
 }
 
 void NcclComm::enqueue(

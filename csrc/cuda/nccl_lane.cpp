@@ -19,17 +19,12 @@ int64_t toUs(std::chrono::milliseconds ms) {
 }
 } // namespace
 
-int NcclLane::defaultPriority(const std::string& role, int device) {
-  const auto range = streamPriorityRange(device);
-  // Parameter all-gathers gate the next layer's compute, so they go first;
-  // gradient reduce-scatters can trail.
-  return role == "ag" ? range.greatest : range.least;
-}
-
 int NcclLane::resolvePriority(const NcclLaneSpec& spec) {
   const auto range = streamPriorityRange(spec.comm.device);
+  // By default parameter all-gathers go first (they gate the next layer's
+  // compute); gradient reduce-scatters can trail.
   const int priority = spec.streamPriority.value_or(
-      defaultPriority(spec.role, spec.comm.device));
+      spec.role == "ag" ? range.greatest : range.least);
   if (priority < range.greatest || priority > range.least) {
     throw ConfigError(
         spec.comm.label + ": stream_priority " + std::to_string(priority) +
@@ -92,10 +87,6 @@ size_t NcclLane::pending() const {
 
 int NcclLane::streamPriority() const {
   return stream_->priority();
-}
-
-uintptr_t NcclLane::streamHandle() const {
-  return reinterpret_cast<uintptr_t>(stream_->get());
 }
 
 bool NcclLane::onWatchdogThread() const {
@@ -204,12 +195,10 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
 
   std::vector<at::Tensor> tensors = op.inputs;
   tensors.insert(tensors.end(), op.outputs.begin(), op.outputs.end());
-  const bool outOfPlace = op.kind == CollectiveKind::AllGather ||
-      op.kind == CollectiveKind::ReduceScatter;
   auto work = c10::make_intrusive<NcclWork>(
       static_cast<int>(spec_.comm.rank),
       type,
-      outOfPlace ? op.outputs : op.inputs,
+      op.results(),
       std::move(end),
       device_,
       std::move(description));

@@ -63,8 +63,8 @@ class NcclLane : public DeviceLane,
       uintptr_t parent);
   ~NcclLane() override;
 
-  // The stream priority `spec` gives; ConfigError when it is outside the
-  // device's range. Checked before the collective creation, so one rank's
+  // The stream priority `spec` gives (unset: the device's highest for "ag",
+  // its lowest for "rs"); ConfigError when it is outside the device's range. Checked before the collective creation, so one rank's
   // bad config cannot leave the others waiting in NCCL.
   static int resolvePriority(const NcclLaneSpec& spec);
 
@@ -81,13 +81,9 @@ class NcclLane : public DeviceLane,
 
   // The priority the stream has (CUDA may clamp what was asked).
   int streamPriority() const;
-  uintptr_t streamHandle() const;
   bool createdBySplit() const {
     return createdBySplit_;
   }
-
-  // The priority a role's lane gets when its config names none.
-  static int defaultPriority(const std::string& role, int device);
 
  private:
   NcclLane(
