@@ -11,7 +11,8 @@
 #include "nccl_fields.h"
 #include "pooled_backend.h"
 #ifdef PYCOMM_CUDA
-#include "cuda/nccl_api.h"
+#include "cuda/gpu_apis.h"
+#include "cuda/nccl_calls.h"
 #include "cuda/nccl_lane.h"
 #endif
 
@@ -130,14 +131,20 @@ py::dict planToDict(const pycomm::NcclFieldPlan& plan) {
 #ifdef PYCOMM_CUDA
 void bindCuda(py::module_& m) {
   m.def("nccl_built_version", &pycomm::nccl::builtVersion);
-  m.def("nccl_loaded_version", &pycomm::nccl::loadedVersion);
-  m.def("nccl_usable_version", &pycomm::nccl::usableVersion);
-  m.def("nccl_unique_id", [] { return py::bytes(pycomm::nccl::newUniqueId()); });
+  m.def("nccl_loaded_version", [] {
+    return pycomm::nccl::loadedVersion(*pycomm::libraryNcclApi());
+  });
+  m.def("nccl_usable_version", [] {
+    return pycomm::nccl::usableVersion(*pycomm::libraryNcclApi());
+  });
+  m.def("nccl_unique_id", [] {
+    return py::bytes(pycomm::nccl::newUniqueId(*pycomm::libraryNcclApi()));
+  });
   m.def("live_nccl_comms", &pycomm::NcclComm::liveCount);
   m.def(
       "stream_priority_range",
       [](int device) {
-        auto range = pycomm::streamPriorityRange(device);
+        auto range = pycomm::streamPriorityRange(*pycomm::runtimeCudaApi(), device);
         return py::make_tuple(range.least, range.greatest);
       },
       py::arg("device"),
@@ -156,8 +163,10 @@ void bindCuda(py::module_& m) {
                       double timeoutSeconds,
                       const std::string& label,
                       const py::bytes& uniqueId,
-                      uintptr_t parent) {
+                      const std::shared_ptr<pycomm::NcclLane>& parent,
+                      bool tearDownOnError) {
             pycomm::NcclLaneSpec spec;
+            spec.comm.apis = pycomm::realGpuApis();
             spec.comm.device = device;
             spec.comm.rank = rank;
             spec.comm.size = size;
@@ -167,6 +176,7 @@ void bindCuda(py::module_& m) {
             spec.comm.label = label;
             spec.role = role;
             spec.streamPriority = streamPriority;
+            spec.tearDownOnError = tearDownOnError;
             const std::string id = uniqueId;
             py::gil_scoped_release release; // collective: peers must progress
             return pycomm::NcclLane::create(spec, id, parent);
@@ -180,9 +190,11 @@ void bindCuda(py::module_& m) {
           py::arg("timeout_seconds"),
           py::arg("label"),
           py::arg("unique_id") = py::bytes(),
-          py::arg("parent") = 0)
+          py::arg("parent") = nullptr,
+          py::arg("tear_down_on_error") = true)
       .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
       .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
+      .def_property_readonly("splittable", &pycomm::NcclLane::splittable)
       .def_property_readonly(
           "device_index",
           [](const pycomm::NcclLane& lane) { return lane.device().index(); })
@@ -191,6 +203,7 @@ void bindCuda(py::module_& m) {
           [](int device, const std::string& role, std::optional<int> priority,
              const std::string& label) {
             pycomm::NcclLaneSpec spec;
+            spec.comm.apis = pycomm::realGpuApis();
             spec.comm.device = device;
             spec.comm.label = label;
             spec.role = role;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <exception>
+#include <system_error>
+#include <thread>
 
 #include "errors.h"
 
@@ -134,8 +136,25 @@ void CommPool::abort() {
     }
     all = takeAll();
   }
-  for (auto& backend : all) {
-    backend->abort();
+  // An NCCL abort waits for its communicator's stream, which may wait behind
+  // another lane's hung op (a caller's stream joins the two): one lane at a
+  // time would wait for that op's timeout. So every backend aborts at once.
+  std::vector<std::thread> aborting;
+  for (size_t i = 1; i < all.size(); ++i) {
+    try {
+      aborting.emplace_back([backend = all[i]] { backend->abort(); });
+    } catch (const std::system_error&) {
+      break; // no more threads: the rest abort on this one, in turn
+    }
+  }
+  for (size_t i = aborting.size() + 1; i < all.size(); ++i) {
+    all[i]->abort();
+  }
+  if (!all.empty()) {
+    all.front()->abort();
+  }
+  for (auto& thread : aborting) {
+    thread.join();
   }
 }
 

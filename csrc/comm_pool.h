@@ -43,7 +43,8 @@ class CommPool {
   // other threads (see PooledBackend::close()).
   void destroy(bool wait = true);
   // Fails every unfinished op and refuses new entries, without waiting for
-  // peers. Idempotent; destroy() after abort() only forgets the entries.
+  // peers; every entry aborts at once, each on a thread of its own.
+  // Idempotent; destroy() after abort() only forgets the entries.
   void abort();
 
   bool isOpen() const;

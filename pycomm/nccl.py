@@ -1,11 +1,14 @@
 """The NCCL lane of a pooled group (CUDA build): which device it serves, how its
 communicator is made, and the ncclConfig_t a RoleConfig turns into.
 
-A communicator is split (ncclCommSplit) from the base group's own NCCL
-communicator when every member can: torch has one bound to the device, both
-use the same libnccl, and its children would not share its resources.
-Otherwise every member creates it with ncclCommInitRankConfig from one unique
-id published in the store by the last member to arrive.
+A communicator is split (ncclCommSplit) from the communicator of the base
+group's other pooled lane on the same device when every member has one (the
+second role of a group): pycomm's own communicators are nonblocking, so the
+split is polled and bounded by the timeout. torch's communicator is never
+split: NCCL takes blocking from the parent, and a split of torch's blocking
+one would wait inside NCCL forever for a member that failed. Otherwise every
+member creates it with ncclCommInitRankConfig from one unique id published in
+the store by the last member to arrive.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 # "0" makes every pooled communicator a fresh one, never a split.
 SPLIT_ENV = "PYCOMM_NCCL_SPLIT"
+# "0": an NCCL error or timeout is reported at wait(), the future and later
+# ops only; by default the process is torn down, as torch's NCCL backend does
+# (TORCH_NCCL_ASYNC_ERROR_HANDLING), since a stream may already consume the
+# failed op's output.
+ASYNC_ERROR_HANDLING_ENV = "PYCOMM_NCCL_ASYNC_ERROR_HANDLING"
 
 DeviceChoice = int | str | torch.device | None
 
@@ -109,15 +116,6 @@ def nccl_settings(config: RoleConfig, comm_name: str) -> dict[str, Any]:
     }
 
 
-def _libnccl_paths() -> set[str]:
-    maps = Path("/proc/self/maps")
-    if not maps.exists():
-        return set()
-    paths = {line.split()[-1] for line in maps.read_text().splitlines() if "/" in line}
-    # Only NCCL itself: its network plugins (libnccl-net*.so) may be loaded too.
-    return {p for p in paths if os.path.basename(p).startswith("libnccl.so")}
-
-
 def _version_code(version: tuple[int, ...]) -> int:
     major, minor, patch = (list(version) + [0, 0, 0])[:3]
     return major * 10000 + minor * 100 + patch
@@ -132,52 +130,34 @@ def torch_nccl_runtime_version() -> int:
     return _version_code(tuple(runtime()) if runtime else torch.cuda.nccl.version())
 
 
-def _shares_resources(backend: Any) -> bool:
-    """Whether children split from torch's communicator would share its
-    resources: NCCL takes splitShare from the parent, and shared children
-    share its stream (the lanes would serialize) and its abort."""
-    undefined = -(2**31)
-    try:
-        split_share = backend.options.config.split_share
-    except AttributeError:
-        split_share = undefined
-    if split_share != undefined:
-        return split_share == 1
-    return os.environ.get("NCCL_COMM_SPLIT_SHARE_RESOURCES", "0") == "1"
-
-
-def parent_comm(base_group: dist.ProcessGroup | None, device: int) -> int:
-    """The address of the base group's ncclComm_t on `device`, or 0 when there
-    is none this process can safely split: the split needs torch's NCCL
-    backend bound to this device (so its communicator exists on every
-    member), one libnccl shared by torch and pycomm, and a parent whose
-    children do not share its resources."""
+def split_parent(core: "_C.CommPool", base_group_name: str, role: str, device: int) -> Any:
+    """The NCCL lane of another pooled role of the same base group on `device`
+    that a new lane can be split from, or None (then the new communicator is
+    made from a unique id)."""
     if os.environ.get(SPLIT_ENV, "1") == "0":
-        return 0
-    backend = _torch_nccl_backend(base_group, torch.device("cuda", device))
-    if backend is None:
-        return 0
-    if not hasattr(backend, "_comm_ptr") or not backend._is_initialized():
-        return 0
-    bound = getattr(backend, "bound_device_id", None)
-    if bound is None or bound.index != device:
-        return 0
-    if torch_nccl_runtime_version() != _C.nccl_loaded_version():
-        return 0
-    if len(_libnccl_paths()) != 1 or _shares_resources(backend):
-        return 0
-    with torch.cuda.device(device):
-        return int(backend._comm_ptr())
+        return None
+    for other in _C.CommPool.roles():
+        if other == role:
+            continue
+        backend = core.find(base_group_name, other)
+        lane = backend.device_lane if backend is not None and backend.is_open() else None
+        if lane is not None and lane.device_index == device and lane.splittable:
+            return lane
+    return None
+
+
+def tear_down_on_error() -> bool:
+    return os.environ.get(ASYNC_ERROR_HANDLING_ENV, "1") != "0"
 
 
 def _agree_on_plan(
-    store: dist.Store, group_size: int, parent: int, timeout_seconds: float, label: str
+    store: dist.Store, group_size: int, can_split: bool, timeout_seconds: float, label: str
 ) -> bytes:
     """Split only if every member can; else one fresh unique id for all. Each
     member adds whether it can split, then counts itself in; the last to
     arrive decides for everyone (so a member that cannot split never leaves
     the others waiting inside ncclCommSplit)."""
-    store.add("can_split", 1 if parent else 0)
+    store.add("can_split", 1 if can_split else 0)
     if store.add("arrived", 1) == group_size:
         all_can = store.add("can_split", 0) == group_size
         store.set("plan", _SPLIT if all_can else _INIT + _C.nccl_unique_id())
@@ -194,7 +174,7 @@ def _agree_on_plan(
 def create_lane(
     *,
     device: int,
-    base_group: dist.ProcessGroup | None,
+    parent: Any,
     role: str,
     config: RoleConfig,
     group_rank: int,
@@ -203,7 +183,9 @@ def create_lane(
     label: str,
     comm_name: str,
 ) -> "_C.NcclLane":
-    """Creates the NCCL lane of one pooled group; collective over its members."""
+    """Creates the NCCL lane of one pooled group, split from `parent` (an
+    NcclLane of the same members) when every member has one; collective over
+    its members."""
     settings = nccl_settings(config, comm_name)
     plan = _C.nccl_config_plan(settings, _C.nccl_usable_version())
     for field, needs in plan["skipped"]:
@@ -211,14 +193,13 @@ def create_lane(
             "%s: ncclConfig_t.%s needs NCCL %s; the NCCL in use ignores it", label, field, needs
         )
     # Everything that can fail on one rank alone fails before the collective
-    # part: a blocking parent's split would wait for that rank forever.
+    # part, so the peers do not wait for this rank until their timeout.
     priority = _C.NcclLane.resolve_priority(device, role, config.stream_priority, label)
-    parent = parent_comm(base_group, device)
-    decision = _agree_on_plan(store, group_size, parent, config.timeout_seconds, label)
+    decision = _agree_on_plan(store, group_size, parent is not None, config.timeout_seconds, label)
     unique_id = b""
     if decision != _SPLIT:
         unique_id = decision[len(_INIT):]
-        parent = 0
+        parent = None
     lane = _C.NcclLane(
         device=device,
         rank=group_rank,
@@ -230,6 +211,7 @@ def create_lane(
         label=label,
         unique_id=unique_id,
         parent=parent,
+        tear_down_on_error=tear_down_on_error(),
     )
     logger.debug(
         "%s: NCCL lane on cuda:%d (%s), stream priority %d",

@@ -141,7 +141,6 @@ class CommPool:
                 store_prefix=prefix,
                 check_order=self._check_order,
                 cpu_comm_factory=self._cpu_comm_factory,
-                base_group=group,
                 device=resolve_device(self._device, group),
             )
             pooled = dist.new_group(

@@ -43,9 +43,7 @@ class CreateRequest:
     store_prefix: str
     check_order: bool
     cpu_comm_factory: CpuCommFactory = gloo_comm
-    # The group duplicated (its NCCL communicator may be split) and the CUDA
-    # device of the NCCL lane; None: CPU tensors only.
-    base_group: dist.ProcessGroup | None = None
+    # The CUDA device of the NCCL lane; None: CPU tensors only.
     device: int | None = None
 
 
@@ -106,7 +104,9 @@ def _create_backend(
         try:
             lane = nccl.create_lane(
                 device=request.device,
-                base_group=request.base_group,
+                parent=nccl.split_parent(
+                    request.core, request.base_group_name, request.role, request.device
+                ),
                 role=request.role,
                 config=request.config,
                 group_rank=opts.group_rank,

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Builds the C++ core with CMake and runs its unit tests with ctest.
-# PYCOMM_SANITIZE=1 builds with AddressSanitizer + LeakSanitizer instead
-# (build/cmake-asan). Installs GoogleTest from Debian's packages when missing.
+# Builds the C++ core with CMake and runs its unit tests with ctest, the NCCL
+# lane on the simulated GPU included (label simgpu).
+# PYCOMM_SANITIZE=1 (or address) builds with AddressSanitizer + LeakSanitizer
+# instead (build/cmake-asan), PYCOMM_SANITIZE=thread with ThreadSanitizer
+# (build/cmake-tsan). Extra arguments go to ctest (e.g. -L simgpu).
+# Installs GoogleTest from Debian's packages when missing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,16 +17,20 @@ if [ ! -f /usr/include/gtest/gtest.h ]; then
     exit 1
   fi
 fi
-SANITIZE="${PYCOMM_SANITIZE:-0}"
-BUILD="$ROOT/build/cmake"
-[ "$SANITIZE" = 1 ] && BUILD="$ROOT/build/cmake-asan"
+case "${PYCOMM_SANITIZE:-}" in
+  ""|0) SANITIZER=""; BUILD="$ROOT/build/cmake" ;;
+  1|address) SANITIZER=address; BUILD="$ROOT/build/cmake-asan" ;;
+  thread) SANITIZER=thread; BUILD="$ROOT/build/cmake-tsan" ;;
+  *) echo "ctest: PYCOMM_SANITIZE is 1, address or thread, got '$PYCOMM_SANITIZE'" >&2; exit 2 ;;
+esac
 GEN=()
 command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
 [ -x "$ROOT/.venv/bin/ninja" ] && GEN=(-G Ninja -DCMAKE_MAKE_PROGRAM="$ROOT/.venv/bin/ninja")
 cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" \
-  -DPYCOMM_SANITIZE="$( [ "$SANITIZE" = 1 ] && echo ON || echo OFF )" -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$BUILD.log" 2>&1 \
+  -DPYCOMM_SANITIZE="$SANITIZER" -DCMAKE_BUILD_TYPE=RelWithDebInfo > "$BUILD.log" 2>&1 \
   || { tail -30 "$BUILD.log" >&2; exit 1; }
 cmake --build "$BUILD" -j "$(nproc)" >> "$BUILD.log" 2>&1 || { tail -40 "$BUILD.log" >&2; exit 1; }
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0"
 export LSAN_OPTIONS="suppressions=$ROOT/csrc/tests/lsan.supp:print_suppressions=0"
-ctest --test-dir "$BUILD" --output-on-failure --timeout 120
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$ROOT/csrc/tests/tsan.supp:print_suppressions=0"
+ctest --test-dir "$BUILD" --output-on-failure --timeout 300 "$@"

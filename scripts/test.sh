@@ -6,6 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 bash "$ROOT/scripts/ctest.sh"
-# The same C++ unit tests under AddressSanitizer + LeakSanitizer.
-PYCOMM_SANITIZE=1 bash "$ROOT/scripts/ctest.sh"
+# The same C++ unit tests under AddressSanitizer + LeakSanitizer, then the
+# threaded ones (the NCCL lane on the simulated GPU, the lane, the backend)
+# under ThreadSanitizer.
+PYCOMM_SANITIZE=address bash "$ROOT/scripts/ctest.sh"
+PYCOMM_SANITIZE=thread bash "$ROOT/scripts/ctest.sh"
 exec "$ROOT/.venv/bin/python" -m pytest -q "$@"

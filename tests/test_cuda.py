@@ -35,7 +35,7 @@ def world() -> Iterator[torch.device]:
         init_method=f"tcp://127.0.0.1:{free_port()}",
         rank=0,
         world_size=1,
-        device_id=device,  # torch's NCCL communicator exists now: it can be split
+        device_id=device,
     )
     yield device
     dist.destroy_process_group()
@@ -106,17 +106,18 @@ def test_lane_waits_for_work_queued_on_the_caller_stream(pool: pycomm.CommPool, 
         assert out.min().item() == out.max().item() == value
 
 
-def test_communicators_are_split_from_torchs(pool: pycomm.CommPool, world: torch.device) -> None:
-    # With torch's NCCL bound to the device (device_id) and one libnccl, the
-    # split is taken; where this machine's torch differs, init is, and the
-    # results tests above cover it.
-    can_split = pycomm_nccl.parent_comm(dist.group.WORLD, world.index) != 0
-    if len(pycomm_nccl._libnccl_paths()) == 1 and (
-        pycomm_nccl.torch_nccl_runtime_version() == _C.nccl_loaded_version()
-    ):
-        assert can_split
-    pool.duplicate(role="ag")
-    assert _nccl_row(pool, "ag")["created_by_split"] == can_split
+def test_second_role_is_split_from_the_first(pool: pycomm.CommPool, world: torch.device) -> None:
+    # The first lane of a base group comes from a unique id; the second is
+    # split from the first's (nonblocking, pycomm-owned) communicator.
+    ag = pool.duplicate(role="ag")
+    rs = pool.duplicate(role="rs")
+    assert _nccl_row(pool, "ag")["created_by_split"] is False
+    assert _nccl_row(pool, "rs")["created_by_split"] is True
+    x = torch.arange(1000, device=world, dtype=torch.float32)
+    for group in (ag, rs):
+        out = torch.empty_like(x)
+        dist.all_gather_into_tensor(out, x, group=group)
+        assert torch.equal(out, x)
 
 
 def test_fresh_communicator_when_splitting_is_off(world: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:

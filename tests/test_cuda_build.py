@@ -19,7 +19,6 @@ from pycomm import ConfigError, RoleConfig, _C
 from pycomm.launch import run_world
 from pycomm.nccl import (
     _agree_on_plan,
-    _libnccl_paths,
     nccl_settings,
     resolve_device,
     torch_nccl_runtime_version,
@@ -132,7 +131,7 @@ def _members_agree(can_split: list[bool]) -> list[bytes]:
     plans: list[bytes] = [b""] * len(can_split)
 
     def member(i: int) -> None:
-        plans[i] = _agree_on_plan(store, len(can_split), 0xBEEF if can_split[i] else 0, 30.0, "test")
+        plans[i] = _agree_on_plan(store, len(can_split), can_split[i], 30.0, "test")
 
     threads = [threading.Thread(target=member, args=(i,)) for i in range(len(can_split))]
     for t in threads:
@@ -148,13 +147,6 @@ def test_members_split_only_if_every_member_can() -> None:
     plans = _members_agree([True, False, True])
     assert len(set(plans)) == 1, "every member must get the same plan"
     assert plans[0].startswith(b"init:") and len(plans[0]) == len(b"init:") + 128
-
-
-@needs_cuda_build
-def test_only_nccl_itself_counts_as_a_loaded_libnccl() -> None:
-    paths = _libnccl_paths()
-    assert len(paths) == 1, paths  # torch and pycomm share the wheel's libnccl.so.2
-    assert Path(next(iter(paths))).name == "libnccl.so.2"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
@@ -175,3 +167,26 @@ def test_cpu_variant_is_chosen_on_request(monkeypatch: pytest.MonkeyPatch) -> No
     assert pycomm_build.cuda_paths_or_none() is None
     assert all("csrc/cuda/" not in s for s in pycomm_build.sources(ROOT, cuda=False))
     assert any("csrc/cuda/nccl_lane.cpp" in s for s in pycomm_build.sources(ROOT, cuda=True))
+
+
+def test_errors_tear_down_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pycomm.nccl import ASYNC_ERROR_HANDLING_ENV, tear_down_on_error
+
+    monkeypatch.delenv(ASYNC_ERROR_HANDLING_ENV, raising=False)
+    assert tear_down_on_error() is True
+    monkeypatch.setenv(ASYNC_ERROR_HANDLING_ENV, "0")
+    assert tear_down_on_error() is False
+    monkeypatch.setenv(ASYNC_ERROR_HANDLING_ENV, "1")
+    assert tear_down_on_error() is True
+
+
+@needs_cuda_build
+def test_no_split_parent_without_a_lane_of_the_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split parent is only ever another pooled lane of the same group:
+    a pool without one (no GPU here) makes every communicator from an id."""
+    from pycomm.nccl import SPLIT_ENV, split_parent
+
+    core = _C.CommPool()
+    assert split_parent(core, "group-0", "rs", 0) is None
+    monkeypatch.setenv(SPLIT_ENV, "0")
+    assert split_parent(core, "group-0", "rs", 0) is None

@@ -4,89 +4,89 @@
 
 namespace pycomm {
 
-void checkCuda(cudaError_t result, const std::string& what) {
+void checkCuda(CudaApi& api, cudaError_t result, const std::string& what) {
   if (result != cudaSuccess) {
     throw CollectiveError(
-        what + " failed: " + cudaGetErrorName(result) + ": " +
-        cudaGetErrorString(result));
+        what + " failed: " + api.getErrorName(result) + ": " +
+        api.getErrorString(result));
   }
 }
 
-StreamPriorityRange streamPriorityRange(int device) {
-  int current = 0;
-  checkCuda(cudaGetDevice(&current), "cudaGetDevice");
-  if (current != device) {
-    checkCuda(cudaSetDevice(device), "cudaSetDevice");
+DeviceScope::DeviceScope(CudaApi& api, int device, Errors errors) : api_(api) {
+  int current = -1;
+  const cudaError_t got = api_.getDevice(&current);
+  if (got == cudaSuccess && current == device) {
+    return; // nothing to restore
   }
+  previous_ = got == cudaSuccess ? current : -1;
+  const cudaError_t set = api_.setDevice(device);
+  if (errors == Errors::Throw) {
+    checkCuda(api_, got, "cudaGetDevice");
+    checkCuda(api_, set, "cudaSetDevice");
+  }
+}
+
+DeviceScope::~DeviceScope() {
+  if (previous_ >= 0 && api_.hasPrimaryContext(previous_)) {
+    (void)api_.setDevice(previous_);
+  }
+}
+
+StreamPriorityRange streamPriorityRange(CudaApi& api, int device) {
+  DeviceScope scope(api, device);
   StreamPriorityRange range;
-  cudaError_t result =
-      cudaDeviceGetStreamPriorityRange(&range.least, &range.greatest);
-  if (current != device) {
-    checkCuda(cudaSetDevice(current), "cudaSetDevice");
-  }
-  checkCuda(result, "cudaDeviceGetStreamPriorityRange");
+  checkCuda(
+      api,
+      api.deviceGetStreamPriorityRange(&range.least, &range.greatest),
+      "cudaDeviceGetStreamPriorityRange");
   return range;
 }
 
-CudaStream::CudaStream(int priority) {
+CudaStream::CudaStream(std::shared_ptr<CudaApi> api, int priority)
+    : api_(std::move(api)) {
   checkCuda(
-      cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority),
+      *api_,
+      api_->streamCreateWithPriority(&stream_, cudaStreamNonBlocking, priority),
       "cudaStreamCreateWithPriority");
 }
 
 CudaStream::~CudaStream() {
   // Work still queued finishes; CUDA frees the stream afterwards. A failure
   // here cannot be reported from a destructor and leaks nothing we own.
-  (void)cudaStreamDestroy(stream_);
+  (void)api_->streamDestroy(stream_);
 }
 
 int CudaStream::priority() const {
   int priority = 0;
-  checkCuda(cudaStreamGetPriority(stream_, &priority), "cudaStreamGetPriority");
+  checkCuda(*api_, api_->streamGetPriority(stream_, &priority), "cudaStreamGetPriority");
   return priority;
 }
 
-QuietDeviceScope::QuietDeviceScope(int device) {
-  if (cudaGetDevice(&previous_) != cudaSuccess) {
-    previous_ = -1;
-  }
-  if (previous_ != device) {
-    (void)cudaSetDevice(device);
-  }
-}
-
-QuietDeviceScope::~QuietDeviceScope() {
-  int current = -1;
-  if (previous_ >= 0 && cudaGetDevice(&current) == cudaSuccess &&
-      current != previous_) {
-    (void)cudaSetDevice(previous_);
-  }
-}
-
-CudaEvent::CudaEvent() {
+CudaEvent::CudaEvent(std::shared_ptr<CudaApi> api) : api_(std::move(api)) {
   checkCuda(
-      cudaEventCreateWithFlags(&event_, cudaEventDisableTiming),
+      *api_,
+      api_->eventCreateWithFlags(&event_, cudaEventDisableTiming),
       "cudaEventCreateWithFlags");
 }
 
 CudaEvent::~CudaEvent() {
-  (void)cudaEventDestroy(event_);
+  (void)api_->eventDestroy(event_);
 }
 
 void CudaEvent::record(cudaStream_t stream) {
-  checkCuda(cudaEventRecord(event_, stream), "cudaEventRecord");
+  checkCuda(*api_, api_->eventRecord(event_, stream), "cudaEventRecord");
 }
 
 void CudaEvent::block(cudaStream_t stream) const {
-  checkCuda(cudaStreamWaitEvent(stream, event_, 0), "cudaStreamWaitEvent");
+  checkCuda(*api_, api_->streamWaitEvent(stream, event_, 0), "cudaStreamWaitEvent");
 }
 
 bool CudaEvent::query() const {
-  const cudaError_t result = cudaEventQuery(event_);
+  const cudaError_t result = api_->eventQuery(event_);
   if (result == cudaErrorNotReady) {
     return false;
   }
-  checkCuda(result, "cudaEventQuery");
+  checkCuda(*api_, result, "cudaEventQuery");
   return true;
 }
 

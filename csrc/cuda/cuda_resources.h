@@ -1,30 +1,53 @@
 #pragma once
-// Owned CUDA streams and events, and the check every CUDA call goes through.
+// Owned CUDA streams and events, the device scope, and the check every CUDA
+// call goes through; all made through a CudaApi.
 //
 // Thread-safety: CudaStream and CudaEvent are immutable handles after
-// construction; CUDA allows their use from any thread.
-#include <cuda_runtime_api.h>
-
+// construction; CUDA allows their use from any thread. A DeviceScope belongs
+// to the thread that made it.
+#include <memory>
 #include <string>
+
+#include "cuda_api.h"
 
 namespace pycomm {
 
 // Throws CollectiveError naming `what` and CUDA's message.
-void checkCuda(cudaError_t result, const std::string& what);
+void checkCuda(CudaApi& api, cudaError_t result, const std::string& what);
 
-// The stream priorities the device allows: `greatest` is the numerically
+// Makes `device` current for the scope. On leaving, it goes back to the
+// previous device only if that one has a primary context: a thread that never
+// used a device reports device 0, and setting it would create a context
+// there (about 0.5 GiB of GPU 0 from every rank), as c10's
+// MaybeExchangeDevice avoids too. `Throw` reports a failure to set the
+// device; `Quiet` ignores it (teardown paths, where the NCCL call after it
+// reports it).
+class DeviceScope {
+ public:
+  enum class Errors { Throw, Quiet };
+  DeviceScope(CudaApi& api, int device, Errors errors = Errors::Throw);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  CudaApi& api_;
+  int previous_ = -1;
+};
+
+// The stream priorities `device` allows: `greatest` is the numerically
 // lowest, i.e. the most urgent.
 struct StreamPriorityRange {
   int least = 0;
   int greatest = 0;
 };
-StreamPriorityRange streamPriorityRange(int device);
+StreamPriorityRange streamPriorityRange(CudaApi& api, int device);
 
 // A non-blocking stream (it does not synchronize with the legacy default
 // stream) of a given priority on the current device, destroyed with it.
 class CudaStream {
  public:
-  explicit CudaStream(int priority);
+  CudaStream(std::shared_ptr<CudaApi> api, int priority);
   ~CudaStream();
   CudaStream(const CudaStream&) = delete;
   CudaStream& operator=(const CudaStream&) = delete;
@@ -35,28 +58,15 @@ class CudaStream {
   int priority() const;
 
  private:
+  std::shared_ptr<CudaApi> api_;
   cudaStream_t stream_ = nullptr;
-};
-
-// Makes `device` current for a scope and restores the previous one; never
-// throws, for teardown paths (abort, destructors) where an error can only be
-// ignored: if the device cannot be set, the NCCL call after it reports it.
-class QuietDeviceScope {
- public:
-  explicit QuietDeviceScope(int device);
-  ~QuietDeviceScope();
-  QuietDeviceScope(const QuietDeviceScope&) = delete;
-  QuietDeviceScope& operator=(const QuietDeviceScope&) = delete;
-
- private:
-  int previous_ = -1;
 };
 
 // An event without timing (cheaper to record and wait on), on the current
 // device, destroyed with it; CUDA releases it once pending work is done.
 class CudaEvent {
  public:
-  CudaEvent();
+  explicit CudaEvent(std::shared_ptr<CudaApi> api);
   ~CudaEvent();
   CudaEvent(const CudaEvent&) = delete;
   CudaEvent& operator=(const CudaEvent&) = delete;
@@ -66,11 +76,9 @@ class CudaEvent {
   void block(cudaStream_t stream) const;
   // True once the recorded work is done; throws on a device error.
   bool query() const;
-  cudaEvent_t get() const {
-    return event_;
-  }
 
  private:
+  std::shared_ptr<CudaApi> api_;
   cudaEvent_t event_ = nullptr;
 };
 

@@ -1,268 +1,101 @@
+// The libnccl loaded behind NcclApi: forwarders only.
 #include "nccl_api.h"
 
-#include <algorithm>
-#include <cstring>
+namespace pycomm {
 
-#include "errors.h"
+namespace {
 
-namespace pycomm::nccl {
-
-int builtVersion() {
-  return NCCL_VERSION_CODE;
-}
-
-int loadedVersion() {
-  // The library cannot change while the process runs.
-  static const int version = [] {
-    int v = 0;
-    check(ncclGetVersion(&v), "ncclGetVersion", nullptr);
-    return v;
-  }();
-  return version;
-}
-
-int usableVersion() {
-  return std::min(builtVersion(), loadedVersion());
-}
-
-std::string newUniqueId() {
-  ncclUniqueId id;
-  check(ncclGetUniqueId(&id), "ncclGetUniqueId", nullptr);
-  return std::string(id.internal, sizeof(id.internal));
-}
-
-std::string errorText(ncclResult_t result) {
-  return ncclGetErrorString(result);
-}
-
-std::string lastError(ncclComm_t comm) {
-  const char* text = ncclGetLastError(comm);
-  return text != nullptr ? text : "";
-}
-
-ncclResult_t check(ncclResult_t result, const std::string& what, ncclComm_t comm) {
-  if (result == ncclSuccess || result == ncclInProgress) {
-    return result;
+class LibraryNcclApi final : public NcclApi {
+ public:
+  ncclResult_t getVersion(int* version) override {
+    return ncclGetVersion(version);
   }
-  std::string message = what + " failed: " + errorText(result);
-  const std::string last = lastError(comm);
-  if (!last.empty()) {
-    message += " (NCCL: " + last + ")";
+  ncclResult_t getUniqueId(ncclUniqueId* id) override {
+    return ncclGetUniqueId(id);
   }
-  throw CollectiveError(message);
-}
-
-ncclConfig_t makeConfig(const NcclSettings& settings) {
-  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  // Nonblocking: creation, finalize and group ends return at once, so a hung
-  // peer is noticed by our polling (bounded by the timeout), never by a
-  // thread stuck inside NCCL.
-  config.blocking = 0;
-#if NCCL_VERSION_CODE >= 21800
-  // Children sharing resources share a stream, and the AG and RS duplicates
-  // would serialize again. NCCL reads splitShare from the parent when
-  // splitting, so pycomm/nccl.py refuses parents that share; this value
-  // matters for communicators split from ours.
-  config.splitShare = 0;
-#endif
-  const auto plan = planNcclFields(settings, usableVersion());
-  for (NcclField field : plan.applied) {
-    switch (field) {
-#if NCCL_VERSION_CODE >= 21700
-      case NcclField::CgaClusterSize:
-        config.cgaClusterSize = *settings.cgaClusterSize;
-        break;
-      case NcclField::MinCtas:
-        config.minCTAs = *settings.minCtas;
-        break;
-      case NcclField::MaxCtas:
-        config.maxCTAs = *settings.maxCtas;
-        break;
-      case NcclField::NetName:
-        config.netName = settings.netName->c_str();
-        break;
-#endif
-#if NCCL_VERSION_CODE >= 22600
-      case NcclField::TrafficClass:
-        config.trafficClass = *settings.trafficClass;
-        break;
-#endif
-#if NCCL_VERSION_CODE >= 22700
-      case NcclField::CommName:
-        config.commName = settings.commName->c_str();
-        break;
-      case NcclField::CtaPolicy:
-        config.CTAPolicy = *settings.ctaPolicy;
-        break;
-#endif
-      default:
-        break; // the compiled header lacks the field: planNcclFields skipped it
-    }
+  const char* getErrorString(ncclResult_t result) override {
+    return ncclGetErrorString(result);
   }
-  return config;
-}
-
-ncclDataType_t dataType(at::ScalarType type, const std::string& context) {
-  switch (type) {
-    case at::kFloat:
-      return ncclFloat32;
-    case at::kHalf:
-      return ncclFloat16;
-    case at::kBFloat16:
-      return ncclBfloat16;
-    case at::kDouble:
-      return ncclFloat64;
-    case at::kChar:
-      return ncclInt8;
-    case at::kByte:
-    case at::kBool:
-      return ncclUint8;
-    case at::kInt:
-      return ncclInt32;
-    case at::kLong:
-      return ncclInt64;
-#if NCCL_VERSION_CODE >= 22400
-    case at::kFloat8_e4m3fn:
-    case at::kFloat8_e5m2:
-      // The header may know FP8 while the library loaded is older.
-      if (loadedVersion() < 22400) {
-        throw UnsupportedOpError(
-            context + ": " + c10::toString(type) + " needs NCCL 2.24, loaded " +
-            ncclVersionText(loadedVersion()));
-      }
-      return type == at::kFloat8_e4m3fn ? ncclFloat8e4m3 : ncclFloat8e5m2;
-#endif
-    default:
-      throw UnsupportedOpError(
-          context + ": NCCL has no type for " + c10::toString(type));
+  const char* getLastError(ncclComm_t comm) override {
+    return ncclGetLastError(comm);
   }
-}
-
-ncclRedOp_t reduceOp(
-    c10d::ReduceOp::RedOpType op,
-    at::ScalarType type,
-    const std::string& context) {
-  switch (op) {
-    case c10d::ReduceOp::SUM:
-      return type == at::kBool ? ncclMax : ncclSum; // a logical or
-    case c10d::ReduceOp::PRODUCT:
-      return type == at::kBool ? ncclMin : ncclProd; // a logical and
-    case c10d::ReduceOp::MIN:
-      return ncclMin;
-    case c10d::ReduceOp::MAX:
-      return ncclMax;
-    case c10d::ReduceOp::AVG:
-      if (!at::isFloatingType(type)) {
-        throw UnsupportedOpError(
-            context + ": AVG needs a floating-point type, got " +
-            c10::toString(type));
-      }
-      return ncclAvg;
-    default:
-      throw UnsupportedOpError(
-          context + ": reduce op " + std::to_string(static_cast<int>(op)) +
-          " is not supported by the NCCL lane (SUM, AVG, MIN, MAX, PRODUCT)");
+  ncclResult_t commInitRankConfig(
+      ncclComm_t* comm, int nranks, ncclUniqueId id, int rank,
+      ncclConfig_t* config) override {
+    return ncclCommInitRankConfig(comm, nranks, id, rank, config);
   }
-}
-
-ncclResult_t commInitRank(
-    ncclComm_t* comm,
-    int nranks,
-    const std::string& uniqueId,
-    int rank,
-    ncclConfig_t* config) {
-  ncclUniqueId id;
-  if (uniqueId.size() != sizeof(id.internal)) {
-    throw ConfigError(
-        "an NCCL unique id has " + std::to_string(sizeof(id.internal)) +
-        " bytes, got " + std::to_string(uniqueId.size()));
+  ncclResult_t commSplit(
+      ncclComm_t parent, int color, int key, ncclComm_t* child,
+      ncclConfig_t* config) override {
+    return ncclCommSplit(parent, color, key, child, config);
   }
-  std::memcpy(id.internal, uniqueId.data(), sizeof(id.internal));
-  return ncclCommInitRankConfig(comm, nranks, id, rank, config);
+  ncclResult_t commFinalize(ncclComm_t comm) override {
+    return ncclCommFinalize(comm);
+  }
+  ncclResult_t commDestroy(ncclComm_t comm) override {
+    return ncclCommDestroy(comm);
+  }
+  ncclResult_t commAbort(ncclComm_t comm) override {
+    return ncclCommAbort(comm);
+  }
+  ncclResult_t commGetAsyncError(ncclComm_t comm, ncclResult_t* state) override {
+    return ncclCommGetAsyncError(comm, state);
+  }
+  ncclResult_t commCount(ncclComm_t comm, int* count) override {
+    return ncclCommCount(comm, count);
+  }
+  ncclResult_t commUserRank(ncclComm_t comm, int* rank) override {
+    return ncclCommUserRank(comm, rank);
+  }
+  ncclResult_t commRegister(
+      ncclComm_t comm, void* buffer, size_t size, void** handle) override {
+    return ncclCommRegister(comm, buffer, size, handle);
+  }
+  ncclResult_t commDeregister(ncclComm_t comm, void* handle) override {
+    return ncclCommDeregister(comm, handle);
+  }
+  ncclResult_t groupStart() override {
+    return ncclGroupStart();
+  }
+  ncclResult_t groupEnd() override {
+    return ncclGroupEnd();
+  }
+  ncclResult_t allGather(
+      const void* input, void* output, size_t countPerRank,
+      ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) override {
+    return ncclAllGather(input, output, countPerRank, type, comm, stream);
+  }
+  ncclResult_t reduceScatter(
+      const void* input, void* output, size_t countPerRank,
+      ncclDataType_t type, ncclRedOp_t op, ncclComm_t comm,
+      cudaStream_t stream) override {
+    return ncclReduceScatter(input, output, countPerRank, type, op, comm, stream);
+  }
+  ncclResult_t allReduce(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) override {
+    return ncclAllReduce(input, output, count, type, op, comm, stream);
+  }
+  ncclResult_t broadcast(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      int root, ncclComm_t comm, cudaStream_t stream) override {
+    return ncclBroadcast(input, output, count, type, root, comm, stream);
+  }
+  ncclResult_t redOpCreatePreMulSum(
+      ncclRedOp_t* op, void* scalar, ncclDataType_t type,
+      ncclScalarResidence_t residence, ncclComm_t comm) override {
+    return ncclRedOpCreatePreMulSum(op, scalar, type, residence, comm);
+  }
+  ncclResult_t redOpDestroy(ncclRedOp_t op, ncclComm_t comm) override {
+    return ncclRedOpDestroy(op, comm);
+  }
+};
+
+} // namespace
+
+std::shared_ptr<NcclApi> libraryNcclApi() {
+  static const std::shared_ptr<NcclApi> api = std::make_shared<LibraryNcclApi>();
+  return api;
 }
 
-ncclResult_t commSplit(
-    ncclComm_t parent,
-    int color,
-    int key,
-    ncclComm_t* child,
-    ncclConfig_t* config) {
-  return ncclCommSplit(parent, color, key, child, config);
-}
-
-ncclResult_t getAsyncError(ncclComm_t comm, ncclResult_t* error) {
-  return ncclCommGetAsyncError(comm, error);
-}
-
-ncclResult_t commFinalize(ncclComm_t comm) {
-  return ncclCommFinalize(comm);
-}
-
-ncclResult_t commDestroy(ncclComm_t comm) {
-  return ncclCommDestroy(comm);
-}
-
-ncclResult_t commAbort(ncclComm_t comm) {
-  return ncclCommAbort(comm);
-}
-
-ncclResult_t commCount(ncclComm_t comm, int* count) {
-  return ncclCommCount(comm, count);
-}
-
-ncclResult_t commUserRank(ncclComm_t comm, int* rank) {
-  return ncclCommUserRank(comm, rank);
-}
-
-ncclResult_t groupStart() {
-  return ncclGroupStart();
-}
-
-ncclResult_t groupEnd() {
-  return ncclGroupEnd();
-}
-
-ncclResult_t allGather(
-    const void* input,
-    void* output,
-    size_t countPerRank,
-    ncclDataType_t type,
-    ncclComm_t comm,
-    cudaStream_t stream) {
-  return ncclAllGather(input, output, countPerRank, type, comm, stream);
-}
-
-ncclResult_t reduceScatter(
-    const void* input,
-    void* output,
-    size_t countPerRank,
-    ncclDataType_t type,
-    ncclRedOp_t op,
-    ncclComm_t comm,
-    cudaStream_t stream) {
-  return ncclReduceScatter(input, output, countPerRank, type, op, comm, stream);
-}
-
-ncclResult_t allReduce(
-    const void* input,
-    void* output,
-    size_t count,
-    ncclDataType_t type,
-    ncclRedOp_t op,
-    ncclComm_t comm,
-    cudaStream_t stream) {
-  return ncclAllReduce(input, output, count, type, op, comm, stream);
-}
-
-ncclResult_t broadcast(
-    const void* input,
-    void* output,
-    size_t count,
-    ncclDataType_t type,
-    int root,
-    ncclComm_t comm,
-    cudaStream_t stream) {
-  return ncclBroadcast(input, output, count, type, root, comm, stream);
-}
-
-} // namespace pycomm::nccl
+} // namespace pycomm

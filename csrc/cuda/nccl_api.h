@@ -1,107 +1,72 @@
 #pragma once
-// The one thin layer over NCCL: every nccl* call of pycomm is made in
-// nccl_api.cpp. Return codes become named exceptions carrying NCCL's own
-// message; ncclConfig_t is filled with the version guards of nccl_fields.h;
-// torch types map to NCCL's.
+// The one thin layer over NCCL: the lane and its communicator make every
+// nccl* call through an NcclApi handed in by whoever creates them.
+// libraryNcclApi() forwards to the libnccl loaded (what users get); the tests
+// hand in a simulated NCCL (csrc/tests/simgpu/). What pycomm makes of NCCL's
+// answers (named errors, ncclConfig_t, type mapping) is in nccl_calls.h.
 //
-// Thread-safety: the functions are thread-safe as NCCL's are: calls on one
-// communicator must not run concurrently (NcclComm serializes them), except
-// getAsyncError() and abort(), which NCCL allows from any thread.
+// Thread-safety: as NCCL's: calls on one communicator must not run
+// concurrently (NcclComm serializes them), except commGetAsyncError() and
+// commAbort(), which NCCL allows from any thread.
+#include <cuda_runtime_api.h>
 #include <nccl.h>
 
-#include <ATen/core/Tensor.h>
-#include <torch/csrc/distributed/c10d/Types.hpp>
-
 #include <cstddef>
-#include <string>
+#include <memory>
 
-#include "nccl_fields.h"
+namespace pycomm {
 
-namespace pycomm::nccl {
+class NcclApi {
+ public:
+  virtual ~NcclApi() = default;
 
-// The version in the nccl.h compiled against, and the one of the libnccl
-// loaded now (they may differ: the library is found at run time).
-int builtVersion();
-int loadedVersion();
-// The version both understand: the config fields that can be set.
-int usableVersion();
+  virtual ncclResult_t getVersion(int* version) = 0;
+  virtual ncclResult_t getUniqueId(ncclUniqueId* id) = 0;
+  virtual const char* getErrorString(ncclResult_t result) = 0;
+  // The last error text for `comm` (null: of the calling thread); may be null.
+  virtual const char* getLastError(ncclComm_t comm) = 0;
 
-// NCCL's text for a result code, and its last error message for `comm`
-// (may be null: the last error of the thread).
-std::string errorText(ncclResult_t result);
-std::string lastError(ncclComm_t comm);
+  virtual ncclResult_t commInitRankConfig(
+      ncclComm_t* comm, int nranks, ncclUniqueId id, int rank,
+      ncclConfig_t* config) = 0;
+  virtual ncclResult_t commSplit(
+      ncclComm_t parent, int color, int key, ncclComm_t* child,
+      ncclConfig_t* config) = 0;
+  virtual ncclResult_t commFinalize(ncclComm_t comm) = 0;
+  virtual ncclResult_t commDestroy(ncclComm_t comm) = 0;
+  virtual ncclResult_t commAbort(ncclComm_t comm) = 0;
+  virtual ncclResult_t commGetAsyncError(ncclComm_t comm, ncclResult_t* state) = 0;
+  virtual ncclResult_t commCount(ncclComm_t comm, int* count) = 0;
+  virtual ncclResult_t commUserRank(ncclComm_t comm, int* rank) = 0;
+  virtual ncclResult_t commRegister(
+      ncclComm_t comm, void* buffer, size_t size, void** handle) = 0;
+  virtual ncclResult_t commDeregister(ncclComm_t comm, void* handle) = 0;
 
-// A fresh ncclUniqueId as bytes, for the store exchange.
-std::string newUniqueId();
+  virtual ncclResult_t groupStart() = 0;
+  virtual ncclResult_t groupEnd() = 0;
 
-// Throws CollectiveError naming `what`, the result and NCCL's last error text
-// for `comm` (may be null). ncclInProgress is not an error for nonblocking
-// communicators and is returned to the caller.
-ncclResult_t check(ncclResult_t result, const std::string& what, ncclComm_t comm);
+  virtual ncclResult_t allGather(
+      const void* input, void* output, size_t countPerRank,
+      ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) = 0;
+  virtual ncclResult_t reduceScatter(
+      const void* input, void* output, size_t countPerRank,
+      ncclDataType_t type, ncclRedOp_t op, ncclComm_t comm,
+      cudaStream_t stream) = 0;
+  virtual ncclResult_t allReduce(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) = 0;
+  virtual ncclResult_t broadcast(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      int root, ncclComm_t comm, cudaStream_t stream) = 0;
+  // A reduce op that multiplies each input by `*scalar` (of `type`, read on
+  // the host at this call) before summing; destroyed with redOpDestroy.
+  virtual ncclResult_t redOpCreatePreMulSum(
+      ncclRedOp_t* op, void* scalar, ncclDataType_t type,
+      ncclScalarResidence_t residence, ncclComm_t comm) = 0;
+  virtual ncclResult_t redOpDestroy(ncclRedOp_t op, ncclComm_t comm) = 0;
+};
 
-// ncclConfig_t with blocking=0, splitShare=0 and the fields `settings` sets
-// that usableVersion() understands. Pointers in the result point into
-// `settings`, which must outlive the config's use.
-ncclConfig_t makeConfig(const NcclSettings& settings);
+// The libnccl this process loaded; one instance per process.
+std::shared_ptr<NcclApi> libraryNcclApi();
 
-// Throw UnsupportedOpError naming `context` for types or ops NCCL lacks.
-ncclDataType_t dataType(at::ScalarType type, const std::string& context);
-ncclRedOp_t reduceOp(
-    c10d::ReduceOp::RedOpType op,
-    at::ScalarType type,
-    const std::string& context);
-
-ncclResult_t commInitRank(
-    ncclComm_t* comm,
-    int nranks,
-    const std::string& uniqueId,
-    int rank,
-    ncclConfig_t* config);
-ncclResult_t commSplit(
-    ncclComm_t parent,
-    int color,
-    int key,
-    ncclComm_t* child,
-    ncclConfig_t* config);
-ncclResult_t getAsyncError(ncclComm_t comm, ncclResult_t* error);
-ncclResult_t commFinalize(ncclComm_t comm);
-ncclResult_t commDestroy(ncclComm_t comm);
-ncclResult_t commAbort(ncclComm_t comm);
-ncclResult_t commCount(ncclComm_t comm, int* count);
-ncclResult_t commUserRank(ncclComm_t comm, int* rank);
-
-ncclResult_t groupStart();
-ncclResult_t groupEnd();
-ncclResult_t allGather(
-    const void* input,
-    void* output,
-    size_t countPerRank,
-    ncclDataType_t type,
-    ncclComm_t comm,
-    cudaStream_t stream);
-ncclResult_t reduceScatter(
-    const void* input,
-    void* output,
-    size_t countPerRank,
-    ncclDataType_t type,
-    ncclRedOp_t op,
-    ncclComm_t comm,
-    cudaStream_t stream);
-ncclResult_t allReduce(
-    const void* input,
-    void* output,
-    size_t count,
-    ncclDataType_t type,
-    ncclRedOp_t op,
-    ncclComm_t comm,
-    cudaStream_t stream);
-ncclResult_t broadcast(
-    const void* input,
-    void* output,
-    size_t count,
-    ncclDataType_t type,
-    int root,
-    ncclComm_t comm,
-    cudaStream_t stream);
-
-} // namespace pycomm::nccl
+} // namespace pycomm

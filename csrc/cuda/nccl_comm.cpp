@@ -1,44 +1,68 @@
 #include "nccl_comm.h"
 
-#include <c10/cuda/CUDAGuard.h>
-
 #include <thread>
+#include <vector>
 
 #include "errors.h"
-#include "nccl_api.h"
+#include "nccl_calls.h"
 
 namespace pycomm {
 
 namespace {
 std::atomic<int64_t> liveComms{0};
 
-// A poll of a nonblocking communicator costs one call; this keeps a waiting
-// thread from spinning a core while NCCL connects.
-constexpr auto kPollInterval = std::chrono::microseconds(200);
+// A group end on a connected communicator is taken within microseconds, so
+// a poll first yields the core; creation and first connections take
+// milliseconds to seconds, so it then sleeps, ever longer, up to a bound.
+constexpr auto kYieldFor = std::chrono::microseconds(50);
+constexpr auto kFirstSleep = std::chrono::microseconds(10);
+constexpr auto kLongestSleep = std::chrono::microseconds(1000);
 
 // Polls `comm`'s asynchronous state until it leaves ncclInProgress and
 // returns it (ncclSuccess or the error). Returns ncclInProgress when the
 // timeout passed, or `stop` was raised, first.
 ncclResult_t pollAsyncState(
+    NcclApi& api,
     ncclComm_t comm,
     std::chrono::milliseconds timeout,
     const std::atomic<bool>* stop = nullptr) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + timeout;
+  auto sleep = kFirstSleep;
   while (true) {
     ncclResult_t state = ncclInProgress;
-    const ncclResult_t result = nccl::getAsyncError(comm, &state);
+    const ncclResult_t result = api.commGetAsyncError(comm, &state);
     if (result != ncclSuccess) {
       return result;
     }
     if (state != ncclInProgress) {
       return state;
     }
-    if ((stop != nullptr && stop->load()) ||
-        std::chrono::steady_clock::now() > deadline) {
+    const auto now = std::chrono::steady_clock::now();
+    if ((stop != nullptr && stop->load()) || now > deadline) {
       return ncclInProgress;
     }
-    std::this_thread::sleep_for(kPollInterval);
+    if (now - start < kYieldFor) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(sleep);
+      sleep = std::min(sleep * 2, kLongestSleep);
+    }
   }
+}
+
+// A split that did not complete may still have its child written into the
+// slot by NCCL's own thread later: the slot stays valid for the life of the
+// process (one pointer per failed split).
+void keepForNccl(std::unique_ptr<ncclComm_t> slot) {
+  static std::mutex mutex;
+  static std::vector<std::unique_ptr<ncclComm_t>> kept;
+  std::lock_guard<std::mutex> lock(mutex);
+  kept.push_back(std::move(slot));
+}
+
+std::string timeoutText(std::chrono::milliseconds timeout) {
+  return std::to_string(timeout.count()) + " ms";
 }
 
 } // namespace
@@ -46,18 +70,18 @@ ncclResult_t pollAsyncState(
 NcclComm::NcclComm(NcclCommSpec spec) : spec_(std::move(spec)) {}
 
 void NcclComm::adopt(ncclComm_t comm, const std::string& what) {
-  const ncclResult_t state = pollAsyncState(comm, spec_.timeout);
+  const ncclResult_t state = pollAsyncState(nccl(), comm, spec_.timeout);
   if (state == ncclInProgress) {
-    (void)nccl::commAbort(comm); // freeing it is all that is left to do
+    (void)nccl().commAbort(comm); // freeing it is all that is left to do
     throw CollectiveTimeoutError(
         spec_.label + ": " + what + " did not complete within " +
-        std::to_string(spec_.timeout.count()) +
-        " ms; every member must duplicate the group with the same role");
+        timeoutText(spec_.timeout) +
+        "; every member must duplicate the group with the same role");
   }
   if (state != ncclSuccess) {
     const std::string message = spec_.label + ": " + what + " failed: " +
-        nccl::errorText(state) + " (NCCL: " + nccl::lastError(comm) + ")";
-    (void)nccl::commAbort(comm);
+        nccl::errorText(nccl(), state) + " (NCCL: " + nccl::lastError(nccl(), comm) + ")";
+    (void)nccl().commAbort(comm);
     throw CollectiveError(message);
   }
   comm_ = comm;
@@ -69,48 +93,64 @@ std::unique_ptr<NcclComm> NcclComm::initRank(
     const std::string& uniqueId) {
   std::unique_ptr<NcclComm> self(new NcclComm(std::move(spec)));
   const NcclCommSpec& s = self->spec_;
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(s.device));
-  ncclConfig_t config = nccl::makeConfig(s.settings);
+  NcclApi& api = self->nccl();
+  const ncclUniqueId id = nccl::uniqueIdFromBytes(uniqueId);
+  DeviceScope device(*s.apis.cuda, s.device);
+  ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api));
   ncclComm_t comm = nullptr;
   const std::string what = "ncclCommInitRankConfig (rank " +
       std::to_string(s.rank) + " of " + std::to_string(s.size) + ")";
-  const ncclResult_t result =
-      nccl::commInitRank(&comm, s.size, uniqueId, s.rank, &config);
+  const ncclResult_t result = api.commInitRankConfig(&comm, s.size, id, s.rank, &config);
   if (result != ncclSuccess && result != ncclInProgress && comm != nullptr) {
-    (void)nccl::commAbort(comm); // the error below is what matters
+    (void)api.commAbort(comm); // the error below is what matters
   }
-  nccl::check(result, s.label + ": " + what, comm);
+  nccl::check(api, result, s.label + ": " + what, comm);
   self->adopt(comm, what);
   return self;
 }
 
-std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, ncclComm_t parent) {
+std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
   std::unique_ptr<NcclComm> self(new NcclComm(std::move(spec)));
   const NcclCommSpec& s = self->spec_;
-  if (parent == nullptr) {
-    throw ConfigError(s.label + ": no parent NCCL communicator to split");
-  }
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(s.device));
-  ncclConfig_t config = nccl::makeConfig(s.settings);
-  const std::string what = "ncclCommSplit of the base group's communicator";
-  // A nonblocking parent writes the child here only when the split is done,
-  // after this call returned: the slot must outlive the call.
+  NcclApi& api = self->nccl();
+  const std::string what = "ncclCommSplit of " + parent.spec_.label;
+  DeviceScope device(*s.apis.cuda, s.device);
+  ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api));
+  // The parent is nonblocking: NCCL writes the child here when the split is
+  // done, after the call returned.
   auto slot = std::make_unique<ncclComm_t>(nullptr);
-  // One color for all members: the child has exactly the parent's ranks, in
-  // the same order (key = rank).
-  const ncclResult_t result =
-      nccl::commSplit(parent, /*color=*/0, /*key=*/s.rank, slot.get(), &config);
-  nccl::check(result, s.label + ": " + what, parent);
-  if (result == ncclInProgress) {
-    const ncclResult_t state = pollAsyncState(parent, s.timeout);
-    if (state == ncclInProgress) {
-      // NCCL may still write the child into the slot: it is left to it.
-      (void)slot.release();
-      throw CollectiveTimeoutError(
-          s.label + ": " + what + " did not complete within " +
-          std::to_string(s.timeout.count()) + " ms");
+  {
+    std::lock_guard<std::mutex> lock(parent.mutex_);
+    if (parent.comm_ == nullptr || parent.aborted()) {
+      throw PoolClosedError(
+          s.label + ": cannot split " + parent.spec_.label + ": it was " +
+          (parent.aborted() ? "aborted" : "destroyed"));
     }
-    nccl::check(state, s.label + ": " + what, parent);
+    // One color for all members: the child has exactly the parent's ranks,
+    // in the same order (key = rank).
+    const ncclResult_t result = api.commSplit(
+        parent.comm_, /*color=*/0, /*key=*/s.rank, slot.get(), &config);
+    ncclResult_t state = result;
+    if (result == ncclInProgress) {
+      state = pollAsyncState(api, parent.comm_, s.timeout, &parent.abortRequested_);
+    }
+    if (state != ncclSuccess) {
+      // NCCL may still be splitting: neither the parent nor the slot can be
+      // trusted or freed.
+      std::string message = state == ncclInProgress
+          ? s.label + ": " + what + " did not complete within " +
+              timeoutText(s.timeout) +
+              "; every member must duplicate the group with the same role"
+          : s.label + ": " + what + " failed: " + nccl::errorText(api, state) +
+              " (NCCL: " + nccl::lastError(api, parent.comm_) + ")";
+      keepForNccl(std::move(slot));
+      parent.requestAbort(message);
+      parent.releaseLocked(/*abort=*/true);
+      if (state == ncclInProgress) {
+        throw CollectiveTimeoutError(message);
+      }
+      throw CollectiveError(message);
+    }
   }
   if (*slot == nullptr) {
     throw CollectiveError(s.label + ": " + what + " returned no communicator");
@@ -122,24 +162,41 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, ncclComm_t parent) 
 NcclComm::~NcclComm() {
   // Finalizing here could wait for peers; a communicator nobody destroyed is
   // abandoned, so it is aborted.
-  abort();
+  abort("the communicator was dropped without destroy()");
 }
 
 int64_t NcclComm::liveCount() {
   return liveComms.load();
 }
 
+std::string NcclComm::abortReason() const {
+  std::lock_guard<std::mutex> lock(reasonMutex_);
+  return abortReason_;
+}
+
+void NcclComm::requestAbort(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(reasonMutex_);
+    if (abortReason_.empty()) {
+      abortReason_ = reason;
+    }
+  }
+  abortRequested_.store(true); // ends a poll in enqueue()/destroy()/split()
+}
+
 void NcclComm::settleLocked(const std::string& what) {
-  const ncclResult_t state = pollAsyncState(comm_, spec_.timeout, &abortRequested_);
+  const ncclResult_t state =
+      pollAsyncState(nccl(), comm_, spec_.timeout, &abortRequested_);
   if (state == ncclInProgress) {
     if (abortRequested_.load()) {
-      throw PoolClosedError(spec_.label + ": " + what + " was ended by abort()");
+      throw PoolClosedError(
+          spec_.label + ": " + what + " was ended by an abort (" + abortReason() + ")");
     }
     throw CollectiveTimeoutError(
         spec_.label + ": NCCL did not take " + what + " within " +
-        std::to_string(spec_.timeout.count()) + " ms");
+        timeoutText(spec_.timeout));
   }
-  nccl::check(state, spec_.label + ": " + what, comm_);
+  nccl::check(nccl(), state, spec_.label + ": " + what, comm_);
 }
 
 void NcclComm::enqueue(
@@ -149,28 +206,31 @@ void NcclComm::enqueue(
   if (comm_ == nullptr || abortRequested_.load()) {
     throw PoolClosedError(
         spec_.label + ": " + what + ": the NCCL communicator was " +
-        (abortRequested_.load() ? "aborted" : "destroyed"));
+        (abortRequested_.load() ? "aborted (" + abortReason() + ")" : "destroyed"));
   }
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(spec_.device));
-  if (nccl::check(calls(comm_), spec_.label + ": " + what, comm_) ==
+  DeviceScope device(*spec_.apis.cuda, spec_.device);
+  if (nccl::check(nccl(), calls(comm_), spec_.label + ": " + what, comm_) ==
       ncclInProgress) {
     settleLocked(what);
   }
 }
 
-ncclResult_t NcclComm::asyncError() {
-  std::lock_guard<std::mutex> lock(mutex_);
+std::optional<ncclResult_t> NcclComm::tryAsyncError() {
+  std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    return std::nullopt;
+  }
   if (comm_ == nullptr) {
     return ncclSuccess;
   }
   ncclResult_t state = ncclSuccess;
-  const ncclResult_t result = nccl::getAsyncError(comm_, &state);
+  const ncclResult_t result = nccl().commGetAsyncError(comm_, &state);
   return result != ncclSuccess ? result : state;
 }
 
 std::string NcclComm::lastError() {
   std::lock_guard<std::mutex> lock(mutex_);
-  return nccl::lastError(comm_);
+  return comm_ == nullptr ? "" : nccl::lastError(nccl(), comm_);
 }
 
 void NcclComm::destroy() {
@@ -178,35 +238,40 @@ void NcclComm::destroy() {
   if (comm_ == nullptr) {
     return;
   }
-  QuietDeviceScope device(spec_.device);
+  DeviceScope device(*spec_.apis.cuda, spec_.device, DeviceScope::Errors::Quiet);
   try {
-    if (nccl::check(nccl::commFinalize(comm_), spec_.label + ": ncclCommFinalize", comm_) ==
+    if (nccl::check(nccl(), nccl().commFinalize(comm_), spec_.label + ": ncclCommFinalize", comm_) ==
         ncclInProgress) {
       settleLocked("ncclCommFinalize");
     }
-  } catch (const PycommError&) {
+  } catch (const PycommError& e) {
     // Finalize could not flush (a peer gone, or past the timeout): nothing
     // more can be delivered, so free without waiting.
+    requestAbort(e.what());
     releaseLocked(/*abort=*/true);
     throw;
   }
   releaseLocked(/*abort=*/false);
 }
 
-void NcclComm::abort() noexcept {
-  abortRequested_.store(true); // ends a poll in enqueue()/destroy() first
+void NcclComm::abort(const std::string& reason) noexcept {
+  try {
+    requestAbort(reason);
+  } catch (...) {
+    abortRequested_.store(true); // no memory for the reason: abort anyway
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   if (comm_ == nullptr) {
     return;
   }
-  QuietDeviceScope device(spec_.device);
+  DeviceScope device(*spec_.apis.cuda, spec_.device, DeviceScope::Errors::Quiet);
   releaseLocked(/*abort=*/true);
 }
 
 void NcclComm::releaseLocked(bool abort) {
   // The communicator is gone whatever NCCL answers; an error here leaves
   // nothing of ours to free, so it is not rethrown.
-  (void)(abort ? nccl::commAbort(comm_) : nccl::commDestroy(comm_));
+  (void)(abort ? nccl().commAbort(comm_) : nccl().commDestroy(comm_));
   comm_ = nullptr;
   liveComms.fetch_sub(1);
 }

@@ -1,29 +1,34 @@
 #pragma once
-// An owned, nonblocking ncclComm_t on one device: created by ncclCommSplit
-// from a parent or by ncclCommInitRankConfig from a unique id, freed by
-// destroy() (finalize, then destroy) or abort(), or aborted by the destructor
-// if neither ran. Every wait inside NCCL is a poll of ncclCommGetAsyncError
-// bounded by the timeout, so a missing peer becomes a named error, not a hang.
+// An owned, nonblocking ncclComm_t on one device: created by
+// ncclCommInitRankConfig from a unique id or split from another NcclComm,
+// freed by destroy() (finalize, then destroy) or abort(), or aborted by the
+// destructor if neither ran. Every wait inside NCCL is a poll of
+// ncclCommGetAsyncError bounded by the timeout, so a missing peer becomes a
+// named error, not a hang. Only communicators pycomm owns are split: they are
+// nonblocking, so the split is polled too (NCCL takes blocking from the
+// parent, and a split of a blocking one would wait for a missing member
+// forever).
 //
-// Thread-safety: enqueue(), asyncError(), destroy() and abort() may be called
-// from any thread; one mutex serializes NCCL calls on the communicator, and
-// abort() first raises a flag that ends any poll in progress.
-#include <nccl.h>
-
+// Thread-safety: every method may be called from any thread; one mutex
+// serializes NCCL calls on the communicator, and abort() first raises a flag
+// that ends any poll in progress.
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "cuda_resources.h"
+#include "gpu_apis.h"
 #include "nccl_fields.h"
 
 namespace pycomm {
 
 struct NcclCommSpec {
+  GpuApis apis;
   int device = 0;
   int rank = 0; // in the group
   int size = 1; // ranks in the group
@@ -37,13 +42,11 @@ class NcclComm {
   static std::unique_ptr<NcclComm> initRank(
       NcclCommSpec spec,
       const std::string& uniqueId);
-  // Every member of `parent` must split it in the same order; the child has
-  // the parent's ranks. NCCL takes splitShare from the parent's config: the
-  // caller must not pass a parent created with splitShare=1. A blocking
-  // parent (torch's default) makes this call block until every member split,
-  // which the members-only rendezvous before it makes prompt; a nonblocking
-  // one is polled, bounded by the timeout.
-  static std::unique_ptr<NcclComm> split(NcclCommSpec spec, ncclComm_t parent);
+  // Every member of `parent` splits it at the same point of its sequence of
+  // calls; the child has the parent's ranks in the same order. If the split
+  // fails or times out, NCCL may still be working on the parent, so the
+  // parent is aborted too (its lane reports why).
+  static std::unique_ptr<NcclComm> split(NcclCommSpec spec, NcclComm& parent);
   ~NcclComm();
   NcclComm(const NcclComm&) = delete;
   NcclComm& operator=(const NcclComm&) = delete;
@@ -55,16 +58,19 @@ class NcclComm {
   void enqueue(
       const std::string& what,
       const std::function<ncclResult_t(ncclComm_t)>& calls);
-  // ncclSuccess, ncclInProgress, or the error NCCL met asynchronously.
-  ncclResult_t asyncError();
+  // The error NCCL met asynchronously (ncclSuccess or ncclInProgress when
+  // none); nullopt while another call holds the communicator (that call
+  // reports what it meets), so a watchdog never waits behind an issue.
+  std::optional<ncclResult_t> tryAsyncError();
   // NCCL's message for the last error on this communicator.
   std::string lastError();
   // Flushes what was issued (bounded by the timeout; past it, aborts) and
   // frees the communicator. Idempotent.
   void destroy();
   // Frees the communicator at once, without waiting for peers; operations in
-  // flight end with an error. Idempotent, any thread, never throws.
-  void abort() noexcept;
+  // flight end early. The first reason given is kept. Idempotent, any
+  // thread, never throws.
+  void abort(const std::string& reason = "abort()") noexcept;
 
   const NcclCommSpec& spec() const {
     return spec_;
@@ -72,6 +78,8 @@ class NcclComm {
   bool aborted() const {
     return abortRequested_.load();
   }
+  // Why it was aborted; empty when it was not.
+  std::string abortReason() const;
   // Communicators alive in this process (for leak checks).
   static int64_t liveCount();
 
@@ -79,17 +87,24 @@ class NcclComm {
   // The spec lives as long as the communicator: NCCL keeps pointers into
   // the config's strings (commName).
   explicit NcclComm(NcclCommSpec spec);
+  NcclApi& nccl() const {
+    return *spec_.apis.nccl;
+  }
   // Waits for a new communicator to finish connecting and takes ownership;
   // aborts it on failure or past the timeout.
   void adopt(ncclComm_t comm, const std::string& what);
   // Polls until NCCL is done with the last call; lock held by the caller.
   void settleLocked(const std::string& what);
+  // Records the first reason and raises the flag that ends polls.
+  void requestAbort(const std::string& reason);
   void releaseLocked(bool abort);
 
   NcclCommSpec spec_;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   ncclComm_t comm_ = nullptr;
   std::atomic<bool> abortRequested_{false};
+  mutable std::mutex reasonMutex_; // not mutex_: set before a poll lets go of it
+  std::string abortReason_;
 };
 
 } // namespace pycomm

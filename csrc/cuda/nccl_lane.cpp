@@ -1,10 +1,10 @@
 #include "nccl_lane.h"
 
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <cstdio>
+#include <cstdlib>
 
 #include "errors.h"
-#include "nccl_api.h"
+#include "nccl_calls.h"
 
 namespace pycomm {
 
@@ -14,13 +14,40 @@ namespace {
 // waits for it.
 constexpr auto kWatchInterval = std::chrono::microseconds(500);
 
+int64_t steadyUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 int64_t toUs(std::chrono::milliseconds ms) {
   return std::chrono::duration_cast<std::chrono::microseconds>(ms).count();
+}
+
+std::string messageOf(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "unknown error";
+  }
+}
+
+void abortProcess(const std::string& message) {
+  std::fprintf(
+      stderr,
+      "pycomm: %s\npycomm: tearing the process down, as torch's NCCL backend "
+      "does: a stream may already consume the failed op's output "
+      "(PYCOMM_NCCL_ASYNC_ERROR_HANDLING=0 only reports the error)\n",
+      message.c_str());
+  std::fflush(stderr);
+  std::abort();
 }
 } // namespace
 
 int NcclLane::resolvePriority(const NcclLaneSpec& spec) {
-  const auto range = streamPriorityRange(spec.comm.device);
+  const auto range = streamPriorityRange(*spec.comm.apis.cuda, spec.comm.device);
   // By default parameter all-gathers go first (they gate the next layer's
   // compute); gradient reduce-scatters can trail.
   const int priority = spec.streamPriority.value_or(
@@ -37,7 +64,7 @@ int NcclLane::resolvePriority(const NcclLaneSpec& spec) {
 std::shared_ptr<NcclLane> NcclLane::create(
     const NcclLaneSpec& spec,
     const std::string& uniqueId,
-    uintptr_t parent) {
+    const std::shared_ptr<NcclLane>& parent) {
   // Not make_shared: the constructor is private, so every lane is owned by a
   // shared_ptr, which the watchdog relies on.
   return std::shared_ptr<NcclLane>(new NcclLane(spec, uniqueId, parent));
@@ -46,16 +73,29 @@ std::shared_ptr<NcclLane> NcclLane::create(
 NcclLane::NcclLane(
     const NcclLaneSpec& spec,
     const std::string& uniqueId,
-    uintptr_t parent)
+    const std::shared_ptr<NcclLane>& parent)
     : spec_(spec),
       device_(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(spec.comm.device)),
-      createdBySplit_(parent != 0) {
-  const int priority = resolvePriority(spec);
-  comm_ = createdBySplit_
-      ? NcclComm::split(spec.comm, reinterpret_cast<ncclComm_t>(parent))
-      : NcclComm::initRank(spec.comm, uniqueId);
-  c10::cuda::CUDAGuard guard(device_.index());
-  stream_ = std::make_unique<CudaStream>(priority);
+      createdBySplit_(parent != nullptr) {
+  if (!spec_.tearDown) {
+    spec_.tearDown = abortProcess;
+  }
+  // Everything that can fail on this rank alone comes before the collective
+  // creation, so it cannot leave the peers waiting.
+  const int priority = resolvePriority(spec_);
+  checkCuda(
+      cuda(),
+      cuda().deviceGetAttribute(
+          &computeMajor_, cudaDevAttrComputeCapabilityMajor, spec_.comm.device),
+      "cudaDeviceGetAttribute");
+  loadedVersion_ = nccl::loadedVersion(*spec_.comm.apis.nccl);
+  {
+    DeviceScope device(cuda(), device_.index());
+    stream_ = std::make_unique<CudaStream>(spec_.comm.apis.cuda, priority);
+    callerReady_ = std::make_unique<CudaEvent>(spec_.comm.apis.cuda);
+  }
+  comm_ = parent != nullptr ? NcclComm::split(spec_.comm, *parent->comm_)
+                            : NcclComm::initRank(spec_.comm, uniqueId);
 }
 
 NcclLane::~NcclLane() {
@@ -85,6 +125,11 @@ size_t NcclLane::pending() const {
   return inFlight_.size();
 }
 
+bool NcclLane::splittable() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return state_ == State::Open && !comm_->aborted();
+}
+
 int NcclLane::streamPriority() const {
   return stream_->priority();
 }
@@ -93,42 +138,50 @@ bool NcclLane::onWatchdogThread() const {
   return std::this_thread::get_id() == watchdogId_.load();
 }
 
-void NcclLane::enqueueCollective(const Collective& op, const std::string& what) {
-  const cudaStream_t stream = stream_->get();
+NcclLane::NcclTypes NcclLane::ncclTypesOf(
+    const Collective& op, const std::string& what) const {
   // Each tensor pair has its own type: a coalesced op may mix them.
-  std::vector<ncclDataType_t> types;
-  std::vector<ncclRedOp_t> reduces;
+  NcclTypes out;
+  const bool reduces = op.kind == CollectiveKind::ReduceScatter ||
+      op.kind == CollectiveKind::AllReduce;
   for (const auto& in : op.inputs) {
-    types.push_back(nccl::dataType(in.scalar_type(), what));
-    if (op.kind == CollectiveKind::ReduceScatter ||
-        op.kind == CollectiveKind::AllReduce) {
-      reduces.push_back(nccl::reduceOp(op.reduceOp, in.scalar_type(), what));
+    out.types.push_back(nccl::dataType(in.scalar_type(), loadedVersion_, what));
+    if (reduces) {
+      out.reduces.push_back(
+          nccl::reduceOp(op.reduceOp, in.scalar_type(), computeMajor_, what));
     }
   }
+  return out;
+}
+
+void NcclLane::enqueueCollective(
+    const Collective& op, const NcclTypes& nccl, const std::string& what) {
+  const cudaStream_t stream = stream_->get();
+  NcclApi& api = *spec_.comm.apis.nccl;
   comm_->enqueue(what, [&](ncclComm_t comm) -> ncclResult_t {
-    nccl::check(nccl::groupStart(), what + ": ncclGroupStart", comm);
+    nccl::check(api, api.groupStart(), what + ": ncclGroupStart", comm);
     ncclResult_t result = ncclSuccess;
     for (size_t i = 0; i < op.inputs.size(); ++i) {
       const at::Tensor& in = op.inputs[i];
       switch (op.kind) {
         case CollectiveKind::AllGather:
-          result = nccl::allGather(
-              in.data_ptr(), op.outputs[i].data_ptr(), in.numel(), types[i],
+          result = api.allGather(
+              in.data_ptr(), op.outputs[i].data_ptr(), in.numel(), nccl.types[i],
               comm, stream);
           break;
         case CollectiveKind::ReduceScatter:
-          result = nccl::reduceScatter(
+          result = api.reduceScatter(
               in.data_ptr(), op.outputs[i].data_ptr(), op.outputs[i].numel(),
-              types[i], reduces[i], comm, stream);
+              nccl.types[i], nccl.reduces[i], comm, stream);
           break;
         case CollectiveKind::AllReduce:
-          result = nccl::allReduce(
-              in.data_ptr(), in.data_ptr(), in.numel(), types[i], reduces[i],
-              comm, stream);
+          result = api.allReduce(
+              in.data_ptr(), in.data_ptr(), in.numel(), nccl.types[i],
+              nccl.reduces[i], comm, stream);
           break;
         case CollectiveKind::Broadcast:
-          result = nccl::broadcast(
-              in.data_ptr(), in.data_ptr(), in.numel(), types[i],
+          result = api.broadcast(
+              in.data_ptr(), in.data_ptr(), in.numel(), nccl.types[i],
               static_cast<int>(op.root), comm, stream);
           break;
         case CollectiveKind::Barrier:
@@ -140,7 +193,7 @@ void NcclLane::enqueueCollective(const Collective& op, const std::string& what) 
     }
     // The group is always closed, also after a failed call, so the thread
     // is not left inside an NCCL group.
-    const ncclResult_t end = nccl::groupEnd();
+    const ncclResult_t end = api.groupEnd();
     return result != ncclSuccess && result != ncclInProgress ? result : end;
   });
 }
@@ -149,6 +202,7 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     const Collective& op,
     c10d::OpType type,
     std::string description) {
+  const NcclTypes types = ncclTypesOf(op, description);
   std::unique_lock<std::mutex> issueLock(issueMutex_);
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -161,11 +215,10 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
   }
   // Before anything is issued: if the thread cannot start, nothing is lost.
   ensureWatchdog();
-  c10::cuda::CUDAGuard guard(device_.index());
-  const cudaStream_t caller =
-      at::cuda::getCurrentCUDAStream(device_.index()).stream();
+  DeviceScope device(cuda(), device_.index());
+  const cudaStream_t caller = cuda().currentStream(device_.index());
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  checkCuda(cudaStreamIsCapturing(caller, &capture), "cudaStreamIsCapturing");
+  checkCuda(cuda(), cuda().streamIsCapturing(caller, &capture), "cudaStreamIsCapturing");
   if (capture != cudaStreamCaptureStatusNone) {
     throw UnsupportedOpError(
         description + ": pooled NCCL lanes cannot be captured into a CUDA "
@@ -173,22 +226,19 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
   }
   std::shared_ptr<CudaEvent> end;
   try {
-    CudaEvent ready; // freed at once; CUDA keeps it until the wait is done
-    ready.record(caller);
-    ready.block(stream_->get());
-    enqueueCollective(op, description);
-    end = std::make_shared<CudaEvent>();
+    callerReady_->record(caller);
+    callerReady_->block(stream_->get());
+    enqueueCollective(op, types, description);
+    end = std::make_shared<CudaEvent>(spec_.comm.apis.cuda);
     end->record(stream_->get());
-  } catch (const UnsupportedOpError&) {
-    throw; // a type or reduce op NCCL lacks: nothing was issued
   } catch (...) {
     // NCCL may have taken part of the op, or may still: the communicator
     // can no longer be trusted with the next one.
     auto error = std::current_exception();
     issueLock.unlock();
-    fail(error, State::Failed);
-    // If the watchdog failed the lane first (the reason this issue broke),
-    // its error is the one to report.
+    failOnError(error);
+    // If the watchdog or an abort ended the lane first (the reason this
+    // issue broke), its error is the one to report.
     std::lock_guard<std::mutex> lock(mutex_);
     std::rethrow_exception(failure_ ? failure_ : error);
   }
@@ -196,6 +246,7 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
   std::vector<at::Tensor> tensors = op.inputs;
   tensors.insert(tensors.end(), op.outputs.begin(), op.outputs.end());
   auto work = c10::make_intrusive<NcclWork>(
+      spec_.comm.apis.cuda,
       static_cast<int>(spec_.comm.rank),
       type,
       op.results(),
@@ -204,8 +255,8 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
       std::move(description));
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    inFlight_.push_back(InFlight{
-        work, std::move(tensors), op.kind, op.bytes(), LaneStats::nowUs()});
+    inFlight_.push_back(
+        InFlight{work, std::move(tensors), op.kind, op.bytes(), steadyUs()});
   }
   changed_.notify_all();
   return work;
@@ -225,7 +276,7 @@ void NcclLane::watch() {
   } catch (...) {
     // Nothing may escape a thread; whatever broke here fails the lane.
     try {
-      fail(std::current_exception(), State::Failed);
+      failOnError(std::current_exception());
     } catch (...) {
     }
   }
@@ -236,11 +287,13 @@ void NcclLane::watchUntilDone() {
   try {
     // Event queries need this device's context (not device 0's), and must
     // not be refused while another thread captures a CUDA graph.
-    checkCuda(cudaSetDevice(device_.index()), "cudaSetDevice");
+    checkCuda(cuda(), cuda().setDevice(device_.index()), "cudaSetDevice");
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    checkCuda(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
+    checkCuda(
+        cuda(), cuda().threadExchangeStreamCaptureMode(&mode),
+        "cudaThreadExchangeStreamCaptureMode");
   } catch (...) {
-    fail(std::current_exception(), State::Failed);
+    failOnError(std::current_exception());
     return;
   }
   int64_t previousEndUs = 0;
@@ -278,15 +331,24 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
   } catch (...) {
     error = std::current_exception();
   }
+  if (!error && comm_->aborted()) {
+    // NCCL's kernels return early on an abort, so an end event that passes
+    // now says nothing about the op's output.
+    error = std::make_exception_ptr(CollectiveError(
+        work->description() + " cannot finish: the NCCL communicator was "
+        "aborted (" + comm_->abortReason() + ")"));
+    passed = false;
+  }
   if (!passed && !error) {
-    const ncclResult_t async = comm_->asyncError();
-    if (async != ncclSuccess && async != ncclInProgress) {
+    const auto async = comm_->tryAsyncError();
+    if (async && *async != ncclSuccess && *async != ncclInProgress) {
       error = std::make_exception_ptr(CollectiveError(
-          work->description() + " failed in NCCL: " + nccl::errorText(async) +
-          " (NCCL: " + comm_->lastError() + ")"));
+          work->description() + " failed in NCCL: " +
+          nccl::errorText(*spec_.comm.apis.nccl, *async) + " (NCCL: " +
+          comm_->lastError() + ")"));
     }
   }
-  const int64_t now = LaneStats::nowUs();
+  const int64_t now = steadyUs();
   // Each op's timeout counts from when it could start: its issue, or the end
   // of the op before it, whichever is later.
   const int64_t startedUs = std::max(issuedUs, previousEndUs);
@@ -298,7 +360,9 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
         "communicator was aborted"));
   }
   if (error) {
-    fail(error, State::Failed);
+    // When the lane is ending already (abort(), another failure), the ops
+    // fail with the error that ended it.
+    failOnError(error);
     lock.lock();
     return true;
   }
@@ -316,7 +380,10 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
   lock.unlock();
   changed_.notify_all(); // close() may be waiting for the lane to drain
   if (stats) {
-    stats->record(OpRecord{done.kind, done.bytes, startedUs, now, true});
+    // Traces are in wall-clock time, so the ranks of one host line up.
+    const int64_t wallNow = LaneStats::nowUs();
+    stats->record(OpRecord{
+        done.kind, done.bytes, wallNow - (now - startedUs), wallNow, true});
   }
   previousEndUs = now;
   work->complete(nullptr); // may run callbacks; no lock held
@@ -325,22 +392,27 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
   return true;
 }
 
-void NcclLane::fail(std::exception_ptr error, State next) {
+bool NcclLane::fail(std::exception_ptr error, State next) {
+  bool ended = false;
   {
     // Recorded before the abort, so an issue() that the abort breaks reports
     // this error, not the abort.
     std::lock_guard<std::mutex> lock(mutex_);
     if (state_ == State::Open || state_ == State::Closing) {
       state_ = next;
+      ended = true;
+      endedBy_ = error;
       if (next == State::Failed) {
         failure_ = error;
       }
+    } else if (endedBy_) {
+      error = endedBy_; // the first failure names what happened
     }
   }
   // Aborting makes NCCL's kernels return and ends any poll inside an
   // issue(), so held tensors are safe to release afterwards and issueMutex_
   // is free soon.
-  comm_->abort();
+  comm_->abort(messageOf(error));
   std::deque<InFlight> unfinished;
   std::shared_ptr<LaneStats> stats;
   {
@@ -353,9 +425,16 @@ void NcclLane::fail(std::exception_ptr error, State next) {
   const int64_t now = LaneStats::nowUs();
   for (auto& op : unfinished) {
     if (stats) {
-      stats->record(OpRecord{op.kind, op.bytes, op.issuedUs, now, false});
+      stats->record(OpRecord{op.kind, op.bytes, now, now, false});
     }
     op.work->complete(error);
+  }
+  return ended;
+}
+
+void NcclLane::failOnError(std::exception_ptr error) {
+  if (fail(error, State::Failed) && spec_.tearDownOnError) {
+    spec_.tearDown(spec_.comm.label + ": " + messageOf(error));
   }
 }
 
@@ -418,7 +497,7 @@ void NcclLane::release() {
         }
       }).detach();
     } catch (...) {
-      comm_->abort(); // no thread to be had: free without waiting
+      comm_->abort("no thread could be started to finalize it"); // free without waiting
     }
   }
 }

@@ -16,9 +16,11 @@
 // stream while NCCL still reads or writes it.
 //
 // Errors: a watchdog thread (started with the first op) polls the end events
-// and ncclCommGetAsyncError. An NCCL error, a failed issue or an op past its
-// timeout aborts the communicator and fails every unfinished op with a named
-// error; later ops raise that error at once.
+// and ncclCommGetAsyncError. An NCCL error, a failed issue, a communicator
+// aborted under the lane (a failed split of it) or an op past its timeout
+// aborts the communicator and fails every unfinished op with a named error;
+// later ops raise that error at once. Then, by default, the process is torn
+// down (NcclLaneSpec::tearDownOnError).
 //
 // Lifetime: a lane is always owned by a shared_ptr. The watchdog holds one
 // while it runs, so a completion callback that drops the last outside
@@ -33,6 +35,7 @@
 // while mutex_ is held.
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -50,17 +53,26 @@ struct NcclLaneSpec {
   NcclCommSpec comm;
   std::string role; // "ag" or "rs": picks the default stream priority
   std::optional<int> streamPriority; // unset: highest for "ag", lowest for "rs"
+  // After an NCCL error or a timeout, tear the process down, as torch's NCCL
+  // backend does by default (TORCH_NCCL_ASYNC_ERROR_HANDLING): a caller's
+  // stream that already waits on a failed op would go on with its
+  // half-written output. Off: the error is only reported, at wait(), the
+  // future and later ops. abort() never tears down.
+  bool tearDownOnError = true;
+  // How to tear down, given the error's text; unset: print it to stderr and
+  // std::abort().
+  std::function<void(const std::string&)> tearDown;
 };
 
 class NcclLane : public DeviceLane,
                  public std::enable_shared_from_this<NcclLane> {
  public:
-  // Creates the communicator (split from `parent` when it is not null,
+  // Creates the communicator (split from `parent`'s when it is not null,
   // otherwise from `uniqueId`) and the stream. Collective over the group.
   static std::shared_ptr<NcclLane> create(
       const NcclLaneSpec& spec,
       const std::string& uniqueId,
-      uintptr_t parent);
+      const std::shared_ptr<NcclLane>& parent);
   ~NcclLane() override;
 
   // The stream priority `spec` gives (unset: the device's highest for "ag",
@@ -79,35 +91,57 @@ class NcclLane : public DeviceLane,
   void release() override;
   void abort() override;
 
+  // How errors name the lane's group and role.
+  const std::string& label() const {
+    return spec_.comm.label;
+  }
   // The priority the stream has (CUDA may clamp what was asked).
   int streamPriority() const;
   bool createdBySplit() const {
     return createdBySplit_;
   }
+  // Whether a new lane of the same members can be split from this one's
+  // communicator now (open, not aborted).
+  bool splittable() const;
 
  private:
   NcclLane(
       const NcclLaneSpec& spec,
       const std::string& uniqueId,
-      uintptr_t parent);
+      const std::shared_ptr<NcclLane>& parent);
 
   struct InFlight {
     c10::intrusive_ptr<NcclWork> work;
     std::vector<at::Tensor> tensors; // held until the end event passed
     CollectiveKind kind;
     int64_t bytes;
-    int64_t issuedUs;
+    int64_t issuedUs; // steady clock: deadlines must not move with the wall clock
   };
   enum class State { Open, Closing, Closed, Failed };
+  // NCCL's type and reduce op for each tensor pair of an op.
+  struct NcclTypes {
+    std::vector<ncclDataType_t> types;
+    std::vector<ncclRedOp_t> reduces;
+  };
 
+  CudaApi& cuda() const {
+    return *spec_.comm.apis.cuda;
+  }
+  // What NCCL calls `op` needs; UnsupportedOpError before anything is issued.
+  NcclTypes ncclTypesOf(const Collective& op, const std::string& what) const;
   // Issues on the stream; any error here leaves the communicator unusable.
-  void enqueueCollective(const Collective& op, const std::string& what);
+  void enqueueCollective(
+      const Collective& op, const NcclTypes& types, const std::string& what);
   void watch();
   void watchUntilDone();
   // One look at the oldest op; false once the watchdog should stop.
   bool watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEndUs);
-  // Aborts the communicator and fails every unfinished op with `error`.
-  void fail(std::exception_ptr error, State next);
+  // Aborts the communicator and fails every unfinished op with `error`;
+  // returns whether this call ended the lane (the first failure does).
+  bool fail(std::exception_ptr error, State next);
+  // fail() for an NCCL error or a timeout: tears the process down as the
+  // spec says.
+  void failOnError(std::exception_ptr error);
   // Stops taking ops; returns whether the lane was open until now.
   bool stopTakingOps(bool freeWhenDrained);
   // Starts the watchdog once; the caller holds issueMutex_.
@@ -118,8 +152,13 @@ class NcclLane : public DeviceLane,
   NcclLaneSpec spec_;
   c10::Device device_;
   bool createdBySplit_;
+  int computeMajor_ = 0;
+  int loadedVersion_ = 0;
   std::unique_ptr<NcclComm> comm_;
   std::unique_ptr<CudaStream> stream_;
+  // Recorded on the caller's stream by each issue (under issueMutex_): a
+  // wait takes the event's state when it is queued, so one event serves all.
+  std::unique_ptr<CudaEvent> callerReady_;
 
   std::mutex issueMutex_; // one issue at a time, in order; state changes too
   mutable std::mutex mutex_; // guards everything below
@@ -127,6 +166,7 @@ class NcclLane : public DeviceLane,
   State state_ = State::Open;
   bool freeWhenDrained_ = false; // release(): the watchdog frees the comm
   std::exception_ptr failure_; // why the lane failed, for later ops
+  std::exception_ptr endedBy_; // what failed or aborted it, for unfinished ops
   std::deque<InFlight> inFlight_;
   std::shared_ptr<LaneStats> stats_;
   std::thread watchdog_;

@@ -1,13 +1,13 @@
 #include "nccl_work.h"
 
 #include <ATen/core/jit_type.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "errors.h"
 
 namespace pycomm {
 
 NcclWork::NcclWork(
+    std::shared_ptr<CudaApi> cuda,
     int rank,
     c10d::OpType opType,
     std::vector<at::Tensor> outputs,
@@ -15,6 +15,7 @@ NcclWork::NcclWork(
     c10::Device device,
     std::string description)
     : c10d::Work(rank, opType),
+      cuda_(std::move(cuda)),
       outputs_(std::move(outputs)),
       end_(std::move(end)),
       device_(device),
@@ -52,8 +53,10 @@ void NcclWork::throwIfFailed() {
 }
 
 void NcclWork::makeCurrentStreamWait() const {
-  const auto current = c10::cuda::getCurrentCUDAStream(device_.index());
-  end_->block(current.stream());
+  // The wait is queued on the op's device, whatever device the caller has
+  // current.
+  DeviceScope device(*cuda_, device_.index());
+  end_->block(cuda_->currentStream(device_.index()));
 }
 
 bool NcclWork::wait(std::chrono::milliseconds timeout) {

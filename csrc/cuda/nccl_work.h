@@ -6,6 +6,12 @@
 // lane's watchdog completes the work (and its future) once the end event has
 // passed, or fails it with the error it found.
 //
+// A failure (an NCCL error, a timeout, abort()) that the watchdog found
+// before wait() is raised by wait(), synchronize(), isCompleted()'s
+// exception() and the future; one found after wait() made the caller's
+// stream wait cannot be taken back from the stream, which is why errors and
+// timeouts tear the process down by default (see NcclLaneSpec).
+//
 // Thread-safety: every method may be called concurrently from any thread.
 #include <ATen/core/ivalue.h>
 #include <c10/core/Device.h>
@@ -24,6 +30,7 @@ namespace pycomm {
 class NcclWork : public c10d::Work {
  public:
   NcclWork(
+      std::shared_ptr<CudaApi> cuda,
       int rank,
       c10d::OpType opType,
       std::vector<at::Tensor> outputs,
@@ -50,6 +57,7 @@ class NcclWork : public c10d::Work {
   void throwIfFailed();
   void makeCurrentStreamWait() const;
 
+  std::shared_ptr<CudaApi> cuda_;
   std::vector<at::Tensor> outputs_;
   std::shared_ptr<CudaEvent> end_;
   c10::Device device_;

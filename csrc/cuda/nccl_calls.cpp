@@ -1,0 +1,193 @@
+#include "nccl_calls.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "errors.h"
+
+namespace pycomm::nccl {
+
+namespace {
+// NCCL reduces FP8 only on Hopper and later: older devices fail inside NCCL,
+// after the communicator took the op.
+constexpr int kFp8ReduceMinComputeMajor = 9;
+} // namespace
+
+int builtVersion() {
+  return NCCL_VERSION_CODE;
+}
+
+int loadedVersion(NcclApi& api) {
+  int version = 0;
+  check(api, api.getVersion(&version), "ncclGetVersion", nullptr);
+  return version;
+}
+
+int usableVersion(NcclApi& api) {
+  return std::min(builtVersion(), loadedVersion(api));
+}
+
+std::string errorText(NcclApi& api, ncclResult_t result) {
+  const char* text = api.getErrorString(result);
+  return text != nullptr ? text : "result " + std::to_string(static_cast<int>(result));
+}
+
+std::string lastError(NcclApi& api, ncclComm_t comm) {
+  const char* text = api.getLastError(comm);
+  return text != nullptr ? text : "";
+}
+
+std::string newUniqueId(NcclApi& api) {
+  ncclUniqueId id;
+  check(api, api.getUniqueId(&id), "ncclGetUniqueId", nullptr);
+  return std::string(id.internal, sizeof(id.internal));
+}
+
+ncclUniqueId uniqueIdFromBytes(const std::string& bytes) {
+  ncclUniqueId id;
+  if (bytes.size() != sizeof(id.internal)) {
+    throw ConfigError(
+        "an NCCL unique id has " + std::to_string(sizeof(id.internal)) +
+        " bytes, got " + std::to_string(bytes.size()));
+  }
+  std::memcpy(id.internal, bytes.data(), sizeof(id.internal));
+  return id;
+}
+
+ncclResult_t check(NcclApi& api, ncclResult_t result, const std::string& what, ncclComm_t comm) {
+  if (result == ncclSuccess || result == ncclInProgress) {
+    return result;
+  }
+  std::string message = what + " failed: " + errorText(api, result);
+  const std::string last = lastError(api, comm);
+  if (!last.empty()) {
+    message += " (NCCL: " + last + ")";
+  }
+  throw CollectiveError(message);
+}
+
+ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion) {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  // Nonblocking: creation, finalize and group ends return at once, so a hung
+  // peer is noticed by our polling (bounded by the timeout), never by a
+  // thread stuck inside NCCL.
+  config.blocking = 0;
+#if NCCL_VERSION_CODE >= 21800
+  // Children sharing resources share a stream, and the AG and RS duplicates
+  // would serialize again. NCCL reads splitShare from the parent when
+  // splitting, so every communicator pycomm splits from must have it off.
+  config.splitShare = 0;
+#endif
+  const auto plan = planNcclFields(settings, usableVersion);
+  for (NcclField field : plan.applied) {
+    switch (field) {
+#if NCCL_VERSION_CODE >= 21700
+      case NcclField::CgaClusterSize:
+        config.cgaClusterSize = *settings.cgaClusterSize;
+        break;
+      case NcclField::MinCtas:
+        config.minCTAs = *settings.minCtas;
+        break;
+      case NcclField::MaxCtas:
+        config.maxCTAs = *settings.maxCtas;
+        break;
+      case NcclField::NetName:
+        config.netName = settings.netName->c_str();
+        break;
+#endif
+#if NCCL_VERSION_CODE >= 22600
+      case NcclField::TrafficClass:
+        config.trafficClass = *settings.trafficClass;
+        break;
+#endif
+#if NCCL_VERSION_CODE >= 22700
+      case NcclField::CommName:
+        config.commName = settings.commName->c_str();
+        break;
+      case NcclField::CtaPolicy:
+        config.CTAPolicy = *settings.ctaPolicy;
+        break;
+#endif
+      default:
+        break; // the compiled header lacks the field: planNcclFields skipped it
+    }
+  }
+  return config;
+}
+
+ncclDataType_t dataType(at::ScalarType type, int loadedVersion, const std::string& context) {
+  switch (type) {
+    case at::kFloat:
+      return ncclFloat32;
+    case at::kHalf:
+      return ncclFloat16;
+    case at::kBFloat16:
+      return ncclBfloat16;
+    case at::kDouble:
+      return ncclFloat64;
+    case at::kChar:
+      return ncclInt8;
+    case at::kByte:
+    case at::kBool:
+      return ncclUint8;
+    case at::kInt:
+      return ncclInt32;
+    case at::kUInt32:
+      return ncclUint32;
+    case at::kLong:
+      return ncclInt64;
+    case at::kUInt64:
+      return ncclUint64;
+#if NCCL_VERSION_CODE >= 22400
+    case at::kFloat8_e4m3fn:
+    case at::kFloat8_e5m2:
+      // The header may know FP8 while the library loaded is older.
+      if (loadedVersion < 22400) {
+        throw UnsupportedOpError(
+            context + ": " + c10::toString(type) + " needs NCCL 2.24, loaded " +
+            ncclVersionText(loadedVersion));
+      }
+      return type == at::kFloat8_e4m3fn ? ncclFloat8e4m3 : ncclFloat8e5m2;
+#endif
+    default:
+      throw UnsupportedOpError(
+          context + ": NCCL has no type for " + c10::toString(type));
+  }
+}
+
+ncclRedOp_t reduceOp(
+    c10d::ReduceOp::RedOpType op,
+    at::ScalarType type,
+    int computeMajor,
+    const std::string& context) {
+  const bool fp8 = type == at::kFloat8_e4m3fn || type == at::kFloat8_e5m2;
+  if (fp8 && computeMajor < kFp8ReduceMinComputeMajor) {
+    throw UnsupportedOpError(
+        context + ": NCCL reduces " + c10::toString(type) +
+        " only on compute capability 9.0 and later (Hopper); this device is " +
+        std::to_string(computeMajor) + ".x");
+  }
+  switch (op) {
+    case c10d::ReduceOp::SUM:
+      return type == at::kBool ? ncclMax : ncclSum; // a logical or
+    case c10d::ReduceOp::PRODUCT:
+      return type == at::kBool ? ncclMin : ncclProd; // a logical and
+    case c10d::ReduceOp::MIN:
+      return ncclMin;
+    case c10d::ReduceOp::MAX:
+      return ncclMax;
+    case c10d::ReduceOp::AVG:
+      if (!at::isFloatingType(type)) {
+        throw UnsupportedOpError(
+            context + ": AVG needs a floating-point type, got " +
+            c10::toString(type));
+      }
+      return ncclAvg;
+    default:
+      throw UnsupportedOpError(
+          context + ": reduce op " + std::to_string(static_cast<int>(op)) +
+          " is not supported by the NCCL lane (SUM, AVG, MIN, MAX, PRODUCT)");
+  }
+}
+
+} // namespace pycomm::nccl

@@ -1,0 +1,674 @@
+#include "sim_gpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <stdexcept>
+#include <unordered_map>
+#include <utility>
+
+namespace pycomm::sim {
+
+namespace {
+
+// A stream's worker stays this long after its queue ran dry before it ends,
+// so a busy stream does not pay a thread start per item while an idle one
+// holds no thread (streamThreads() goes back to 0 without destroying it).
+constexpr auto kIdleLinger = std::chrono::milliseconds(20);
+
+// Distinguishes SimGpu instances in the per-thread state: addresses of
+// sequential instances can repeat, serials cannot.
+std::atomic<uint64_t> nextInstanceSerial{1};
+
+int64_t nowUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+} // namespace
+
+// One queued unit of stream work. `run` may block (a cross-stream wait, a
+// collective waiting for its peers); whatever it captured is released before
+// the item counts as completed.
+struct StreamItem {
+  std::function<void()> run;
+};
+
+// Guarded by `mu`, except the immutable fields (device, priority, isDefault,
+// handle). `cv` signals both new work (to the worker) and completions (to
+// event waiters and synchronize()).
+struct SimStream {
+  int device = 0;
+  int priority = 0;
+  bool isDefault = false;
+
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<StreamItem> queue;
+  uint64_t enqueued = 0; // items ever queued; an item's sequence number is this after its push
+  uint64_t completed = 0; // items that ran to the end, in order
+  bool destroyed = false; // no more work accepted; the worker ends when drained
+  bool shutdown = false; // the SimGpu is going away: the worker ends when drained
+  bool capturing = false;
+  bool running = false; // a worker thread is in its loop
+  std::thread worker; // the current or last worker; joined before it is replaced
+
+  ~SimStream() {
+    // Every path that ends a worker joins it before dropping the stream; a
+    // joinable thread here would be a bug of this file, so fail loudly.
+    if (worker.joinable()) {
+      std::terminate();
+    }
+  }
+};
+
+// Guarded by SimGpu::Impl::mu.
+struct SimEvent {
+  int device = 0;
+  std::shared_ptr<SimStream> stream; // where it was last recorded; null if never
+  uint64_t seq = 0; // completes when stream->completed reaches this
+};
+
+struct SimGpu::Impl {
+  struct ThreadState {
+    int device = 0;
+    cudaStreamCaptureMode captureMode = cudaStreamCaptureModeGlobal;
+    std::map<int, cudaStream_t> currentStream;
+  };
+
+  explicit Impl(int count) : deviceCount(count), computeMajor(count, 9), defaults(count) {}
+
+  const int deviceCount;
+  const uint64_t serial = nextInstanceSerial.fetch_add(1);
+  std::atomic<int> threads{0};
+
+  // Lock order: mu before any SimStream::mu; timelineMu is a leaf.
+  mutable std::mutex mu;
+  std::vector<int> computeMajor;
+  std::vector<std::shared_ptr<SimStream>> defaults; // per device, made on first use
+  std::unordered_map<SimStream*, std::shared_ptr<SimStream>> streams; // live handles, defaults included
+  std::vector<std::shared_ptr<SimStream>> all; // every stream whose worker may still need a join
+  std::unordered_map<SimEvent*, std::shared_ptr<SimEvent>> events;
+  std::set<int> contexts;
+  std::vector<std::pair<std::thread::id, int>> contextCreations;
+
+  mutable std::mutex timelineMu;
+  std::vector<KernelInterval> timeline;
+
+  // Per thread and per instance, so it needs no lock; a thread_local map
+  // keyed by the instance serial (not a map keyed by std::thread::id, whose
+  // values the OS reuses for later threads that must start on device 0).
+  ThreadState& self() const {
+    thread_local std::unordered_map<uint64_t, ThreadState> states;
+    return states[serial];
+  }
+
+  bool validDevice(int d) const {
+    return d >= 0 && d < deviceCount;
+  }
+
+  void ensureContextLocked(int device) {
+    if (contexts.insert(device).second) {
+      contextCreations.emplace_back(std::this_thread::get_id(), device);
+    }
+  }
+
+  std::shared_ptr<SimStream> defaultStreamLocked(int device) {
+    auto& s = defaults[device];
+    if (!s) {
+      s = std::make_shared<SimStream>();
+      s->device = device;
+      s->isDefault = true;
+      streams.emplace(s.get(), s);
+      all.push_back(s);
+    }
+    return s;
+  }
+
+  std::shared_ptr<SimStream> resolveLocked(cudaStream_t handle) {
+    if (handle == nullptr) {
+      return defaultStreamLocked(self().device);
+    }
+    auto it = streams.find(reinterpret_cast<SimStream*>(handle));
+    return it == streams.end() ? nullptr : it->second;
+  }
+
+  // Joins and forgets the workers of destroyed streams that have drained.
+  void pruneLocked() {
+    std::vector<std::thread> finished;
+    std::erase_if(all, [&](const std::shared_ptr<SimStream>& s) {
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (!s->destroyed || s->running || !s->queue.empty()) {
+        return false;
+      }
+      finished.push_back(std::move(s->worker));
+      return true;
+    });
+    for (auto& t : finished) {
+      if (t.joinable()) {
+        t.join(); // it left its loop already: this returns at once
+      }
+    }
+  }
+
+  void workerLoop(SimStream* s) {
+    std::unique_lock<std::mutex> lock(s->mu);
+    while (true) {
+      if (s->queue.empty()) {
+        if (s->destroyed || s->shutdown) {
+          break;
+        }
+        const bool woken = s->cv.wait_for(lock, kIdleLinger, [&] {
+          return !s->queue.empty() || s->destroyed || s->shutdown;
+        });
+        if (!woken) {
+          break;
+        }
+        continue;
+      }
+      StreamItem item = std::move(s->queue.front());
+      s->queue.pop_front();
+      lock.unlock();
+      item.run();
+      // Released before the completion counts, so that what the item held
+      // (a collective's claim on its communicator) is gone when an event
+      // behind it, or commAbort, sees the stream move on.
+      item = StreamItem{};
+      lock.lock();
+      ++s->completed;
+      s->cv.notify_all();
+    }
+    s->running = false;
+    threads.fetch_sub(1);
+    s->cv.notify_all();
+  }
+
+  // Queues `item` on `s` and returns its sequence number, or 0 when `s` was
+  // destroyed (then `item` is left to the caller, to be dropped outside any
+  // lock). Starts a worker if none runs.
+  uint64_t enqueue(const std::shared_ptr<SimStream>& s, StreamItem& item) {
+    std::thread previous;
+    uint64_t seq = 0;
+    {
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (s->destroyed) {
+        return 0;
+      }
+      s->queue.push_back(std::move(item));
+      seq = ++s->enqueued;
+      if (!s->running) {
+        previous = std::move(s->worker);
+        s->running = true;
+        threads.fetch_add(1);
+        s->worker = std::thread(&Impl::workerLoop, this, s.get());
+      } else {
+        s->cv.notify_all();
+      }
+    }
+    if (previous.joinable()) {
+      previous.join(); // it set running = false as its last act
+    }
+    return seq;
+  }
+
+  static bool reached(SimStream& s, uint64_t seq) {
+    std::lock_guard<std::mutex> lock(s.mu);
+    return s.completed >= seq;
+  }
+
+  void launch(
+      cudaStream_t handle,
+      std::function<void()> kernel,
+      std::string label,
+      uint64_t comm,
+      bool throwIfUnknown) {
+    std::shared_ptr<SimStream> s;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      s = resolveLocked(handle);
+    }
+    if (!s) {
+      if (throwIfUnknown) {
+        throw std::invalid_argument("SimGpu::launch: unknown stream handle");
+      }
+      return; // `kernel` is dropped here, outside every lock
+    }
+    const auto resolved = reinterpret_cast<cudaStream_t>(s.get());
+    StreamItem item{[this, kernel = std::move(kernel), label = std::move(label),
+                     device = s->device, resolved, comm] {
+      KernelInterval interval;
+      interval.label = label;
+      interval.device = device;
+      interval.stream = resolved;
+      interval.comm = comm;
+      interval.startUs = nowUs();
+      kernel();
+      interval.endUs = nowUs();
+      std::lock_guard<std::mutex> lock(timelineMu);
+      timeline.push_back(std::move(interval));
+    }};
+    if (enqueue(s, item) == 0 && throwIfUnknown) {
+      throw std::invalid_argument("SimGpu::launch: stream was destroyed");
+    }
+  }
+};
+
+SimGpu::SimGpu(int deviceCount) : impl_(std::make_unique<Impl>(std::max(deviceCount, 0))) {}
+
+SimGpu::~SimGpu() {
+  std::vector<std::shared_ptr<SimStream>> all;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    all = impl_->all;
+  }
+  for (auto& s : all) {
+    std::lock_guard<std::mutex> lock(s->mu);
+    s->shutdown = true;
+    s->cv.notify_all();
+  }
+  // Each worker drains its queue first. An item blocked forever would hang
+  // here: SimNccl, destroyed before us, aborts its communicators, which ends
+  // every collective kernel.
+  for (auto& s : all) {
+    std::thread worker;
+    {
+      std::unique_lock<std::mutex> lock(s->mu);
+      s->cv.wait(lock, [&] { return !s->running; });
+      worker = std::move(s->worker);
+    }
+    if (worker.joinable()) {
+      worker.join();
+    }
+  }
+}
+
+cudaError_t SimGpu::getDevice(int* device) {
+  if (device == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  *device = impl_->self().device;
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::setDevice(int device) {
+  if (!impl_->validDevice(device)) {
+    return cudaErrorInvalidDevice;
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->self().device = device;
+  impl_->ensureContextLocked(device);
+  return cudaSuccess;
+}
+
+bool SimGpu::hasPrimaryContext(int device) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->contexts.count(device) != 0;
+}
+
+cudaError_t SimGpu::deviceGetStreamPriorityRange(int* least, int* greatest) {
+  if (least != nullptr) {
+    *least = kLeastPriority;
+  }
+  if (greatest != nullptr) {
+    *greatest = kGreatestPriority;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::deviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (value == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (!impl_->validDevice(device)) {
+    return cudaErrorInvalidDevice;
+  }
+  if (attr != cudaDevAttrComputeCapabilityMajor) {
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  *value = impl_->computeMajor[device];
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::streamCreateWithPriority(
+    cudaStream_t* stream, unsigned int /*flags*/, int priority) {
+  if (stream == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  auto s = std::make_shared<SimStream>();
+  // Lower numbers are greater priorities, so the range is [greatest, least].
+  s->priority = std::clamp(priority, kGreatestPriority, kLeastPriority);
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->pruneLocked();
+  s->device = impl_->self().device;
+  impl_->ensureContextLocked(s->device);
+  impl_->streams.emplace(s.get(), s);
+  impl_->all.push_back(s);
+  *stream = reinterpret_cast<cudaStream_t>(s.get());
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::streamDestroy(cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->streams.find(reinterpret_cast<SimStream*>(stream));
+  if (stream == nullptr || it == impl_->streams.end() || it->second->isDefault) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  const std::shared_ptr<SimStream> s = it->second;
+  impl_->streams.erase(it);
+  // Queued work still runs; the worker ends when drained and is joined by
+  // pruneLocked() or ~SimGpu.
+  std::lock_guard<std::mutex> streamLock(s->mu);
+  s->destroyed = true;
+  s->cv.notify_all();
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::streamGetPriority(cudaStream_t stream, int* priority) {
+  if (priority == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto s = impl_->resolveLocked(stream);
+  if (!s) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  *priority = s->priority;
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::streamIsCapturing(
+    cudaStream_t stream, cudaStreamCaptureStatus* status) {
+  if (status == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  std::shared_ptr<SimStream> s;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    s = impl_->resolveLocked(stream);
+  }
+  if (!s) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  std::lock_guard<std::mutex> lock(s->mu);
+  *status = s->capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::streamWaitEvent(
+    cudaStream_t stream, cudaEvent_t event, unsigned int /*flags*/) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto s = impl_->resolveLocked(stream);
+  auto e = impl_->events.find(reinterpret_cast<SimEvent*>(event));
+  if (!s || e == impl_->events.end()) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  // The event's record as of now: re-recording it later does not move what
+  // this wait waits for, as in CUDA.
+  std::shared_ptr<SimStream> target = e->second->stream;
+  const uint64_t seq = e->second->seq;
+  if (!target) {
+    return cudaSuccess; // never recorded: nothing to wait for
+  }
+  StreamItem item{[target, seq] {
+    std::unique_lock<std::mutex> targetLock(target->mu);
+    target->cv.wait(targetLock, [&] { return target->completed >= seq; });
+  }};
+  if (impl_->enqueue(s, item) == 0) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::threadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode) {
+  if (mode == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  std::swap(*mode, impl_->self().captureMode);
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::eventCreateWithFlags(cudaEvent_t* event, unsigned int /*flags*/) {
+  if (event == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  auto e = std::make_shared<SimEvent>();
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  e->device = impl_->self().device;
+  impl_->ensureContextLocked(e->device);
+  impl_->events.emplace(e.get(), e);
+  *event = reinterpret_cast<cudaEvent_t>(e.get());
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::eventDestroy(cudaEvent_t event) {
+  std::shared_ptr<SimEvent> doomed; // freed after the lock: it may hold the last stream reference
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->events.find(reinterpret_cast<SimEvent*>(event));
+  if (it == impl_->events.end()) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  doomed = std::move(it->second);
+  impl_->events.erase(it);
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::eventRecord(cudaEvent_t event, cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->events.find(reinterpret_cast<SimEvent*>(event));
+  auto s = impl_->resolveLocked(stream);
+  if (it == impl_->events.end() || !s) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  SimEvent& e = *it->second;
+  if (s->device != e.device) {
+    return cudaErrorInvalidResourceHandle; // as CUDA: the event belongs to another device
+  }
+  // A no-op marker: the event completes when the worker has passed it.
+  StreamItem marker{[] {}};
+  const uint64_t seq = impl_->enqueue(s, marker);
+  if (seq == 0) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  e.stream = s;
+  e.seq = seq;
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::eventQuery(cudaEvent_t event) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->events.find(reinterpret_cast<SimEvent*>(event));
+  if (it == impl_->events.end()) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  const SimEvent& e = *it->second;
+  if (!e.stream) {
+    return cudaSuccess;
+  }
+  return Impl::reached(*e.stream, e.seq) ? cudaSuccess : cudaErrorNotReady;
+}
+
+const char* SimGpu::getErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInitializationError: return "cudaErrorInitializationError";
+    case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorUnknown: return "cudaErrorUnknown";
+    default: return "cudaErrorUnknown";
+  }
+}
+
+const char* SimGpu::getErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInitializationError: return "initialization error";
+    case cudaErrorInsufficientDriver:
+      return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorStreamCaptureUnsupported:
+      return "operation not permitted when stream is capturing";
+    default: return "unknown error";
+  }
+}
+
+cudaStream_t SimGpu::currentStream(int device) {
+  if (!impl_->validDevice(device)) {
+    return nullptr;
+  }
+  auto& current = impl_->self().currentStream;
+  auto it = current.find(device);
+  if (it != current.end() && it->second != nullptr) {
+    return it->second;
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return reinterpret_cast<cudaStream_t>(impl_->defaultStreamLocked(device).get());
+}
+
+int SimGpu::deviceCount() const {
+  return impl_->deviceCount;
+}
+
+void SimGpu::setComputeCapabilityMajor(int device, int major) {
+  if (!impl_->validDevice(device)) {
+    throw std::out_of_range("SimGpu::setComputeCapabilityMajor: no such device");
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->computeMajor[device] = major;
+}
+
+cudaStream_t SimGpu::createStream(int device, int priority) {
+  if (!impl_->validDevice(device)) {
+    throw std::out_of_range("SimGpu::createStream: no such device");
+  }
+  const int previous = impl_->self().device;
+  cudaStream_t stream = nullptr;
+  (void)setDevice(device);
+  const cudaError_t result = streamCreateWithPriority(&stream, 0, priority);
+  impl_->self().device = previous; // restored without making a context on it
+  if (result != cudaSuccess) {
+    throw std::runtime_error("SimGpu::createStream failed");
+  }
+  return stream;
+}
+
+void SimGpu::setCurrentStream(int device, cudaStream_t stream) {
+  auto& current = impl_->self().currentStream;
+  if (stream == nullptr) {
+    current.erase(device);
+  } else {
+    current[device] = stream;
+  }
+}
+
+void SimGpu::launch(cudaStream_t stream, std::function<void()> kernel, std::string label) {
+  impl_->launch(stream, std::move(kernel), std::move(label), 0, /*throwIfUnknown=*/true);
+}
+
+bool SimGpu::synchronize(cudaStream_t stream, std::chrono::milliseconds timeout) {
+  std::shared_ptr<SimStream> s;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    s = impl_->resolveLocked(stream);
+  }
+  if (!s) {
+    return false;
+  }
+  std::unique_lock<std::mutex> lock(s->mu);
+  const uint64_t target = s->enqueued;
+  return s->cv.wait_for(lock, timeout, [&] { return s->completed >= target; });
+}
+
+void SimGpu::setCapturing(cudaStream_t stream, bool capturing) {
+  std::shared_ptr<SimStream> s;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    s = impl_->resolveLocked(stream);
+  }
+  if (!s) {
+    throw std::invalid_argument("SimGpu::setCapturing: unknown stream handle");
+  }
+  std::lock_guard<std::mutex> lock(s->mu);
+  s->capturing = capturing;
+}
+
+int SimGpu::deviceOf(cudaStream_t stream) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto s = impl_->resolveLocked(stream);
+  return s ? s->device : -1;
+}
+
+int SimGpu::priorityOf(cudaStream_t stream) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto s = impl_->resolveLocked(stream);
+  return s ? s->priority : 0;
+}
+
+int SimGpu::liveStreams() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return static_cast<int>(std::count_if(
+      impl_->streams.begin(), impl_->streams.end(),
+      [](const auto& entry) { return !entry.second->isDefault; }));
+}
+
+int SimGpu::liveEvents() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return static_cast<int>(impl_->events.size());
+}
+
+int SimGpu::streamThreads() const {
+  return impl_->threads.load();
+}
+
+std::set<int> SimGpu::devicesWithContext() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->contexts;
+}
+
+std::vector<std::pair<std::thread::id, int>> SimGpu::contextCreations() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->contextCreations;
+}
+
+std::vector<KernelInterval> SimGpu::timeline() const {
+  std::lock_guard<std::mutex> lock(impl_->timelineMu);
+  return impl_->timeline;
+}
+
+void SimGpu::clearTimeline() {
+  std::lock_guard<std::mutex> lock(impl_->timelineMu);
+  impl_->timeline.clear();
+}
+
+int SimGpu::currentDevice() const {
+  return impl_->self().device;
+}
+
+void SimGpu::launchCollective(
+    cudaStream_t stream, std::function<void()> kernel, std::string label, uint64_t comm) {
+  impl_->launch(stream, std::move(kernel), std::move(label), comm, /*throwIfUnknown=*/false);
+}
+
+SimStream* SimGpu::resolve(cudaStream_t stream) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->resolveLocked(stream).get();
+}
+
+} // namespace pycomm::sim

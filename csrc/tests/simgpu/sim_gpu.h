@@ -1,0 +1,126 @@
+#pragma once
+// A simulated multi-GPU machine behind the CudaApi interface, for running the
+// NCCL lane without a GPU. Test code only: no CUDA runtime is touched.
+//
+// Each device has streams whose queued work runs asynchronously, in FIFO
+// order, on a host thread of the stream's own ("kernels" are host functions;
+// host memory stands for device memory). Events complete when their stream
+// reaches them; a stream can wait on another's event; priorities are
+// recorded (the range is H100/H200's: 0 least, -5 greatest). Contexts are
+// accounted as CUDA makes them: setDevice() creates the device's primary
+// context if it has none, and so does creating a stream or an event on a
+// thread's current device.
+//
+// Thread-safety: every method may be called from any thread.
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda_api.h"
+
+namespace pycomm::sim {
+
+struct SimStream;
+struct SimEvent;
+
+// One kernel (a collective or a launched host function) as it ran.
+struct KernelInterval {
+  std::string label; // e.g. "allgather" or what launch() was given
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  uint64_t comm = 0; // the communicator's id for collectives, 0 otherwise
+  int64_t startUs = 0; // steady clock
+  int64_t endUs = 0;
+};
+
+class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
+ public:
+  static constexpr int kLeastPriority = 0;
+  static constexpr int kGreatestPriority = -5;
+
+  explicit SimGpu(int deviceCount = 8);
+  // Waits for every stream's queued work, then stops their threads.
+  ~SimGpu() override;
+  SimGpu(const SimGpu&) = delete;
+  SimGpu& operator=(const SimGpu&) = delete;
+
+  // CudaApi
+  cudaError_t getDevice(int* device) override;
+  cudaError_t setDevice(int device) override;
+  bool hasPrimaryContext(int device) override;
+  cudaError_t deviceGetStreamPriorityRange(int* least, int* greatest) override;
+  cudaError_t deviceGetAttribute(int* value, cudaDeviceAttr attr, int device) override;
+  cudaError_t streamCreateWithPriority(
+      cudaStream_t* stream, unsigned int flags, int priority) override;
+  cudaError_t streamDestroy(cudaStream_t stream) override;
+  cudaError_t streamGetPriority(cudaStream_t stream, int* priority) override;
+  cudaError_t streamIsCapturing(
+      cudaStream_t stream, cudaStreamCaptureStatus* status) override;
+  cudaError_t streamWaitEvent(
+      cudaStream_t stream, cudaEvent_t event, unsigned int flags) override;
+  cudaError_t threadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode) override;
+  cudaError_t eventCreateWithFlags(cudaEvent_t* event, unsigned int flags) override;
+  cudaError_t eventDestroy(cudaEvent_t event) override;
+  cudaError_t eventRecord(cudaEvent_t event, cudaStream_t stream) override;
+  cudaError_t eventQuery(cudaEvent_t event) override;
+  const char* getErrorName(cudaError_t error) override;
+  const char* getErrorString(cudaError_t error) override;
+  cudaStream_t currentStream(int device) override;
+
+  // --- test controls ---
+  int deviceCount() const;
+  // The compute capability's major number deviceGetAttribute reports
+  // (default 9, a Hopper GPU).
+  void setComputeCapabilityMajor(int device, int major);
+  // A stream on `device` (made current for the call; the thread's current
+  // device is restored), as a test's "compute stream".
+  cudaStream_t createStream(int device, int priority = 0);
+  // torch's current stream of the calling thread on `device`; nullptr goes
+  // back to the device's default stream.
+  void setCurrentStream(int device, cudaStream_t stream);
+  // Queues `kernel` on `stream`: it runs on the stream's thread after all
+  // work queued before it, and the stream moves on when it returns. The
+  // interval is added to the timeline under `label`.
+  void launch(cudaStream_t stream, std::function<void()> kernel, std::string label = "kernel");
+  // Waits until everything queued on `stream` so far has run; false on timeout.
+  bool synchronize(cudaStream_t stream, std::chrono::milliseconds timeout);
+  // Marks `stream` as capturing a graph (streamIsCapturing reports Active).
+  void setCapturing(cudaStream_t stream, bool capturing);
+  // The device a stream belongs to; -1 for an unknown handle.
+  int deviceOf(cudaStream_t stream) const;
+  // The priority recorded at creation (after clamping to the range).
+  int priorityOf(cudaStream_t stream) const;
+
+  // --- accounting ---
+  int liveStreams() const; // created by the API and not destroyed (default streams excluded)
+  int liveEvents() const;
+  int streamThreads() const; // host threads running stream work now
+  std::set<int> devicesWithContext() const;
+  // (thread, device) for each primary context created, in order.
+  std::vector<std::pair<std::thread::id, int>> contextCreations() const;
+  std::vector<KernelInterval> timeline() const;
+  void clearTimeline();
+
+  // --- for SimNccl ---
+  // The calling thread's current device (no context is created).
+  int currentDevice() const;
+  // Queues a kernel of a communicator (see launch()); `comm` is its id.
+  void launchCollective(
+      cudaStream_t stream, std::function<void()> kernel, std::string label, uint64_t comm);
+  // Whether `stream` is a live handle; resolves nullptr to the current
+  // device's default stream.
+  SimStream* resolve(cudaStream_t stream) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+} // namespace pycomm::sim

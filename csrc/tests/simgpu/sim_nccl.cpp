@@ -1,0 +1,1446 @@
+#include "sim_nccl.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <unordered_map>
+
+namespace pycomm::sim {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::atomic<uint64_t> nextInstanceSerial{1};
+std::atomic<uint64_t> nextUniqueId{1};
+std::atomic<uint64_t> nextCommId{1};
+
+enum class Kind { AllGather, ReduceScatter, AllReduce, Broadcast };
+
+const char* labelOf(Kind kind) {
+  switch (kind) {
+    case Kind::AllGather: return "allgather";
+    case Kind::ReduceScatter: return "reducescatter";
+    case Kind::AllReduce: return "allreduce";
+    case Kind::Broadcast: return "broadcast";
+  }
+  return "?";
+}
+
+enum class Red { None, Sum, Prod, Max, Min, Avg, PreMulSum };
+
+const char* labelOf(Red red) {
+  switch (red) {
+    case Red::None: return "-";
+    case Red::Sum: return "sum";
+    case Red::Prod: return "prod";
+    case Red::Max: return "max";
+    case Red::Min: return "min";
+    case Red::Avg: return "avg";
+    case Red::PreMulSum: return "premulsum";
+  }
+  return "?";
+}
+
+size_t elementSize(ncclDataType_t type) {
+  switch (type) {
+    case ncclInt8:
+    case ncclUint8:
+    case ncclFloat8e4m3:
+    case ncclFloat8e5m2:
+      return 1;
+    case ncclFloat16:
+    case ncclBfloat16:
+      return 2;
+    case ncclInt32:
+    case ncclUint32:
+    case ncclFloat32:
+      return 4;
+    case ncclInt64:
+    case ncclUint64:
+    case ncclFloat64:
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+bool isFp8(ncclDataType_t type) {
+  return type == ncclFloat8e4m3 || type == ncclFloat8e5m2;
+}
+
+// One collective call as the kernel needs it. A premul-sum scalar is kept
+// by value (host-immediate, read at the call) or by address (device
+// residence: host memory stands for device memory, read by the kernel).
+struct Op {
+  Kind kind = Kind::AllGather;
+  const void* input = nullptr;
+  void* output = nullptr;
+  size_t count = 0; // per rank for allGather / reduceScatter
+  ncclDataType_t type = ncclFloat32;
+  Red red = Red::None;
+  std::array<unsigned char, 8> scalar{};
+  const void* scalarAddress = nullptr;
+  int root = 0;
+};
+
+using OpList = std::vector<Op>;
+
+// Half types and fp8 are reduced in float and rounded once, as NCCL does.
+template <typename T>
+struct Accumulator {
+  using type = T;
+};
+template <>
+struct Accumulator<c10::Half> {
+  using type = float;
+};
+template <>
+struct Accumulator<c10::BFloat16> {
+  using type = float;
+};
+template <>
+struct Accumulator<c10::Float8_e4m3fn> {
+  using type = float;
+};
+template <>
+struct Accumulator<c10::Float8_e5m2> {
+  using type = float;
+};
+
+// Integer sums and products wrap, as on the GPU (and without signed overflow UB).
+template <typename A>
+A add(A a, A b) {
+  if constexpr (std::is_integral_v<A>) {
+    using U = std::make_unsigned_t<A>;
+    return static_cast<A>(static_cast<U>(static_cast<U>(a) + static_cast<U>(b)));
+  } else {
+    return a + b;
+  }
+}
+
+template <typename A>
+A mul(A a, A b) {
+  if constexpr (std::is_integral_v<A>) {
+    using U = std::conditional_t<(sizeof(A) < sizeof(unsigned)), unsigned, std::make_unsigned_t<A>>;
+    return static_cast<A>(static_cast<U>(static_cast<U>(a) * static_cast<U>(b)));
+  } else {
+    return a * b;
+  }
+}
+
+// Reduces `count` elements of every rank's source (in rank order) into dst.
+template <typename T>
+void reduce(
+    const std::vector<const unsigned char*>& sources,
+    const std::vector<const unsigned char*>& scalars,
+    size_t count,
+    Red red,
+    unsigned char* dst) {
+  using A = typename Accumulator<T>::type;
+  const size_t n = sources.size();
+  for (size_t i = 0; i < count; ++i) {
+    A acc{};
+    for (size_t j = 0; j < n; ++j) {
+      T x;
+      std::memcpy(&x, sources[j] + i * sizeof(T), sizeof(T));
+      A v = static_cast<A>(x);
+      if (red == Red::PreMulSum) {
+        T s;
+        std::memcpy(&s, scalars[j], sizeof(T));
+        v = mul<A>(static_cast<A>(s), v);
+      }
+      if (j == 0) {
+        acc = v;
+        continue;
+      }
+      switch (red) {
+        case Red::Sum:
+        case Red::Avg:
+        case Red::PreMulSum:
+          acc = add<A>(acc, v);
+          break;
+        case Red::Prod:
+          acc = mul<A>(acc, v);
+          break;
+        case Red::Max:
+          acc = v > acc ? v : acc;
+          break;
+        case Red::Min:
+          acc = v < acc ? v : acc;
+          break;
+        case Red::None:
+          break;
+      }
+    }
+    if (red == Red::Avg) {
+      acc = static_cast<A>(acc / static_cast<A>(n));
+    }
+    const T out = static_cast<T>(acc);
+    std::memcpy(dst + i * sizeof(T), &out, sizeof(T));
+  }
+}
+
+void reduceAny(
+    ncclDataType_t type,
+    const std::vector<const unsigned char*>& sources,
+    const std::vector<const unsigned char*>& scalars,
+    size_t count,
+    Red red,
+    unsigned char* dst) {
+  switch (type) {
+    case ncclInt8: return reduce<int8_t>(sources, scalars, count, red, dst);
+    case ncclUint8: return reduce<uint8_t>(sources, scalars, count, red, dst);
+    case ncclInt32: return reduce<int32_t>(sources, scalars, count, red, dst);
+    case ncclUint32: return reduce<uint32_t>(sources, scalars, count, red, dst);
+    case ncclInt64: return reduce<int64_t>(sources, scalars, count, red, dst);
+    case ncclUint64: return reduce<uint64_t>(sources, scalars, count, red, dst);
+    case ncclFloat16: return reduce<c10::Half>(sources, scalars, count, red, dst);
+    case ncclFloat32: return reduce<float>(sources, scalars, count, red, dst);
+    case ncclFloat64: return reduce<double>(sources, scalars, count, red, dst);
+    case ncclBfloat16: return reduce<c10::BFloat16>(sources, scalars, count, red, dst);
+    case ncclFloat8e4m3: return reduce<c10::Float8_e4m3fn>(sources, scalars, count, red, dst);
+    case ncclFloat8e5m2: return reduce<c10::Float8_e5m2>(sources, scalars, count, red, dst);
+    default: return;
+  }
+}
+
+// A blocking config unless config->blocking is 0; nullopt for a value NCCL
+// rejects.
+std::optional<bool> blockingOf(const ncclConfig_t* config) {
+  if (config == nullptr || config->blocking == NCCL_CONFIG_UNDEF_INT || config->blocking == 1) {
+    return true;
+  }
+  if (config->blocking == 0) {
+    return false;
+  }
+  return std::nullopt;
+}
+
+// One kernel sequence number of a clique: where its ranks' kernels meet.
+struct Round {
+  explicit Round(int n) : ops(n) {}
+  std::vector<std::shared_ptr<const OpList>> ops; // by rank; fixed once met
+  int joined = 0;
+  bool met = false; // every rank joined; nobody may leave before the data moved
+  Clock::time_point metAt;
+  int computed = 0;
+  int left = 0;
+};
+
+struct Clique;
+
+// The k-th split of a parent clique.
+struct SplitRound {
+  struct Member {
+    int color = NCCL_SPLIT_NOCOLOR;
+    int key = 0;
+    int device = 0;
+    bool childBlocking = true;
+  };
+  explicit SplitRound(int n) : members(n), childRank(n, -1) {}
+  std::vector<Member> members; // by parent rank
+  int arrived = 0;
+  bool complete = false;
+  Clock::time_point completeAt;
+  std::vector<int> childRank; // by parent rank
+  std::map<int, std::shared_ptr<Clique>> children; // by color
+};
+
+// The ranks of one communicator, across their Comm objects.
+struct Clique {
+  explicit Clique(int n) : nranks(n), taken(n, false) {}
+  const int nranks;
+  std::vector<bool> taken; // ranks that arrived (init)
+  int arrived = 0;
+  bool complete = false;
+  Clock::time_point completeAt;
+  std::map<uint64_t, std::shared_ptr<Round>> rounds;
+  std::map<int, std::shared_ptr<SplitRound>> splits;
+};
+
+enum class Pending { None, Init, Split, Group, Finalize };
+
+struct PreMul {
+  ncclDataType_t type = ncclFloat32;
+  std::array<unsigned char, 8> scalar{};
+  const void* scalarAddress = nullptr;
+};
+
+// One rank's communicator. The immutable fields are set before the handle
+// is published; the rest is guarded by SimNccl::Impl::mu.
+struct Comm {
+  uint64_t id = 0;
+  std::shared_ptr<Clique> clique;
+  int rank = 0;
+  int nranks = 0;
+  int device = 0;
+  bool blocking = true;
+
+  bool live = true; // a valid handle (not aborted, destroyed or freed)
+  bool aborted = false;
+  bool finalized = false;
+  ncclResult_t state = ncclSuccess; // ncclInProgress while `pending` runs
+  Pending pending = Pending::None;
+  std::shared_ptr<SplitRound> split; // with Pending::Split
+  ncclComm_t* splitSlot = nullptr;
+  ncclResult_t asyncError = ncclSuccess;
+  bool injected = false; // kernels block until abort
+  std::string lastError;
+  uint64_t nextKernel = 0;
+  int splitCalls = 0;
+  int inFlight = 0; // kernels handed to a stream that have not left it
+  int running = 0;
+  std::optional<std::chrono::microseconds> groupEndDelay;
+  bool connected = false; // NCCL connects peers at a communicator's first group
+  std::map<int, PreMul> redOps;
+  int nextRedOp = 0;
+};
+
+// One kernel: every op of a group on one communicator and stream.
+struct KernelSpec {
+  std::shared_ptr<Comm> comm;
+  cudaStream_t stream = nullptr;
+  uint64_t seq = 0;
+  std::shared_ptr<OpList> ops;
+};
+
+struct GroupCall {
+  std::shared_ptr<Comm> comm;
+  cudaStream_t stream = nullptr;
+  Op op;
+};
+
+} // namespace
+
+struct SimNccl::Impl {
+  struct ThreadState {
+    int depth = 0;
+    std::vector<GroupCall> calls;
+    ncclResult_t groupError = ncclSuccess;
+    std::string lastError;
+    std::string lastErrorView; // what getLastError() returned last; stable until the next call
+  };
+
+  // Counts a kernel as on its stream until the kernel's function object is
+  // released (it ran, or the stream dropped it): what commAbort, finalize
+  // and ~SimNccl wait for.
+  struct InFlight {
+    InFlight(Impl* i, std::shared_ptr<Comm> c) : impl(i), comm(std::move(c)) {}
+    ~InFlight() {
+      std::lock_guard<std::mutex> lock(impl->mu);
+      --comm->inFlight;
+      impl->cv.notify_all();
+    }
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+    Impl* impl;
+    std::shared_ptr<Comm> comm;
+  };
+
+  struct Launch {
+    cudaStream_t stream;
+    std::function<void()> kernel;
+    std::string label;
+    uint64_t comm;
+  };
+
+  Impl(std::shared_ptr<SimGpu> g, int v) : gpu(std::move(g)), version(v) {}
+
+  const std::shared_ptr<SimGpu> gpu;
+  const int version;
+  const uint64_t serial = nextInstanceSerial.fetch_add(1);
+
+  // One lock for all communicator, clique and round state; `cv` signals
+  // every change of it (arrivals, aborts, kernels leaving). SimGpu is never
+  // called with `mu` held, so its locks and ours never nest.
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  std::unordered_map<Comm*, std::shared_ptr<Comm>> live;
+  std::vector<std::shared_ptr<Comm>> all; // may still have kernels on streams
+  std::map<std::string, std::shared_ptr<Clique>> pendingInits; // by unique id
+  std::map<void*, Comm*> registrations;
+  uintptr_t nextRegistration = 1;
+  std::chrono::microseconds initDelay{0};
+  std::optional<std::chrono::microseconds> groupEndDelay;
+  std::chrono::microseconds collectiveDuration{0};
+  int leaked = 0;
+  int overlaps = 0;
+
+  // The background thread's timed queue, under `mu`.
+  std::multimap<Clock::time_point, std::function<void()>> timed;
+  std::condition_variable timedCv;
+  bool stopping = false;
+  std::thread background;
+
+  ThreadState& self() const {
+    thread_local std::unordered_map<uint64_t, ThreadState> states;
+    return states[serial];
+  }
+
+  ncclResult_t failLocked(Comm* comm, ncclResult_t result, std::string message) {
+    if (comm != nullptr) {
+      comm->lastError = message;
+    }
+    self().lastError = std::move(message);
+    return result;
+  }
+
+  std::shared_ptr<Comm> findLocked(ncclComm_t handle) const {
+    auto it = live.find(reinterpret_cast<Comm*>(handle));
+    return it == live.end() ? nullptr : it->second;
+  }
+
+  // Resolves `handle` to a communicator ready for a call: live and not in
+  // progress. On failure returns the error (with the last error set).
+  ncclResult_t usableLocked(ncclComm_t handle, std::shared_ptr<Comm>& out, const char* what) {
+    out = findLocked(handle);
+    if (!out) {
+      return failLocked(
+          nullptr, ncclInvalidArgument,
+          std::string(what) + ": invalid communicator (null, destroyed or aborted)");
+    }
+    refreshLocked(*out);
+    if (out->state == ncclInProgress) {
+      return failLocked(
+          out.get(), ncclInvalidUsage,
+          std::string(what) + ": the communicator has an operation in progress");
+    }
+    return ncclSuccess;
+  }
+
+  void scheduleLocked(Clock::time_point due, std::function<void()> task) {
+    timed.emplace(due, std::move(task));
+    timedCv.notify_all();
+  }
+
+  std::shared_ptr<Comm> newCommLocked(
+      std::shared_ptr<Clique> clique, int rank, int device, bool blocking) {
+    // Forget communicators that can never run a kernel again.
+    std::erase_if(all, [](const std::shared_ptr<Comm>& c) { return !c->live && c->inFlight == 0; });
+    auto c = std::make_shared<Comm>();
+    c->id = nextCommId.fetch_add(1);
+    c->nranks = clique->nranks;
+    c->clique = std::move(clique);
+    c->rank = rank;
+    c->device = device;
+    c->blocking = blocking;
+    live.emplace(c.get(), c);
+    all.push_back(c);
+    return c;
+  }
+
+  // Makes `comm` invalid as a handle. Its kernels keep what they hold.
+  void releaseLocked(Comm& comm) {
+    live.erase(&comm);
+    comm.live = false;
+    std::erase_if(registrations, [&](const auto& entry) { return entry.second == &comm; });
+  }
+
+  void abortLocked(Comm& comm) {
+    releaseLocked(comm);
+    comm.aborted = true;
+    // A pending split or group never completes: nothing may be written to
+    // the caller's slot, nothing enqueued.
+    comm.pending = Pending::None;
+    comm.split.reset();
+    comm.splitSlot = nullptr;
+    cv.notify_all();
+  }
+
+  // Moves a nonblocking operation of `comm` on once its condition holds;
+  // called wherever the state is observed, so no thread has to watch it.
+  void refreshLocked(Comm& comm) {
+    if (comm.state != ncclInProgress) {
+      return;
+    }
+    const auto now = Clock::now();
+    switch (comm.pending) {
+      case Pending::Init:
+        if (comm.clique->complete && now >= comm.clique->completeAt + initDelay) {
+          comm.state = ncclSuccess;
+          comm.pending = Pending::None;
+        }
+        break;
+      case Pending::Split:
+        if (comm.split->complete && now >= comm.split->completeAt + initDelay) {
+          finishSplitLocked(comm, *comm.split, comm.splitSlot);
+          comm.split.reset();
+          comm.splitSlot = nullptr;
+          comm.state = ncclSuccess;
+          comm.pending = Pending::None;
+        }
+        break;
+      case Pending::Finalize:
+        if (comm.inFlight == 0) {
+          comm.state = ncclSuccess;
+          comm.pending = Pending::None;
+        }
+        break;
+      case Pending::Group: // the background thread ends it
+      case Pending::None:
+        break;
+    }
+  }
+
+  void completeSplitLocked(SplitRound& round) {
+    round.complete = true;
+    round.completeAt = Clock::now();
+    std::map<int, std::vector<int>> byColor;
+    for (int p = 0; p < static_cast<int>(round.members.size()); ++p) {
+      if (round.members[p].color != NCCL_SPLIT_NOCOLOR) {
+        byColor[round.members[p].color].push_back(p);
+      }
+    }
+    for (auto& [color, ranks] : byColor) {
+      std::stable_sort(ranks.begin(), ranks.end(), [&](int a, int b) {
+        return round.members[a].key < round.members[b].key; // ties: parent rank order
+      });
+      auto clique = std::make_shared<Clique>(static_cast<int>(ranks.size()));
+      clique->complete = true; // every member is known: nothing to wait for
+      clique->arrived = clique->nranks;
+      for (int i = 0; i < static_cast<int>(ranks.size()); ++i) {
+        round.childRank[ranks[i]] = i;
+      }
+      round.children[color] = std::move(clique);
+    }
+    cv.notify_all();
+  }
+
+  // Creates `parent`'s child of a completed split and hands it out.
+  void finishSplitLocked(Comm& parent, SplitRound& round, ncclComm_t* slot) {
+    const SplitRound::Member& me = round.members[parent.rank];
+    ncclComm_t child = nullptr;
+    if (me.color != NCCL_SPLIT_NOCOLOR) {
+      auto c = newCommLocked(
+          round.children.at(me.color), round.childRank[parent.rank], me.device, me.childBlocking);
+      child = reinterpret_cast<ncclComm_t>(c.get());
+    }
+    if (slot != nullptr) {
+      *slot = child;
+    }
+  }
+
+  std::function<void()> kernelLocked(const KernelSpec& spec) {
+    ++spec.comm->inFlight;
+    auto token = std::make_shared<InFlight>(this, spec.comm);
+    return [this, spec, token] { runKernel(spec); };
+  }
+
+  static std::string labelOf(const OpList& ops) {
+    std::string label = pycomm::sim::labelOf(ops.front().kind);
+    if (ops.size() > 1) {
+      label += " x" + std::to_string(ops.size());
+    }
+    return label;
+  }
+
+  void launchAll(std::vector<Launch>& launches) {
+    for (auto& l : launches) {
+      gpu->launchCollective(l.stream, std::move(l.kernel), std::move(l.label), l.comm);
+    }
+    launches.clear();
+  }
+
+  // Why the ranks' op lists of a round cannot form one collective; empty if they can.
+  static std::string mismatchOf(const Round& round) {
+    const OpList& first = *round.ops[0];
+    for (size_t r = 1; r < round.ops.size(); ++r) {
+      const OpList& other = *round.ops[r];
+      if (other.size() != first.size()) {
+        return "collective mismatch: rank 0 issued " + std::to_string(first.size()) +
+            " ops in this kernel, rank " + std::to_string(r) + " issued " +
+            std::to_string(other.size());
+      }
+      for (size_t k = 0; k < first.size(); ++k) {
+        const Op& a = first[k];
+        const Op& b = other[k];
+        if (a.kind != b.kind || a.count != b.count || a.type != b.type || a.red != b.red ||
+            a.root != b.root) {
+          auto describe = [](const Op& op) {
+            return std::string(pycomm::sim::labelOf(op.kind)) + "(count " +
+                std::to_string(op.count) + ", type " + std::to_string(op.type) + ", op " +
+                pycomm::sim::labelOf(op.red) + ", root " + std::to_string(op.root) + ")";
+          };
+          return "collective mismatch in op " + std::to_string(k) + ": rank 0 issued " +
+              describe(a) + ", rank " + std::to_string(r) + " issued " + describe(b);
+        }
+      }
+    }
+    return {};
+  }
+
+  // Rank `rank`'s outputs of a met round, from every rank's inputs.
+  static std::vector<std::vector<unsigned char>> compute(const Round& round, int rank) {
+    const int n = static_cast<int>(round.ops.size());
+    const OpList& mine = *round.ops[rank];
+    std::vector<std::vector<unsigned char>> out(mine.size());
+    for (size_t k = 0; k < mine.size(); ++k) {
+      const Op& op = mine[k];
+      const size_t bytes = op.count * elementSize(op.type);
+      auto inputOf = [&](int r) { return static_cast<const unsigned char*>(round.ops[r]->at(k).input); };
+      std::vector<unsigned char>& dst = out[k];
+      switch (op.kind) {
+        case Kind::AllGather:
+          dst.resize(bytes * n);
+          if (bytes > 0) {
+            for (int r = 0; r < n; ++r) {
+              std::memcpy(dst.data() + r * bytes, inputOf(r), bytes);
+            }
+          }
+          break;
+        case Kind::Broadcast:
+          dst.resize(bytes);
+          if (bytes > 0) {
+            std::memcpy(dst.data(), inputOf(op.root), bytes);
+          }
+          break;
+        case Kind::AllReduce:
+        case Kind::ReduceScatter: {
+          dst.resize(bytes);
+          const size_t offset = op.kind == Kind::ReduceScatter ? rank * bytes : 0;
+          std::vector<const unsigned char*> sources(n);
+          std::vector<const unsigned char*> scalars(n);
+          for (int r = 0; r < n; ++r) {
+            const Op& theirs = round.ops[r]->at(k);
+            sources[r] = bytes > 0 ? inputOf(r) + offset : nullptr;
+            scalars[r] = theirs.scalarAddress != nullptr
+                ? static_cast<const unsigned char*>(theirs.scalarAddress)
+                : theirs.scalar.data();
+          }
+          if (bytes > 0) {
+            reduceAny(op.type, sources, scalars, op.count, op.red, dst.data());
+          }
+          break;
+        }
+      }
+    }
+    return out;
+  }
+
+  void leaveLocked(Comm& comm, uint64_t seq, Round& round) {
+    if (++round.left == comm.nranks) {
+      comm.clique->rounds.erase(seq);
+    }
+  }
+
+  void runKernel(const KernelSpec& spec) {
+    Comm& comm = *spec.comm;
+    std::unique_lock<std::mutex> lock(mu);
+    if (++comm.running > 1) {
+      ++overlaps; // NCCL serializes a communicator's kernels; the caller did not
+    }
+    runKernelLocked(spec, lock);
+    --comm.running;
+  }
+
+  void runKernelLocked(const KernelSpec& spec, std::unique_lock<std::mutex>& lock) {
+    Comm& comm = *spec.comm;
+    if (comm.aborted) {
+      return;
+    }
+    if (comm.injected) {
+      // A failed communicator moves no data: its peers wait for it.
+      cv.wait(lock, [&] { return comm.aborted; });
+      return;
+    }
+    std::shared_ptr<Round>& entry = comm.clique->rounds[spec.seq];
+    if (!entry) {
+      entry = std::make_shared<Round>(comm.nranks);
+    }
+    const std::shared_ptr<Round> round = entry;
+    round->ops[comm.rank] = spec.ops;
+    if (++round->joined == comm.nranks) {
+      round->met = true;
+      round->metAt = Clock::now();
+      cv.notify_all();
+    }
+    cv.wait(lock, [&] { return round->met || comm.aborted || comm.injected; });
+    if (!round->met) {
+      // Leave before the peers met, so they keep waiting (for a rank that
+      // never comes, as on a GPU) and never read this rank's buffers.
+      round->ops[comm.rank] = nullptr;
+      if (--round->joined == 0) {
+        comm.clique->rounds.erase(spec.seq);
+      }
+      cv.wait(lock, [&] { return comm.aborted; });
+      return;
+    }
+    if (std::string mismatch = mismatchOf(*round); !mismatch.empty()) {
+      comm.asyncError = ncclInvalidUsage;
+      comm.lastError = std::move(mismatch);
+      leaveLocked(comm, spec.seq, *round);
+      return;
+    }
+    // Between the two barriers every rank only computes: no wait here is
+    // abort-aware, and none can last, so no rank frees its buffers while a
+    // peer reads them.
+    lock.unlock();
+    auto outputs = compute(*round, comm.rank);
+    lock.lock();
+    if (++round->computed == comm.nranks) {
+      cv.notify_all();
+    }
+    cv.wait(lock, [&] { return round->computed == comm.nranks; });
+    const bool write = !comm.aborted;
+    const auto deadline = round->metAt + collectiveDuration;
+    leaveLocked(comm, spec.seq, *round);
+    if (write) {
+      lock.unlock();
+      for (size_t k = 0; k < outputs.size(); ++k) {
+        if (!outputs[k].empty()) {
+          std::memcpy((*spec.ops)[k].output, outputs[k].data(), outputs[k].size());
+        }
+      }
+      lock.lock();
+    }
+    cv.wait_until(lock, deadline, [&] { return comm.aborted; });
+    cv.wait(lock, [&] { return comm.aborted || !comm.injected; });
+  }
+
+  // Runs the ops collected by one outermost group (or one ungrouped call).
+  ncclResult_t runGroup(std::vector<GroupCall> calls) {
+    std::vector<Launch> launches;
+    ncclResult_t result = ncclSuccess;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      bool anyBlocking = false;
+      bool anyNonblocking = false;
+      for (const auto& call : calls) {
+        Comm& c = *call.comm;
+        if (!c.live) {
+          return failLocked(nullptr, ncclInvalidArgument, "ncclGroupEnd: a communicator of the group was freed");
+        }
+        refreshLocked(c);
+        if (c.state == ncclInProgress) {
+          return failLocked(&c, ncclInvalidUsage, "ncclGroupEnd: a communicator of the group has an operation in progress");
+        }
+        (c.blocking ? anyBlocking : anyNonblocking) = true;
+      }
+      if (anyBlocking && anyNonblocking) {
+        return failLocked(
+            nullptr, ncclInvalidUsage,
+            "ncclGroupEnd: blocking and nonblocking communicators cannot be mixed in one group");
+      }
+      // One kernel per communicator and stream, in the order of first use.
+      std::vector<KernelSpec> kernels;
+      for (auto& call : calls) {
+        auto it = std::find_if(kernels.begin(), kernels.end(), [&](const KernelSpec& k) {
+          return k.comm == call.comm && k.stream == call.stream;
+        });
+        if (it == kernels.end()) {
+          kernels.push_back(KernelSpec{call.comm, call.stream, 0, std::make_shared<OpList>()});
+          it = std::prev(kernels.end());
+        }
+        it->ops->push_back(call.op);
+      }
+      for (auto& k : kernels) {
+        k.seq = k.comm->nextKernel++;
+      }
+      // NCCL's nonblocking group end runs on a thread of its own (and
+      // answers ncclInProgress) only when a communicator must connect first
+      // (its first group) or jobs are queued; otherwise it launches on the
+      // calling thread and answers ncclSuccess, as a blocking one does.
+      bool async = false;
+      if (!anyBlocking) {
+        for (const auto& k : kernels) {
+          async = async || !k.comm->connected || k.comm->groupEndDelay || groupEndDelay;
+          k.comm->connected = true;
+        }
+      }
+      if (!async) {
+        for (const auto& k : kernels) {
+          launches.push_back(Launch{k.stream, kernelLocked(k), labelOf(*k.ops), k.comm->id});
+        }
+      } else {
+        // Per communicator: in progress until the background thread has put
+        // its kernels on their streams, after the group-end delay.
+        std::vector<std::shared_ptr<Comm>> comms;
+        for (const auto& k : kernels) {
+          if (std::find(comms.begin(), comms.end(), k.comm) == comms.end()) {
+            comms.push_back(k.comm);
+          }
+        }
+        for (const auto& c : comms) {
+          std::vector<KernelSpec> mine;
+          for (const auto& k : kernels) {
+            if (k.comm == c) {
+              mine.push_back(k);
+            }
+          }
+          c->state = ncclInProgress;
+          c->pending = Pending::Group;
+          const auto delay = c->groupEndDelay.value_or(
+              groupEndDelay.value_or(std::chrono::microseconds(0)));
+          scheduleLocked(Clock::now() + delay, [this, c, mine = std::move(mine)] {
+            enqueueDeferred(c, mine);
+          });
+        }
+        result = ncclInProgress;
+      }
+    }
+    launchAll(launches);
+    return result;
+  }
+
+  // A nonblocking group's kernels, on the background thread.
+  void enqueueDeferred(const std::shared_ptr<Comm>& c, const std::vector<KernelSpec>& kernels) {
+    std::vector<Launch> launches;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!c->live || c->aborted || c->pending != Pending::Group) {
+        return; // aborted meanwhile: the group never runs
+      }
+      for (const auto& k : kernels) {
+        launches.push_back(Launch{k.stream, kernelLocked(k), labelOf(*k.ops), c->id});
+      }
+    }
+    launchAll(launches);
+    // Only now, with the kernels on their streams, may a poll see success:
+    // the caller records its events behind them right after.
+    std::lock_guard<std::mutex> lock(mu);
+    if (c->live && !c->aborted && c->pending == Pending::Group) {
+      c->state = ncclSuccess;
+      c->pending = Pending::None;
+    }
+    cv.notify_all();
+  }
+
+  void backgroundLoop() {
+    std::unique_lock<std::mutex> lock(mu);
+    while (!stopping) {
+      if (timed.empty()) {
+        timedCv.wait(lock);
+        continue;
+      }
+      const auto due = timed.begin()->first;
+      if (Clock::now() < due) {
+        timedCv.wait_until(lock, due);
+        continue;
+      }
+      std::function<void()> task = std::move(timed.begin()->second);
+      timed.erase(timed.begin());
+      lock.unlock();
+      task();
+      task = nullptr; // what it holds goes outside the lock
+      lock.lock();
+    }
+  }
+
+  // Maps a reduce op to what the kernel does, with a premul-sum's scalar;
+  // an error text, empty on success.
+  static std::string resolveRed(
+      const Comm& comm, ncclRedOp_t red, ncclDataType_t type, int computeMajor, Op& out) {
+    if (isFp8(type) && computeMajor < 9) {
+      return "fp8 reductions need compute capability 9.0 or newer (device has " +
+          std::to_string(computeMajor) + ")";
+    }
+    switch (red) {
+      case ncclSum: out.red = Red::Sum; return {};
+      case ncclProd: out.red = Red::Prod; return {};
+      case ncclMax: out.red = Red::Max; return {};
+      case ncclMin: out.red = Red::Min; return {};
+      case ncclAvg: out.red = Red::Avg; return {};
+      default: break;
+    }
+    auto it = comm.redOps.find(static_cast<int>(red));
+    if (it == comm.redOps.end()) {
+      return "invalid reduce op " + std::to_string(static_cast<int>(red));
+    }
+    if (it->second.type != type) {
+      return "the premul-sum op was made for another data type";
+    }
+    out.red = Red::PreMulSum;
+    out.scalar = it->second.scalar;
+    out.scalarAddress = it->second.scalarAddress;
+    return {};
+  }
+
+  // Validates one collective call, then runs it as its own group or adds it
+  // to the thread's open group. `red` is set for reductions.
+  ncclResult_t collective(
+      Op op, std::optional<ncclRedOp_t> red, ncclComm_t handle, cudaStream_t stream,
+      const std::string& what) {
+    // SimGpu is asked first: its locks are never taken under ours.
+    SimStream* resolved = gpu->resolve(stream);
+    const int streamDevice = resolved != nullptr ? gpu->deviceOf(stream) : -1;
+    int computeMajor = 0;
+    if (streamDevice >= 0) {
+      (void)gpu->deviceGetAttribute(&computeMajor, cudaDevAttrComputeCapabilityMajor, streamDevice);
+    }
+    ThreadState& t = self();
+    GroupCall call;
+    const ncclResult_t result = [&]() -> ncclResult_t {
+      std::lock_guard<std::mutex> lock(mu);
+      std::shared_ptr<Comm> c;
+      if (const ncclResult_t r = usableLocked(handle, c, what.c_str()); r != ncclSuccess) {
+        return r;
+      }
+      Comm* cp = c.get();
+      if (c->finalized) {
+        return failLocked(cp, ncclInvalidUsage, what + ": the communicator was finalized");
+      }
+      if (op.type < 0 || op.type >= ncclNumTypes) {
+        return failLocked(cp, ncclInvalidArgument, what + ": invalid data type " + std::to_string(op.type));
+      }
+      if (resolved == nullptr) {
+        return failLocked(
+            cp, ncclUnhandledCudaError, what + ": invalid stream (cudaErrorInvalidResourceHandle)");
+      }
+      if (streamDevice != c->device) {
+        return failLocked(
+            cp, ncclInvalidUsage,
+            what + ": a stream of device " + std::to_string(streamDevice) +
+                " for a communicator of device " + std::to_string(c->device));
+      }
+      if (op.kind == Kind::Broadcast && (op.root < 0 || op.root >= c->nranks)) {
+        return failLocked(cp, ncclInvalidArgument, what + ": invalid root " + std::to_string(op.root));
+      }
+      const size_t inElems = op.kind == Kind::ReduceScatter ? op.count * c->nranks : op.count;
+      const size_t outElems = op.kind == Kind::AllGather ? op.count * c->nranks : op.count;
+      const bool readsInput = op.kind != Kind::Broadcast || op.root == c->rank;
+      if ((inElems > 0 && readsInput && op.input == nullptr) ||
+          (outElems > 0 && op.output == nullptr)) {
+        return failLocked(cp, ncclInvalidArgument, what + ": null buffer");
+      }
+      if (red) {
+        if (std::string error = resolveRed(*c, *red, op.type, computeMajor, op); !error.empty()) {
+          return failLocked(cp, ncclInvalidArgument, what + ": " + error);
+        }
+      }
+      call.comm = std::move(c);
+      return ncclSuccess;
+    }();
+    if (result != ncclSuccess) {
+      if (t.depth > 0 && t.groupError == ncclSuccess) {
+        t.groupError = result; // NCCL fails the whole group, too
+      }
+      return result;
+    }
+    call.stream = reinterpret_cast<cudaStream_t>(resolved);
+    call.op = op;
+    if (t.depth > 0) {
+      t.calls.push_back(std::move(call));
+      return ncclSuccess;
+    }
+    std::vector<GroupCall> calls;
+    calls.push_back(std::move(call));
+    return runGroup(std::move(calls));
+  }
+};
+
+SimNccl::SimNccl(std::shared_ptr<SimGpu> gpu, int version)
+    : impl_(std::make_unique<Impl>(std::move(gpu), version)) {
+  impl_->background = std::thread(&Impl::backgroundLoop, impl_.get());
+}
+
+SimNccl::~SimNccl() {
+  {
+    std::unique_lock<std::mutex> lock(impl_->mu);
+    impl_->leaked += static_cast<int>(impl_->live.size());
+    // Destroyed communicators may still have kernels waiting for peers:
+    // every kernel must end before this object goes.
+    for (const auto& c : impl_->all) {
+      if (!c->aborted) {
+        impl_->abortLocked(*c);
+      }
+    }
+    impl_->cv.wait(lock, [&] {
+      return std::all_of(impl_->all.begin(), impl_->all.end(),
+                         [](const std::shared_ptr<Comm>& c) { return c->inFlight == 0; });
+    });
+    impl_->stopping = true;
+    impl_->timedCv.notify_all();
+  }
+  impl_->background.join();
+  impl_->timed.clear();
+}
+
+ncclResult_t SimNccl::getVersion(int* version) {
+  if (version == nullptr) {
+    return ncclInvalidArgument;
+  }
+  *version = impl_->version;
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::getUniqueId(ncclUniqueId* id) {
+  if (id == nullptr) {
+    return ncclInvalidArgument;
+  }
+  std::memset(id->internal, 0, sizeof(id->internal));
+  const char magic[] = "simnccl";
+  std::memcpy(id->internal, magic, sizeof(magic));
+  const uint64_t n = nextUniqueId.fetch_add(1);
+  std::memcpy(id->internal + sizeof(magic), &n, sizeof(n));
+  return ncclSuccess;
+}
+
+const char* SimNccl::getErrorString(ncclResult_t result) {
+  switch (result) {
+    case ncclSuccess: return "no error";
+    case ncclUnhandledCudaError: return "unhandled cuda error (run with NCCL_DEBUG=INFO for details)";
+    case ncclSystemError: return "unhandled system error (run with NCCL_DEBUG=INFO for details)";
+    case ncclInternalError: return "internal error - please report this issue to the NCCL developers";
+    case ncclInvalidArgument: return "invalid argument (run with NCCL_DEBUG=WARN for details)";
+    case ncclInvalidUsage: return "invalid usage (run with NCCL_DEBUG=WARN for details)";
+    case ncclRemoteError: return "remote process exited or there was a network error";
+    case ncclInProgress: return "NCCL operation in progress";
+    case ncclTimeout: return "NCCL timeout";
+    default: return "unknown result code";
+  }
+}
+
+const char* SimNccl::getLastError(ncclComm_t comm) {
+  Impl::ThreadState& t = impl_->self();
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto c = comm != nullptr ? impl_->findLocked(comm) : nullptr;
+  t.lastErrorView = c && !c->lastError.empty() ? c->lastError : t.lastError;
+  return t.lastErrorView.c_str();
+}
+
+ncclResult_t SimNccl::commInitRankConfig(
+    ncclComm_t* comm, int nranks, ncclUniqueId id, int rank, ncclConfig_t* config) {
+  Impl& im = *impl_;
+  const std::optional<bool> blocking = blockingOf(config);
+  if (comm == nullptr || nranks <= 0 || rank < 0 || rank >= nranks || !blocking) {
+    std::lock_guard<std::mutex> lock(im.mu);
+    return im.failLocked(nullptr, ncclInvalidArgument, "ncclCommInitRankConfig: invalid argument");
+  }
+  // NCCL makes the current device's context current; so do we.
+  const int device = im.gpu->currentDevice();
+  (void)im.gpu->setDevice(device);
+
+  std::unique_lock<std::mutex> lock(im.mu);
+  const std::string key(id.internal, sizeof(id.internal));
+  std::shared_ptr<Clique>& entry = im.pendingInits[key];
+  if (!entry) {
+    entry = std::make_shared<Clique>(nranks);
+  }
+  const std::shared_ptr<Clique> clique = entry;
+  if (clique->nranks != nranks) {
+    return im.failLocked(
+        nullptr, ncclInvalidArgument,
+        "ncclCommInitRankConfig: nranks " + std::to_string(nranks) + " differs from " +
+            std::to_string(clique->nranks) + " given by another rank of this id");
+  }
+  if (clique->taken[rank]) {
+    return im.failLocked(
+        nullptr, ncclInvalidArgument,
+        "ncclCommInitRankConfig: rank " + std::to_string(rank) + " already joined this id");
+  }
+  clique->taken[rank] = true;
+  auto c = im.newCommLocked(clique, rank, device, *blocking);
+  if (++clique->arrived == nranks) {
+    clique->complete = true;
+    clique->completeAt = Clock::now();
+    im.pendingInits.erase(key);
+    im.cv.notify_all();
+  }
+  const auto handle = reinterpret_cast<ncclComm_t>(c.get());
+  if (*blocking) {
+    im.cv.wait(lock, [&] { return clique->complete; });
+    *comm = handle;
+    return ncclSuccess;
+  }
+  c->state = ncclInProgress;
+  c->pending = Pending::Init;
+  *comm = handle;
+  return ncclInProgress;
+}
+
+ncclResult_t SimNccl::commSplit(
+    ncclComm_t parent, int color, int key, ncclComm_t* child, ncclConfig_t* config) {
+  Impl& im = *impl_;
+  const std::optional<bool> childBlocking = blockingOf(config);
+  {
+    std::lock_guard<std::mutex> lock(im.mu);
+    std::shared_ptr<Comm> c;
+    if (const ncclResult_t r = im.usableLocked(parent, c, "ncclCommSplit"); r != ncclSuccess) {
+      return r;
+    }
+    if (child == nullptr || !childBlocking || (color < 0 && color != NCCL_SPLIT_NOCOLOR)) {
+      return im.failLocked(c.get(), ncclInvalidArgument, "ncclCommSplit: invalid argument");
+    }
+  }
+  const int device = im.gpu->currentDevice();
+  (void)im.gpu->setDevice(device);
+
+  std::unique_lock<std::mutex> lock(im.mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = im.usableLocked(parent, c, "ncclCommSplit"); r != ncclSuccess) {
+    return r;
+  }
+  // The k-th split of every rank of the parent belongs together.
+  const int k = c->splitCalls++;
+  std::shared_ptr<SplitRound>& entry = c->clique->splits[k];
+  if (!entry) {
+    entry = std::make_shared<SplitRound>(c->nranks);
+  }
+  const std::shared_ptr<SplitRound> round = entry;
+  round->members[c->rank] = SplitRound::Member{color, key, device, *childBlocking};
+  if (!c->blocking) {
+    c->state = ncclInProgress;
+    c->pending = Pending::Split;
+    c->split = round;
+    c->splitSlot = child;
+  }
+  if (++round->arrived == c->nranks) {
+    c->clique->splits.erase(k);
+    im.completeSplitLocked(*round);
+    // Nonblocking members complete when polled, or by the background
+    // thread once the init delay passed, whichever comes first.
+    const auto due = round->completeAt + im.initDelay;
+    for (const auto& [ptr, member] : im.live) {
+      if (member->split == round) {
+        im.scheduleLocked(due, [&im, weak = std::weak_ptr<Comm>(member)] {
+          std::lock_guard<std::mutex> taskLock(im.mu);
+          if (auto m = weak.lock(); m && m->live) {
+            im.refreshLocked(*m);
+          }
+          im.cv.notify_all();
+        });
+      }
+    }
+  }
+  if (!c->blocking) {
+    return ncclInProgress;
+  }
+  im.cv.wait(lock, [&] { return round->complete || c->aborted; });
+  if (c->aborted) {
+    return im.failLocked(nullptr, ncclSystemError, "ncclCommSplit: the parent was aborted");
+  }
+  im.finishSplitLocked(*c, *round, child);
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::commFinalize(ncclComm_t comm) {
+  std::unique_lock<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommFinalize"); r != ncclSuccess) {
+    return r;
+  }
+  c->finalized = true;
+  if (c->blocking) {
+    impl_->cv.wait(lock, [&] { return c->inFlight == 0 || c->aborted; });
+    return ncclSuccess;
+  }
+  c->state = ncclInProgress;
+  c->pending = Pending::Finalize;
+  return ncclInProgress;
+}
+
+ncclResult_t SimNccl::commDestroy(ncclComm_t comm) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommDestroy"); r != ncclSuccess) {
+    return r;
+  }
+  // Kernels still on streams keep the object; ~SimNccl ends them if their
+  // peers never come.
+  impl_->releaseLocked(*c);
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::commAbort(ncclComm_t comm) {
+  std::unique_lock<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c = impl_->findLocked(comm);
+  if (!c) {
+    return impl_->failLocked(nullptr, ncclInvalidArgument, "ncclCommAbort: invalid communicator");
+  }
+  impl_->abortLocked(*c);
+  // As NCCL's abort synchronizes its stream: also waits for unrelated work
+  // queued before the kernels.
+  impl_->cv.wait(lock, [&] { return c->inFlight == 0; });
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::commGetAsyncError(ncclComm_t comm, ncclResult_t* state) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c = impl_->findLocked(comm);
+  if (!c || state == nullptr) {
+    return impl_->failLocked(c.get(), ncclInvalidArgument, "ncclCommGetAsyncError: invalid argument");
+  }
+  impl_->refreshLocked(*c);
+  *state = c->asyncError != ncclSuccess ? c->asyncError : c->state;
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::commCount(ncclComm_t comm, int* count) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommCount"); r != ncclSuccess) {
+    return r;
+  }
+  if (count == nullptr) {
+    return impl_->failLocked(c.get(), ncclInvalidArgument, "ncclCommCount: null count");
+  }
+  *count = c->nranks;
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::commUserRank(ncclComm_t comm, int* rank) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommUserRank"); r != ncclSuccess) {
+    return r;
+  }
+  if (rank == nullptr) {
+    return impl_->failLocked(c.get(), ncclInvalidArgument, "ncclCommUserRank: null rank");
+  }
+  *rank = c->rank;
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::commRegister(ncclComm_t comm, void* buffer, size_t /*size*/, void** handle) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommRegister"); r != ncclSuccess) {
+    return r;
+  }
+  if (handle == nullptr || buffer == nullptr) {
+    return impl_->failLocked(c.get(), ncclInvalidArgument, "ncclCommRegister: null buffer or handle");
+  }
+  // An opaque value nobody may dereference; aligned like a pointer.
+  void* h = reinterpret_cast<void*>(impl_->nextRegistration++ << 4);
+  impl_->registrations.emplace(h, c.get());
+  *handle = h;
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::commDeregister(ncclComm_t comm, void* handle) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommDeregister"); r != ncclSuccess) {
+    return r;
+  }
+  auto it = impl_->registrations.find(handle);
+  if (it == impl_->registrations.end() || it->second != c.get()) {
+    return impl_->failLocked(c.get(), ncclInvalidArgument, "ncclCommDeregister: unknown handle");
+  }
+  impl_->registrations.erase(it);
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::groupStart() {
+  ++impl_->self().depth;
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::groupEnd() {
+  Impl::ThreadState& t = impl_->self();
+  if (t.depth == 0) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    return impl_->failLocked(nullptr, ncclInvalidUsage, "ncclGroupEnd: no group started");
+  }
+  if (--t.depth > 0) {
+    return ncclSuccess;
+  }
+  std::vector<GroupCall> calls = std::move(t.calls);
+  t.calls.clear();
+  const ncclResult_t error = t.groupError;
+  t.groupError = ncclSuccess;
+  if (error != ncclSuccess) {
+    return error; // a call of the group failed: NCCL runs none of it
+  }
+  if (calls.empty()) {
+    return ncclSuccess;
+  }
+  return impl_->runGroup(std::move(calls));
+}
+
+ncclResult_t SimNccl::allGather(
+    const void* input, void* output, size_t countPerRank, ncclDataType_t type,
+    ncclComm_t comm, cudaStream_t stream) {
+  Op op;
+  op.kind = Kind::AllGather;
+  op.input = input;
+  op.output = output;
+  op.count = countPerRank;
+  op.type = type;
+  return impl_->collective(op, std::nullopt, comm, stream, "ncclAllGather");
+}
+
+ncclResult_t SimNccl::reduceScatter(
+    const void* input, void* output, size_t countPerRank, ncclDataType_t type,
+    ncclRedOp_t red, ncclComm_t comm, cudaStream_t stream) {
+  Op op;
+  op.kind = Kind::ReduceScatter;
+  op.input = input;
+  op.output = output;
+  op.count = countPerRank;
+  op.type = type;
+  return impl_->collective(op, red, comm, stream, "ncclReduceScatter");
+}
+
+ncclResult_t SimNccl::allReduce(
+    const void* input, void* output, size_t count, ncclDataType_t type, ncclRedOp_t red,
+    ncclComm_t comm, cudaStream_t stream) {
+  Op op;
+  op.kind = Kind::AllReduce;
+  op.input = input;
+  op.output = output;
+  op.count = count;
+  op.type = type;
+  return impl_->collective(op, red, comm, stream, "ncclAllReduce");
+}
+
+ncclResult_t SimNccl::broadcast(
+    const void* input, void* output, size_t count, ncclDataType_t type, int root,
+    ncclComm_t comm, cudaStream_t stream) {
+  Op op;
+  op.kind = Kind::Broadcast;
+  op.input = input;
+  op.output = output;
+  op.count = count;
+  op.type = type;
+  op.root = root;
+  return impl_->collective(op, std::nullopt, comm, stream, "ncclBroadcast");
+}
+
+ncclResult_t SimNccl::redOpCreatePreMulSum(
+    ncclRedOp_t* op, void* scalar, ncclDataType_t type, ncclScalarResidence_t residence,
+    ncclComm_t comm) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclRedOpCreatePreMulSum");
+      r != ncclSuccess) {
+    return r;
+  }
+  if (op == nullptr || scalar == nullptr || type < 0 || type >= ncclNumTypes ||
+      (residence != ncclScalarHostImmediate && residence != ncclScalarDevice)) {
+    return impl_->failLocked(c.get(), ncclInvalidArgument, "ncclRedOpCreatePreMulSum: invalid argument");
+  }
+  PreMul p;
+  p.type = type;
+  if (residence == ncclScalarHostImmediate) {
+    std::memcpy(p.scalar.data(), scalar, elementSize(type));
+  } else {
+    p.scalarAddress = scalar; // read by the kernel, as from device memory
+  }
+  const int id = static_cast<int>(ncclNumOps) + c->nextRedOp++;
+  c->redOps.emplace(id, p);
+  *op = static_cast<ncclRedOp_t>(id);
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::redOpDestroy(ncclRedOp_t op, ncclComm_t comm) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclRedOpDestroy"); r != ncclSuccess) {
+    return r;
+  }
+  if (c->redOps.erase(static_cast<int>(op)) == 0) {
+    return impl_->failLocked(
+        c.get(), ncclInvalidArgument,
+        "ncclRedOpDestroy: unknown reduce op " + std::to_string(static_cast<int>(op)));
+  }
+  return ncclSuccess;
+}
+
+void SimNccl::setInitDelay(std::chrono::microseconds delay) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->initDelay = delay;
+}
+
+void SimNccl::setGroupEndDelay(std::chrono::microseconds delay) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->groupEndDelay = delay;
+}
+
+void SimNccl::setGroupEndDelay(ncclComm_t comm, std::chrono::microseconds delay) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto c = impl_->findLocked(comm);
+  if (!c) {
+    throw std::invalid_argument("SimNccl::setGroupEndDelay: unknown communicator");
+  }
+  c->groupEndDelay = delay;
+}
+
+void SimNccl::setCollectiveDuration(std::chrono::microseconds duration) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->collectiveDuration = duration;
+}
+
+void SimNccl::injectAsyncError(ncclComm_t comm, ncclResult_t error, std::string message) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto c = impl_->findLocked(comm);
+  if (!c) {
+    throw std::invalid_argument("SimNccl::injectAsyncError: unknown communicator");
+  }
+  c->asyncError = error;
+  c->injected = true;
+  c->lastError = std::move(message);
+  impl_->cv.notify_all();
+}
+
+int SimNccl::liveComms() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return static_cast<int>(impl_->live.size());
+}
+
+int SimNccl::liveRegistrations() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return static_cast<int>(impl_->registrations.size());
+}
+
+int SimNccl::leakedComms() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->leaked;
+}
+
+int SimNccl::overlapViolations() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->overlaps;
+}
+
+uint64_t SimNccl::idOf(ncclComm_t comm) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto c = impl_->findLocked(comm);
+  return c ? c->id : 0;
+}
+
+int SimNccl::deviceOf(ncclComm_t comm) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto c = impl_->findLocked(comm);
+  return c ? c->device : -1;
+}
+
+bool SimNccl::isBlocking(ncclComm_t comm) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto c = impl_->findLocked(comm);
+  return c && c->blocking;
+}
+
+std::vector<ncclComm_t> SimNccl::commsOn(int device) const {
+  std::vector<std::pair<uint64_t, ncclComm_t>> found;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    for (const auto& [ptr, c] : impl_->live) {
+      if (c->device == device) {
+        found.emplace_back(c->id, reinterpret_cast<ncclComm_t>(ptr));
+      }
+    }
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<ncclComm_t> out;
+  for (const auto& entry : found) {
+    out.push_back(entry.second);
+  }
+  return out;
+}
+
+} // namespace pycomm::sim

@@ -1,0 +1,140 @@
+#pragma once
+// Simulated NCCL behind the NcclApi interface, on a SimGpu. Test code only:
+// no libnccl is touched. It moves real bytes between the simulated ranks of
+// one process and fails the way NCCL fails.
+//
+// - Communicators come from commInitRankConfig (one unique id) or commSplit
+//   (collective over the parent's ranks; blocking taken from the PARENT, as
+//   NCCL does). A communicator lives on the thread's current device.
+// - Nonblocking communicators (config->blocking == 0) return ncclInProgress
+//   from creation, split, groupEnd and finalize; commGetAsyncError reports
+//   ncclInProgress until the work is done (creation: every member arrived and
+//   the init delay passed; groupEnd: a background thread enqueues the group's
+//   kernels on the stream after the group-end delay; finalize: the
+//   communicator's kernels have run). Any other call on a communicator in
+//   that state returns ncclInvalidUsage. As in NCCL, a nonblocking group end
+//   is asynchronous only when a communicator connects (its first group) or a
+//   group-end delay is set; otherwise it launches at once and answers
+//   ncclSuccess. A blocking split waits inside the
+//   call until every member of the parent split (forever, as NCCL does).
+// - Collectives (allGather, reduceScatter, allReduce, broadcast; every op of
+//   one group on one communicator runs as one kernel, as NCCL coalesces them)
+//   are kernels on the given stream. A kernel waits until every rank of the
+//   communicator reached its kernel of the same sequence number, moves the
+//   bytes, then lasts at least the collective duration. Kernels of one
+//   communicator never overlap (NCCL serializes them; an overlap is recorded
+//   as a violation); kernels of different communicators do.
+// - Types: int8, uint8, int32, uint32, int64, uint64, float16, float32,
+//   float64, bfloat16, fp8 e4m3/e5m2 (fp8 reductions need compute
+//   capability 9: older devices get ncclInvalidArgument). Reduce ops: sum,
+//   prod, max, min, avg, and premul-sum ops from redOpCreatePreMulSum.
+//   Half types are reduced in float, in rank order.
+// - A group mixing blocking and nonblocking communicators fails with
+//   ncclInvalidUsage and runs nothing, as NCCL refuses it.
+// - commAbort: the communicator's running kernels return early (outputs left
+//   as they are); it then waits until its kernels queued on streams have
+//   left them (NCCL's abort synchronizes its stream), and frees it. Peers
+//   of an aborted rank keep waiting, as on a GPU.
+//
+// Thread-safety: every method may be called from any thread; calls on one
+// communicator are serialized by the caller, as NCCL requires (except
+// commGetAsyncError and commAbort).
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nccl_api.h"
+#include "sim_gpu.h"
+
+namespace pycomm::sim {
+
+class SimNccl : public NcclApi {
+ public:
+  explicit SimNccl(std::shared_ptr<SimGpu> gpu, int version = 23007);
+  // Aborts communicators still alive (counted as leaked) and stops its thread.
+  ~SimNccl() override;
+  SimNccl(const SimNccl&) = delete;
+  SimNccl& operator=(const SimNccl&) = delete;
+
+  // NcclApi
+  ncclResult_t getVersion(int* version) override;
+  ncclResult_t getUniqueId(ncclUniqueId* id) override;
+  const char* getErrorString(ncclResult_t result) override;
+  const char* getLastError(ncclComm_t comm) override;
+  ncclResult_t commInitRankConfig(
+      ncclComm_t* comm, int nranks, ncclUniqueId id, int rank,
+      ncclConfig_t* config) override;
+  ncclResult_t commSplit(
+      ncclComm_t parent, int color, int key, ncclComm_t* child,
+      ncclConfig_t* config) override;
+  ncclResult_t commFinalize(ncclComm_t comm) override;
+  ncclResult_t commDestroy(ncclComm_t comm) override;
+  ncclResult_t commAbort(ncclComm_t comm) override;
+  ncclResult_t commGetAsyncError(ncclComm_t comm, ncclResult_t* state) override;
+  ncclResult_t commCount(ncclComm_t comm, int* count) override;
+  ncclResult_t commUserRank(ncclComm_t comm, int* rank) override;
+  ncclResult_t commRegister(
+      ncclComm_t comm, void* buffer, size_t size, void** handle) override;
+  ncclResult_t commDeregister(ncclComm_t comm, void* handle) override;
+  ncclResult_t groupStart() override;
+  ncclResult_t groupEnd() override;
+  ncclResult_t allGather(
+      const void* input, void* output, size_t countPerRank,
+      ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) override;
+  ncclResult_t reduceScatter(
+      const void* input, void* output, size_t countPerRank,
+      ncclDataType_t type, ncclRedOp_t op, ncclComm_t comm,
+      cudaStream_t stream) override;
+  ncclResult_t allReduce(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) override;
+  ncclResult_t broadcast(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      int root, ncclComm_t comm, cudaStream_t stream) override;
+  ncclResult_t redOpCreatePreMulSum(
+      ncclRedOp_t* op, void* scalar, ncclDataType_t type,
+      ncclScalarResidence_t residence, ncclComm_t comm) override;
+  ncclResult_t redOpDestroy(ncclRedOp_t op, ncclComm_t comm) override;
+
+  // --- knobs (defaults: no delays, no minimum duration) ---
+  // How long a nonblocking creation or split stays in progress after its
+  // last member arrived.
+  void setInitDelay(std::chrono::microseconds delay);
+  // Makes every nonblocking groupEnd asynchronous: in progress this long
+  // before its kernels are on the stream (by default only a communicator's
+  // first one is, with no delay); the second form for one communicator only
+  // (a slow group end).
+  void setGroupEndDelay(std::chrono::microseconds delay);
+  void setGroupEndDelay(ncclComm_t comm, std::chrono::microseconds delay);
+  // The least time a collective kernel takes once its peers met.
+  void setCollectiveDuration(std::chrono::microseconds duration);
+
+  // --- faults ---
+  // From now on commGetAsyncError(comm) reports `error` and getLastError
+  // `message`; the communicator's kernels stay blocked until it is aborted.
+  void injectAsyncError(ncclComm_t comm, ncclResult_t error, std::string message);
+
+  // --- accounting ---
+  int liveComms() const;
+  int liveRegistrations() const;
+  // Communicators freed by ~SimNccl because nobody destroyed or aborted them.
+  int leakedComms() const;
+  // Kernels of one communicator that ran at the same time (must stay 0).
+  int overlapViolations() const;
+  // The id of a live communicator (as in KernelInterval::comm), its device,
+  // whether it is blocking.
+  uint64_t idOf(ncclComm_t comm) const;
+  int deviceOf(ncclComm_t comm) const;
+  bool isBlocking(ncclComm_t comm) const;
+  // The live communicators on `device`, oldest first: how a test reaches
+  // the communicators a lane made.
+  std::vector<ncclComm_t> commsOn(int device) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+} // namespace pycomm::sim

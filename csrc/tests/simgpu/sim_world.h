@@ -1,0 +1,129 @@
+#pragma once
+// A world of simulated ranks for the NCCL lane's tests: one SimGpu, one
+// SimNccl, rank r on device r + 1 (so a context made on device 0 is always a
+// mistake), and helpers that run a function on every rank at once, as the
+// collective creation of lanes needs.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "nccl_calls.h"
+#include "nccl_lane.h"
+#include "sim_gpu.h"
+#include "sim_nccl.h"
+
+namespace pycomm::sim {
+
+struct SimWorld {
+  explicit SimWorld(int ranks)
+      : size(ranks),
+        gpu(std::make_shared<SimGpu>(ranks + 1)),
+        nccl(std::make_shared<SimNccl>(gpu)) {}
+
+  int size;
+  std::shared_ptr<SimGpu> gpu;
+  std::shared_ptr<SimNccl> nccl;
+
+  static int deviceOf(int rank) {
+    return rank + 1;
+  }
+
+  NcclLaneSpec spec(
+      int rank,
+      const std::string& role,
+      std::chrono::milliseconds timeout = std::chrono::seconds(10)) const {
+    NcclLaneSpec s;
+    s.comm.apis = GpuApis{gpu, nccl};
+    s.comm.device = deviceOf(rank);
+    s.comm.rank = rank;
+    s.comm.size = size;
+    s.comm.timeout = timeout;
+    s.comm.label = "role '" + role + "' of group 'sim' (rank " + std::to_string(rank) + ")";
+    s.role = role;
+    // A test that wants the teardown sets its own hook.
+    s.tearDownOnError = false;
+    return s;
+  }
+
+  std::string uniqueId() const {
+    return nccl::newUniqueId(*nccl);
+  }
+};
+
+// Runs fn(rank) on one thread per rank and waits for all; the first
+// exception is rethrown here.
+inline void onRanks(int ranks, const std::function<void(int)>& fn) {
+  std::vector<std::exception_ptr> errors(ranks);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        fn(r);
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  for (auto& e : errors) {
+    if (e) {
+      std::rethrow_exception(e);
+    }
+  }
+}
+
+// The lanes of one role on every rank, made collectively: from a unique id,
+// or split from `parents` (one per rank) when given.
+inline std::vector<std::shared_ptr<NcclLane>> makeLanes(
+    SimWorld& world,
+    const std::string& role,
+    const std::vector<std::shared_ptr<NcclLane>>& parents = {},
+    std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  std::vector<std::shared_ptr<NcclLane>> lanes(world.size);
+  const std::string id = parents.empty() ? world.uniqueId() : "";
+  onRanks(world.size, [&](int r) {
+    lanes[r] = NcclLane::create(
+        world.spec(r, role, timeout), id, parents.empty() ? nullptr : parents[r]);
+  });
+  return lanes;
+}
+
+inline Collective allGather(at::Tensor in, at::Tensor out) {
+  Collective op;
+  op.kind = CollectiveKind::AllGather;
+  op.inputs = {std::move(in)};
+  op.outputs = {std::move(out)};
+  return op;
+}
+
+inline Collective reduceScatter(
+    at::Tensor in, at::Tensor out, c10d::ReduceOp::RedOpType reduce = c10d::ReduceOp::SUM) {
+  Collective op;
+  op.kind = CollectiveKind::ReduceScatter;
+  op.inputs = {std::move(in)};
+  op.outputs = {std::move(out)};
+  op.reduceOp = reduce;
+  return op;
+}
+
+inline c10::intrusive_ptr<c10d::Work> issue(NcclLane& lane, const Collective& op) {
+  return lane.issue(op, c10d::OpType::UNKNOWN, lane.label() + ": " + op.describe());
+}
+
+inline int64_t nowUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+} // namespace pycomm::sim

@@ -1,0 +1,393 @@
+// The NCCL lane's failure paths on simulated ranks: a peer that never comes,
+// an asynchronous NCCL error, abort with ops hung on both lanes, a wait after
+// an abort, a member that fails during a split, slow group ends, refused ops,
+// teardown, and create/use/destroy cycles that leave nothing behind.
+#include <dirent.h>
+
+#include <atomic>
+#include <mutex>
+
+#include "comm_pool.h"
+#include "errors.h"
+#include "pooled_backend.h"
+#include "sim_world.h"
+
+using namespace std::chrono_literals;
+
+namespace pycomm::sim {
+namespace {
+
+int threadCount() {
+  int n = 0;
+  if (DIR* dir = opendir("/proc/self/task")) {
+    while (dirent* entry = readdir(dir)) {
+      n += entry->d_name[0] != '.';
+    }
+    closedir(dir);
+  }
+  return n;
+}
+
+// Waits until `done()` or 5 s; whether it came true.
+bool eventually(const std::function<bool()>& done) {
+  for (auto deadline = std::chrono::steady_clock::now() + 5s;
+       std::chrono::steady_clock::now() < deadline;
+       std::this_thread::sleep_for(2ms)) {
+    if (done()) {
+      return true;
+    }
+  }
+  return done();
+}
+
+template <typename Error>
+std::string expectFailure(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds within) {
+  try {
+    work->wait(within);
+  } catch (const Error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "wrong error: " << e.what();
+    return "";
+  }
+  ADD_FAILURE() << "wait() succeeded";
+  return "";
+}
+
+// Records teardowns instead of ending the process.
+struct TearDownRecorder {
+  std::mutex mutex;
+  std::vector<std::string> calls;
+  void arm(NcclLaneSpec& spec) {
+    spec.tearDownOnError = true;
+    spec.tearDown = [this](const std::string& message) {
+      std::lock_guard<std::mutex> lock(mutex);
+      calls.push_back(message);
+    };
+  }
+  size_t count() {
+    std::lock_guard<std::mutex> lock(mutex);
+    return calls.size();
+  }
+};
+
+TEST(LaneFaults, PeerThatNeverComesTimesOutByNameAndTearsDown) {
+  SimWorld world(2);
+  TearDownRecorder teardown;
+  std::vector<std::shared_ptr<NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  onRanks(2, [&](int r) {
+    auto spec = world.spec(r, "ag", 300ms);
+    teardown.arm(spec);
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  // Rank 1 never issues the all-gather.
+  auto op = allGather(at::ones({16}), at::empty({32}));
+  const int64_t start = nowUs();
+  auto work = issue(*lanes[0], op);
+  const std::string message = expectFailure<CollectiveTimeoutError>(work, 5000ms);
+  EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
+  EXPECT_NE(message.find("role 'ag' of group 'sim'"), std::string::npos) << message;
+  EXPECT_NE(message.find("all_gather"), std::string::npos) << message;
+  EXPECT_NE(message.find("300 ms"), std::string::npos) << message;
+  EXPECT_TRUE(work->isCompleted());
+  EXPECT_TRUE(work->getFuture()->hasError());
+  ASSERT_TRUE(eventually([&] { return teardown.count() == 1; }));
+  EXPECT_NE(teardown.calls[0].find("did not finish within"), std::string::npos);
+  // The lane is failed for good, with the same error.
+  EXPECT_THROW(issue(*lanes[0], op), CollectiveTimeoutError);
+  EXPECT_EQ(teardown.count(), 1u) << "one teardown per lane";
+  lanes[1]->close();
+  lanes[0]->close();
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, AsyncErrorFailsOpsWithNcclsMessage) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "rs");
+  const auto comms = world.nccl->commsOn(SimWorld::deviceOf(0));
+  ASSERT_EQ(comms.size(), 1u);
+  // An op in flight (rank 1 is late), then NCCL meets an error: the
+  // watchdog fails the op with NCCL's message.
+  auto op = reduceScatter(at::ones({32}), at::empty({16}));
+  auto work = issue(*lanes[0], op);
+  const int64_t start = nowUs();
+  world.nccl->injectAsyncError(comms[0], ncclRemoteError, "peer 1 closed the connection");
+  const std::string message = expectFailure<CollectiveError>(work, 5000ms);
+  EXPECT_LT(nowUs() - start, 500'000);
+  EXPECT_NE(message.find("peer 1 closed the connection"), std::string::npos) << message;
+  EXPECT_NE(message.find("reduce_scatter"), std::string::npos) << message;
+  EXPECT_NE(message.find("remote process exited or there was a network error"), std::string::npos)
+      << message;
+  // Later ops raise the same error at once.
+  try {
+    issue(*lanes[0], op);
+    ADD_FAILURE() << "issue() on a failed lane succeeded";
+  } catch (const CollectiveError& e) {
+    EXPECT_NE(std::string(e.what()).find("peer 1 closed the connection"), std::string::npos);
+  }
+  lanes[1]->abort();
+  lanes[0]->close();
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, AsyncErrorMetWhileIssuingFailsTheIssue) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  const auto comms = world.nccl->commsOn(SimWorld::deviceOf(0));
+  ASSERT_EQ(comms.size(), 1u);
+  world.nccl->injectAsyncError(comms[0], ncclSystemError, "socket closed");
+  try {
+    issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
+    ADD_FAILURE() << "issue() succeeded on a communicator in error";
+  } catch (const CollectiveError& e) {
+    EXPECT_NE(std::string(e.what()).find("socket closed"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(lanes[0]->splittable());
+  lanes[1]->abort();
+  lanes[0]->close();
+}
+
+// A c10d::Backend for the CPU side of a PooledBackend that these tests never use.
+class UnusedCpuComm : public c10d::Backend {
+ public:
+  UnusedCpuComm() : c10d::Backend(0, 2) {}
+  const std::string getBackendName() const override {
+    return "unused";
+  }
+};
+
+c10::intrusive_ptr<PooledBackend> pooled(
+    const std::string& role, std::shared_ptr<NcclLane> lane) {
+  PooledGroupSpec spec;
+  spec.name = "pooled-" + role;
+  spec.baseGroupName = "sim";
+  spec.role = role;
+  spec.globalRanks = {0, 1};
+  spec.rank = 0;
+  auto backend = c10::make_intrusive<PooledBackend>(spec, c10::make_intrusive<UnusedCpuComm>());
+  backend->attachDeviceLane(std::move(lane));
+  return backend;
+}
+
+TEST(LaneFaults, PoolAbortWithOpsHungOnBothLanesReturnsWithinASecond) {
+  SimWorld world(2);
+  // Long timeouts: only the abort may end these ops.
+  auto ag = makeLanes(world, "ag", {}, 20s);
+  auto rs = makeLanes(world, "rs", ag, 20s);
+  CommPool pool;
+  pool.add(pooled("ag", ag[0]));
+  pool.add(pooled("rs", rs[0]));
+
+  // Rank 0: a reduce-scatter rank 1 never joins; the caller's stream waits
+  // for it (Work.wait()), and an all-gather queued after that waits behind
+  // it on the device.
+  auto rsWork = issue(*rs[0], reduceScatter(at::ones({32}), at::empty({16})));
+  ASSERT_TRUE(rsWork->wait());
+  auto agWork = issue(*ag[0], allGather(at::ones({16}), at::empty({32})));
+  // Rank 1 joins the all-gather only.
+  auto peerWork = issue(*ag[1], allGather(at::ones({16}), at::empty({32})));
+  std::this_thread::sleep_for(50ms);
+  EXPECT_FALSE(agWork->isCompleted());
+
+  const int64_t start = nowUs();
+  pool.abort();
+  EXPECT_LT(nowUs() - start, 1'000'000) << "pool.abort() waited for a hung op";
+  expectFailure<PoolClosedError>(rsWork, 1000ms);
+  expectFailure<PoolClosedError>(agWork, 1000ms);
+  // Rank 1's peer op hangs until its own abort.
+  ag[1]->abort();
+  rs[1]->abort();
+  expectFailure<PoolClosedError>(peerWork, 1000ms);
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, WaitAfterAbortReportsTheFailureInsteadOfTheOutput) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
+  lanes[0]->abort();
+  EXPECT_THROW(work->wait(), PoolClosedError); // the stream-ordered form too
+  EXPECT_THROW(work->synchronize(), PoolClosedError);
+  EXPECT_TRUE(work->isCompleted());
+  EXPECT_FALSE(work->isSuccess());
+  EXPECT_TRUE(work->getFuture()->hasError());
+  EXPECT_THROW(issue(*lanes[0], allGather(at::ones({16}), at::empty({32}))), PoolClosedError);
+  lanes[1]->abort();
+}
+
+TEST(LaneFaults, MemberThatFailsBeforeTheSplitLeavesNoPeerWaitingPastTheTimeout) {
+  SimWorld world(3);
+  auto ag = makeLanes(world, "ag");
+  // Ranks 0 and 1 split for the RS lane; rank 2 failed after the vote.
+  std::vector<std::string> errors(2);
+  const int64_t start = nowUs();
+  onRanks(2, [&](int r) {
+    try {
+      NcclLane::create(world.spec(r, "rs", 300ms), "", ag[r]);
+      ADD_FAILURE() << "split without rank 2 succeeded";
+    } catch (const CollectiveTimeoutError& e) {
+      errors[r] = e.what();
+    }
+  });
+  EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
+  for (const auto& e : errors) {
+    EXPECT_NE(e.find("ncclCommSplit"), std::string::npos) << e;
+  }
+  // NCCL may still be splitting their parents: those lanes are failed too,
+  // saying why, and rank 2's is unharmed.
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_FALSE(ag[r]->splittable());
+    try {
+      issue(*ag[r], allGather(at::ones({4}), at::empty({12})));
+      ADD_FAILURE() << "issue on an aborted parent succeeded";
+    } catch (const PycommError& e) {
+      EXPECT_NE(std::string(e.what()).find("ncclCommSplit"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_TRUE(ag[2]->splittable());
+  for (auto& lane : ag) {
+    lane->abort();
+  }
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, SlowGroupEndIsWaitedForAndBoundedByTheTimeout) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag", {}, 400ms);
+  const auto comms = world.nccl->commsOn(SimWorld::deviceOf(0));
+  ASSERT_EQ(comms.size(), 1u);
+  world.nccl->setGroupEndDelay(comms[0], 100ms);
+  onRanks(2, [&](int r) {
+    auto op = allGather(at::full({4}, float(r)), at::empty({8}));
+    const int64_t start = nowUs();
+    auto work = issue(*lanes[r], op);
+    if (r == 0) {
+      EXPECT_GE(nowUs() - start, 100'000) << "issue() returned before NCCL took the op";
+    }
+    ASSERT_TRUE(work->wait(5000ms));
+    EXPECT_TRUE(at::equal(op.outputs[0], at::cat({at::zeros({4}), at::ones({4})})));
+  });
+  // Longer than the timeout: a named error, not a hang.
+  world.nccl->setGroupEndDelay(comms[0], 2000ms);
+  try {
+    issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
+    ADD_FAILURE() << "issue() succeeded";
+  } catch (const CollectiveTimeoutError& e) {
+    EXPECT_NE(std::string(e.what()).find("did not take"), std::string::npos) << e.what();
+  }
+  lanes[0]->abort();
+  lanes[1]->abort();
+}
+
+TEST(LaneFaults, RefusedOpsLeaveTheLaneUsable) {
+  SimWorld world(2);
+  world.gpu->setComputeCapabilityMajor(SimWorld::deviceOf(0), 8);
+  world.gpu->setComputeCapabilityMajor(SimWorld::deviceOf(1), 8);
+  auto lanes = makeLanes(world, "rs");
+  // FP8 reductions need Hopper: refused up front on sm80, never handed to NCCL.
+  auto fp8 = reduceScatter(
+      at::ones({8}).to(at::kFloat8_e4m3fn), at::empty({4}, at::kFloat8_e4m3fn));
+  try {
+    issue(*lanes[0], fp8);
+    ADD_FAILURE() << "fp8 reduce-scatter on sm80 was issued";
+  } catch (const UnsupportedOpError& e) {
+    EXPECT_NE(std::string(e.what()).find("compute capability 9.0"), std::string::npos);
+  }
+  // AVG on integers has no NCCL meaning in torch's sense.
+  EXPECT_THROW(
+      issue(*lanes[0], reduceScatter(at::ones({8}, at::kLong), at::empty({4}, at::kLong), c10d::ReduceOp::AVG)),
+      UnsupportedOpError);
+  // An op issued while the caller's stream captures a graph.
+  const int device = SimWorld::deviceOf(0);
+  world.gpu->setCapturing(world.gpu->currentStream(device), true);
+  EXPECT_THROW(issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))), UnsupportedOpError);
+  world.gpu->setCapturing(world.gpu->currentStream(device), false);
+  // uint32/uint64 map to NCCL's own types, and the lane still works.
+  onRanks(2, [&](int r) {
+    auto op = reduceScatter(
+        at::full({8}, r + 1, at::kLong).to(at::kUInt64), at::empty({4}, at::kUInt64));
+    ASSERT_TRUE(issue(*lanes[r], op)->wait(5000ms));
+    EXPECT_TRUE(at::equal(op.outputs[0].to(at::kLong), at::full({4}, 3, at::kLong)));
+  });
+  EXPECT_EQ(lanes[0]->pending(), 0u);
+  lanes[0]->close();
+  lanes[1]->close();
+}
+
+TEST(LaneFaultsDeathTest, ErrorsTearTheProcessDownByDefault) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        SimWorld world(2);
+        std::vector<std::shared_ptr<NcclLane>> lanes(2);
+        const std::string id = world.uniqueId();
+        onRanks(2, [&](int r) {
+          auto spec = world.spec(r, "ag", 100ms);
+          spec.tearDownOnError = true; // and the default tearDown
+          lanes[r] = NcclLane::create(spec, id, nullptr);
+        });
+        auto work = issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
+        std::this_thread::sleep_for(5s);
+      },
+      "tearing the process down");
+}
+
+TEST(LaneLifecycle, TwoHundredCyclesLeaveNothingBehind) {
+  const int threadsBefore = threadCount();
+  const int64_t commsBefore = NcclComm::liveCount();
+  for (int cycle = 0; cycle < 200; ++cycle) {
+    SimWorld world(2);
+    auto ag = makeLanes(world, "ag");
+    auto rs = makeLanes(world, "rs", ag);
+    onRanks(2, [&](int r) {
+      auto a = issue(*ag[r], allGather(at::full({8}, float(cycle)), at::empty({16})));
+      auto b = issue(*rs[r], reduceScatter(at::ones({16}), at::empty({8})));
+      ASSERT_TRUE(a->wait(5000ms));
+      ASSERT_TRUE(b->wait(5000ms));
+      if (cycle % 2 == 0) {
+        rs[r]->close();
+        ag[r]->close();
+      } else {
+        // The destructor's way: nothing waits, the lanes free themselves.
+        rs[r]->release();
+        ag[r]->release();
+      }
+    });
+    ASSERT_TRUE(eventually([&] { return world.nccl->liveComms() == 0; })) << "cycle " << cycle;
+    rs.clear();
+    ag.clear();
+    ASSERT_TRUE(eventually([&] {
+      return world.gpu->liveStreams() == 0 && world.gpu->liveEvents() == 0;
+    })) << "cycle " << cycle << ": " << world.gpu->liveStreams() << " streams, "
+        << world.gpu->liveEvents() << " events";
+    // No context on a device that is not a lane's (device 0 is nobody's).
+    for (int device : world.gpu->devicesWithContext()) {
+      EXPECT_NE(device, 0) << "cycle " << cycle;
+    }
+  }
+  EXPECT_EQ(NcclComm::liveCount(), commsBefore);
+  EXPECT_TRUE(eventually([&] { return threadCount() == threadsBefore; }))
+      << threadCount() << " threads, " << threadsBefore << " before";
+}
+
+TEST(LaneLifecycle, ReleaseFromAThreadWithoutADeviceMakesNoContextOnDeviceZero) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  // A thread that never set a device drops the lanes (as a destructor run
+  // by Python's garbage collector would).
+  std::thread([&] {
+    for (auto& lane : lanes) {
+      lane->release();
+    }
+  }).join();
+  ASSERT_TRUE(eventually([&] { return world.nccl->liveComms() == 0; }));
+  lanes.clear();
+  for (const auto& [thread, device] : world.gpu->contextCreations()) {
+    EXPECT_NE(device, 0) << "a context was created on device 0";
+  }
+  EXPECT_EQ(world.gpu->devicesWithContext(), (std::set<int>{1, 2}));
+}
+
+} // namespace
+} // namespace pycomm::sim

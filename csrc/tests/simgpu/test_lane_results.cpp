@@ -1,0 +1,385 @@
+// The NCCL lane on 2, 4 and 8 simulated ranks: results of every op, dtype and
+// reduce op it supports against a reference, on a lane made from a unique id
+// and on one split from it; ordering against the caller's stream; overlap
+// across lanes and none within one.
+#include "errors.h"
+#include "sim_world.h"
+
+using namespace std::chrono_literals;
+
+namespace pycomm::sim {
+namespace {
+
+constexpr int64_t kCount = 24; // elements per rank
+
+const std::vector<at::ScalarType> kTypes = {
+    at::kFloat, at::kBFloat16, at::kHalf, at::kLong, at::kByte};
+
+// Rank-dependent small integers: sums, products (at most 3^8) and averages
+// are exact in every type, so results compare bit for bit.
+at::Tensor rankData(int rank, int64_t count, at::ScalarType type) {
+  auto base = at::arange(count, at::kLong);
+  return ((base + rank) % 3 + 1).to(type);
+}
+
+at::Tensor reduceReference(
+    const std::vector<at::Tensor>& inputs, c10d::ReduceOp::RedOpType op, at::ScalarType type) {
+  // In float (or int64) first, rounded once, as NCCL's reductions of half
+  // types are.
+  const bool integral = !at::isFloatingType(type);
+  std::vector<at::Tensor> wide;
+  for (const auto& t : inputs) {
+    wide.push_back(t.to(integral ? at::kLong : at::kFloat));
+  }
+  auto stacked = at::stack(wide);
+  at::Tensor out;
+  switch (op) {
+    case c10d::ReduceOp::SUM:
+      out = stacked.sum(0);
+      break;
+    case c10d::ReduceOp::PRODUCT:
+      out = stacked.prod(0);
+      break;
+    case c10d::ReduceOp::MAX:
+      out = std::get<0>(stacked.max(0));
+      break;
+    case c10d::ReduceOp::MIN:
+      out = std::get<0>(stacked.min(0));
+      break;
+    case c10d::ReduceOp::AVG:
+      out = stacked.sum(0) / static_cast<double>(inputs.size());
+      break;
+    default:
+      ADD_FAILURE() << "no reference for reduce op " << static_cast<int>(op);
+  }
+  return out.to(type);
+}
+
+std::vector<c10d::ReduceOp::RedOpType> reduceOpsFor(at::ScalarType type) {
+  std::vector<c10d::ReduceOp::RedOpType> ops = {
+      c10d::ReduceOp::SUM, c10d::ReduceOp::PRODUCT, c10d::ReduceOp::MAX,
+      c10d::ReduceOp::MIN};
+  if (at::isFloatingType(type)) {
+    ops.push_back(c10d::ReduceOp::AVG);
+  }
+  return ops;
+}
+
+void expectEqual(const at::Tensor& actual, const at::Tensor& expected, const std::string& what) {
+  ASSERT_EQ(actual.scalar_type(), expected.scalar_type()) << what;
+  EXPECT_TRUE(at::equal(actual, expected))
+      << what << "\nactual:   " << actual.to(at::kDouble) << "\nexpected: "
+      << expected.to(at::kDouble);
+}
+
+// Runs `op(rank)` on every rank of `lanes`, waits (host) for each work and
+// returns nothing: the checks are in `op`'s closure.
+void runOnLanes(
+    const std::vector<std::shared_ptr<NcclLane>>& lanes,
+    const std::function<Collective(int)>& make,
+    const std::function<void(int, const Collective&)>& check) {
+  onRanks(static_cast<int>(lanes.size()), [&](int r) {
+    Collective op = make(r);
+    auto work = issue(*lanes[r], op);
+    ASSERT_TRUE(work->wait(5000ms));
+    check(r, op);
+  });
+}
+
+void checkEveryOp(const std::vector<std::shared_ptr<NcclLane>>& lanes, const std::string& path) {
+  const int n = static_cast<int>(lanes.size());
+  for (at::ScalarType type : kTypes) {
+    const std::string where = path + " " + c10::toString(type) + " on " +
+        std::to_string(n) + " ranks";
+    std::vector<at::Tensor> shards(n);
+    std::vector<at::Tensor> fulls(n);
+    for (int r = 0; r < n; ++r) {
+      shards[r] = rankData(r, kCount, type);
+      fulls[r] = rankData(r, kCount * n, type);
+    }
+
+    const auto gathered = at::cat(shards);
+    runOnLanes(
+        lanes,
+        [&](int r) { return allGather(shards[r].clone(), at::empty({kCount * n}, type)); },
+        [&](int, const Collective& op) {
+          expectEqual(op.outputs[0], gathered, "all_gather " + where);
+        });
+
+    for (auto reduce : reduceOpsFor(type)) {
+      const auto reduced = reduceReference(fulls, reduce, type);
+      runOnLanes(
+          lanes,
+          [&](int r) {
+            return reduceScatter(fulls[r].clone(), at::empty({kCount}, type), reduce);
+          },
+          [&](int r, const Collective& op) {
+            expectEqual(
+                op.outputs[0], reduced.narrow(0, r * kCount, kCount),
+                std::string("reduce_scatter ") + reduceOpName(reduce) + " " + where);
+          });
+      runOnLanes(
+          lanes,
+          [&](int r) {
+            Collective op;
+            op.kind = CollectiveKind::AllReduce;
+            op.inputs = {shards[r].clone()};
+            op.reduceOp = reduce;
+            return op;
+          },
+          [&](int, const Collective& op) {
+            expectEqual(
+                op.inputs[0], reduceReference(shards, reduce, type),
+                std::string("all_reduce ") + reduceOpName(reduce) + " " + where);
+          });
+    }
+
+    const int root = n - 1;
+    runOnLanes(
+        lanes,
+        [&](int r) {
+          Collective op;
+          op.kind = CollectiveKind::Broadcast;
+          op.inputs = {shards[r].clone()};
+          op.root = root;
+          return op;
+        },
+        [&](int, const Collective& op) {
+          expectEqual(op.inputs[0], shards[root], "broadcast " + where);
+        });
+  }
+
+  // The coalesced forms: several tensor pairs, of several types, as one unit.
+  const std::vector<std::pair<int64_t, at::ScalarType>> parts = {
+      {3, at::kFloat}, {40, at::kBFloat16}, {7, at::kLong}};
+  runOnLanes(
+      lanes,
+      [&](int r) {
+        Collective op;
+        op.kind = CollectiveKind::AllGather;
+        for (auto [count, type] : parts) {
+          op.inputs.push_back(rankData(r, count, type));
+          op.outputs.push_back(at::empty({count * n}, type));
+        }
+        return op;
+      },
+      [&](int, const Collective& op) {
+        for (size_t i = 0; i < parts.size(); ++i) {
+          std::vector<at::Tensor> shards;
+          for (int q = 0; q < n; ++q) {
+            shards.push_back(rankData(q, parts[i].first, parts[i].second));
+          }
+          expectEqual(op.outputs[i], at::cat(shards), path + " coalesced all_gather part " + std::to_string(i));
+        }
+      });
+  runOnLanes(
+      lanes,
+      [&](int r) {
+        Collective op;
+        op.kind = CollectiveKind::ReduceScatter;
+        op.reduceOp = c10d::ReduceOp::SUM;
+        for (auto [count, type] : parts) {
+          op.inputs.push_back(rankData(r, count * n, type));
+          op.outputs.push_back(at::empty({count}, type));
+        }
+        return op;
+      },
+      [&](int r, const Collective& op) {
+        for (size_t i = 0; i < parts.size(); ++i) {
+          const auto [count, type] = parts[i];
+          std::vector<at::Tensor> fulls;
+          for (int q = 0; q < n; ++q) {
+            fulls.push_back(rankData(q, count * n, type));
+          }
+          expectEqual(
+              op.outputs[i],
+              reduceReference(fulls, c10d::ReduceOp::SUM, type).narrow(0, r * count, count),
+              path + " coalesced reduce_scatter part " + std::to_string(i));
+        }
+      });
+}
+
+void closeAll(const std::vector<std::shared_ptr<NcclLane>>& lanes) {
+  onRanks(static_cast<int>(lanes.size()), [&](int r) { lanes[r]->close(); });
+}
+
+class LaneResults : public ::testing::TestWithParam<int> {};
+
+TEST_P(LaneResults, EveryOpTypeAndReduceOpOnInitAndSplitLanes) {
+  const int n = GetParam();
+  {
+    SimWorld world(n);
+    auto ag = makeLanes(world, "ag");
+    auto rs = makeLanes(world, "rs", ag);
+    for (int r = 0; r < n; ++r) {
+      EXPECT_FALSE(ag[r]->createdBySplit());
+      EXPECT_TRUE(rs[r]->createdBySplit());
+    }
+    checkEveryOp(ag, "init");
+    checkEveryOp(rs, "split");
+    closeAll(rs);
+    closeAll(ag);
+    EXPECT_EQ(world.nccl->liveComms(), 0);
+    EXPECT_EQ(world.nccl->overlapViolations(), 0);
+  }
+  EXPECT_EQ(NcclComm::liveCount(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, LaneResults, ::testing::Values(2, 4, 8));
+
+TEST(LaneOrder, OpRunsAfterWorkQueuedOnTheCallersStream) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  onRanks(2, [&](int r) {
+    const int device = SimWorld::deviceOf(r);
+    cudaStream_t compute = world.gpu->createStream(device);
+    world.gpu->setCurrentStream(device, compute);
+    for (float value : {1.0f, 2.0f, 3.0f}) {
+      auto shard = at::zeros({16}, at::kFloat);
+      // A slow kernel writes the input: the op must not read it before.
+      world.gpu->launch(compute, [shard, value] {
+        std::this_thread::sleep_for(30ms);
+        shard.fill_(value);
+      });
+      auto op = allGather(shard, at::empty({32}, at::kFloat));
+      ASSERT_TRUE(issue(*lanes[r], op)->wait(5000ms));
+      EXPECT_TRUE(at::equal(op.outputs[0], at::full({32}, value, at::kFloat)))
+          << op.outputs[0];
+    }
+    world.gpu->setCurrentStream(device, nullptr);
+    ASSERT_TRUE(world.gpu->synchronize(compute, 5000ms));
+    ASSERT_EQ(world.gpu->streamDestroy(compute), cudaSuccess);
+  });
+  closeAll(lanes);
+}
+
+TEST(LaneOrder, WaitOrdersTheCallersStreamWithoutBlockingTheHost) {
+  SimWorld world(2);
+  world.nccl->setCollectiveDuration(150ms);
+  auto lanes = makeLanes(world, "ag");
+  onRanks(2, [&](int r) {
+    const int device = SimWorld::deviceOf(r);
+    cudaStream_t compute = world.gpu->createStream(device);
+    world.gpu->setCurrentStream(device, compute);
+    auto op = allGather(at::full({8}, float(r + 1)), at::zeros({16}, at::kFloat));
+    auto work = issue(*lanes[r], op);
+    const int64_t before = nowUs();
+    ASSERT_TRUE(work->wait()); // no timeout: the stream waits, not the host
+    EXPECT_LT(nowUs() - before, 50'000) << "wait() blocked the host";
+    EXPECT_FALSE(work->isCompleted());
+    // A consumer queued after wait() sees the whole result.
+    auto seen = at::empty({16}, at::kFloat);
+    auto output = op.outputs[0];
+    world.gpu->launch(compute, [seen, output]() mutable { seen.copy_(output); }, "consumer");
+    ASSERT_TRUE(world.gpu->synchronize(compute, 5000ms));
+    auto expected = at::cat({at::full({8}, 1.0f), at::full({8}, 2.0f)});
+    EXPECT_TRUE(at::equal(seen, expected)) << seen;
+    world.gpu->setCurrentStream(device, nullptr);
+    ASSERT_EQ(world.gpu->streamDestroy(compute), cudaSuccess);
+  });
+  closeAll(lanes);
+}
+
+// The kernels of `comm` on `device`, in the order they ran.
+std::vector<KernelInterval> kernelsOf(const SimWorld& world, uint64_t comm) {
+  std::vector<KernelInterval> out;
+  for (const auto& k : world.gpu->timeline()) {
+    if (k.comm == comm) {
+      out.push_back(k);
+    }
+  }
+  return out;
+}
+
+TEST(LaneOverlap, AgAndRsLanesRunTogetherAndOneLaneNeverOverlapsItself) {
+  SimWorld world(2);
+  world.nccl->setCollectiveDuration(60ms);
+  auto ag = makeLanes(world, "ag");
+  auto rs = makeLanes(world, "rs", ag);
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> ids(2);
+  onRanks(2, [&](int r) {
+    // Two all-gathers on the AG lane, one reduce-scatter on the RS lane,
+    // issued back to back.
+    auto ag1 = allGather(at::ones({64}), at::empty({128}));
+    auto ag2 = allGather(at::ones({64}), at::empty({128}));
+    auto rs1 = reduceScatter(at::ones({128}), at::empty({64}));
+    auto w1 = issue(*ag[r], ag1);
+    auto w2 = issue(*ag[r], ag2);
+    auto w3 = issue(*rs[r], rs1);
+    for (auto& w : {w1, w2, w3}) {
+      ASSERT_TRUE(w->wait(5000ms));
+    }
+  });
+  const auto timeline = world.gpu->timeline();
+  for (int r = 0; r < 2; ++r) {
+    const int device = SimWorld::deviceOf(r);
+    std::vector<KernelInterval> agKernels, rsKernels;
+    for (const auto& k : timeline) {
+      if (k.device != device || k.comm == 0) {
+        continue;
+      }
+      (k.label.rfind("allgather", 0) == 0 ? agKernels : rsKernels).push_back(k);
+    }
+    ASSERT_EQ(agKernels.size(), 2u);
+    ASSERT_EQ(rsKernels.size(), 1u);
+    // Within the AG lane: in issue order, one after the other.
+    EXPECT_LE(agKernels[0].endUs, agKernels[1].startUs);
+    // Across lanes: the reduce-scatter ran while the first all-gather did.
+    const auto& a = agKernels[0];
+    const auto& b = rsKernels[0];
+    EXPECT_LT(std::max(a.startUs, b.startUs), std::min(a.endUs, b.endUs))
+        << "AG [" << a.startUs << ", " << a.endUs << "] RS [" << b.startUs << ", "
+        << b.endUs << "] did not overlap";
+    EXPECT_NE(a.stream, b.stream);
+  }
+  EXPECT_EQ(world.nccl->overlapViolations(), 0);
+  closeAll(rs);
+  closeAll(ag);
+}
+
+TEST(LaneOverlap, OpsOnOneLaneRunInIssueOrder) {
+  SimWorld world(2);
+  world.nccl->setCollectiveDuration(5ms);
+  auto lanes = makeLanes(world, "ag");
+  onRanks(2, [&](int r) {
+    std::vector<Collective> ops;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    for (int i = 0; i < 6; ++i) {
+      ops.push_back(allGather(at::full({4}, float(i)), at::empty({8})));
+      works.push_back(issue(*lanes[r], ops.back()));
+    }
+    for (int i = 0; i < 6; ++i) {
+      ASSERT_TRUE(works[i]->wait(5000ms));
+      EXPECT_TRUE(at::equal(ops[i].outputs[0], at::full({8}, float(i))));
+    }
+  });
+  int64_t previousEnd = 0;
+  int kernels = 0;
+  for (const auto& k : world.gpu->timeline()) {
+    if (k.device == SimWorld::deviceOf(0) && k.comm != 0) {
+      EXPECT_GE(k.startUs, previousEnd);
+      previousEnd = k.endUs;
+      ++kernels;
+    }
+  }
+  EXPECT_EQ(kernels, 6);
+  closeAll(lanes);
+}
+
+TEST(LaneStreams, PrioritiesFollowTheRoleAndTheSpec) {
+  SimWorld world(2);
+  auto ag = makeLanes(world, "ag");
+  auto rs = makeLanes(world, "rs", ag);
+  EXPECT_EQ(ag[0]->streamPriority(), SimGpu::kGreatestPriority);
+  EXPECT_EQ(rs[0]->streamPriority(), SimGpu::kLeastPriority);
+  auto spec = world.spec(0, "ag");
+  spec.streamPriority = -2;
+  EXPECT_EQ(NcclLane::resolvePriority(spec), -2);
+  spec.streamPriority = 3;
+  EXPECT_THROW(NcclLane::resolvePriority(spec), ConfigError);
+  closeAll(rs);
+  closeAll(ag);
+}
+
+} // namespace
+} // namespace pycomm::sim

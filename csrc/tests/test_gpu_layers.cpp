@@ -1,0 +1,125 @@
+// The real CUDA and NCCL layers, linked with the real libcudart and libnccl,
+// on a machine without a GPU: every forwarder reaches the library and comes
+// back with its own result code (no device: CUDA's "no device" or "no
+// driver" errors; NCCL's invalid-argument for a null communicator), never a
+// crash. On a GPU machine the device checks are skipped: the GPU tests cover
+// them.
+#include <gtest/gtest.h>
+
+#include "cuda_resources.h"
+#include "gpu_apis.h"
+#include "nccl_calls.h"
+
+namespace pycomm {
+namespace {
+
+bool hasDevice(CudaApi& cuda) {
+  int device = -1;
+  return cuda.getDevice(&device) == cudaSuccess && cuda.setDevice(0) == cudaSuccess;
+}
+
+TEST(RealCudaApi, EveryCallReportsCudasOwnErrorWithoutADevice) {
+  auto cuda = runtimeCudaApi();
+  EXPECT_EQ(cuda, runtimeCudaApi()) << "one instance per process";
+  if (hasDevice(*cuda)) {
+    GTEST_SKIP() << "a GPU is present: tests/test_cuda.py covers the real calls";
+  }
+  auto noDevice = [](cudaError_t e) {
+    return e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver ||
+        e == cudaErrorInvalidDevice || e == cudaErrorInitializationError ||
+        e == cudaErrorInvalidResourceHandle || e == cudaErrorInvalidValue ||
+        e == cudaErrorContextIsDestroyed;
+  };
+  int value = 0, least = 0, greatest = 0;
+  EXPECT_PRED1(noDevice, cuda->setDevice(0));
+  EXPECT_FALSE(cuda->hasPrimaryContext(0));
+  EXPECT_PRED1(noDevice, cuda->deviceGetStreamPriorityRange(&least, &greatest));
+  EXPECT_PRED1(noDevice, cuda->deviceGetAttribute(&value, cudaDevAttrComputeCapabilityMajor, 0));
+  cudaStream_t stream = nullptr;
+  EXPECT_PRED1(noDevice, cuda->streamCreateWithPriority(&stream, cudaStreamNonBlocking, 0));
+  cudaEvent_t event = nullptr;
+  EXPECT_PRED1(noDevice, cuda->eventCreateWithFlags(&event, cudaEventDisableTiming));
+  EXPECT_PRED1(noDevice, cuda->eventRecord(event, stream));
+  EXPECT_PRED1(noDevice, cuda->eventQuery(event));
+  EXPECT_PRED1(noDevice, cuda->streamWaitEvent(stream, event, 0));
+  EXPECT_PRED1(noDevice, cuda->streamGetPriority(stream, &value));
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  EXPECT_PRED1(noDevice, cuda->streamIsCapturing(stream, &status));
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  (void)cuda->threadExchangeStreamCaptureMode(&mode); // host-side: may succeed
+  EXPECT_PRED1(noDevice, cuda->eventDestroy(event));
+  EXPECT_PRED1(noDevice, cuda->streamDestroy(stream));
+  EXPECT_STREQ(cuda->getErrorName(cudaErrorNotReady), "cudaErrorNotReady");
+  EXPECT_NE(std::string(cuda->getErrorString(cudaErrorNotReady)), "");
+  // The named error pycomm makes of it.
+  try {
+    checkCuda(*cuda, cudaErrorNoDevice, "cudaSetDevice");
+    ADD_FAILURE();
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("cudaSetDevice failed: cudaErrorNoDevice"), std::string::npos);
+  }
+  // torch's current stream needs a device: torch raises, pycomm lets it.
+  EXPECT_ANY_THROW(cuda->currentStream(0));
+}
+
+TEST(RealNcclApi, VersionIdAndNullCommunicatorCalls) {
+  auto nccl = libraryNcclApi();
+  EXPECT_EQ(nccl, libraryNcclApi()) << "one instance per process";
+  EXPECT_GE(nccl::loadedVersion(*nccl), 21800);
+  EXPECT_EQ(nccl::usableVersion(*nccl), std::min(nccl::builtVersion(), nccl::loadedVersion(*nccl)));
+  const std::string a = nccl::newUniqueId(*nccl), b = nccl::newUniqueId(*nccl);
+  EXPECT_EQ(a.size(), 128u);
+  EXPECT_NE(a, b);
+  EXPECT_STRNE(nccl->getErrorString(ncclInvalidArgument), "");
+  (void)nccl->getLastError(nullptr);
+
+  const ncclComm_t none = nullptr;
+  int value = 0;
+  ncclResult_t state = ncclSuccess;
+  EXPECT_NE(nccl->commCount(none, &value), ncclSuccess);
+  EXPECT_NE(nccl->commUserRank(none, &value), ncclSuccess);
+  EXPECT_NE(nccl->commGetAsyncError(none, &state), ncclSuccess);
+  // NCCL takes finalizing and destroying nothing as done.
+  EXPECT_EQ(nccl->commFinalize(none), ncclSuccess);
+  EXPECT_EQ(nccl->commDestroy(none), ncclSuccess);
+  EXPECT_NE(nccl->commAbort(none), ncclInProgress);
+  void* handle = nullptr;
+  char buffer[64];
+  EXPECT_NE(nccl->commRegister(none, buffer, sizeof(buffer), &handle), ncclSuccess);
+  EXPECT_NE(nccl->commDeregister(none, handle), ncclSuccess);
+  ncclComm_t child = nullptr;
+  ncclConfig_t config = nccl::makeConfig({}, nccl::usableVersion(*nccl));
+  EXPECT_EQ(config.blocking, 0);
+  EXPECT_NE(nccl->commSplit(none, 0, 0, &child, &config), ncclSuccess);
+  ncclRedOp_t op;
+  float scalar = 0.5f;
+  EXPECT_NE(nccl->redOpCreatePreMulSum(&op, &scalar, ncclFloat32, ncclScalarHostImmediate, none), ncclSuccess);
+  EXPECT_NE(nccl->redOpDestroy(ncclSum, none), ncclSuccess);
+  // Collectives on a null communicator inside a group: refused when called
+  // or at the group's end.
+  EXPECT_EQ(nccl->groupStart(), ncclSuccess);
+  const ncclResult_t calls[] = {
+      nccl->allGather(buffer, buffer, 1, ncclFloat32, none, nullptr),
+      nccl->reduceScatter(buffer, buffer, 1, ncclFloat32, ncclSum, none, nullptr),
+      nccl->allReduce(buffer, buffer, 1, ncclFloat32, ncclSum, none, nullptr),
+      nccl->broadcast(buffer, buffer, 1, ncclFloat32, 0, none, nullptr)};
+  for (ncclResult_t r : calls) {
+    EXPECT_NE(r, ncclInProgress);
+  }
+  (void)nccl->groupEnd();
+  // Without a GPU there is no communicator to create: NCCL says so.
+  ncclComm_t comm = nullptr;
+  const ncclResult_t init = nccl->commInitRankConfig(&comm, 1, nccl::uniqueIdFromBytes(a), 0, &config);
+  if (init == ncclSuccess || init == ncclInProgress) {
+    GTEST_SKIP() << "a GPU is present";
+  }
+  try {
+    nccl::check(*nccl, init, "ncclCommInitRankConfig", comm);
+    ADD_FAILURE();
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("ncclCommInitRankConfig failed: "), std::string::npos) << e.what();
+  }
+}
+
+} // namespace
+} // namespace pycomm
