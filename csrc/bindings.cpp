@@ -102,6 +102,8 @@ pycomm::NcclSettings settingsFromDict(const py::dict& values) {
       s.trafficClass = py::cast<int>(value);
     } else if (name == "cta_policy") {
       s.ctaPolicy = py::cast<int>(value);
+    } else if (name == "launch_order_implicit") {
+      s.launchOrderImplicit = py::cast<bool>(value) ? 1 : 0;
     } else if (name == "comm_name") {
       s.commName = py::cast<std::string>(value);
     } else {
@@ -109,6 +111,18 @@ pycomm::NcclSettings settingsFromDict(const py::dict& values) {
     }
   }
   return s;
+}
+
+// (address, bytes) of each segment a torch.cuda.MemPool holds on `device`.
+std::vector<std::pair<uintptr_t, size_t>> poolSegments(const py::object& pool, int device) {
+  std::vector<std::pair<uintptr_t, size_t>> segments;
+  for (const auto& segment : pool.attr("snapshot")()) {
+    const auto s = py::reinterpret_borrow<py::dict>(segment);
+    if (py::cast<int>(s["device"]) == device) {
+      segments.emplace_back(py::cast<uintptr_t>(s["address"]), py::cast<size_t>(s["total_size"]));
+    }
+  }
+  return segments;
 }
 
 py::dict planToDict(const pycomm::NcclFieldPlan& plan) {
@@ -326,6 +340,30 @@ PYBIND11_MODULE(_C, m) {
       .def("attach_device_lane", &pycomm::PooledBackend::attachDeviceLane,
            py::arg("lane"))
       .def_property_readonly("device_lane", &pycomm::PooledBackend::deviceLane)
+      .def(
+          "register_mem_pool",
+          [](pycomm::PooledBackend& b, const py::object& pool, bool symm) {
+            // What torch's NCCL backend offers Megatron-FSDP's nccl_ub: every
+            // segment of the pool on this lane's device, registered with the
+            // lane's communicator.
+            auto lane = b.requireDeviceLane("register_mem_pool");
+            for (const auto& [address, bytes] : poolSegments(pool, lane->device().index())) {
+              py::gil_scoped_release release; // symmetric windows are collective
+              lane->registerMemory(reinterpret_cast<void*>(address), bytes, symm);
+            }
+          },
+          py::arg("pool"),
+          py::arg("symm") = false)
+      .def(
+          "deregister_mem_pool",
+          [](pycomm::PooledBackend& b, const py::object& pool) {
+            auto lane = b.requireDeviceLane("deregister_mem_pool");
+            for (const auto& [address, bytes] : poolSegments(pool, lane->device().index())) {
+              py::gil_scoped_release release;
+              lane->deregisterMemory(reinterpret_cast<void*>(address));
+            }
+          },
+          py::arg("pool"))
       .def("close", [](pycomm::PooledBackend& b) { b.close(); },
            py::call_guard<py::gil_scoped_release>())
       .def("abort", &pycomm::PooledBackend::abort,

@@ -43,6 +43,12 @@ class DeviceLane {
   // Aborts the communicator without waiting for peers; unfinished ops fail.
   // Idempotent.
   virtual void abort() = 0;
+  // Registers device memory with the communicator for zero-copy collectives
+  // (`symmetric`: a symmetric window, collective over the members);
+  // registering it again does nothing. Freed by close() and abort().
+  virtual void registerMemory(void* buffer, size_t bytes, bool symmetric) = 0;
+  // Forgets a registration; memory that is not registered is ignored.
+  virtual void deregisterMemory(void* buffer) = 0;
 };
 
 } // namespace pycomm

@@ -18,6 +18,8 @@ const char* ncclFieldName(NcclField field) {
       return "commName";
     case NcclField::CtaPolicy:
       return "CTAPolicy";
+    case NcclField::LaunchOrderImplicit:
+      return "launchOrderImplicit";
   }
   return "?";
 }
@@ -34,6 +36,8 @@ int ncclFieldMinVersion(NcclField field) {
     case NcclField::CommName:
     case NcclField::CtaPolicy:
       return ncclVersionCode(2, 27, 0);
+    case NcclField::LaunchOrderImplicit:
+      return ncclVersionCode(2, 31, 0);
   }
   return 0;
 }
@@ -60,6 +64,9 @@ std::vector<NcclField> fieldsSet(const NcclSettings& s) {
   }
   if (s.ctaPolicy) {
     set.push_back(NcclField::CtaPolicy);
+  }
+  if (s.launchOrderImplicit) {
+    set.push_back(NcclField::LaunchOrderImplicit);
   }
   return set;
 }

@@ -24,6 +24,11 @@ struct NcclSettings {
   std::optional<int> trafficClass;
   std::optional<int> ctaPolicy; // NCCL_CTA_POLICY_* value
   std::optional<std::string> commName;
+  // 1: kernels of this communicator may launch in any order relative to other
+  // communicators' on the same ranks, so a different issue order across ranks
+  // cannot deadlock two communicators (NCCL 2.31; NCCL_LAUNCH_ORDER_IMPLICIT=1
+  // does it for every communicator from 2.26).
+  std::optional<int> launchOrderImplicit;
 };
 
 enum class NcclField {
@@ -34,6 +39,7 @@ enum class NcclField {
   TrafficClass,
   CommName,
   CtaPolicy,
+  LaunchOrderImplicit,
 };
 
 // ncclConfig_t's own spelling of the field ("cgaClusterSize", "CTAPolicy").

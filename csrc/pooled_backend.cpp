@@ -134,6 +134,18 @@ std::shared_ptr<DeviceLane> PooledBackend::deviceLane() const {
   return deviceLane_;
 }
 
+std::shared_ptr<DeviceLane> PooledBackend::requireDeviceLane(const std::string& what) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  throwIfNotOpen();
+  if (!deviceLane_) {
+    throw UnsupportedOpError(
+        spec_.label() + ": " + what + " needs an NCCL lane, and this pooled "
+        "group has none: it was built without CUDA, or duplicated while no "
+        "CUDA device was set (see pycomm.build_info() and CommPool(device=...))");
+  }
+  return deviceLane_;
+}
+
 void PooledBackend::start(
     const std::shared_ptr<LaneContext>& context,
     std::shared_ptr<Collective> op,

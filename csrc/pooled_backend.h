@@ -88,6 +88,8 @@ class PooledBackend : public c10d::Backend {
   // them raise UnsupportedOpError. Set once, right after construction.
   void attachDeviceLane(std::shared_ptr<DeviceLane> lane);
   std::shared_ptr<DeviceLane> deviceLane() const;
+  // The device lane; UnsupportedOpError naming `what` when there is none.
+  std::shared_ptr<DeviceLane> requireDeviceLane(const std::string& what) const;
 
   bool isOpen() const;
   const PooledGroupSpec& spec() const {

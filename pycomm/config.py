@@ -55,7 +55,12 @@ class RoleConfig:
         priority; None: the highest for 'ag', the default for 'rs').
     min_ctas / max_ctas / cga_cluster_size / net_name: ncclConfig_t fields
         (NCCL >= 2.17); traffic_class (>= 2.26); cta_policy (>= 2.27, one of
-        'default', 'efficiency', 'zero'). None leaves NCCL's default.
+        'default', 'efficiency', 'zero'); launch_order_implicit (>= 2.31:
+        this communicator's kernels may launch in any order relative to
+        other communicators', so ranks that issue AG and RS in different
+        orders cannot deadlock; for NCCL 2.26 to 2.30 set
+        NCCL_LAUNCH_ORDER_IMPLICIT=1 in the environment instead). None
+        leaves NCCL's default.
     timeout: seconds a collective or the creation rendezvous may take before
         it fails with a named error (None: DEFAULT_TIMEOUT_SECONDS).
     """
@@ -67,6 +72,7 @@ class RoleConfig:
     net_name: str | None = None
     traffic_class: int | None = None
     cta_policy: str | None = None
+    launch_order_implicit: bool | None = None
     timeout: float | None = None
 
     def __post_init__(self) -> None:
@@ -96,6 +102,12 @@ class RoleConfig:
             raise ConfigError(f"stream_priority must be an integer, got {self.stream_priority!r}")
         if self.net_name is not None and (not isinstance(self.net_name, str) or not self.net_name):
             raise ConfigError(f"net_name must be a non-empty string, got {self.net_name!r}")
+        if self.launch_order_implicit is not None and not isinstance(
+            self.launch_order_implicit, bool
+        ):
+            raise ConfigError(
+                f"launch_order_implicit must be true or false, got {self.launch_order_implicit!r}"
+            )
         if self.cta_policy is not None and self.cta_policy not in CTA_POLICIES:
             raise ConfigError(
                 f"cta_policy must be one of {sorted(CTA_POLICIES)}, got {self.cta_policy!r}"

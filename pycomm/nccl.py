@@ -112,6 +112,7 @@ def nccl_settings(config: RoleConfig, comm_name: str) -> dict[str, Any]:
         "net_name": config.net_name,
         "traffic_class": config.traffic_class,
         "cta_policy": CTA_POLICIES[config.cta_policy] if config.cta_policy else None,
+        "launch_order_implicit": config.launch_order_implicit,
         "comm_name": comm_name,
     }
 

@@ -63,3 +63,10 @@ def test_unknown_keys_are_named(tmp_path: Path) -> None:
         load_group_configs(bad)
     with pytest.raises(ConfigError, match="dp_cp_ag: min_ctas"):
         parse_group_configs({"dp_cp_ag": {"min_ctas": 100}})
+
+
+def test_launch_order_implicit_is_a_boolean() -> None:
+    assert RoleConfig(launch_order_implicit=True).launch_order_implicit is True
+    with pytest.raises(ConfigError, match="launch_order_implicit must be true or false"):
+        RoleConfig(launch_order_implicit=1)
+    assert RoleConfig.from_mapping({"launch_order_implicit": False}).launch_order_implicit is False

@@ -68,19 +68,26 @@ def test_unique_ids_are_fresh_128_byte_strings() -> None:
 def test_config_fields_are_guarded_by_nccl_version() -> None:
     config = RoleConfig(
         min_ctas=2, max_ctas=8, cga_cluster_size=2, net_name="IB",
-        traffic_class=106, cta_policy="efficiency",
+        traffic_class=106, cta_policy="efficiency", launch_order_implicit=True,
     )
     settings = nccl_settings(config, "pycomm_ag_of_0")
-    newest = _C.nccl_config_plan(settings, 23007)
+    newest = _C.nccl_config_plan(settings, 23100)
     assert newest["applied"] == [
-        "cgaClusterSize", "minCTAs", "maxCTAs", "netName", "trafficClass", "commName", "CTAPolicy",
+        "cgaClusterSize", "minCTAs", "maxCTAs", "netName", "trafficClass", "commName",
+        "CTAPolicy", "launchOrderImplicit",
     ]
     assert newest["skipped"] == []
+    at_2_30 = _C.nccl_config_plan(settings, 23007)
+    assert at_2_30["skipped"] == [("launchOrderImplicit", "2.31.0")]
     at_2_26 = _C.nccl_config_plan(settings, 22605)
-    assert at_2_26["skipped"] == [("commName", "2.27.0"), ("CTAPolicy", "2.27.0")]
+    assert at_2_26["skipped"] == [
+        ("commName", "2.27.0"), ("CTAPolicy", "2.27.0"), ("launchOrderImplicit", "2.31.0"),
+    ]
     at_2_18 = _C.nccl_config_plan(settings, 21803)
     assert at_2_18["applied"] == ["cgaClusterSize", "minCTAs", "maxCTAs", "netName"]
-    assert [f for f, _ in at_2_18["skipped"]] == ["trafficClass", "commName", "CTAPolicy"]
+    assert [f for f, _ in at_2_18["skipped"]] == [
+        "trafficClass", "commName", "CTAPolicy", "launchOrderImplicit",
+    ]
     at_2_16 = _C.nccl_config_plan(settings, 21600)
     assert at_2_16["applied"] == []
     assert ("netName", "2.17.0") in at_2_16["skipped"]
@@ -190,3 +197,29 @@ def test_no_split_parent_without_a_lane_of_the_group(monkeypatch: pytest.MonkeyP
     assert split_parent(core, "group-0", "rs", 0) is None
     monkeypatch.setenv(SPLIT_ENV, "0")
     assert split_parent(core, "group-0", "rs", 0) is None
+
+
+def _register_without_a_lane(rank: int, world: int) -> list[str]:
+    import torch.distributed as dist
+
+    with pycomm.CommPool(device=None) as pool:
+        ag = pool.duplicate(dist.group.WORLD, "ag")
+        backend = ag._get_backend(torch.device("cpu"))
+        errors = []
+        for call in (lambda: backend.register_mem_pool(object(), symm=True),
+                     lambda: backend.deregister_mem_pool(object())):
+            try:
+                call()
+            except pycomm.UnsupportedOpError as e:
+                errors.append(str(e))
+        return errors
+
+
+def test_mem_pool_registration_needs_an_nccl_lane() -> None:
+    """Megatron-FSDP's nccl_ub calls register_mem_pool on its AG group's
+    backend: a pooled group takes the call, and without an NCCL lane (a CPU
+    world) says why it cannot register."""
+    for errors in run_world(_register_without_a_lane, 2):
+        assert len(errors) == 2
+        assert all("needs an NCCL lane" in e for e in errors), errors
+        assert "register_mem_pool" in errors[0] and "deregister_mem_pool" in errors[1]

@@ -1,9 +1,21 @@
 // The libnccl loaded behind NcclApi: forwarders only.
 #include "nccl_api.h"
 
+#ifndef USE_C10D_NCCL
+#define USE_C10D_NCCL // ProcessGroupNCCL.hpp declares nothing without it
+#endif
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+
 namespace pycomm {
 
 namespace {
+
+// torch counts the NCCL groups each thread has open in a protected member.
+struct TorchNcclGroups : c10d::ProcessGroupNCCL {
+  static int depth() {
+    return static_cast<int>(ncclActiveGroupCounter_);
+  }
+};
 
 class LibraryNcclApi final : public NcclApi {
  public:
@@ -54,11 +66,30 @@ class LibraryNcclApi final : public NcclApi {
   ncclResult_t commDeregister(ncclComm_t comm, void* handle) override {
     return ncclCommDeregister(comm, handle);
   }
+  ncclResult_t commWindowRegister(
+      ncclComm_t comm, void* buffer, size_t size, void** window, int flags) override {
+#if NCCL_VERSION_CODE >= 22700
+    return ncclCommWindowRegister(
+        comm, buffer, size, reinterpret_cast<ncclWindow_t*>(window), flags);
+#else
+    return ncclInvalidUsage;
+#endif
+  }
+  ncclResult_t commWindowDeregister(ncclComm_t comm, void* window) override {
+#if NCCL_VERSION_CODE >= 22700
+    return ncclCommWindowDeregister(comm, static_cast<ncclWindow_t>(window));
+#else
+    return ncclInvalidUsage;
+#endif
+  }
   ncclResult_t groupStart() override {
     return ncclGroupStart();
   }
   ncclResult_t groupEnd() override {
     return ncclGroupEnd();
+  }
+  int torchGroupDepth() override {
+    return TorchNcclGroups::depth();
   }
   ncclResult_t allGather(
       const void* input, void* output, size_t countPerRank,

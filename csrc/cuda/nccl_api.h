@@ -41,9 +41,20 @@ class NcclApi {
   virtual ncclResult_t commRegister(
       ncclComm_t comm, void* buffer, size_t size, void** handle) = 0;
   virtual ncclResult_t commDeregister(ncclComm_t comm, void* handle) = 0;
+  // A symmetric window (ncclCommWindowRegister, NCCL 2.27; collective over
+  // the communicator); `window` stands for ncclWindow_t, which older headers
+  // lack.
+  virtual ncclResult_t commWindowRegister(
+      ncclComm_t comm, void* buffer, size_t size, void** window, int flags) = 0;
+  virtual ncclResult_t commWindowDeregister(ncclComm_t comm, void* window) = 0;
 
   virtual ncclResult_t groupStart() = 0;
   virtual ncclResult_t groupEnd() = 0;
+  // NCCL groups torch has open on the calling thread (ProcessGroupNCCL's
+  // _coalescing_manager, batch_isend_irecv): a pooled op issued inside one
+  // would nest pycomm's nonblocking group in torch's blocking one, which
+  // NCCL refuses, failing the communicator.
+  virtual int torchGroupDepth() = 0;
 
   virtual ncclResult_t allGather(
       const void* input, void* output, size_t countPerRank,

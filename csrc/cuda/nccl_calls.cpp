@@ -108,6 +108,11 @@ ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion) {
         config.CTAPolicy = *settings.ctaPolicy;
         break;
 #endif
+#if NCCL_VERSION_CODE >= 23100
+      case NcclField::LaunchOrderImplicit:
+        config.launchOrderImplicit = *settings.launchOrderImplicit;
+        break;
+#endif
       default:
         break; // the compiled header lacks the field: planNcclFields skipped it
     }

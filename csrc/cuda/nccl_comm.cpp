@@ -203,6 +203,12 @@ void NcclComm::enqueue(
     const std::string& what,
     const std::function<ncclResult_t(ncclComm_t)>& calls) {
   std::lock_guard<std::mutex> lock(mutex_);
+  enqueueLocked(what, calls);
+}
+
+void NcclComm::enqueueLocked(
+    const std::string& what,
+    const std::function<ncclResult_t(ncclComm_t)>& calls) {
   if (comm_ == nullptr || abortRequested_.load()) {
     throw PoolClosedError(
         spec_.label + ": " + what + ": the NCCL communicator was " +
@@ -228,6 +234,52 @@ std::optional<ncclResult_t> NcclComm::tryAsyncError() {
   return result != ncclSuccess ? result : state;
 }
 
+void NcclComm::registerBuffer(void* buffer, size_t bytes, bool symmetric) {
+  const std::string what = std::string(symmetric ? "ncclCommWindowRegister" : "ncclCommRegister") +
+      " of " + std::to_string(bytes) + " bytes";
+  if (symmetric && nccl::loadedVersion(nccl()) < ncclVersionCode(2, 27, 0)) {
+    throw UnsupportedOpError(
+        spec_.label + ": symmetric registration needs NCCL 2.27, loaded " +
+        ncclVersionText(nccl::loadedVersion(nccl())));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (registrations_.count(buffer)) {
+    return;
+  }
+  void* handle = nullptr;
+  enqueueLocked(what, [&](ncclComm_t comm) {
+    return symmetric
+        ? nccl().commWindowRegister(comm, buffer, bytes, &handle, /*NCCL_WIN_COLL_SYMMETRIC*/ 1)
+        : nccl().commRegister(comm, buffer, bytes, &handle);
+  });
+  registrations_.emplace(buffer, Registration{handle, symmetric});
+}
+
+void NcclComm::deregisterBuffer(void* buffer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  deregisterLocked(buffer);
+}
+
+void NcclComm::deregisterLocked(void* buffer) {
+  auto it = registrations_.find(buffer);
+  if (it == registrations_.end()) {
+    return;
+  }
+  const Registration r = it->second;
+  registrations_.erase(it);
+  enqueueLocked(
+      r.symmetric ? "ncclCommWindowDeregister" : "ncclCommDeregister",
+      [&](ncclComm_t comm) {
+        return r.symmetric ? nccl().commWindowDeregister(comm, r.handle)
+                           : nccl().commDeregister(comm, r.handle);
+      });
+}
+
+size_t NcclComm::registeredBuffers() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return registrations_.size();
+}
+
 std::string NcclComm::lastError() {
   std::lock_guard<std::mutex> lock(mutex_);
   return comm_ == nullptr ? "" : nccl::lastError(nccl(), comm_);
@@ -240,6 +292,9 @@ void NcclComm::destroy() {
   }
   DeviceScope device(*spec_.apis.cuda, spec_.device, DeviceScope::Errors::Quiet);
   try {
+    while (!registrations_.empty()) {
+      deregisterLocked(registrations_.begin()->first);
+    }
     if (nccl::check(nccl(), nccl().commFinalize(comm_), spec_.label + ": ncclCommFinalize", comm_) ==
         ncclInProgress) {
       settleLocked("ncclCommFinalize");
@@ -273,6 +328,7 @@ void NcclComm::releaseLocked(bool abort) {
   // nothing of ours to free, so it is not rethrown.
   (void)(abort ? nccl().commAbort(comm_) : nccl().commDestroy(comm_));
   comm_ = nullptr;
+  registrations_.clear(); // NCCL frees them with the communicator
   liveComms.fetch_sub(1);
 }
 

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -64,6 +65,14 @@ class NcclComm {
   std::optional<ncclResult_t> tryAsyncError();
   // NCCL's message for the last error on this communicator.
   std::string lastError();
+  // Registers [buffer, buffer + bytes) with the communicator, so collectives
+  // on it are zero-copy; `symmetric`: a symmetric window (NCCL 2.27,
+  // collective over the members). Registering a registered buffer again does
+  // nothing. destroy() deregisters what is left; abort() lets NCCL free it.
+  void registerBuffer(void* buffer, size_t bytes, bool symmetric);
+  // Forgets a registration; a buffer that is not registered is ignored.
+  void deregisterBuffer(void* buffer);
+  size_t registeredBuffers() const;
   // Flushes what was issued (bounded by the timeout; past it, aborts) and
   // frees the communicator. Idempotent.
   void destroy();
@@ -93,15 +102,26 @@ class NcclComm {
   // Waits for a new communicator to finish connecting and takes ownership;
   // aborts it on failure or past the timeout.
   void adopt(ncclComm_t comm, const std::string& what);
+  // enqueue() with the lock held by the caller.
+  void enqueueLocked(
+      const std::string& what,
+      const std::function<ncclResult_t(ncclComm_t)>& calls);
   // Polls until NCCL is done with the last call; lock held by the caller.
   void settleLocked(const std::string& what);
   // Records the first reason and raises the flag that ends polls.
   void requestAbort(const std::string& reason);
   void releaseLocked(bool abort);
+  void deregisterLocked(void* buffer);
+
+  struct Registration {
+    void* handle;
+    bool symmetric;
+  };
 
   NcclCommSpec spec_;
   mutable std::mutex mutex_;
   ncclComm_t comm_ = nullptr;
+  std::map<void*, Registration> registrations_; // by buffer
   std::atomic<bool> abortRequested_{false};
   mutable std::mutex reasonMutex_; // not mutex_: set before a poll lets go of it
   std::string abortReason_;

@@ -203,6 +203,13 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     c10d::OpType type,
     std::string description) {
   const NcclTypes types = ncclTypesOf(op, description);
+  if (spec_.comm.apis.nccl->torchGroupDepth() > 0) {
+    throw UnsupportedOpError(
+        description + ": issued inside an NCCL group torch has open on this "
+        "thread (_coalescing_manager or batch_isend_irecv on an NCCL group); "
+        "NCCL refuses pycomm's nonblocking communicators in torch's blocking "
+        "group, so issue the pooled op before or after it");
+  }
   std::unique_lock<std::mutex> issueLock(issueMutex_);
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -508,6 +515,27 @@ void NcclLane::abort() {
           spec_.comm.label + ": the op was failed by abort()")),
       State::Closed);
   joinWatchdog();
+}
+
+void NcclLane::registerMemory(void* buffer, size_t bytes, bool symmetric) {
+  // Under the issue lock: a registration is a call on the communicator
+  // between two ops, and a closed or failed lane takes none.
+  std::lock_guard<std::mutex> issueLock(issueMutex_);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (state_ == State::Failed && failure_) {
+      std::rethrow_exception(failure_);
+    }
+    if (state_ != State::Open) {
+      throw PoolClosedError(spec_.comm.label + ": the NCCL lane was closed");
+    }
+  }
+  comm_->registerBuffer(buffer, bytes, symmetric);
+}
+
+void NcclLane::deregisterMemory(void* buffer) {
+  std::lock_guard<std::mutex> issueLock(issueMutex_);
+  comm_->deregisterBuffer(buffer);
 }
 
 void NcclLane::joinWatchdog() {

@@ -90,6 +90,11 @@ class NcclLane : public DeviceLane,
   void close() override;
   void release() override;
   void abort() override;
+  void registerMemory(void* buffer, size_t bytes, bool symmetric) override;
+  void deregisterMemory(void* buffer) override;
+  size_t registeredMemory() const {
+    return comm_->registeredBuffers();
+  }
 
   // How errors name the lane's group and role.
   const std::string& label() const {

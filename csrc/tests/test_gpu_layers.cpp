@@ -71,6 +71,7 @@ TEST(RealNcclApi, VersionIdAndNullCommunicatorCalls) {
   EXPECT_EQ(a.size(), 128u);
   EXPECT_NE(a, b);
   EXPECT_STRNE(nccl->getErrorString(ncclInvalidArgument), "");
+  EXPECT_EQ(nccl->torchGroupDepth(), 0) << "torch opened no NCCL group here";
   (void)nccl->getLastError(nullptr);
 
   const ncclComm_t none = nullptr;

@@ -17,20 +17,27 @@ NcclSettings everyField() {
   s.trafficClass = 106;
   s.ctaPolicy = 1;
   s.commName = "pycomm_ag_of_0";
+  s.launchOrderImplicit = 1;
   return s;
 }
 } // namespace
 
 TEST(NcclFields, NewestVersionTakesEveryField) {
-  auto plan = planNcclFields(everyField(), ncclVersionCode(2, 30, 7));
-  EXPECT_EQ(plan.applied.size(), 7u);
+  auto plan = planNcclFields(everyField(), ncclVersionCode(2, 31, 0));
+  EXPECT_EQ(plan.applied.size(), 8u);
   EXPECT_TRUE(plan.skipped.empty());
+  // 2.30 has everything but the per-communicator launch order.
+  plan = planNcclFields(everyField(), ncclVersionCode(2, 30, 7));
+  EXPECT_EQ(plan.applied.size(), 7u);
+  ASSERT_EQ(plan.skipped.size(), 1u);
+  EXPECT_EQ(plan.skipped[0], NcclField::LaunchOrderImplicit);
+  EXPECT_STREQ(pycomm::ncclFieldName(plan.skipped[0]), "launchOrderImplicit");
 }
 
 TEST(NcclFields, SkipsFieldsNewerThanTheVersion) {
   auto plan = planNcclFields(everyField(), ncclVersionCode(2, 26, 5));
   EXPECT_EQ(plan.applied.size(), 5u); // the 2.17 four and trafficClass
-  ASSERT_EQ(plan.skipped.size(), 2u);
+  ASSERT_EQ(plan.skipped.size(), 3u);
   EXPECT_EQ(plan.skipped[0], NcclField::CommName);
   EXPECT_EQ(plan.skipped[1], NcclField::CtaPolicy);
 
@@ -40,7 +47,7 @@ TEST(NcclFields, SkipsFieldsNewerThanTheVersion) {
 
   plan = planNcclFields(everyField(), ncclVersionCode(2, 16, 0));
   EXPECT_TRUE(plan.applied.empty());
-  EXPECT_EQ(plan.skipped.size(), 7u);
+  EXPECT_EQ(plan.skipped.size(), 8u);
 }
 
 TEST(NcclFields, UnsetFieldsAreNeitherAppliedNorSkipped) {

@@ -1,7 +1,7 @@
 """GPU benchmark of the NCCL lanes: pooled all-gather and reduce-scatter against
 torch's NCCL backend from 1 MiB to 1 GiB (time, algbw and busbw as nccl-tests
 defines them), and GEMM slowdown while the all-gather lane runs. One rank per
-visible GPU. Prints tables and writes bench-nccl.json."""
+visible GPU by default. Prints tables and writes bench-nccl.json."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from pycomm.cli.common import add_output_arguments, parse_size, print_json, size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", type=int, default=0, help="ranks, one per GPU (default: every visible GPU)")
+    parser.add_argument(
+        "--gpus", type=int, default=0,
+        help="ranks (default: one per visible GPU); more ranks than GPUs share them, "
+        "which NCCL >= 2.30 allows with NCCL_MULTI_RANK_GPU_ENABLE=1",
+    )
     parser.add_argument(
         "--sizes", default="1M,4M,16M,64M,256M,1G",
         help="comma-separated full (gathered) buffer sizes (default: 1M to 1G)",

@@ -1235,6 +1235,19 @@ ncclResult_t SimNccl::commDeregister(ncclComm_t comm, void* handle) {
   return ncclSuccess;
 }
 
+ncclResult_t SimNccl::commWindowRegister(
+    ncclComm_t comm, void* buffer, size_t size, void** window, int /*flags*/) {
+  return commRegister(comm, buffer, size, window);
+}
+
+ncclResult_t SimNccl::commWindowDeregister(ncclComm_t comm, void* window) {
+  return commDeregister(comm, window);
+}
+
+int SimNccl::torchGroupDepth() {
+  return impl_->self().depth;
+}
+
 ncclResult_t SimNccl::groupStart() {
   ++impl_->self().depth;
   return ncclSuccess;

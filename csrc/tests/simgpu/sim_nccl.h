@@ -78,8 +78,15 @@ class SimNccl : public NcclApi {
   ncclResult_t commRegister(
       ncclComm_t comm, void* buffer, size_t size, void** handle) override;
   ncclResult_t commDeregister(ncclComm_t comm, void* handle) override;
+  // Registrations like commRegister's, counted in liveRegistrations().
+  ncclResult_t commWindowRegister(
+      ncclComm_t comm, void* buffer, size_t size, void** window, int flags) override;
+  ncclResult_t commWindowDeregister(ncclComm_t comm, void* window) override;
   ncclResult_t groupStart() override;
   ncclResult_t groupEnd() override;
+  // The groups a test opened on this thread with groupStart(), standing for
+  // torch's (the lane's own are closed whenever it returns).
+  int torchGroupDepth() override;
   ncclResult_t allGather(
       const void* input, void* output, size_t countPerRank,
       ncclDataType_t type, ncclComm_t comm, cudaStream_t stream) override;

@@ -303,6 +303,16 @@ TEST(LaneFaults, RefusedOpsLeaveTheLaneUsable) {
   world.gpu->setCapturing(world.gpu->currentStream(device), true);
   EXPECT_THROW(issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))), UnsupportedOpError);
   world.gpu->setCapturing(world.gpu->currentStream(device), false);
+  // Inside an NCCL group torch opened on this thread: refused, nothing
+  // handed to NCCL.
+  ASSERT_EQ(world.nccl->groupStart(), ncclSuccess);
+  try {
+    issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
+    ADD_FAILURE() << "op issued inside torch's NCCL group";
+  } catch (const UnsupportedOpError& e) {
+    EXPECT_NE(std::string(e.what()).find("_coalescing_manager"), std::string::npos) << e.what();
+  }
+  ASSERT_EQ(world.nccl->groupEnd(), ncclSuccess);
   // uint32/uint64 map to NCCL's own types, and the lane still works.
   onRanks(2, [&](int r) {
     auto op = reduceScatter(

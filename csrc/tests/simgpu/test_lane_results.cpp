@@ -383,3 +383,39 @@ TEST(LaneStreams, PrioritiesFollowTheRoleAndTheSpec) {
 
 } // namespace
 } // namespace pycomm::sim
+
+namespace pycomm::sim {
+namespace {
+
+TEST(LaneMemory, RegistrationsReachTheCommunicatorAndEndWithIt) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  std::vector<at::Tensor> shards(2), gathered(2);
+  onRanks(2, [&](int r) {
+    shards[r] = at::full({256}, float(r));
+    gathered[r] = at::empty({512});
+    const size_t bytes = 512 * sizeof(float);
+    lanes[r]->registerMemory(gathered[r].data_ptr(), bytes, /*symmetric=*/false);
+    lanes[r]->registerMemory(gathered[r].data_ptr(), bytes, false); // again: nothing new
+    lanes[r]->registerMemory(shards[r].data_ptr(), 256 * sizeof(float), /*symmetric=*/true);
+  });
+  EXPECT_EQ(world.nccl->liveRegistrations(), 4);
+  EXPECT_EQ(lanes[0]->registeredMemory(), 2u);
+  onRanks(2, [&](int r) {
+    // Collectives on registered buffers run as on any other.
+    auto op = allGather(shards[r], gathered[r]);
+    ASSERT_TRUE(issue(*lanes[r], op)->wait(5000ms));
+    EXPECT_TRUE(at::equal(gathered[r], at::cat({at::zeros({256}), at::ones({256})})));
+    lanes[r]->deregisterMemory(shards[r].data_ptr());
+    lanes[r]->deregisterMemory(shards[r].data_ptr()); // not registered any more: ignored
+  });
+  EXPECT_EQ(world.nccl->liveRegistrations(), 2);
+  // close() deregisters what is left before it frees the communicator.
+  onRanks(2, [&](int r) { lanes[r]->close(); });
+  EXPECT_EQ(world.nccl->liveRegistrations(), 0);
+  EXPECT_EQ(lanes[0]->registeredMemory(), 0u);
+  EXPECT_THROW(lanes[0]->registerMemory(shards[0].data_ptr(), 16, false), PoolClosedError);
+}
+
+} // namespace
+} // namespace pycomm::sim

@@ -1,0 +1,244 @@
+"""The NCCL lanes with several ranks on the GPUs there are (marked cuda;
+skipped without one). NCCL (2.30) runs several ranks on one GPU with
+NCCL_MULTI_RANK_GPU_ENABLE=1, so one GPU runs the paths a world of size 1
+never takes: peers, NCCL's group thread, ncclInProgress, real kernels on two
+lane streams. Results are compared with torch's NCCL backend on the same
+rank-dependent tensors."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pycomm
+from pycomm import CollectiveTimeoutError, PoolClosedError, RoleConfig, _C
+from pycomm.launch import run_world
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (_C.cuda_built and torch.cuda.is_available()),
+        reason="needs the CUDA build and a GPU",
+    ),
+]
+
+WORLD_SIZES = [1, 2, 4]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
+BACKEND = "cpu:gloo,cuda:nccl"
+
+
+@pytest.fixture(autouse=True)
+def _several_ranks_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NCCL_MULTI_RANK_GPU_ENABLE", "1")
+    # Errors are asserted here, so they must not end the ranks.
+    monkeypatch.setenv("PYCOMM_NCCL_ASYNC_ERROR_HANDLING", "0")
+
+
+def _rank_data(rank: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Small integers: sums, products (at most 3^4) and averages are exact.
+    return ((torch.arange(n, device=device) + rank) % 3 + 1).to(dtype)
+
+
+def _results_rank(rank: int, world: int) -> dict[str, Any]:
+    device = torch.device("cuda", torch.cuda.current_device())
+    checked = 0
+    with pycomm.CommPool() as pool:
+        ag = pool.duplicate(dist.group.WORLD, "ag")
+        rs = pool.duplicate(dist.group.WORLD, "rs")
+        rows = {r["role"]: r["nccl"] for r in pool.stats()}
+        for dtype in DTYPES:
+            shard = _rank_data(rank, 1024, dtype, device)
+            full = _rank_data(rank, 1024 * world, dtype, device)
+            out, ref = torch.empty(1024 * world, dtype=dtype, device=device), torch.empty(
+                1024 * world, dtype=dtype, device=device
+            )
+            for group in (ag, rs):
+                dist.all_gather_into_tensor(out, shard, group=group)
+                dist.all_gather_into_tensor(ref, shard)
+                assert torch.equal(out, ref), (dtype, "all_gather")
+                ops = [dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN, dist.ReduceOp.PRODUCT]
+                if dtype.is_floating_point:
+                    ops.append(dist.ReduceOp.AVG)
+                for op in ops:
+                    got = torch.empty(1024, dtype=dtype, device=device)
+                    want = torch.empty_like(got)
+                    dist.reduce_scatter_tensor(got, full, op=op, group=group)
+                    dist.reduce_scatter_tensor(want, full, op=op)
+                    assert torch.equal(got, want), (dtype, op)
+                    y, y_ref = shard.clone(), shard.clone()
+                    dist.all_reduce(y, op=op, group=group)
+                    dist.all_reduce(y_ref, op=op)
+                    assert torch.equal(y, y_ref), (dtype, op, "all_reduce")
+                    checked += 2
+                b, b_ref = shard.clone(), shard.clone()
+                dist.broadcast(b, src=world - 1, group=group)
+                dist.broadcast(b_ref, src=world - 1)
+                assert torch.equal(b, b_ref), (dtype, "broadcast")
+                checked += 2
+        # Coalesced forms, several dtypes in one unit.
+        parts = [(3, torch.float32), (1000, torch.bfloat16), (77, torch.int64)]
+        ins = [_rank_data(rank, n, t, device) for n, t in parts]
+        outs = [torch.empty(n * world, dtype=t, device=device) for n, t in parts]
+        with dist._coalescing_manager(group=ag, device=device, async_ops=True) as cm:
+            for o, i in zip(outs, ins):
+                dist.all_gather_into_tensor(o, i, group=ag)
+        cm.wait()
+        for (n, t), o in zip(parts, outs):
+            ref = torch.empty_like(o)
+            dist.all_gather_into_tensor(ref, _rank_data(rank, n, t, device))
+            assert torch.equal(o, ref)
+        torch.cuda.synchronize()
+        errors = sum(r["errors"] for r in pool.stats())
+    return {"checked": checked, "ag_split": rows["ag"]["created_by_split"],
+            "rs_split": rows["rs"]["created_by_split"], "errors": errors}
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_results_equal_torch_nccl(world: int) -> None:
+    results = run_world(_results_rank, world, backend=BACKEND, timeout_seconds=300)
+    for r in results:
+        assert r["errors"] == 0
+        assert r["ag_split"] is False and r["rs_split"] is True  # init path, then split path
+        assert r["checked"] > 100
+
+
+def _overlap_rank(rank: int, world: int) -> dict[str, Any]:
+    device = torch.device("cuda", torch.cuda.current_device())
+    with pycomm.CommPool() as pool:
+        ag = pool.duplicate(dist.group.WORLD, "ag")
+        rs = pool.duplicate(dist.group.WORLD, "rs")
+        shard = torch.randn(32 << 20, device=device)
+        gathered = torch.empty(shard.numel() * world, device=device)
+        grads = torch.randn(shard.numel() * world, device=device)
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+
+        def step() -> None:
+            w1 = dist.all_gather_into_tensor(gathered, shard, group=ag, async_op=True)
+            w2 = dist.reduce_scatter_tensor(shard.clone(), grads, group=rs, async_op=True)
+            for _ in range(8):
+                a @ a
+            w1.wait()
+            w2.wait()
+
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+    spans: dict[str, list[tuple[float, float, int]]] = {"ag": [], "rs": [], "gemm": []}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        kind = "ag" if "allgather" in name else "rs" if "reducescatter" in name else (
+            "gemm" if "gemm" in name or "nvjet" in name or "cutlass" in name else None
+        )
+        if kind:
+            spans[kind].append((e.time_range.start, e.time_range.end, 0))
+
+    def overlaps(x: list, y: list) -> bool:
+        return any(a0 < b1 and b0 < a1 for a0, a1, _ in x for b0, b1, _ in y)
+
+    return {
+        "counts": {k: len(v) for k, v in spans.items()},
+        "ag_rs": overlaps(spans["ag"], spans["rs"]),
+        "ag_gemm": overlaps(spans["ag"], spans["gemm"]),
+        "rs_gemm": overlaps(spans["rs"], spans["gemm"]),
+    }
+
+
+def test_ag_and_rs_lanes_overlap_each_other_and_gemms() -> None:
+    results = run_world(_overlap_rank, 2, backend=BACKEND, timeout_seconds=300)
+    for r in results:
+        assert min(r["counts"].values()) > 0, r
+        assert r["ag_rs"] and r["ag_gemm"] and r["rs_gemm"], r
+
+
+def _timeout_rank(rank: int, world: int) -> float:
+    device = torch.device("cuda", torch.cuda.current_device())
+    pool = pycomm.CommPool()
+    ag = pool.duplicate(dist.group.WORLD, "ag", RoleConfig(timeout=3))
+    x = torch.ones(1024, device=device)
+    out = torch.empty(1024 * world, device=device)
+    elapsed = 0.0
+    if rank == 0:  # rank 1 skips the op
+        start = time.monotonic()
+        work = dist.all_gather_into_tensor(out, x, group=ag, async_op=True)
+        with pytest.raises(CollectiveTimeoutError, match="all_gather"):
+            work.wait(timeout=__import__("datetime").timedelta(seconds=30))
+        elapsed = time.monotonic() - start
+    dist.barrier(group=dist.new_group(backend="gloo"))
+    pool.abort()
+    return elapsed
+
+
+def test_peer_that_skips_an_op_times_out_by_name() -> None:
+    elapsed = run_world(_timeout_rank, 2, backend=BACKEND, timeout_seconds=120)[0]
+    assert 3.0 <= elapsed <= 5.0, elapsed
+
+
+def _abort_rank(rank: int, world: int) -> float:
+    device = torch.device("cuda", torch.cuda.current_device())
+    pool = pycomm.CommPool()
+    ag = pool.duplicate(dist.group.WORLD, "ag", RoleConfig(timeout=600))
+    rs = pool.duplicate(dist.group.WORLD, "rs", RoleConfig(timeout=600))
+    x = torch.ones(1024, device=device)
+    works = []
+    if rank == 0:  # hangs on both lanes: rank 1 issues neither
+        works.append(dist.reduce_scatter_tensor(x[:512], x, group=rs, async_op=True))
+        works[-1].wait()  # the caller's stream now waits on the hung op
+        works.append(dist.all_gather_into_tensor(torch.empty(2048, device=device), x, group=ag, async_op=True))
+    time.sleep(1.0)
+    start = time.monotonic()
+    pool.abort()
+    elapsed = time.monotonic() - start
+    for w in works:
+        with pytest.raises(PoolClosedError):
+            w.wait(timeout=__import__("datetime").timedelta(seconds=5))
+    assert _C.live_nccl_comms() == 0
+    return elapsed
+
+
+def test_abort_returns_promptly_with_ops_hung_on_both_lanes() -> None:
+    for elapsed in run_world(_abort_rank, 2, backend=BACKEND, timeout_seconds=120):
+        assert elapsed < 2.0, elapsed
+
+
+def _cycles_rank(rank: int, world: int) -> dict[str, int]:
+    device = torch.device("cuda", torch.cuda.current_device())
+    x = torch.ones(1 << 20, device=device)
+    out = torch.empty(x.numel() * world, device=device)
+
+    def cycle() -> None:
+        with pycomm.CommPool() as pool:
+            ag = pool.duplicate(dist.group.WORLD, "ag")
+            rs = pool.duplicate(dist.group.WORLD, "rs")
+            dist.all_gather_into_tensor(out, x, group=ag)
+            dist.reduce_scatter_tensor(x, out, group=rs)
+            torch.cuda.synchronize()
+
+    for _ in range(5):
+        cycle()
+    free_before, _ = torch.cuda.mem_get_info(device)
+    for _ in range(50):
+        cycle()
+    free_after, _ = torch.cuda.mem_get_info(device)
+    return {"live": _C.live_nccl_comms(), "lost_mib": (free_before - free_after) >> 20,
+            "devices": torch.cuda.device_count()}
+
+
+def test_fifty_cycles_leave_no_communicator_and_no_memory() -> None:
+    for r in run_world(_cycles_rank, 2, backend=BACKEND, timeout_seconds=600):
+        assert r["live"] == 0
+        assert r["lost_mib"] < 64 * 2, r  # the GPU is shared by the ranks
+
+
+if __name__ == "__main__":
+    raise SystemExit(pytest.main([__file__, "-v", *os.sys.argv[1:]]))
