@@ -21,15 +21,6 @@ bool mentionsTimeout(std::string message) {
       message.find("timeout") != std::string::npos;
 }
 
-std::string messageOf(std::exception_ptr error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    return e.what();
-  } catch (...) {
-    return "unknown error";
-  }
-}
 
 // Issues the gloo ops that make up `op` (several for the coalesced forms).
 std::vector<c10::intrusive_ptr<c10d::Work>> issue(c10d::Backend& comm, Collective& op) {

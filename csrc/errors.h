@@ -1,6 +1,7 @@
 #pragma once
 // The exceptions the C++ core raises. bindings.cpp maps each one to the Python
 // class of the same name in pycomm.errors, so callers can catch them by name.
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -70,5 +71,16 @@ class OrderMismatchError : public PycommError {
  public:
   using PycommError::PycommError;
 };
+
+// The text of the exception `error` holds, for messages that wrap it.
+inline std::string messageOf(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "unknown error";
+  }
+}
 
 } // namespace pycomm

@@ -24,15 +24,6 @@ int64_t toUs(std::chrono::milliseconds ms) {
   return std::chrono::duration_cast<std::chrono::microseconds>(ms).count();
 }
 
-std::string messageOf(const std::exception_ptr& error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    return e.what();
-  } catch (...) {
-    return "unknown error";
-  }
-}
 
 void abortProcess(const std::string& message) {
   std::fprintf(

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "cuda_resources.h"
+#include "errors.h"
 #include "gpu_apis.h"
 #include "nccl_calls.h"
 
@@ -120,6 +121,73 @@ TEST(RealNcclApi, VersionIdAndNullCommunicatorCalls) {
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("ncclCommInitRankConfig failed: "), std::string::npos) << e.what();
   }
+}
+
+} // namespace
+} // namespace pycomm
+
+namespace pycomm {
+namespace {
+
+TEST(NcclCalls, ConfigTakesEverySettingTheVersionKnows) {
+  NcclSettings s;
+  s.cgaClusterSize = 2;
+  s.minCtas = 4;
+  s.maxCtas = 16;
+  s.netName = "IB";
+  s.trafficClass = 106;
+  s.ctaPolicy = 1;
+  s.commName = "pycomm_ag_of_0";
+  s.launchOrderImplicit = 1;
+  ncclConfig_t config = nccl::makeConfig(s, 23007);
+  EXPECT_EQ(config.blocking, 0);
+  EXPECT_EQ(config.splitShare, 0);
+  EXPECT_EQ(config.cgaClusterSize, 2);
+  EXPECT_EQ(config.minCTAs, 4);
+  EXPECT_EQ(config.maxCTAs, 16);
+  EXPECT_STREQ(config.netName, "IB");
+  EXPECT_EQ(config.trafficClass, 106);
+  EXPECT_EQ(config.CTAPolicy, 1);
+  EXPECT_STREQ(config.commName, "pycomm_ag_of_0");
+  // An older NCCL: the newer fields keep NCCL's defaults.
+  const ncclConfig_t defaults = NCCL_CONFIG_INITIALIZER;
+  config = nccl::makeConfig(s, 21800);
+  EXPECT_EQ(config.minCTAs, 4);
+  EXPECT_EQ(config.trafficClass, defaults.trafficClass);
+  EXPECT_EQ(config.commName, defaults.commName);
+}
+
+TEST(NcclCalls, TypesAndReduceOps) {
+  const std::pair<at::ScalarType, ncclDataType_t> types[] = {
+      {at::kFloat, ncclFloat32}, {at::kHalf, ncclFloat16}, {at::kBFloat16, ncclBfloat16},
+      {at::kDouble, ncclFloat64}, {at::kChar, ncclInt8}, {at::kByte, ncclUint8},
+      {at::kBool, ncclUint8}, {at::kInt, ncclInt32}, {at::kUInt32, ncclUint32},
+      {at::kLong, ncclInt64}, {at::kUInt64, ncclUint64},
+      {at::kFloat8_e4m3fn, ncclFloat8e4m3}, {at::kFloat8_e5m2, ncclFloat8e5m2}};
+  for (auto [torchType, ncclType] : types) {
+    EXPECT_EQ(nccl::dataType(torchType, 23007, "op"), ncclType) << c10::toString(torchType);
+  }
+  try {
+    nccl::dataType(at::kFloat8_e4m3fn, 22300, "all_gather");
+    ADD_FAILURE() << "fp8 on NCCL 2.23";
+  } catch (const UnsupportedOpError& e) {
+    EXPECT_NE(std::string(e.what()).find("needs NCCL 2.24, loaded 2.23.0"), std::string::npos);
+  }
+  EXPECT_THROW(nccl::dataType(at::kComplexFloat, 23007, "op"), UnsupportedOpError);
+
+  using Op = c10d::ReduceOp;
+  EXPECT_EQ(nccl::reduceOp(Op::SUM, at::kFloat, 9, "op"), ncclSum);
+  EXPECT_EQ(nccl::reduceOp(Op::SUM, at::kBool, 9, "op"), ncclMax); // logical or
+  EXPECT_EQ(nccl::reduceOp(Op::PRODUCT, at::kBool, 9, "op"), ncclMin); // logical and
+  EXPECT_EQ(nccl::reduceOp(Op::PRODUCT, at::kLong, 9, "op"), ncclProd);
+  EXPECT_EQ(nccl::reduceOp(Op::MIN, at::kInt, 9, "op"), ncclMin);
+  EXPECT_EQ(nccl::reduceOp(Op::MAX, at::kInt, 9, "op"), ncclMax);
+  EXPECT_EQ(nccl::reduceOp(Op::AVG, at::kBFloat16, 9, "op"), ncclAvg);
+  EXPECT_EQ(nccl::reduceOp(Op::SUM, at::kFloat8_e5m2, 9, "op"), ncclSum);
+  EXPECT_THROW(nccl::reduceOp(Op::SUM, at::kFloat8_e5m2, 8, "op"), UnsupportedOpError);
+  EXPECT_THROW(nccl::reduceOp(Op::AVG, at::kLong, 9, "op"), UnsupportedOpError);
+  EXPECT_THROW(nccl::reduceOp(Op::PREMUL_SUM, at::kFloat, 9, "op"), UnsupportedOpError);
+  EXPECT_THROW(nccl::uniqueIdFromBytes("short"), ConfigError);
 }
 
 } // namespace

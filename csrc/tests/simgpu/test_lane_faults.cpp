@@ -91,6 +91,8 @@ TEST(LaneFaults, PeerThatNeverComesTimesOutByNameAndTearsDown) {
   EXPECT_NE(message.find("all_gather"), std::string::npos) << message;
   EXPECT_NE(message.find("300 ms"), std::string::npos) << message;
   EXPECT_TRUE(work->isCompleted());
+  // The future is completed right after the work (its callbacks may wait on it).
+  work->getFuture()->wait();
   EXPECT_TRUE(work->getFuture()->hasError());
   ASSERT_TRUE(eventually([&] { return teardown.count() == 1; }));
   EXPECT_NE(teardown.calls[0].find("did not finish within"), std::string::npos);
@@ -211,6 +213,7 @@ TEST(LaneFaults, WaitAfterAbortReportsTheFailureInsteadOfTheOutput) {
   EXPECT_THROW(work->synchronize(), PoolClosedError);
   EXPECT_TRUE(work->isCompleted());
   EXPECT_FALSE(work->isSuccess());
+  work->getFuture()->wait();
   EXPECT_TRUE(work->getFuture()->hasError());
   EXPECT_THROW(issue(*lanes[0], allGather(at::ones({16}), at::empty({32}))), PoolClosedError);
   lanes[1]->abort();
@@ -250,6 +253,27 @@ TEST(LaneFaults, MemberThatFailsBeforeTheSplitLeavesNoPeerWaitingPastTheTimeout)
     lane->abort();
   }
   EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, MemberMissingAtCreationTimesOutByName) {
+  SimWorld world(3);
+  const std::string id = world.uniqueId();
+  const int64_t start = nowUs();
+  // Rank 2 never creates its communicator.
+  onRanks(2, [&](int r) {
+    try {
+      NcclLane::create(world.spec(r, "ag", 300ms), id, nullptr);
+      ADD_FAILURE() << "creation without rank 2 succeeded";
+    } catch (const CollectiveTimeoutError& e) {
+      EXPECT_NE(std::string(e.what()).find("ncclCommInitRankConfig (rank " + std::to_string(r) + " of 3)"),
+                std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("every member must duplicate the group"),
+                std::string::npos) << e.what();
+    }
+  });
+  EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
+  EXPECT_EQ(world.nccl->liveComms(), 0) << "the half-made communicators were freed";
+  EXPECT_EQ(NcclComm::liveCount(), 0);
 }
 
 TEST(LaneFaults, SlowGroupEndIsWaitedForAndBoundedByTheTimeout) {
@@ -343,37 +367,50 @@ TEST(LaneFaultsDeathTest, ErrorsTearTheProcessDownByDefault) {
       "tearing the process down");
 }
 
+// One create/use/destroy cycle on 2 ranks: AG and RS lanes, one op each,
+// closed (even cycles) or released as destructors do (odd ones); checks that
+// nothing of the cycle is left.
+void lifecycle(int cycle) {
+  SimWorld world(2);
+  auto ag = makeLanes(world, "ag");
+  auto rs = makeLanes(world, "rs", ag);
+  onRanks(2, [&](int r) {
+    auto a = issue(*ag[r], allGather(at::full({8}, float(cycle)), at::empty({16})));
+    auto b = issue(*rs[r], reduceScatter(at::ones({16}), at::empty({8})));
+    ASSERT_TRUE(a->wait(5000ms));
+    ASSERT_TRUE(b->wait(5000ms));
+    if (cycle % 2 == 0) {
+      rs[r]->close();
+      ag[r]->close();
+    } else {
+      rs[r]->release();
+      ag[r]->release();
+    }
+  });
+  ASSERT_TRUE(eventually([&] { return world.nccl->liveComms() == 0; })) << "cycle " << cycle;
+  rs.clear();
+  ag.clear();
+  ASSERT_TRUE(eventually([&] {
+    return world.gpu->liveStreams() == 0 && world.gpu->liveEvents() == 0;
+  })) << "cycle " << cycle << ": " << world.gpu->liveStreams() << " streams, "
+      << world.gpu->liveEvents() << " events";
+  // No context on a device that is not a lane's (device 0 is nobody's).
+  for (int device : world.gpu->devicesWithContext()) {
+    EXPECT_NE(device, 0) << "cycle " << cycle;
+  }
+}
+
 TEST(LaneLifecycle, TwoHundredCyclesLeaveNothingBehind) {
+  // The first cycle starts what lives as long as the process (torch's
+  // thread pool, a sanitizer's own thread): the baseline is taken after it.
+  lifecycle(0);
+  std::this_thread::sleep_for(200ms); // idle stream threads end after 20 ms
   const int threadsBefore = threadCount();
   const int64_t commsBefore = NcclComm::liveCount();
-  for (int cycle = 0; cycle < 200; ++cycle) {
-    SimWorld world(2);
-    auto ag = makeLanes(world, "ag");
-    auto rs = makeLanes(world, "rs", ag);
-    onRanks(2, [&](int r) {
-      auto a = issue(*ag[r], allGather(at::full({8}, float(cycle)), at::empty({16})));
-      auto b = issue(*rs[r], reduceScatter(at::ones({16}), at::empty({8})));
-      ASSERT_TRUE(a->wait(5000ms));
-      ASSERT_TRUE(b->wait(5000ms));
-      if (cycle % 2 == 0) {
-        rs[r]->close();
-        ag[r]->close();
-      } else {
-        // The destructor's way: nothing waits, the lanes free themselves.
-        rs[r]->release();
-        ag[r]->release();
-      }
-    });
-    ASSERT_TRUE(eventually([&] { return world.nccl->liveComms() == 0; })) << "cycle " << cycle;
-    rs.clear();
-    ag.clear();
-    ASSERT_TRUE(eventually([&] {
-      return world.gpu->liveStreams() == 0 && world.gpu->liveEvents() == 0;
-    })) << "cycle " << cycle << ": " << world.gpu->liveStreams() << " streams, "
-        << world.gpu->liveEvents() << " events";
-    // No context on a device that is not a lane's (device 0 is nobody's).
-    for (int device : world.gpu->devicesWithContext()) {
-      EXPECT_NE(device, 0) << "cycle " << cycle;
+  for (int cycle = 1; cycle <= 200; ++cycle) {
+    lifecycle(cycle);
+    if (HasFatalFailure()) {
+      return;
     }
   }
   EXPECT_EQ(NcclComm::liveCount(), commsBefore);
