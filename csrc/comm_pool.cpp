@@ -136,22 +136,37 @@ void CommPool::abort() {
     }
     all = takeAll();
   }
+  abortDeviceLanesAtOnce(all);
+  for (auto& backend : all) {
+    backend->abort(); // its device lane is aborted already: the CPU side
+  }
+}
+
+void CommPool::abortDeviceLanesAtOnce(
+    const std::vector<c10::intrusive_ptr<PooledBackend>>& backends) {
   // An NCCL abort waits for its communicator's stream, which may wait behind
   // another lane's hung op (a caller's stream joins the two): one lane at a
-  // time would wait for that op's timeout. So every backend aborts at once.
+  // time would wait for that op's timeout. So every lane aborts at once, each
+  // on a thread of its own.
+  std::vector<std::shared_ptr<DeviceLane>> lanes;
+  for (const auto& backend : backends) {
+    if (auto lane = backend->deviceLane()) {
+      lanes.push_back(std::move(lane));
+    }
+  }
   std::vector<std::thread> aborting;
-  for (size_t i = 1; i < all.size(); ++i) {
+  for (size_t i = 1; i < lanes.size(); ++i) {
     try {
-      aborting.emplace_back([backend = all[i]] { backend->abort(); });
+      aborting.emplace_back([lane = lanes[i]] { lane->abort(); });
     } catch (const std::system_error&) {
       break; // no more threads: the rest abort on this one, in turn
     }
   }
-  for (size_t i = aborting.size() + 1; i < all.size(); ++i) {
-    all[i]->abort();
+  for (size_t i = aborting.size() + 1; i < lanes.size(); ++i) {
+    lanes[i]->abort();
   }
-  if (!all.empty()) {
-    all.front()->abort();
+  if (!lanes.empty()) {
+    lanes.front()->abort();
   }
   for (auto& thread : aborting) {
     thread.join();

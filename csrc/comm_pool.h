@@ -43,7 +43,7 @@ class CommPool {
   // other threads (see PooledBackend::close()).
   void destroy(bool wait = true);
   // Fails every unfinished op and refuses new entries, without waiting for
-  // peers; every entry aborts at once, each on a thread of its own.
+  // peers; the NCCL lanes abort at once, each on a thread of its own.
   // Idempotent; destroy() after abort() only forgets the entries.
   void abort();
 
@@ -55,6 +55,8 @@ class CommPool {
  private:
   using Key = std::pair<std::string, std::string>;
   std::vector<c10::intrusive_ptr<PooledBackend>> takeAll();
+  static void abortDeviceLanesAtOnce(
+      const std::vector<c10::intrusive_ptr<PooledBackend>>& backends);
 
   mutable std::mutex mutex_;
   std::map<Key, c10::intrusive_ptr<PooledBackend>> entries_;
