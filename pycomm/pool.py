@@ -178,7 +178,8 @@ class CommPool:
         return self._core.is_open()
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per pooled group: name, base group, role, ranks, ops, bytes, busy
+        """Per pooled group: name, base group, role, ranks, whether it is open
+        (torch's shutdown or abort of its group closes it), ops, bytes, busy
         seconds, errors, ops by kind, ops pending, and for
         groups with an NCCL lane its device, stream priority and whether its
         communicator was split from the base group's."""
@@ -190,6 +191,7 @@ class CommPool:
                 "base_group": spec.base_group_name,
                 "role": spec.role,
                 "ranks": list(spec.global_ranks),
+                "open": backend.is_open(),
                 "pending": backend.pending(),
             }
             row.update(backend.stats())

@@ -37,11 +37,19 @@ if [ ! -x "$VENV/bin/python" ] || ! is_python312 "$VENV/bin/python"; then
 fi
 
 STAMP="$VENV/.pycomm-requirements.sha"
-WANT="$(sha256sum requirements.txt | cut -d' ' -f1)"
+WANT="$(cat requirements.txt requirements-bridge.txt requirements-bridge-source.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "setup: installing requirements (torch takes about a minute)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r requirements.txt
+  # Megatron-Bridge for its tests, without Bridge's own requirements
+  # (requirements-bridge.txt says why); then Transformer Engine's torch
+  # extension, built from source against this torch (tens of minutes on 2 cores).
+  "$VENV/bin/python" -m pip install -q --no-deps -r requirements-bridge.txt
+  NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_BUILD_USE_NVIDIA_WHEELS=1 \
+    CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" CPATH="${CUDA_HOME:-/usr/local/cuda}/include${CPATH:+:$CPATH}" \
+    MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -r requirements-bridge-source.txt
   echo "$WANT" > "$STAMP"
 fi
 

@@ -35,3 +35,13 @@ def rank_tensor(rank: int, numel: int, dtype: torch.dtype, salt: int = 0) -> tor
     if not dtype.is_floating_point:
         values = values.floor()
     return values.to(dtype)
+
+
+def group_ranks(group: Any) -> list[int] | None:
+    """The sorted global ranks of `group`; None for no group or a group this
+    rank is not in."""
+    import torch.distributed as dist
+
+    if group is None or group is dist.GroupMember.NON_GROUP_MEMBER:
+        return None
+    return sorted(dist.get_process_group_ranks(group))

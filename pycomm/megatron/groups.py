@@ -9,8 +9,9 @@ Both distributed-init paths are covered:
   :func:`create_all_gather_groups` (drop-in for megatron-core's),
   :func:`pg_collection_with_ag`.
 * ``HyperCommGrid``: :func:`grid_all_gather_groups`.
-* Any ``ProcessGroupCollection``: :func:`attach_all_gather_groups`, and the
-  config-driven :class:`AllGatherGroupConfig`.
+* Any ``ProcessGroupCollection``: :func:`attach_all_gather_groups` (the
+  config-driven form is :mod:`pycomm.megatron.config`, Megatron-Bridge's
+  :mod:`pycomm.megatron.bridge`).
 
 Every function duplicates the process group the trainer already has on this
 rank, so the ranks are right by construction for any order, rank offset,
@@ -34,12 +35,7 @@ import torch.distributed as dist
 
 from pycomm.config import RoleConfig
 from pycomm.errors import NotInitializedError
-from pycomm.megatron_config import (
-    AllGatherGroupConfig,
-    GroupConfigs,
-    Timeout,
-    resolve_role_configs,
-)
+from pycomm.megatron.tuning import GroupConfigs, Timeout, resolve_role_configs
 from pycomm.pool import CommPool
 
 if TYPE_CHECKING:
@@ -47,8 +43,6 @@ if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
 __all__ = [
-    "AllGatherGroupConfig",
-    "apply_config",
     "attach_all_gather_groups",
     "create_all_gather_groups",
     "default_grid_dims",
@@ -56,7 +50,6 @@ __all__ = [
     "destroy_all_gather_groups",
     "grid_all_gather_groups",
     "pg_collection_with_ag",
-    "resolve_role_configs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,14 +81,16 @@ def destroy_all_gather_groups() -> None:
         pool.destroy()
 
 
-def _is_member(group: dist.ProcessGroup | None) -> bool:
+def is_member(group: dist.ProcessGroup | None) -> bool:
+    """Whether this rank belongs to `group` (None and torch's non-member
+    placeholder do not count)."""
     return group is not None and group is not dist.GroupMember.NON_GROUP_MEMBER
 
 
 def _duplicate(
     pool: CommPool, base: dist.ProcessGroup | None, config: RoleConfig, what: str
 ) -> dist.ProcessGroup | None:
-    if not _is_member(base):
+    if not is_member(base):
         logger.debug("rank %d is in no %s group; no all-gather group made", dist.get_rank(), what)
         return None
     if config.timeout is None:
@@ -210,7 +205,7 @@ def attach_all_gather_groups(
     pg_collection.dp_cp_ag = _duplicate(pool, dp_cp_base, configs["dp_cp_ag"], "dp-cp")
     if for_expert_parallelism is None:
         ep = getattr(pg_collection, "ep", None)
-        for_expert_parallelism = _is_member(ep) and ep.size() > 1
+        for_expert_parallelism = is_member(ep) and ep.size() > 1
     if for_expert_parallelism:
         expt_base = _first_set(pg_collection, ("intra_expt_dp", "expt_dp"))
         if expt_base is None:
@@ -323,25 +318,3 @@ def grid_all_gather_groups(
             pool, _grid_base_group(expert_grid, expert_dims), configs["expt_dp_ag"], "expert-dp"
         )
     return dp_cp_ag, expt_dp_ag
-
-
-def apply_config(
-    config: AllGatherGroupConfig,
-    pg_collection: "ProcessGroupCollection | None" = None,
-    *,
-    pool: CommPool | None = None,
-) -> "ProcessGroupCollection | None":
-    """What a trainer does with an :class:`AllGatherGroupConfig` once its
-    groups exist: with the flag off, returns `pg_collection` untouched and
-    creates nothing; on, attaches the AG groups to `pg_collection` (default:
-    ``use_mpu_process_groups()``) and returns it."""
-    if not config.create_all_gather_group:
-        return pg_collection
-    configs = config.role_configs()
-    if pg_collection is None:
-        return pg_collection_with_ag(
-            config.for_expert_parallelism, nccl_comm_cfgs=configs, pool=pool
-        )
-    return attach_all_gather_groups(
-        pg_collection, config.for_expert_parallelism, nccl_comm_cfgs=configs, pool=pool
-    )
