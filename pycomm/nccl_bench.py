@@ -6,6 +6,7 @@ iterations timed with CUDA events on the caller's stream."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import torch
@@ -67,6 +68,33 @@ def collective_rows(pool: CommPool, world: int, sizes: list[int], iters: int) ->
     return rows
 
 
+def host_us_per_op(pool: CommPool, world: int, iters: int, size: int = 64 << 10) -> dict[str, float]:
+    """How long issuing one async all-gather of `size` (gathered) bytes
+    blocks the calling thread, pooled against torch's NCCL backend: median
+    microseconds of interleaved iterations (the op is waited for, on the
+    stream, between samples)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    ag = pool.duplicate(role="ag")
+    full = torch.ones(size // 4, device=device)
+    shard = torch.ones(size // 4 // world, device=device)
+
+    def sampler(group: "dist.ProcessGroup | None") -> Callable[[], float]:
+        def sample() -> float:
+            torch.cuda.synchronize()
+            dist.barrier()
+            start = time.perf_counter()
+            work = dist.all_gather_into_tensor(full, shard, group=group, async_op=True)
+            elapsed = time.perf_counter() - start
+            work.wait()
+            return elapsed * 1e6
+
+        return sample
+
+    medians = interleaved_medians({"torch": sampler(None), "pycomm": sampler(ag)}, max(iters, 100))
+    return {"bytes": size, "torch_us": medians["torch"], "pycomm_us": medians["pycomm"],
+            "ratio_to_torch": medians["pycomm"] / medians["torch"]}
+
+
 def gemm_slowdown(pool: CommPool, world: int, iters: int, gemm_n: int, ag_bytes: int) -> dict[str, Any]:
     device = torch.device("cuda", torch.cuda.current_device())
     stream = torch.cuda.current_stream(device)
@@ -107,5 +135,6 @@ def bench_rank(rank: int, world: int, sizes: list[int], iters: int, gemm_n: int,
             "world": world,
             "device": torch.cuda.get_device_name(),
             "collectives": collective_rows(pool, world, sizes, iters),
+            "host": host_us_per_op(pool, world, iters),
             "gemm": gemm_slowdown(pool, world, iters, gemm_n, ag_bytes),
         }

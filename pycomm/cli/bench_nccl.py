@@ -1,6 +1,7 @@
 """GPU benchmark of the NCCL lanes: pooled all-gather and reduce-scatter against
 torch's NCCL backend from 1 MiB to 1 GiB (time, algbw and busbw as nccl-tests
-defines them), and GEMM slowdown while the all-gather lane runs. One rank per
+defines them), the host time to issue a 64 KiB all-gather, and GEMM slowdown
+while the all-gather lane runs. One rank per
 visible GPU by default. Prints tables and writes bench-nccl.json."""
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def run(args: argparse.Namespace) -> int:
             f"{r['algbw_GBps']:.1f}", f"{r['busbw_GBps']:.1f}", f"{r['ratio_to_torch']:.3f}",
         )
     console.print(table)
+    h = result["host"]
+    console.print(
+        f"host time to issue a {size_text(h['bytes'])} all-gather: pycomm {h['pycomm_us']:.1f} us, "
+        f"torch {h['torch_us']:.1f} us (x{h['ratio_to_torch']:.2f})"
+    )
     g = result["gemm"]
     console.print(
         f"8 GEMMs n={g['gemm_n']}: {g['gemm_ms']:.2f} ms alone, {g['both_ms']:.2f} ms beside a "
