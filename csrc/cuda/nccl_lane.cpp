@@ -13,6 +13,11 @@ namespace {
 // only releases tensors and completes futures: the caller's stream never
 // waits for it.
 constexpr auto kWatchInterval = std::chrono::microseconds(500);
+// How long the watchdog keeps looking after the last op finished before it
+// sleeps until woken: ops of a training step follow each other closely, and
+// an issue() that finds the watchdog looking need not wake it (a wake-up is
+// a context switch on the issuing thread's core).
+constexpr int kIdleLooks = 20; // 10 ms at kWatchInterval
 
 int64_t steadyUs() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
@@ -251,12 +256,16 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
       std::move(end),
       device_,
       std::move(description));
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     inFlight_.push_back(
         InFlight{work, std::move(tensors), op.kind, op.bytes(), steadyUs()});
+    wake = watchdogAsleep_;
   }
-  changed_.notify_all();
+  if (wake) {
+    changed_.notify_all();
+  }
   return work;
 }
 
@@ -314,7 +323,15 @@ void NcclLane::watchUntilDone() {
 }
 
 bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEndUs) {
-  changed_.wait(lock, [&] { return !inFlight_.empty() || state_ != State::Open; });
+  const auto busy = [&] { return !inFlight_.empty() || state_ != State::Open; };
+  for (int look = 0; look < kIdleLooks && !busy(); ++look) {
+    changed_.wait_for(lock, kWatchInterval);
+  }
+  if (!busy()) {
+    watchdogAsleep_ = true;
+    changed_.wait(lock, busy);
+    watchdogAsleep_ = false;
+  }
   if (inFlight_.empty()) {
     return false; // no longer open, and nothing left to finish
   }

@@ -173,6 +173,7 @@ class NcclLane : public DeviceLane,
   std::exception_ptr failure_; // why the lane failed, for later ops
   std::exception_ptr endedBy_; // what failed or aborted it, for unfinished ops
   std::deque<InFlight> inFlight_;
+  bool watchdogAsleep_ = false; // in its untimed wait: a new op must wake it
   std::shared_ptr<LaneStats> stats_;
   std::thread watchdog_;
   std::atomic<std::thread::id> watchdogId_{};
