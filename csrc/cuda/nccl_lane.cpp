@@ -207,15 +207,7 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
         "group, so issue the pooled op before or after it");
   }
   std::unique_lock<std::mutex> issueLock(issueMutex_);
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (state_ == State::Failed && failure_) {
-      std::rethrow_exception(failure_);
-    }
-    if (state_ != State::Open) {
-      throw PoolClosedError(description + ": the NCCL lane was closed");
-    }
-  }
+  throwUnlessOpen(description);
   // Before anything is issued: if the thread cannot start, nothing is lost.
   ensureWatchdog();
   DeviceScope device(cuda(), device_.index());
@@ -525,19 +517,21 @@ void NcclLane::abort() {
   joinWatchdog();
 }
 
+void NcclLane::throwUnlessOpen(const std::string& what) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (state_ == State::Failed && failure_) {
+    std::rethrow_exception(failure_);
+  }
+  if (state_ != State::Open) {
+    throw PoolClosedError(what + ": the NCCL lane was closed");
+  }
+}
+
 void NcclLane::registerMemory(void* buffer, size_t bytes, bool symmetric) {
   // Under the issue lock: a registration is a call on the communicator
   // between two ops, and a closed or failed lane takes none.
   std::lock_guard<std::mutex> issueLock(issueMutex_);
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (state_ == State::Failed && failure_) {
-      std::rethrow_exception(failure_);
-    }
-    if (state_ != State::Open) {
-      throw PoolClosedError(spec_.comm.label + ": the NCCL lane was closed");
-    }
-  }
+  throwUnlessOpen(spec_.comm.label);
   comm_->registerBuffer(buffer, bytes, symmetric);
 }
 

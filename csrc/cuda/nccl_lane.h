@@ -149,6 +149,8 @@ class NcclLane : public DeviceLane,
   void failOnError(std::exception_ptr error);
   // Stops taking ops; returns whether the lane was open until now.
   bool stopTakingOps(bool freeWhenDrained);
+  // The lane's failure, or PoolClosedError naming `what`, unless it is open.
+  void throwUnlessOpen(const std::string& what) const;
   // Starts the watchdog once; the caller holds issueMutex_.
   void ensureWatchdog();
   bool onWatchdogThread() const;
