@@ -69,10 +69,13 @@ void checkReduceOp(const Collective& op) {
       return;
     case c10d::ReduceOp::AVG:
       for (const auto& t : op.inputs) {
-        if (!at::isFloatingType(t.scalar_type())) {
+        // An integer average would need a rounding rule torch does not
+        // define; complex numbers average part by part, as gloo does.
+        if (!at::isFloatingType(t.scalar_type()) &&
+            !at::isComplexType(t.scalar_type())) {
           throw UnsupportedOpError(
               std::string(kindName(op.kind)) + " with AVG needs a floating "
-              "point tensor, got " + shapeOf(t) +
+              "point or complex tensor, got " + shapeOf(t) +
               "; use SUM and divide for integer tensors");
         }
       }
@@ -90,16 +93,16 @@ void checkTensor(const Collective& op, const at::Tensor& t, const char* what) {
     throw TensorMismatchError(
         std::string(kindName(op.kind)) + ": " + what + " tensor is undefined");
   }
+  if (t.is_sparse()) { // before is_contiguous(), which sparse tensors lack
+    throw TensorMismatchError(
+        std::string(kindName(op.kind)) + ": " + what +
+        " tensor is sparse; only dense tensors are supported");
+  }
   if (!t.is_contiguous()) {
     throw TensorMismatchError(
         std::string(kindName(op.kind)) + ": " + what + " tensor " +
         shapeOf(t) + " is not contiguous; pass a contiguous tensor "
         "(tensor.contiguous())");
-  }
-  if (t.is_sparse()) {
-    throw TensorMismatchError(
-        std::string(kindName(op.kind)) + ": " + what +
-        " tensor is sparse; only dense tensors are supported");
   }
 }
 
@@ -176,6 +179,32 @@ uint64_t Collective::fingerprint() const {
     mix(static_cast<uint64_t>(t.numel()));
   }
   return h;
+}
+
+std::vector<StagedTensor> stageNonContiguous(Collective& op) {
+  std::vector<StagedTensor> writeBack;
+  auto stage = [](at::Tensor& t) {
+    if (t.defined() && !t.is_sparse() && !t.is_contiguous()) {
+      t = t.contiguous();
+      return true;
+    }
+    return false;
+  };
+  const bool inPlace = op.kind == CollectiveKind::AllReduce ||
+      op.kind == CollectiveKind::Broadcast;
+  for (auto& t : op.inputs) {
+    at::Tensor callers = t;
+    if (stage(t) && inPlace) {
+      writeBack.push_back({callers, t});
+    }
+  }
+  for (auto& t : op.outputs) {
+    at::Tensor callers = t;
+    if (stage(t)) {
+      writeBack.push_back({callers, t});
+    }
+  }
+  return writeBack;
 }
 
 void validate(const Collective& op, int64_t groupSize) {

@@ -49,6 +49,19 @@ struct Collective {
   uint64_t fingerprint() const;
 };
 
+// A tensor of the caller's that an op runs on a contiguous copy of: the copy
+// is written back to it when the op succeeds.
+struct StagedTensor {
+  at::Tensor callers;
+  at::Tensor copy;
+};
+
+// Replaces each non-contiguous tensor of `op` by a contiguous copy (gloo
+// groups take non-contiguous tensors; the lanes' transports do not); returns
+// those the op writes, to be copied back. Sparse or undefined tensors stay
+// for validate() to name.
+std::vector<StagedTensor> stageNonContiguous(Collective& op);
+
 // Throws TensorMismatchError or UnsupportedOpError, naming what was wrong and
 // what is allowed. `groupSize` is the number of ranks in the group.
 void validate(const Collective& op, int64_t groupSize);

@@ -154,7 +154,7 @@ c10::intrusive_ptr<c10d::Backend> CpuTransport::release() {
 }
 
 std::exception_ptr CpuTransport::describedError(
-    const Collective& op,
+    const std::string& what,
     std::exception_ptr error) const {
   try {
     std::rethrow_exception(error);
@@ -163,7 +163,7 @@ std::exception_ptr CpuTransport::describedError(
   } catch (...) {
   }
   const std::string gloo = messageOf(error);
-  const std::string message = label_ + ": " + op.describe() + " failed: " + gloo;
+  const std::string message = label_ + ": " + what + " failed: " + gloo;
   if (mentionsTimeout(gloo)) {
     return std::make_exception_ptr(CollectiveTimeoutError(message));
   }
@@ -171,10 +171,18 @@ std::exception_ptr CpuTransport::describedError(
 }
 
 void CpuTransport::start(std::shared_ptr<Collective> op, OnDone onDone) const {
+  std::string what = op->describe();
+  startNamed(std::move(op), std::move(what), std::move(onDone));
+}
+
+void CpuTransport::startNamed(
+    std::shared_ptr<Collective> op,
+    std::string what,
+    OnDone onDone) const {
   auto comm = this->comm();
   if (!comm) {
     onDone(std::make_exception_ptr(PoolClosedError(
-        label_ + ": " + op->describe() +
+        label_ + ": " + what +
         " was issued after the communicator was released")));
     return;
   }
@@ -183,15 +191,16 @@ void CpuTransport::start(std::shared_ptr<Collective> op, OnDone onDone) const {
     works = issue(*comm, *op);
   } catch (...) {
     // Some of the op's parts may be in flight; they finish on their own.
-    onDone(describedError(*op, std::current_exception()));
+    onDone(describedError(what, std::current_exception()));
     return;
   }
   auto completion = std::make_shared<Completion>(
       works.size(),
       // No reference to `comm` here: this closure dies on a gloo worker, and
       // dropping gloo's last reference there would make it join itself.
-      [this, op, onDone = std::move(onDone)](std::exception_ptr error) {
-        onDone(error ? describedError(*op, error) : nullptr);
+      [this, what = std::move(what), onDone = std::move(onDone)](
+          std::exception_ptr error) {
+        onDone(error ? describedError(what, error) : nullptr);
       });
   for (auto& work : works) {
     whenDone(work, op->kind, [completion](std::exception_ptr error) {
@@ -238,7 +247,10 @@ void CpuTransport::startChecked(
   exchange->kind = CollectiveKind::AllGather;
   exchange->inputs = {orderFields(*op, seq)};
   exchange->outputs = {at::empty({size_ * kFieldCount}, at::kLong)};
-  start(exchange, [this, exchange, op, onDone](std::exception_ptr error) {
+  startNamed(
+      exchange,
+      "the order check of " + op->describe() + " (op #" + std::to_string(seq) + ")",
+      [this, exchange, op, onDone](std::exception_ptr error) {
     if (error) {
       onDone(error);
       return;

@@ -54,7 +54,11 @@ class CpuTransport {
 
  private:
   c10::intrusive_ptr<c10d::Backend> comm() const;
-  std::exception_ptr describedError(const Collective& op, std::exception_ptr error)
+  // start() of `op`, whose errors name it as `what`: the order check's
+  // exchange is named after the user's op it checks, not after itself.
+  void startNamed(std::shared_ptr<Collective> op, std::string what, OnDone onDone)
+      const;
+  std::exception_ptr describedError(const std::string& what, std::exception_ptr error)
       const;
 
   // Calls `onEnd` when `work` ends: through its future when it has one,

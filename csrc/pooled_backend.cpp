@@ -67,24 +67,32 @@ void PooledBackend::throwIfNotOpen() const {
 c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
     Collective op,
     c10d::OpType type) {
-  validate(op, size_);
   if (op.deviceType() != c10::DeviceType::CPU) {
+    // No staging here: torch's NCCL groups refuse non-contiguous tensors too.
+    validate(op, size_);
     return submitToDevice(std::move(op), type);
   }
+  // The Work returns the caller's tensors, also where the op runs on copies.
+  const std::vector<at::Tensor> results = op.results();
+  auto writeBack = stageNonContiguous(op);
+  validate(op, size_);
   std::lock_guard<std::mutex> lock(mutex_);
   throwIfNotOpen();
   const uint64_t seq = nextSeq_++;
   auto work = c10::make_intrusive<PooledWork>(
-      rank_, type, op.results(), spec_.timeout + kWaitGrace, describe(op, seq));
+      rank_, type, results, spec_.timeout + kWaitGrace, describe(op, seq));
   {
     std::lock_guard<std::mutex> contextLock(context_->mutex);
     context_->unfinished.emplace(seq, work);
   }
   auto context = context_;
-  context_->lane.post(
-      [context, op = std::make_shared<Collective>(std::move(op)), seq, work] {
-        start(context, op, seq, work);
-      });
+  context_->lane.post([context,
+                       op = std::make_shared<Collective>(std::move(op)),
+                       writeBack = std::move(writeBack),
+                       seq,
+                       work]() mutable {
+    start(context, op, std::move(writeBack), seq, work);
+  });
   return work;
 }
 
@@ -149,11 +157,23 @@ std::shared_ptr<DeviceLane> PooledBackend::requireDeviceLane(const std::string& 
 void PooledBackend::start(
     const std::shared_ptr<LaneContext>& context,
     std::shared_ptr<Collective> op,
+    std::vector<StagedTensor> writeBack,
     uint64_t seq,
     const c10::intrusive_ptr<PooledWork>& work) {
   work->markStarted();
   const int64_t startUs = LaneStats::nowUs();
-  auto onDone = [context, op, seq, work, startUs](std::exception_ptr error) {
+  auto onDone = [context, op, writeBack = std::move(writeBack), seq, work, startUs](
+                    std::exception_ptr error) {
+    if (!error) {
+      try {
+        for (const auto& staged : writeBack) {
+          at::Tensor callers = staged.callers;
+          callers.copy_(staged.copy);
+        }
+      } catch (...) {
+        error = std::current_exception();
+      }
+    }
     context->stats.record(
         OpRecord{op->kind, op->bytes(), startUs, LaneStats::nowUs(), !error});
     {

@@ -127,6 +127,7 @@ class PooledBackend : public c10d::Backend {
   static void start(
       const std::shared_ptr<LaneContext>& context,
       std::shared_ptr<Collective> op,
+      std::vector<StagedTensor> writeBack,
       uint64_t seq,
       const c10::intrusive_ptr<PooledWork>& work);
   void throwIfNotOpen() const;

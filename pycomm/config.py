@@ -16,6 +16,12 @@ from pycomm.errors import ConfigError
 # names one: Megatron's default `distributed_timeout_minutes`.
 DEFAULT_TIMEOUT_SECONDS = 600.0
 
+# The longest timeout a RoleConfig takes: every wait adds it to a
+# nanosecond clock reading (gloo, the NCCL lane, PooledWork), so past a few
+# centuries it overflows and ops time out at once. A year is far beyond any
+# collective and far below that.
+MAX_TIMEOUT_SECONDS = 365 * 24 * 3600.0
+
 # Keys of Megatron's nccl_communicator_config YAML, by the RoleConfig field
 # each one sets.
 MEGATRON_KEYS = {
@@ -23,6 +29,7 @@ MEGATRON_KEYS = {
     "min_ctas": "min_ctas",
     "max_ctas": "max_ctas",
     "net_name": "net_name",
+    "is_high_priority_stream": "is_high_priority_stream",
 }
 
 # Group keys the YAML may hold for pooled groups, beside Megatron's own
@@ -52,7 +59,10 @@ class RoleConfig:
     """Tuning of one pooled role.
 
     stream_priority: CUDA stream priority of the lane (lower is higher
-        priority; None: the highest for 'ag', the default for 'rs').
+        priority; None: as is_high_priority_stream says).
+    is_high_priority_stream: Megatron's switch: true, the device's highest
+        priority; false, CUDA's default (0); None: the highest for 'ag',
+        the lowest for 'rs'. stream_priority wins when both are set.
     min_ctas / max_ctas / cga_cluster_size / net_name: ncclConfig_t fields
         (NCCL >= 2.17); traffic_class (>= 2.26); cta_policy (>= 2.27, one of
         'default', 'efficiency', 'zero'); launch_order_implicit (>= 2.31:
@@ -66,6 +76,7 @@ class RoleConfig:
     """
 
     stream_priority: int | None = None
+    is_high_priority_stream: bool | None = None
     min_ctas: int | None = None
     max_ctas: int | None = None
     cga_cluster_size: int | None = None
@@ -102,12 +113,10 @@ class RoleConfig:
             raise ConfigError(f"stream_priority must be an integer, got {self.stream_priority!r}")
         if self.net_name is not None and (not isinstance(self.net_name, str) or not self.net_name):
             raise ConfigError(f"net_name must be a non-empty string, got {self.net_name!r}")
-        if self.launch_order_implicit is not None and not isinstance(
-            self.launch_order_implicit, bool
-        ):
-            raise ConfigError(
-                f"launch_order_implicit must be true or false, got {self.launch_order_implicit!r}"
-            )
+        for name in ("launch_order_implicit", "is_high_priority_stream"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
         if self.cta_policy is not None and self.cta_policy not in CTA_POLICIES:
             raise ConfigError(
                 f"cta_policy must be one of {sorted(CTA_POLICIES)}, got {self.cta_policy!r}"
@@ -115,9 +124,12 @@ class RoleConfig:
         if self.timeout is not None and (
             isinstance(self.timeout, bool)
             or not isinstance(self.timeout, (int, float))
-            or not self.timeout > 0
+            or not 0 < self.timeout <= MAX_TIMEOUT_SECONDS
         ):
-            raise ConfigError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+            raise ConfigError(
+                f"timeout must be a number of seconds > 0 and at most "
+                f"{MAX_TIMEOUT_SECONDS:.0f} (a year), got {self.timeout!r}"
+            )
 
     @property
     def timeout_seconds(self) -> float:
@@ -180,8 +192,13 @@ def load_group_configs(path: str | Path) -> dict[str, RoleConfig]:
     """Reads a Megatron nccl_communicator_config YAML file (extended with the
     pooled keys) into group key -> RoleConfig."""
     path = Path(path)
+    return parse_group_configs(read_config_file(path), str(path))
+
+
+def read_config_file(path: Path) -> Any:
+    """The parsed YAML document of a config file; ConfigError when it cannot
+    be read, is not UTF-8 or is not YAML."""
     try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read NCCL communicator config {path}: {e}") from e
-    return parse_group_configs(document, str(path))

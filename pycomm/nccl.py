@@ -172,6 +172,23 @@ def _agree_on_plan(
     return store.get("plan")
 
 
+# CUDA's default stream priority: what Megatron's is_high_priority_stream:
+# false asks for.
+_DEFAULT_STREAM_PRIORITY = 0
+
+
+def _asked_priority(device: int, config: RoleConfig) -> int | None:
+    """The stream priority `config` asks for; None leaves the role's default."""
+    if config.stream_priority is not None:
+        return config.stream_priority
+    if config.is_high_priority_stream is None:
+        return None
+    if config.is_high_priority_stream:
+        _least, greatest = _C.stream_priority_range(device)
+        return greatest
+    return _DEFAULT_STREAM_PRIORITY
+
+
 def create_lane(
     *,
     device: int,
@@ -195,7 +212,7 @@ def create_lane(
         )
     # Everything that can fail on one rank alone fails before the collective
     # part, so the peers do not wait for this rank until their timeout.
-    priority = _C.NcclLane.resolve_priority(device, role, config.stream_priority, label)
+    priority = _C.NcclLane.resolve_priority(device, role, _asked_priority(device, config), label)
     decision = _agree_on_plan(store, group_size, parent is not None, config.timeout_seconds, label)
     unique_id = b""
     if decision != _SPLIT:

@@ -6,8 +6,9 @@ import datetime
 import logging
 import os
 import threading
+import weakref
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -19,10 +20,11 @@ from pycomm.registration import (
     BACKEND_NAME,
     CpuCommFactory,
     CreateRequest,
+    connect_cpu_comm,
     ensure_backend_registered,
     gloo_comm,
+    own_store_connection,
     rendezvous,
-    root_store,
 )
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,9 @@ ROLES: tuple[str, ...] = tuple(_C.CommPool.roles())
 # in the same sequence, so the count names the same store prefix on each.
 _generations: Counter[tuple[str, str]] = Counter()
 _generations_lock = threading.Lock()
+# torch.distributed's group registry (new_group, destroy_process_group) is
+# not thread-safe; pooled groups are made from any thread.
+_torch_registry_lock = threading.Lock()
 
 
 def debug_checks_order() -> bool:
@@ -75,8 +80,7 @@ class CommPool:
         self._cpu_comm_factory = cpu_comm_factory
         self._device = device
         check_device_choice(device)  # a bad choice fails here, not at first use
-        self._groups: dict[tuple[str, str], dist.ProcessGroup] = {}
-        self._configs: dict[tuple[str, str], RoleConfig] = {}
+        self._entries: dict[tuple[str, str], _Entry] = {}
         self._lock = threading.RLock()
 
     def __enter__(self) -> "CommPool":
@@ -120,58 +124,177 @@ class CommPool:
             )
         key = (base_name, role)
         resolved = self._default_config.merged(config)
+        self._release_gone()
         with self._lock:
             self._core.throw_if_closed()
-            existing = self._groups.get(key)
-            if existing is not None:
-                return existing
-            with _generations_lock:
-                _generations[key] += 1
-                generation = _generations[key]
-            prefix = f"pycomm/{base_name}/{role}/{generation}"
-            label = f"role {role!r} of group {base_name!r} (ranks {ranks})"
-            store = root_store()
-            rendezvous(store, prefix, group_rank, ranks, resolved.timeout_seconds, label)
+            entry = self._entries.get(key)
+            creating = entry is None
+            if creating:
+                entry = _Entry(base=_weak(group), config=resolved)
+                self._entries[key] = entry
+        if not creating:
+            return entry.result()
+        try:
+            pooled = self._create(group, base_name, role, ranks, group_rank, resolved)
+        except BaseException as e:
+            with self._lock:
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
+            entry.fail(e)
+            raise
+        entry.succeed(pooled)
+        return pooled
+
+    def _create(
+        self,
+        base: dist.ProcessGroup,
+        base_name: str,
+        role: str,
+        ranks: list[int],
+        group_rank: int,
+        config: RoleConfig,
+    ) -> dist.ProcessGroup:
+        """Makes the pooled group of (base, role): a collective over the
+        members, run without the pool's lock so that other pooled groups can
+        be made meanwhile, in any order."""
+        key = (base_name, role)
+        with _generations_lock:
+            _generations[key] += 1
+            generation = _generations[key]
+        prefix = f"pycomm/{base_name}/{role}/{generation}"
+        spec = _C.PooledGroupSpec()
+        spec.base_group_name = base_name
+        spec.role = role
+        spec.global_ranks = ranks
+        spec.rank = group_rank
+        spec.timeout_seconds = config.timeout_seconds
+        spec.check_order = self._check_order
+        label = spec.label()
+        store = own_store_connection()
+        rendezvous(store, prefix, group_rank, ranks, config.timeout_seconds, label)
+        cpu_comm = connect_cpu_comm(
+            self._cpu_comm_factory,
+            dist.PrefixStore(f"{prefix}/cpu/", store),
+            group_rank,
+            len(ranks),
+            config.timeout_seconds,
+            label,
+        )
+        device_lane = self._connect_device_lane(base, base_name, role, config, spec, store, prefix)
+        request = CreateRequest(
+            core=self._core, spec=spec, cpu_comm=cpu_comm, device_lane=device_lane
+        )
+        try:
+            self._core.throw_if_closed()
             ensure_backend_registered()
-            request = CreateRequest(
-                core=self._core,
-                base_group_name=base_name,
-                role=role,
-                config=resolved,
-                store_prefix=prefix,
-                check_order=self._check_order,
-                cpu_comm_factory=self._cpu_comm_factory,
-                device=resolve_device(self._device, group),
-            )
-            pooled = dist.new_group(
-                ranks,
-                timeout=datetime.timedelta(seconds=resolved.timeout_seconds),
-                backend=BACKEND_NAME,
-                pg_options=request,
-                use_local_synchronization=True,
-                group_desc=f"pycomm_{role}_of_{base_name}",
-            )
-            self._groups[key] = pooled
-            self._configs[key] = resolved
-            logger.info("duplicated %s as group %s", label, _group_name(pooled))
-            return pooled
+            # torch's group registry is not thread-safe; nothing in here
+            # waits for a peer (the creator only wraps what is connected).
+            with _torch_registry_lock:
+                pooled = dist.new_group(
+                    ranks,
+                    timeout=datetime.timedelta(seconds=config.timeout_seconds),
+                    backend=BACKEND_NAME,
+                    pg_options=request,
+                    use_local_synchronization=True,
+                    group_desc=f"pycomm_{role}_of_{base_name}",
+                )
+        except BaseException:
+            if device_lane is not None:
+                device_lane.abort()
+            raise
+        logger.info("duplicated %s as group %s", label, _group_name(pooled))
+        return pooled
+
+    def _connect_device_lane(
+        self,
+        base: dist.ProcessGroup,
+        base_name: str,
+        role: str,
+        config: RoleConfig,
+        spec: "_C.PooledGroupSpec",
+        store: dist.Store,
+        prefix: str,
+    ) -> Any:
+        device = resolve_device(self._device, base)
+        if device is None:
+            return None
+        from pycomm import nccl  # the CUDA build only
+
+        return nccl.create_lane(
+            device=device,
+            parent=nccl.split_parent(self._core, base_name, role, device),
+            role=role,
+            config=config,
+            group_rank=spec.rank,
+            group_size=len(spec.global_ranks),
+            store=dist.PrefixStore(f"{prefix}/nccl/", store),
+            label=spec.label(),
+            comm_name=f"pycomm_{role}_of_{base_name}",
+        )
+
+    def release(self, group: dist.ProcessGroup, role: str | None = None) -> None:
+        """Releases the pooled duplicates of `group` (every role, or `role`):
+        queued ops finish first (each bounded by its timeout), then their
+        communicators, threads and connections are freed; later ops on them
+        raise PoolClosedError, and duplicate() makes new ones. Like
+        destroy_process_group, every member calls it. The duplicates of a
+        base group that torch destroyed are released by the next call into
+        the pool without this."""
+        roles = ROLES if role is None else (role,)
+        for r in roles:
+            _C.CommPool.check_role(r)
+        base_name = _group_name(group)
+        with self._lock:
+            taken = [(k, self._entries.pop(k)) for k in [(base_name, r) for r in roles] if k in self._entries]
+        for key, entry in taken:
+            try:
+                entry.result()  # a creation in flight ends first
+            except BaseException:  # noqa: BLE001 - its caller has the error
+                continue
+            self._core.remove(*key)
 
     def get(self, group: dist.ProcessGroup, role: str = "ag") -> dist.ProcessGroup | None:
         """The pooled duplicate of `group` for `role`, or None."""
-        _C.CommPool.check_role(role)
-        with self._lock:
-            return self._groups.get((_group_name(group), role))
+        entry = self._ready_entry(group, role)
+        return entry.group if entry is not None else None
 
     def config(self, group: dist.ProcessGroup, role: str = "ag") -> RoleConfig | None:
         """The RoleConfig the pooled duplicate of `group` for `role` was made
         with, or None when there is none."""
-        _C.CommPool.check_role(role)
-        with self._lock:
-            return self._configs.get((_group_name(group), role))
+        entry = self._ready_entry(group, role)
+        return entry.config if entry is not None else None
 
     def groups(self) -> list[dist.ProcessGroup]:
+        self._release_gone()
         with self._lock:
-            return list(self._groups.values())
+            return [e.group for e in self._entries.values() if e.group is not None]
+
+    def _ready_entry(self, group: dist.ProcessGroup, role: str) -> "_Entry | None":
+        _C.CommPool.check_role(role)
+        self._release_gone()
+        with self._lock:
+            entry = self._entries.get((_group_name(group), role))
+            return entry if entry is not None and entry.group is not None else None
+
+    def _release_gone(self) -> None:
+        """Forgets the pooled groups torch destroyed and releases those whose
+        base group it destroyed. torch tells no one when it destroys a group,
+        so each call into the pool looks; the checks are dict lookups."""
+        with self._lock:
+            gone = [
+                key
+                for key, entry in self._entries.items()
+                if entry.group is not None
+                and not (_known_to_torch(entry.group) and _known_to_torch(entry.base()))
+            ]
+            for key in gone:
+                del self._entries[key]
+        for key in gone:
+            # Outside the lock: closing waits for queued ops (each bounded
+            # by its timeout). torch shut a destroyed pooled group down
+            # already, which drained it.
+            self._core.remove(*key)
+            logger.info("released role %r of group %r: torch destroyed it or its base", key[1], key[0])
 
     @property
     def is_open(self) -> bool:
@@ -183,6 +306,7 @@ class CommPool:
         seconds, errors, ops by kind, ops pending, and for
         groups with an NCCL lane its device, stream priority and whether its
         communicator was split from the base group's."""
+        self._release_gone()
         rows = []
         for backend in self._core.entries():
             spec = backend.spec
@@ -226,18 +350,14 @@ class CommPool:
                 )
         return sorted(events, key=lambda e: e["start_us"])
 
-    def _release_groups(self) -> None:
+    def _forget_groups(self) -> None:
+        # The pooled groups stay registered with torch, closed: any later use
+        # raises PoolClosedError, where a group torch no longer knows would
+        # make torch raise its own ValueError over it. What is kept is
+        # torch's bookkeeping of the group, no thread or connection;
+        # dist.destroy_process_group(group), or of the world, drops it.
         with self._lock:
-            pooled = list(self._groups.values())
-            self._groups.clear()
-            self._configs.clear()
-        if not dist.is_initialized():
-            return
-        for group in pooled:
-            try:
-                dist.destroy_process_group(group)
-            except (ValueError, RuntimeError) as e:  # already destroyed by the caller
-                logger.debug("group %s was already destroyed: %s", group, e)
+            self._entries.clear()
 
     def destroy(self) -> None:
         """Releases every pooled communicator, lane thread and connection.
@@ -246,14 +366,60 @@ class CommPool:
         try:
             self._core.destroy()
         finally:
-            self._release_groups()  # also when a communicator could not be flushed
+            self._forget_groups()  # also when a communicator could not be flushed
 
     def abort(self) -> None:
         """Fails every unfinished op with PoolClosedError and releases the pool
         without waiting for peers (for a hung or dead peer). Idempotent."""
         self._core.abort()
-        self._release_groups()
+        self._forget_groups()
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else self._core.closed_reason()
-        return f"CommPool({len(self._groups)} groups, {state})"
+        with self._lock:
+            count = sum(1 for e in self._entries.values() if e.group is not None)
+        return f"CommPool({count} groups, {state})"
+
+
+class _Entry:
+    """One (base group, role) of the pool: its pooled group once made. A
+    thread that asks while another makes it waits for that one's result.
+
+    Thread-safety: any thread."""
+
+    def __init__(self, base: Callable[[], dist.ProcessGroup | None], config: RoleConfig) -> None:
+        self.base = base
+        self.config = config
+        self.group: dist.ProcessGroup | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+
+    def succeed(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def result(self) -> dist.ProcessGroup:
+        # The maker's own wait is bounded by the timeout; so is this one.
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self.group is not None
+        return self.group
+
+
+def _weak(group: dist.ProcessGroup) -> Callable[[], dist.ProcessGroup | None]:
+    """A reference to a base group that does not keep it alive."""
+    try:
+        return weakref.ref(group)
+    except TypeError:  # a ProcessGroup type without weak references
+        return lambda: group
+
+
+def _known_to_torch(group: dist.ProcessGroup | None) -> bool:
+    """Whether torch still has `group` registered (destroy_process_group
+    removes it; so does destroying the world)."""
+    return group is not None and group in dist.distributed_c10d._world.pg_map

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from pycomm import ConfigError, RoleConfig
-from pycomm.config import DEFAULT_TIMEOUT_SECONDS, load_group_configs, parse_group_configs
+from pycomm.config import (
+    DEFAULT_TIMEOUT_SECONDS,
+    MAX_TIMEOUT_SECONDS,
+    load_group_configs,
+    parse_group_configs,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,6 +28,14 @@ from pycomm.config import DEFAULT_TIMEOUT_SECONDS, load_group_configs, parse_gro
         ({"cta_policy": "fast"}, "cta_policy must be one of"),
         ({"timeout": 0}, "timeout must be a number of seconds > 0"),
         ({"timeout": True}, "timeout must be a number of seconds > 0"),
+        # Past a year a deadline overflows a nanosecond clock somewhere:
+        # every op would time out at once, or creation fail with OverflowError.
+        ({"timeout": float("inf")}, "at most 31536000 (a year), got inf"),
+        ({"timeout": float("nan")}, "at most 31536000 (a year), got nan"),
+        ({"timeout": 1e300}, "at most 31536000 (a year)"),
+        ({"timeout": 1e13}, "at most 31536000 (a year)"),
+        ({"timeout": 1e10}, "at most 31536000 (a year)"),
+        ({"is_high_priority_stream": 1}, "is_high_priority_stream must be true or false"),
     ],
 )
 def test_bad_values_are_named(kwargs: dict, message: str) -> None:
@@ -70,3 +83,25 @@ def test_launch_order_implicit_is_a_boolean() -> None:
     with pytest.raises(ConfigError, match="launch_order_implicit must be true or false"):
         RoleConfig(launch_order_implicit=1)
     assert RoleConfig.from_mapping({"launch_order_implicit": False}).launch_order_implicit is False
+
+
+def test_the_longest_timeout_is_accepted() -> None:
+    assert RoleConfig(timeout=MAX_TIMEOUT_SECONDS).timeout_seconds == 365 * 24 * 3600
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("dp_cp_ag:\n  net_name: r\xe9seau\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="cannot read NCCL communicator config .*utf-8"):
+        load_group_configs(path)
+
+
+def test_megatrons_high_priority_key_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "megatron.yaml"
+    path.write_text(
+        "dp_cp:\n  is_high_priority_stream: true\n  max_ctas: 8\n"
+        "expt_dp_rs:\n  is_high_priority_stream: false\n"
+    )
+    configs = load_group_configs(path)
+    assert configs["dp_cp"] == RoleConfig(is_high_priority_stream=True, max_ctas=8)
+    assert configs["expt_dp_rs"] == RoleConfig(is_high_priority_stream=False)

@@ -93,6 +93,29 @@ def test_order_check_names_both_ops_instead_of_hanging() -> None:
     assert all(r["ok_after"] for r in results)
 
 
+def order_check_timeout_world(rank: int, world: int) -> dict:
+    _quiet()
+    pool = pycomm.CommPool(pycomm.RoleConfig(timeout=2.0), check_order=True)
+    lane = pool.duplicate(None, role="ag")
+    out: dict = {}
+    if rank == 0:  # the others never issue it
+        gathered, shard = torch.empty(8 * world), torch.ones(8)
+        out["error"] = expect_error(
+            pycomm.CollectiveTimeoutError,
+            lambda: dist.all_gather_into_tensor(gathered, shard, group=lane),
+        )
+    dist.barrier()
+    pool.abort()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_an_order_check_timeout_names_the_users_op() -> None:
+    error = run_world(order_check_timeout_world, 2, timeout_seconds=90)[0]["error"]
+    assert "all_gather(Float[8]->[16])" in error, error
+    assert "Long" not in error, error
+
+
 def abort_from_thread_world(rank: int, world: int) -> dict:
     _quiet()
     dp = dist.new_group(list(range(world)))

@@ -456,7 +456,7 @@ def test_role_configs_fall_back_field_by_field() -> None:
     )
     assert configs["dp_cp_ag"] == RoleConfig(max_ctas=4, min_ctas=1, timeout=120.0)
     assert configs["expt_dp_ag"] == RoleConfig(
-        cga_cluster_size=2, stream_priority=0, net_name="IB", timeout=120.0
+        cga_cluster_size=2, is_high_priority_stream=False, net_name="IB", timeout=120.0
     )
     assert resolve_role_configs() == {"dp_cp_ag": RoleConfig(), "expt_dp_ag": RoleConfig()}
     assert resolve_role_configs(30)["expt_dp_ag"].timeout == 30.0
@@ -499,7 +499,7 @@ def test_config_object_mirrors_megatron_flag(tmp_path: Any) -> None:
     assert config.create_all_gather_group
     roles = config.role_configs()
     assert roles["dp_cp_ag"] == RoleConfig(max_ctas=4, timeout=180.0)
-    assert roles["expt_dp_ag"] == RoleConfig(min_ctas=2, stream_priority=0, timeout=180.0)
+    assert roles["expt_dp_ag"] == RoleConfig(min_ctas=2, is_high_priority_stream=False, timeout=180.0)
     with pytest.raises(pycomm.ConfigError, match="cannot read"):
         AllGatherGroupConfig(nccl_communicator_config_path=str(tmp_path / "absent.yaml")).role_configs()
     off = AllGatherGroupConfig()

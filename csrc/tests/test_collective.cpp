@@ -105,3 +105,49 @@ TEST(Collective, NamesDeviceMismatch) {
     EXPECT_NE(std::string(e.what()).find("devices differ"), std::string::npos) << e.what();
   }
 }
+
+TEST(Collective, AvgTakesComplexTensors) {
+  Collective op;
+  op.kind = CollectiveKind::ReduceScatter;
+  op.reduceOp = c10d::ReduceOp::AVG;
+  op.inputs = {at::empty({8}, at::kComplexFloat)};
+  op.outputs = {at::empty({4}, at::kComplexFloat)};
+  EXPECT_NO_THROW(pycomm::validate(op, 2));
+}
+
+TEST(Collective, SparseTensorsAreNamedNotCrashedOn) {
+  auto sparse = at::ones({4, 2}).to_sparse();
+  Collective op;
+  op.kind = CollectiveKind::AllReduce;
+  op.inputs = {sparse};
+  EXPECT_TRUE(pycomm::stageNonContiguous(op).empty());
+  try {
+    pycomm::validate(op, 2);
+    FAIL();
+  } catch (const TensorMismatchError& e) {
+    EXPECT_NE(std::string(e.what()).find("sparse"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Collective, NonContiguousTensorsRunOnCopiesWrittenBack) {
+  auto strided = at::arange(8, at::kFloat).reshape({4, 2}).t(); // [2, 4], not contiguous
+  auto input = strided[0];
+  Collective op = gather(at::zeros({8}).reshape({2, 4}).t(), input);
+  const auto callersOutput = op.outputs.front();
+  auto writeBack = pycomm::stageNonContiguous(op);
+  EXPECT_TRUE(op.inputs.front().is_contiguous());
+  EXPECT_TRUE(op.outputs.front().is_contiguous());
+  EXPECT_TRUE(at::equal(op.inputs.front(), input));
+  EXPECT_NO_THROW(pycomm::validate(op, 2));
+  // Only what the op writes goes back: the all-gather's output, not its input.
+  ASSERT_EQ(writeBack.size(), 1u);
+  EXPECT_TRUE(writeBack.front().callers.is_same(callersOutput));
+  EXPECT_TRUE(writeBack.front().copy.is_same(op.outputs.front()));
+
+  Collective inPlace;
+  inPlace.kind = CollectiveKind::AllReduce;
+  inPlace.inputs = {strided};
+  auto back = pycomm::stageNonContiguous(inPlace);
+  ASSERT_EQ(back.size(), 1u); // all-reduce writes its input
+  EXPECT_TRUE(back.front().callers.is_same(strided));
+}

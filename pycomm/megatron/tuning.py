@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from pycomm.config import RoleConfig, parse_group_configs
+from pycomm.config import RoleConfig, parse_group_configs, read_config_file
 from pycomm.errors import ConfigError
 
 # Config keys each all-gather group reads, most specific first. The AG
@@ -19,10 +19,6 @@ ROLE_KEYS: dict[str, tuple[str, ...]] = {
     "dp_cp_ag": ("dp_cp_ag", "dp_cp"),
     "expt_dp_ag": ("expt_dp_ag", "expt_dp", "ep_dp"),
 }
-
-# Settings Megatron's nccl_comm_cfgs may carry that RoleConfig spells
-# differently.
-_HIGH_PRIORITY_KEY = "is_high_priority_stream"
 
 GroupConfigs = Mapping[str, Union[RoleConfig, Mapping[str, Any]]]
 Timeout = Union[datetime.timedelta, float, int, None]
@@ -50,7 +46,7 @@ def parse_nccl_comm_cfgs(
     where = "nccl_comm_cfgs"
     if isinstance(nccl_comm_cfgs, (str, Path)):
         where = str(nccl_comm_cfgs)
-        nccl_comm_cfgs = _read_yaml(Path(nccl_comm_cfgs))
+        nccl_comm_cfgs = read_config_file(Path(nccl_comm_cfgs))
     if nccl_comm_cfgs is None:
         return {}
     if not isinstance(nccl_comm_cfgs, Mapping):
@@ -59,45 +55,13 @@ def parse_nccl_comm_cfgs(
             f"got {type(nccl_comm_cfgs).__name__}"
         )
     ready = {k: v for k, v in nccl_comm_cfgs.items() if isinstance(v, RoleConfig)}
-    raw = {
-        k: _translate_megatron_settings(k, v)
-        for k, v in nccl_comm_cfgs.items()
-        if not isinstance(v, RoleConfig)
-    }
+    raw = {k: v for k, v in nccl_comm_cfgs.items() if not isinstance(v, RoleConfig)}
     parsed = parse_group_configs(raw, where)
     # parse_group_configs only sees the dict entries; RoleConfig entries need
     # the same group-key check.
     parse_group_configs({k: {} for k in ready}, where)
     parsed.update(ready)
     return parsed
-
-
-def _read_yaml(path: Path) -> Any:
-    # Read here rather than with pycomm.config.load_group_configs so that a
-    # Megatron file's is_high_priority_stream goes through the same
-    # translation as the dict form.
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read NCCL communicator config {path}: {e}") from e
-
-
-def _translate_megatron_settings(group_key: str, settings: Any) -> Any:
-    if not isinstance(settings, Mapping) or _HIGH_PRIORITY_KEY not in settings:
-        return settings
-    settings = dict(settings)
-    high = settings.pop(_HIGH_PRIORITY_KEY)
-    if not isinstance(high, bool):
-        raise ConfigError(
-            f"nccl_comm_cfgs: {group_key}: {_HIGH_PRIORITY_KEY} must be true or false, got {high!r}"
-        )
-    # AG lanes already run at the highest priority by default; 'false' asks
-    # for the default priority, which is CUDA's 0.
-    if not high and "stream_priority" not in settings:
-        settings["stream_priority"] = 0
-    return settings
 
 
 def resolve_role_configs(
