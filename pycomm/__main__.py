@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+
+from pycomm.errors import PycommError
 
 # Each command is a module of pycomm.cli with add_arguments(parser) and
 # run(args) -> int; imported only when chosen, so `plan` starts fast.
@@ -36,7 +39,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     module = importlib.import_module(f"pycomm.cli.{args.command.replace('-', '_')}")
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # The launcher's signal exceptions carry the signal: it has already
+        # stopped every rank, so a line says so instead of a traceback.
+        signum = getattr(stop, "signum", None)
+        if signum is None:
+            raise
+        print(f"pycomm {args.command}: {signal.Signals(signum).name}: every rank was stopped", file=sys.stderr)
+        return 128 + signum
+    except PycommError as error:
+        logging.getLogger("pycomm").debug("pycomm %s failed", args.command, exc_info=True)
+        print(f"pycomm {args.command}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,30 +1,240 @@
-"""Spawns a local torch.distributed world of processes on 127.0.0.1 and
-collects what each rank's function returns. Used by the demo, the benchmarks
-and the tests; every wait is bounded, so a stuck rank is an error, not a hang."""
+"""Runs a function on every rank of a torch.distributed world and collects
+what each rank returns. Used by the demo, the benchmarks and the tests.
+
+The world is spawned here (processes on 127.0.0.1) unless a launcher such as
+torchrun or a SLURM job script describes one in the environment (`RANK`,
+`WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`): then this process
+joins it as one of its ranks, which is how the demo and the benchmarks run on
+several machines. `launch` makes that decision; nothing else does.
+
+A spawned world ends with the process that spawned it. SIGINT or SIGTERM
+stops every rank before that process exits (a second signal kills them at
+once), ranks die with a parent that is killed or crashes, a rank that dies
+fails the world at once, and every wait is bounded, so a stuck rank is an
+error, not a hang."""
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import ipaddress
+import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
+import sys
+import threading
+import time
 import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Callable
 
 import torch.distributed as dist
 
 from pycomm.errors import PycommError
 
+logger = logging.getLogger(__name__)
+
+# Ranks that have reported exit on their own; past this they are stopped.
+_EXIT_GRACE_SECONDS = 5.0
+# Between asking ranks to stop (SIGTERM) and killing them (SIGKILL).
+_STOP_GRACE_SECONDS = 3.0
+# How often the parent looks at its ranks and at signals while it waits.
+_POLL_SECONDS = 0.2
+# A rank that exited may still have its result in the queue's pipe.
+_DRAIN_SECONDS = 0.5
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+# The variables that make a process a rank of an existing world. RANK or
+# WORLD_SIZE alone decides: MASTER_ADDR is often exported for other reasons.
+_IDENTITY_VARIABLES = ("RANK", "WORLD_SIZE")
+_WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
 
 class WorldFailed(PycommError):
     """A rank of a spawned world raised, died or ran past the time limit."""
+
+
+class LaunchEnvironmentError(PycommError, ValueError):
+    """The environment describes part of a world, or one that cannot exist."""
+
+
+class WorldInterrupted(KeyboardInterrupt):
+    """SIGINT reached the spawning process, which stopped its ranks. A
+    KeyboardInterrupt, so whatever handles Ctrl-C handles this."""
+
+    signum = signal.SIGINT
+
+
+class WorldTerminated(SystemExit):
+    """SIGTERM reached the spawning process, which stopped its ranks. A
+    SystemExit, so the process exits with 128 + SIGTERM (as if the signal had
+    ended it) once every `finally` has run."""
+
+    signum = signal.SIGTERM
+
+    def __init__(self) -> None:
+        super().__init__(128 + self.signum)
+
+
+@dataclass(frozen=True)
+class JoinedWorld:
+    """This process's place in a world its launcher (torchrun, SLURM) made."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    def __str__(self) -> str:
+        return (
+            f"rank {self.rank} of a {self.world_size}-rank world "
+            f"(local rank {self.local_rank}, rendezvous {self.master_addr}:{self.master_port})"
+        )
+
+
+def joined_world(environ: Mapping[str, str] = os.environ) -> JoinedWorld | None:
+    """The world the environment describes, or None when it describes none
+    (then `launch` spawns one). Raises LaunchEnvironmentError for a partial or
+    impossible description rather than starting a world of its own beside the
+    launcher's."""
+    if not any(environ.get(name) for name in _IDENTITY_VARIABLES):
+        return None
+    missing = [name for name in _WORLD_VARIABLES if not environ.get(name)]
+    if missing:
+        raise LaunchEnvironmentError(
+            f"{', '.join(missing)} not set, but {', '.join(n for n in _WORLD_VARIABLES if environ.get(n))} "
+            "are: set all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT to join a "
+            "world (torchrun sets them), or unset RANK and WORLD_SIZE to spawn a local one"
+        )
+    try:
+        world = JoinedWorld(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ["LOCAL_RANK"]),
+            master_addr=environ["MASTER_ADDR"],
+            master_port=int(environ["MASTER_PORT"]),
+        )
+    except ValueError as e:
+        raise LaunchEnvironmentError(f"RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers: {e}") from e
+    if not (0 <= world.rank < world.world_size and world.local_rank >= 0):
+        raise LaunchEnvironmentError(
+            f"RANK={world.rank} WORLD_SIZE={world.world_size} LOCAL_RANK={world.local_rank}: "
+            "need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0"
+        )
+    return world
+
+
+def world_sizes(requested: Sequence[int]) -> list[int]:
+    """The world sizes a command runs: the requested ones when it spawns its
+    worlds, or only the size of the world the environment describes."""
+    world = joined_world()
+    if world is None:
+        return list(requested)
+    if list(requested) != [world.world_size]:
+        logger.info("joining %s; requested world sizes %s do not apply", world, list(requested))
+    return [world.world_size]
+
+
+def describe_world(world_size: int, backend: str = "gloo") -> str:
+    """How a command's header names the world it is about to run on."""
+    world = joined_world()
+    if world is None:
+        return f"{world_size} spawned ranks ({backend} on 127.0.0.1)"
+    return f"{world_size} ranks of the launcher's world ({world.master_addr}:{world.master_port})"
+
+
+def reports_here() -> bool:
+    """Whether this process prints and writes a run's results: the spawning
+    process, or rank 0 of a joined world (its other ranks stay quiet, so N
+    processes do not write the same files)."""
+    world = joined_world()
+    return world is None or world.rank == 0
+
+
+def launch(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_seconds: float = 120.0,
+) -> list[Any] | None:
+    """Runs fn(rank, world_size, *args) on every rank of an initialized world:
+    the one the environment describes (this process is one of its ranks, and
+    `world_size` must be its size: see `world_sizes`), else `world_size`
+    spawned ranks. Returns the values by rank where `reports_here()`, None on
+    the other ranks of a joined world."""
+    world = joined_world()
+    if world is None:
+        return run_world(fn, world_size, *args, backend=backend, timeout_seconds=timeout_seconds)
+    if world_size != world.world_size:
+        raise LaunchEnvironmentError(
+            f"asked for {world_size} ranks, but this process is {world}; take sizes from world_sizes()"
+        )
+    return _run_as_joined_rank(world, fn, args, backend, timeout_seconds)
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bind_device(backend: str, device_index: int) -> Any:
+    """One GPU per rank, bound at init: torch creates its NCCL communicator
+    eagerly, so pooled groups can split it. None for CPU-only backends."""
+    if "nccl" not in backend:
+        return None
+    import torch
+
+    device = torch.device("cuda", device_index % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _run_as_joined_rank(
+    world: JoinedWorld, fn: Callable[..., Any], args: tuple[Any, ...], backend: str, timeout_seconds: float
+) -> list[Any] | None:
+    if _is_loopback(world.master_addr):
+        # Every rank is on this machine; gloo would otherwise pick the
+        # interface the host name resolves to, which may not route here.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        backend,
+        init_method="env://",
+        rank=world.rank,
+        world_size=world.world_size,
+        timeout=datetime.timedelta(seconds=timeout_seconds),
+        device_id=_bind_device(backend, world.local_rank),
+    )
+    try:
+        value = fn(world.rank, world.world_size, *args)
+        # A rank that raised never gets here; its launcher (torchrun, srun
+        # --kill-on-bad-exit) ends the others, the group's timeout bounds them.
+        values: list[Any] | None = [None] * world.world_size if world.rank == 0 else None
+        dist.gather_object(value, values, dst=0)
+        return values
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- a spawned world -------------------------------------------------------
 
 
 def _rank_main(
@@ -36,24 +246,18 @@ def _rank_main(
     args: tuple[Any, ...],
     results: "mp.Queue[tuple[int, bool, Any]]",
     timeout_seconds: float,
+    parent_pid: int,
 ) -> None:
+    _end_with_parent(parent_pid)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        device_id = None
-        if "nccl" in backend:
-            import torch
-
-            # One GPU per rank, bound at init: torch creates its NCCL
-            # communicator eagerly, so pooled groups can split it.
-            device_id = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(device_id)
         dist.init_process_group(
             backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_seconds),
-            device_id=device_id,
+            device_id=_bind_device(backend, rank),
         )
         try:
             value = fn(rank, world_size, *args)
@@ -63,6 +267,127 @@ def _rank_main(
         results.put((rank, True, value))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, False, traceback.format_exc()))
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """A rank must not outlive its parent: nobody would stop it or read its
+    result, and it would go on training with its ports open. Stopping is the
+    parent's call, so SIGINT (a Ctrl-C reaches the whole process group) is
+    ignored here and SIGTERM ends the rank at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if not _set_parent_death_signal(signal.SIGKILL):
+        threading.Thread(
+            target=_exit_when_orphaned, args=(parent_pid,), name="pycomm-parent-watch", daemon=True
+        ).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """Linux delivers `signum` to this process when the thread that spawned it
+    ends, even when its process is killed with SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        no_arg = ctypes.c_ulong(0)
+        return libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signum), no_arg, no_arg, no_arg) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+class _SignalLog:
+    """While a spawned world runs, SIGINT and SIGTERM only record themselves:
+    the parent then stops its ranks and raises, and a signal during that
+    clean-up makes it kill them at once. Raising from the handler could land
+    inside the clean-up and leave ranks running while interpreter exit waits
+    for them forever."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Takes over SIGINT and SIGTERM where they have their default
+        actions and this is the main thread (the only one Python delivers
+        signals to); a handler the program set itself stays."""
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in defaults.items():
+                if signal.getsignal(signum) is default:
+                    previous[signum] = signal.signal(signum, self)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def raise_first(self) -> None:
+        if not self.received:
+            return
+        first = self.received[0]
+        logger.info("%s: every rank was stopped", signal.Signals(first).name)
+        if first == signal.SIGINT:
+            raise WorldInterrupted
+        raise WorldTerminated
+
+
+def _living(procs: Sequence[mp.process.BaseProcess]) -> list[mp.process.BaseProcess]:
+    return [p for p in procs if p.exitcode is None]
+
+
+def _join_until(procs: Sequence[mp.process.BaseProcess], deadline: float, stop_early: Callable[[], bool]) -> None:
+    while _living(procs) and time.monotonic() < deadline and not stop_early():
+        for p in _living(procs):
+            p.join(timeout=_POLL_SECONDS / len(procs))
+
+
+def _stop_ranks(procs: Sequence[mp.process.BaseProcess], signals: _SignalLog, exit_grace: float) -> None:
+    """Lets ranks exit on their own for `exit_grace` seconds, asks the rest to
+    stop (SIGTERM), then kills whatever is left (SIGKILL). A signal that
+    arrives meanwhile cuts every wait short."""
+    signals_before = len(signals.received)
+
+    def signalled() -> bool:
+        return len(signals.received) > signals_before
+
+    _join_until(procs, time.monotonic() + exit_grace, signalled)
+    for p in _living(procs):
+        p.terminate()
+    _join_until(procs, time.monotonic() + _STOP_GRACE_SECONDS, signalled)
+    for p in _living(procs):
+        logger.warning("rank process %d did not stop within %g s; killing it", p.pid, _STOP_GRACE_SECONDS)
+        p.kill()
+    for p in procs:
+        p.join(timeout=_STOP_GRACE_SECONDS)
+
+
+def _exit_text(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+def _drain(results: "mp.Queue[tuple[int, bool, Any]]", values: dict[int, Any], failures: dict[int, str]) -> None:
+    while True:
+        try:
+            rank, ok, value = results.get(timeout=_DRAIN_SECONDS)
+        except queue.Empty:
+            return
+        (values if ok else failures)[rank] = value
 
 
 def run_world(
@@ -77,8 +402,10 @@ def run_world(
     initialized torch.distributed world and returns the values by rank.
 
     `fn` must be importable (a module-level function). Ranks in `allow_dead`
-    may exit without a result (they get None). Raises WorldFailed with every
-    failing rank's traceback.
+    may exit without a result (they get None); any other rank that does fails
+    the world at once. Raises WorldFailed with every failing rank's traceback,
+    WorldInterrupted on SIGINT and WorldTerminated on SIGTERM, in each case
+    after every rank has ended.
     """
     ctx = mp.get_context("spawn")
     results: "mp.Queue[tuple[int, bool, Any]]" = ctx.Queue()
@@ -86,45 +413,87 @@ def run_world(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, backend, args, results, timeout_seconds),
+            args=(fn, rank, world_size, port, backend, args, results, timeout_seconds, os.getpid()),
             daemon=False,
         )
         for rank in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    started: list[mp.process.BaseProcess] = []
     values: dict[int, Any] = {}
     failures: dict[int, str] = {}
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_seconds)
-    try:
-        while len(values) + len(failures) < world_size:
-            remaining = (deadline - datetime.datetime.now()).total_seconds()
-            if remaining <= 0:
-                break
-            try:
-                rank, ok, value = results.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                dead = {
-                    r for r, p in enumerate(procs)
-                    if p.exitcode is not None and r not in values and r not in failures
-                }
-                if dead and dead <= allow_dead and len(values) + len(failures) + len(dead) == world_size:
-                    break
-                continue
-            (values if ok else failures)[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    died: set[int] = set()
+    signals = _SignalLog()
+    with signals.installed():
+        try:
+            for p in procs:
+                p.start()
+                started.append(p)
+            died = _collect(procs, results, values, failures, allow_dead, timeout_seconds, signals)
+        finally:
+            # Ranks that reported get a moment to exit on their own; a world
+            # cut short (signal, death, time limit, error here) is stopped now.
+            reported = values.keys() | failures.keys()
+            everyone_reported = all(r in reported for r, p in enumerate(started) if p.exitcode is None)
+            exit_grace = _EXIT_GRACE_SECONDS if everyone_reported and not signals.received else 0.0
+            _stop_ranks(started, signals, exit_grace)
+    signals.raise_first()
     missing = [r for r in range(world_size) if r not in values and r not in failures and r not in allow_dead]
     if failures or missing:
-        parts = [f"rank {r} raised:\n{tb}" for r, tb in sorted(failures.items())]
-        if missing:
-            parts.append(
-                f"ranks {missing} returned nothing within {timeout_seconds:g} s "
-                f"(exit codes {[procs[r].exitcode for r in missing]})"
-            )
-        raise WorldFailed("\n".join(parts))
+        raise WorldFailed(_failure_text(failures, missing, died, procs, timeout_seconds))
     return [values.get(r) for r in range(world_size)]
+
+
+def _collect(
+    procs: Sequence[mp.process.BaseProcess],
+    results: "mp.Queue[tuple[int, bool, Any]]",
+    values: dict[int, Any],
+    failures: dict[int, str],
+    allow_dead: frozenset[int],
+    timeout_seconds: float,
+    signals: _SignalLog,
+) -> set[int]:
+    """Fills values and failures until every rank reported, a rank not in
+    `allow_dead` died without reporting, time ran out or a signal came.
+    Returns the ranks that died without reporting."""
+    deadline = time.monotonic() + timeout_seconds
+    pending = set(range(len(procs)))
+    while pending and not signals.received:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return set()
+        try:
+            rank, ok, value = results.get(timeout=min(remaining, _POLL_SECONDS))
+        except queue.Empty:
+            if not any(procs[r].exitcode is not None for r in pending):
+                continue
+            _drain(results, values, failures)
+            pending -= values.keys() | failures.keys()
+            died = {r for r in pending if procs[r].exitcode is not None}
+            if died - allow_dead:
+                return died
+            pending -= died
+            continue
+        (values if ok else failures)[rank] = value
+        pending.discard(rank)
+    return set()
+
+
+def _failure_text(
+    failures: dict[int, str],
+    missing: list[int],
+    died: set[int],
+    procs: Sequence[mp.process.BaseProcess],
+    timeout_seconds: float,
+) -> str:
+    parts = [f"rank {r} raised:\n{tb}" for r, tb in sorted(failures.items())]
+    for r in sorted(died & set(missing)):
+        parts.append(f"rank {r} died without a result ({_exit_text(procs[r].exitcode)})")
+    silent = [r for r in missing if r not in died]
+    if silent and died:
+        parts.append(f"ranks {silent} were stopped when a rank died")
+    elif silent:
+        parts.append(
+            f"ranks {silent} returned nothing within {timeout_seconds:g} s "
+            f"({', '.join(_exit_text(procs[r].exitcode) for r in silent)})"
+        )
+    return "\n".join(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,16 @@ import pytest
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pycomm", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def run_torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m pycomm ...` (torchrun is
+    torch.distributed.run; --standalone picks a free port)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "pycomm", *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
 
@@ -42,8 +53,6 @@ def test_doctor_reports_this_installation() -> None:
 
 
 def test_doctor_names_nccl_overrides() -> None:
-    import os
-
     env = dict(os.environ, NCCL_MAX_CTAS="4")
     result = subprocess.run(
         [sys.executable, "-m", "pycomm", "doctor", "--json"],
@@ -96,3 +105,39 @@ def test_demo_trains_on_the_pool_and_writes_its_outputs(tmp_path: Path) -> None:
     assert all(lane["ops_by_kind"]["reduce_scatter"] > 0 and lane["ops_by_kind"]["all_gather"] == 0 for lane in rs)
     assert (tmp_path / "timeline.png").stat().st_size > 1000
     assert "pycomm lanes after training" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_demo_under_torchrun_joins_its_world(tmp_path: Path) -> None:
+    result = run_torchrun("demo", "--steps", "2", "--json", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)  # one document: only rank 0 prints
+    assert summary["ranks"] == 2 and summary["ep"] == 1  # torchrun's size, not the demo's default 4
+    assert summary["groups"] == {
+        str(rank): {"dp_cp": [0, 1], "dp_cp_ag": [0, 1], "expt_dp_ag": None} for rank in (0, 1)
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "timeline.png"]
+    assert json.loads((tmp_path / "demo.json").read_text())["ranks"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_bench_under_torchrun_runs_only_its_world(tmp_path: Path) -> None:
+    result = run_torchrun(
+        "bench", "--sizes", "64K", "--iters", "10", "--overhead-iters", "10", "--json", "--out", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert {r["world"] for r in summary["overlap"] + summary["overhead"]} == {2}  # not the default 2,4
+    assert {r["variant"] for r in summary["overlap"]} == {"one_group", "two_groups", "pool_lanes"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.png"]
+
+
+def test_a_partial_launcher_environment_is_an_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pycomm", "demo", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=dict(env, RANK="0"), check=False,
+    )
+    assert result.returncode == 1
+    assert "LaunchEnvironmentError: WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in result.stderr
+    assert not any(tmp_path.iterdir())

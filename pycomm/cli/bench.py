@@ -16,7 +16,8 @@ from pycomm.cli.common import add_output_arguments, parse_size, print_json, size
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nproc-per-node", "--ranks", dest="ranks", default="2,4",
-        help="comma-separated world sizes to run (default: 2,4)",
+        help="comma-separated world sizes to run (default: 2,4); under torchrun or SLURM "
+        "the launcher's world is the only one",
     )
     parser.add_argument(
         "--sizes", default="64K,256K,1M,4M,16M",
@@ -31,21 +32,22 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pycomm.launch import run_world
+    from pycomm.launch import launch, reports_here, world_sizes
     from pycomm.overlap_bench import bench_rank
     from pycomm.plots import plot_overlap
 
     if args.iters < 10:
         raise SystemExit("--iters must be >= 10: medians of fewer are noise on this kind of machine")
-    worlds = [int(x) for x in args.ranks.split(",")]
+    worlds = world_sizes([int(x) for x in args.ranks.split(",")])
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     overlap, overhead = [], []
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, quiet=not reports_here())
     for world in worlds:
         console.print(f"[bold]bench:[/] {world} ranks, shards {', '.join(size_text(s) for s in sizes)}")
-        result = run_world(
-            bench_rank, world, sizes, args.iters, args.overhead_iters, timeout_seconds=1800
-        )[0]
+        values = launch(bench_rank, world, sizes, args.iters, args.overhead_iters, timeout_seconds=1800)
+        if values is None:  # another rank of a joined world; rank 0 reports
+            return 0
+        result = values[0]
         overlap += result["overlap"]
         overhead += result["overhead"]
 

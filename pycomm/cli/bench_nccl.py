@@ -35,19 +35,22 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from pycomm import _C
-    from pycomm.launch import run_world
+    from pycomm.launch import launch, world_sizes
     from pycomm.nccl_bench import bench_rank
 
     if args.iters < 10:
         raise SystemExit("--iters must be >= 10")
     if not _C.cuda_built or not torch.cuda.is_available():
         raise SystemExit("bench-nccl needs the CUDA build of pycomm and a GPU (see `python -m pycomm doctor`)")
-    gpus = args.gpus or torch.cuda.device_count()
+    gpus = world_sizes([args.gpus or torch.cuda.device_count()])[0]
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    result = run_world(
+    values = launch(
         bench_rank, gpus, sizes, args.iters, args.gemm_n, parse_size(args.gemm_ag_size),
         backend="cpu:gloo,cuda:nccl", timeout_seconds=1800,
-    )[0]
+    )
+    if values is None:  # another rank of a joined world; rank 0 reports
+        return 0
+    result = values[0]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench-nccl.json").write_text(json.dumps(result, indent=2))

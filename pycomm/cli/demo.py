@@ -1,4 +1,5 @@
-"""Spawns a local world on the CPU (gloo), initializes Megatron parallel state
+"""Spawns a local world on the CPU (gloo), or joins the one torchrun or SLURM
+describes in the environment, initializes Megatron parallel state
 with data and expert parallelism, builds the all-gather and reduce-scatter
 groups through pycomm.megatron and the pool, trains a small FSDP2 model on
 them with a progress bar, then prints a table per lane and writes a JSON
@@ -17,7 +18,8 @@ from pycomm.cli.common import add_output_arguments, print_json
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nproc-per-node", "--ranks", dest="ranks", type=int, default=4,
-        help="ranks to spawn on this machine (default: 4)",
+        help="ranks to spawn on this machine (default: 4); under torchrun or SLURM "
+        "(RANK, WORLD_SIZE, ... set) the demo joins that world and its size applies",
     )
     parser.add_argument("--steps", type=int, default=20, help="training steps (default: 20)")
     parser.add_argument(
@@ -32,19 +34,20 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from pycomm.demo import demo_rank
-    from pycomm.launch import run_world
+    from pycomm.launch import describe_world, launch, reports_here, world_sizes
     from pycomm.plots import plot_timeline
 
-    ep = args.ep if args.ep is not None else (2 if args.ranks >= 4 else 1)
-    if args.ranks < 2 or args.ranks % ep:
-        raise SystemExit(f"--ranks must be >= 2 and divisible by --ep ({ep}), got {args.ranks}")
-    console = Console(stderr=args.json)
-    console.print(f"[bold]pycomm demo:[/] {args.ranks} ranks (gloo on 127.0.0.1), ep={ep}, {args.steps} steps")
+    ranks = world_sizes([args.ranks])[0]
+    ep = args.ep if args.ep is not None else (2 if ranks >= 4 else 1)
+    if ranks < 2 or ranks % ep:
+        raise SystemExit(f"the world must have >= 2 ranks and be divisible by --ep ({ep}), got {ranks}")
+    console = Console(stderr=args.json, quiet=not reports_here())
+    console.print(f"[bold]pycomm demo:[/] {describe_world(ranks)}, ep={ep}, {args.steps} steps")
     started = time.perf_counter()
-    results = [
-        r for r in run_world(demo_rank, args.ranks, args.steps, ep, not args.json, timeout_seconds=600)
-    ]
+    results = launch(demo_rank, ranks, args.steps, ep, not args.json, timeout_seconds=600)
     elapsed = time.perf_counter() - started
+    if results is None:  # another rank of a joined world; rank 0 reports
+        return 0
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         for row in r["stats"]
     ]
     summary = {
-        "ranks": args.ranks,
+        "ranks": ranks,
         "ep": ep,
         "steps": args.steps,
         "seconds": elapsed,

@@ -1,0 +1,54 @@
+"""Rank functions of the launcher tests. `python tests/launch_ranks.py PID_DIR
+[--ignore-sigterm]` spawns two ranks through pycomm.launch that record their
+pids in PID_DIR and keep all-reducing (holding their gloo connections) until
+they are stopped; with --ignore-sigterm only SIGKILL stops them, like ranks
+stuck where a signal cannot reach them."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+RANKS = 2
+
+
+def busy_rank(rank: int, world: int, pid_dir: str, ignore_sigterm: bool) -> None:
+    import signal
+
+    import torch
+    import torch.distributed as dist
+
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+    t = torch.ones(4)
+    while True:
+        dist.all_reduce(t.fill_(1.0))
+        time.sleep(0.05)
+
+
+def dying_rank(rank: int, world: int) -> None:
+    """Rank 1 is killed inside the world; rank 0 waits for it in a barrier."""
+    import signal
+
+    import torch.distributed as dist
+
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+def main() -> None:
+    from pycomm.launch import run_world
+
+    # Run as a script this module is __main__; spawned ranks import the
+    # function by its module's name, which this script's folder makes findable.
+    from launch_ranks import busy_rank as importable_busy_rank
+
+    run_world(importable_busy_rank, RANKS, sys.argv[1], "--ignore-sigterm" in sys.argv, timeout_seconds=600)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The launcher and its ranks end together: a signalled or killed launcher
+leaves no rank running and exits promptly, and a rank that dies fails its
+world at once instead of after the world's time limit. Real processes and
+real signals; every survivor is killed in teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pycomm.launch import JoinedWorld, LaunchEnvironmentError, WorldFailed, joined_world, run_world
+
+REPO = Path(__file__).resolve().parents[1]
+# Starting ranks imports torch in each of them: slow on a small shared machine.
+STARTUP_SECONDS = 120.0
+# What "promptly" means here: the launcher's grace for its ranks plus slack
+# for a loaded machine.
+EXIT_SECONDS = 10.0
+
+
+def _env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name: state, ppid, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return None if fields is None else fields[19]  # field 22, "starttime"
+
+
+def _alive(pid: int, start_time: str | None) -> bool:
+    """The process that had this pid when it was found is running or stopped:
+    not gone, not a zombie (an orphan's zombie holds no ports and runs
+    nothing) and not a newer process that got the pid."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z" and fields[19] == start_time
+
+
+def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class Launched:
+    """A launcher process, the rank processes it started, and its stderr."""
+
+    launcher: subprocess.Popen
+    stderr_path: Path
+    rank_start_times: dict[int, str | None] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self.rank_start_times)
+
+    def found_ranks(self, pids: list[int]) -> None:
+        self.rank_start_times = {pid: _start_time(pid) for pid in pids}
+
+    def survivors(self) -> list[int]:
+        return [pid for pid, start in self.rank_start_times.items() if _alive(pid, start)]
+
+    def wait_launcher(self) -> int | None:
+        try:
+            return self.launcher.wait(timeout=EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill_everything(self) -> None:
+        if self.launcher.poll() is None:
+            self.launcher.kill()
+        for pid in self.survivors():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.launcher.wait()
+
+
+def _start(
+    command: list[str], tmp_path: Path, ready: Callable[[int], list[int] | None]
+) -> Launched:
+    """Starts the launcher and waits until `ready(launcher pid)` names its ranks."""
+    stderr_path = tmp_path / "launcher.stderr"
+    with open(stderr_path, "w") as stderr:
+        launcher = subprocess.Popen(command, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    launched = Launched(launcher, stderr_path)
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline and launcher.poll() is None:
+        pids = ready(launcher.pid)
+        if pids:
+            launched.found_ranks(pids)
+            return launched
+        time.sleep(0.2)
+    launched.found_ranks(_children(launcher.pid))
+    launched.kill_everything()
+    pytest.fail(f"the world did not start: {stderr_path.read_text()[-3000:]}")
+
+
+def _start_busy_world(tmp_path: Path, *options: str) -> Launched:
+    """Two ranks all-reducing in a loop, their pids in files."""
+
+    def rank_pids(launcher_pid: int) -> list[int] | None:
+        files = [tmp_path / f"rank{r}.pid" for r in range(2)]
+        if all(f.exists() and f.read_text() for f in files):
+            return [int(f.read_text()) for f in files]
+        return None
+
+    command = [sys.executable, str(REPO / "tests" / "launch_ranks.py"), str(tmp_path), *options]
+    return _start(command, tmp_path, rank_pids)
+
+
+@pytest.fixture
+def busy_world(tmp_path: Path) -> Iterator[Launched]:
+    launched = _start_busy_world(tmp_path)
+    yield launched
+    launched.kill_everything()
+
+
+@pytest.fixture
+def stubborn_world(tmp_path: Path) -> Iterator[Launched]:
+    """Ranks that ignore SIGTERM: stopping them takes the launcher's full grace."""
+    launched = _start_busy_world(tmp_path, "--ignore-sigterm")
+    yield launched
+    launched.kill_everything()
+
+
+def _assert_world_ended(launched: Launched) -> int:
+    code = launched.wait_launcher()
+    survivors_now = launched.survivors()
+    assert code is not None, (
+        f"the launcher still runs {EXIT_SECONDS:g} s after the signal; ranks alive: {survivors_now}"
+    )
+    assert _wait_until(lambda: not launched.survivors(), EXIT_SECONDS), (
+        f"ranks {launched.survivors()} outlived the launcher (exit {code})"
+    )
+    return code
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_to_the_launcher_stops_every_rank(busy_world: Launched) -> None:
+    busy_world.launcher.send_signal(signal.SIGTERM)
+    code = _assert_world_ended(busy_world)
+    assert code == 128 + signal.SIGTERM  # as a shell reports a process SIGTERM ended
+
+
+@pytest.mark.timeout(200)
+def test_sigint_to_the_launcher_stops_every_rank_at_once(busy_world: Launched) -> None:
+    signalled = time.monotonic()
+    busy_world.launcher.send_signal(signal.SIGINT)
+    assert _assert_world_ended(busy_world) == 1
+    took = time.monotonic() - signalled
+    assert busy_world.stderr_path.read_text().rstrip().endswith("pycomm.launch.WorldInterrupted")
+    # Ranks that take SIGTERM end at once: nothing waits for them to finish.
+    assert took < 3.0, f"the launcher took {took:.1f} s to stop ranks that were asked to stop"
+
+
+@pytest.mark.timeout(200)
+def test_a_second_sigint_kills_the_ranks_at_once(stubborn_world: Launched) -> None:
+    first = time.monotonic()
+    stubborn_world.launcher.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the launcher is now waiting for ranks that ignore its SIGTERM
+    stubborn_world.launcher.send_signal(signal.SIGINT)
+    assert _assert_world_ended(stubborn_world) == 1  # WorldInterrupted, once the ranks are gone
+    took = time.monotonic() - first
+    assert took < 2.5, f"the launcher took {took:.1f} s: it waited out its grace after the second SIGINT"
+
+
+@pytest.mark.timeout(200)
+def test_ranks_die_with_a_killed_launcher(busy_world: Launched) -> None:
+    busy_world.launcher.kill()
+    assert _assert_world_ended(busy_world) == -signal.SIGKILL
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_demo_stops_its_ranks_and_says_so(tmp_path: Path) -> None:
+    def training_ranks(launcher_pid: int) -> list[int] | None:
+        # Rank 0's progress bar shows once every rank is in the world, training.
+        if "training on 2 ranks" not in (tmp_path / "launcher.stderr").read_text():
+            return None
+        return [pid for pid in _children(launcher_pid) if "spawn_main" in _cmdline(pid)]
+
+    command = [
+        sys.executable, "-m", "pycomm", "demo", "--nproc-per-node", "2", "--steps", "1000000",
+        "--out", str(tmp_path / "out"),
+    ]
+    launched = _start(command, tmp_path, training_ranks)
+    try:
+        assert len(launched.ranks) == 2, launched.ranks
+        launched.launcher.send_signal(signal.SIGTERM)
+        assert _assert_world_ended(launched) == 128 + signal.SIGTERM
+        assert "pycomm demo: SIGTERM: every rank was stopped" in launched.stderr_path.read_text()
+    finally:
+        launched.kill_everything()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.timeout(200)
+def test_a_rank_that_dies_fails_the_world_at_once() -> None:
+    from launch_ranks import dying_rank
+
+    started = time.monotonic()
+    with pytest.raises(WorldFailed) as failed:
+        run_world(dying_rank, 2, timeout_seconds=120)
+    elapsed = time.monotonic() - started
+    assert "rank 1 died" in str(failed.value) and "SIGKILL" in str(failed.value), str(failed.value)
+    assert elapsed < 60, f"the launcher waited {elapsed:.0f} s for a dead rank"
+
+
+TORCHRUN_ENV = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+
+
+def test_the_launchers_environment_describes_the_world_to_join() -> None:
+    assert joined_world(TORCHRUN_ENV) == JoinedWorld(
+        rank=3, world_size=4, local_rank=1, master_addr="node0", master_port=29500
+    )
+    assert joined_world({}) is None
+    assert joined_world({"MASTER_ADDR": "node0", "MASTER_PORT": "29500"}) is None  # no rank: spawn
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"LOCAL_RANK": ""}, "LOCAL_RANK not set"),
+        ({"RANK": "4"}, "need 0 <= RANK < WORLD_SIZE"),
+        ({"WORLD_SIZE": "four"}, "must be integers"),
+    ],
+)
+def test_a_partial_or_impossible_world_is_an_error(change: dict[str, str], message: str) -> None:
+    with pytest.raises(LaunchEnvironmentError, match=message):
+        joined_world({**TORCHRUN_ENV, **change})
