@@ -243,6 +243,19 @@ void CpuTransport::startChecked(
     std::shared_ptr<Collective> op,
     uint64_t seq,
     OnDone onDone) const {
+  checkOrder(op, seq, [this, op, onDone](std::exception_ptr error) {
+    if (error) {
+      onDone(error);
+      return;
+    }
+    start(op, onDone);
+  });
+}
+
+void CpuTransport::checkOrder(
+    std::shared_ptr<Collective> op,
+    uint64_t seq,
+    OnDone onDone) const {
   auto exchange = std::make_shared<Collective>();
   exchange->kind = CollectiveKind::AllGather;
   exchange->inputs = {orderFields(*op, seq)};
@@ -273,7 +286,7 @@ void CpuTransport::startChecked(
         return;
       }
     }
-    start(op, onDone);
+    onDone(nullptr);
   });
 }
 

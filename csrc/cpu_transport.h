@@ -46,6 +46,12 @@ class CpuTransport {
   void startChecked(std::shared_ptr<Collective> op, uint64_t seq, OnDone onDone)
       const;
 
+  // Only the exchange of startChecked(): `onDone` gets null where every rank
+  // issued the same op at `seq`, OrderMismatchError otherwise. For ops that
+  // run on another transport (the device lane's).
+  void checkOrder(std::shared_ptr<Collective> op, uint64_t seq, OnDone onDone)
+      const;
+
   // Hands back the communicator (for the caller to drop on a thread of its
   // choosing: gloo's destructor waits for its ops in flight and joins its
   // workers) and stops the waiter thread. Later ops fail with

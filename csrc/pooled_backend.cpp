@@ -67,52 +67,68 @@ void PooledBackend::throwIfNotOpen() const {
 c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
     Collective op,
     c10d::OpType type) {
-  if (op.deviceType() != c10::DeviceType::CPU) {
+  if (auto lane = deviceLaneFor(op)) {
     // No staging here: torch's NCCL groups refuse non-contiguous tensors too.
     validate(op, size_);
-    return submitToDevice(std::move(op), type);
+    return submitToDevice(std::move(op), type, std::move(lane));
   }
   // The Work returns the caller's tensors, also where the op runs on copies.
   const std::vector<at::Tensor> results = op.results();
   auto writeBack = stageNonContiguous(op);
   validate(op, size_);
+  return enqueue(
+             std::make_shared<Collective>(std::move(op)),
+             type,
+             results,
+             std::move(writeBack),
+             Run::Op)
+      .first;
+}
+
+std::pair<c10::intrusive_ptr<PooledWork>, uint64_t> PooledBackend::enqueue(
+    std::shared_ptr<Collective> op,
+    c10d::OpType type,
+    std::vector<at::Tensor> results,
+    std::vector<StagedTensor> writeBack,
+    Run run) {
   std::lock_guard<std::mutex> lock(mutex_);
   throwIfNotOpen();
   const uint64_t seq = nextSeq_++;
+  std::string description = describe(*op, seq);
+  if (run == Run::OrderCheckOnly) {
+    description = "the order check of " + description;
+  }
   auto work = c10::make_intrusive<PooledWork>(
-      rank_, type, results, spec_.timeout + kWaitGrace, describe(op, seq));
+      rank_, type, std::move(results), spec_.timeout + kWaitGrace, std::move(description));
   {
     std::lock_guard<std::mutex> contextLock(context_->mutex);
     context_->unfinished.emplace(seq, work);
   }
   auto context = context_;
-  context_->lane.post([context,
-                       op = std::make_shared<Collective>(std::move(op)),
-                       writeBack = std::move(writeBack),
-                       seq,
-                       work]() mutable {
-    start(context, op, std::move(writeBack), seq, work);
-  });
-  return work;
+  context_->lane.post(
+      [context, op, writeBack = std::move(writeBack), seq, work, run]() mutable {
+        start(context, op, std::move(writeBack), seq, work, run);
+      });
+  return {work, seq};
 }
 
 std::string PooledBackend::describe(const Collective& op, uint64_t seq) const {
   return spec_.label() + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
 }
 
-c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
-    Collective op,
-    c10d::OpType type) {
-  std::shared_ptr<DeviceLane> lane;
-  uint64_t seq = 0;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    throwIfNotOpen();
-    lane = deviceLane_;
-    seq = nextSeq_++;
+std::shared_ptr<DeviceLane> PooledBackend::deviceLaneFor(const Collective& op) const {
+  if (op.inputs.empty()) {
+    return nullptr; // a barrier: the CPU lane (see the README)
   }
   const auto device = op.inputs.front().device();
-  if (!lane) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (deviceLane_ && deviceLane_->device() == device) {
+    return deviceLane_;
+  }
+  if (device.type() == c10::DeviceType::CPU) {
+    return nullptr;
+  }
+  if (!deviceLane_) {
     throw UnsupportedOpError(
         spec_.label() + ": " + op.describe() + " has tensors on " +
         device.str() +
@@ -120,11 +136,30 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
         "without CUDA, or duplicated while no CUDA device was set (see "
         "pycomm.build_info() and CommPool(device=...))");
   }
-  if (lane->device() != device) {
-    throw TensorMismatchError(
-        spec_.label() + ": " + op.describe() + " has tensors on " +
-        device.str() + ", but this pooled group's NCCL lane is on " +
-        lane->device().str() + "; a pooled group serves one CUDA device");
+  throw TensorMismatchError(
+      spec_.label() + ": " + op.describe() + " has tensors on " +
+      device.str() + ", but this pooled group's NCCL lane is on " +
+      deviceLane_->device().str() + "; a pooled group serves one CUDA device");
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
+    Collective op,
+    c10d::OpType type,
+    std::shared_ptr<DeviceLane> lane) {
+  uint64_t seq = 0;
+  if (context_->checkOrder) {
+    // The fingerprints meet on the CPU lane, in order with its other ops;
+    // the op reaches NCCL only once every rank agreed, so a mismatch is an
+    // OrderMismatchError here instead of two NCCL kernels waiting on each
+    // other forever. Costs one CPU round trip per op (a debug mode).
+    auto [check, checkSeq] = enqueue(
+        std::make_shared<Collective>(op), type, {}, {}, Run::OrderCheckOnly);
+    check->wait(); // throws the mismatch, a timeout or PoolClosedError
+    seq = checkSeq;
+  } else {
+    std::lock_guard<std::mutex> lock(mutex_);
+    throwIfNotOpen();
+    seq = nextSeq_++;
   }
   return lane->issue(op, type, describe(op, seq));
 }
@@ -159,10 +194,11 @@ void PooledBackend::start(
     std::shared_ptr<Collective> op,
     std::vector<StagedTensor> writeBack,
     uint64_t seq,
-    const c10::intrusive_ptr<PooledWork>& work) {
+    const c10::intrusive_ptr<PooledWork>& work,
+    Run run) {
   work->markStarted();
   const int64_t startUs = LaneStats::nowUs();
-  auto onDone = [context, op, writeBack = std::move(writeBack), seq, work, startUs](
+  auto onDone = [context, op, writeBack = std::move(writeBack), seq, work, startUs, run](
                     std::exception_ptr error) {
     if (!error) {
       try {
@@ -174,8 +210,10 @@ void PooledBackend::start(
         error = std::current_exception();
       }
     }
-    context->stats.record(
-        OpRecord{op->kind, op->bytes(), startUs, LaneStats::nowUs(), !error});
+    if (run == Run::Op) { // the device lane counts the op it checked
+      context->stats.record(
+          OpRecord{op->kind, op->bytes(), startUs, LaneStats::nowUs(), !error});
+    }
     {
       std::lock_guard<std::mutex> lock(context->mutex);
       context->unfinished.erase(seq);
@@ -184,7 +222,9 @@ void PooledBackend::start(
     context->lane.done(); // may start the next op on this thread
   };
   try {
-    if (context->checkOrder) {
+    if (run == Run::OrderCheckOnly) {
+      context->transport.checkOrder(op, seq, onDone);
+    } else if (context->checkOrder) {
       context->transport.startChecked(op, seq, onDone);
     } else {
       context->transport.start(op, onDone);

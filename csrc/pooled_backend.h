@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "collective.h"
@@ -116,20 +117,36 @@ class PooledBackend : public c10d::Backend {
     std::map<uint64_t, c10::intrusive_ptr<PooledWork>> unfinished;
   };
   enum class State { Open, Closed, Aborted };
+  // What a CPU lane entry does: run the op, or only check its place in the
+  // cross-rank order (an op of the device lane, with PYCOMM_DEBUG=order).
+  enum class Run { Op, OrderCheckOnly };
 
   c10::intrusive_ptr<c10d::Work> submit(Collective op, c10d::OpType type);
+  // Posts an entry to the CPU lane; returns its Work and its place (seq)
+  // among this group's ops.
+  std::pair<c10::intrusive_ptr<PooledWork>, uint64_t> enqueue(
+      std::shared_ptr<Collective> op,
+      c10d::OpType type,
+      std::vector<at::Tensor> results,
+      std::vector<StagedTensor> writeBack,
+      Run run);
+  // The device lane for `op`'s tensors; null for CPU tensors (and a
+  // barrier). Throws where no lane serves their device.
+  std::shared_ptr<DeviceLane> deviceLaneFor(const Collective& op) const;
   // "role 'ag' of group '3' (ranks 0,2): all_gather(...) (op #7)": how
   // errors and timeouts name one op.
   std::string describe(const Collective& op, uint64_t seq) const;
   c10::intrusive_ptr<c10d::Work> submitToDevice(
       Collective op,
-      c10d::OpType type);
+      c10d::OpType type,
+      std::shared_ptr<DeviceLane> lane);
   static void start(
       const std::shared_ptr<LaneContext>& context,
       std::shared_ptr<Collective> op,
       std::vector<StagedTensor> writeBack,
       uint64_t seq,
-      const c10::intrusive_ptr<PooledWork>& work);
+      const c10::intrusive_ptr<PooledWork>& work,
+      Run run);
   void throwIfNotOpen() const;
   bool isOpenOrClosed() const;
 
