@@ -1,11 +1,6 @@
-"""Runs a function on every rank of a torch.distributed world and collects
-what each rank returns. Used by the demo, the benchmarks and the tests.
-
-The world is spawned here (processes on 127.0.0.1) unless a launcher such as
-torchrun or a SLURM job script describes one in the environment (`RANK`,
-`WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`): then this process
-joins it as one of its ranks, which is how the demo and the benchmarks run on
-several machines. `launch` makes that decision; nothing else does.
+"""A world spawned here: `world_size` processes on 127.0.0.1, each running
+the function as one rank, and every rank's result collected by the process
+that spawned them.
 
 A spawned world ends with the process that spawned it. SIGINT or SIGTERM
 stops every rank before that process exits (a second signal kills them at
@@ -17,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime
-import ipaddress
 import logging
 import multiprocessing as mp
 import os
@@ -28,15 +22,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Callable
 
 import torch.distributed as dist
 
-from pycomm.errors import PycommError
+from pycomm.launch.device import bind_device
+from pycomm.launch.errors import WorldFailed, WorldInterrupted, WorldTerminated
 
 logger = logging.getLogger(__name__)
 
@@ -50,191 +44,12 @@ _POLL_SECONDS = 0.2
 _DRAIN_SECONDS = 0.5
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-# The variables that make a process a rank of an existing world. RANK or
-# WORLD_SIZE alone decides: MASTER_ADDR is often exported for other reasons.
-_IDENTITY_VARIABLES = ("RANK", "WORLD_SIZE")
-_WORLD_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class WorldFailed(PycommError):
-    """A rank of a spawned world raised, died or ran past the time limit."""
-
-
-class LaunchEnvironmentError(PycommError, ValueError):
-    """The environment describes part of a world, or one that cannot exist."""
-
-
-class WorldInterrupted(KeyboardInterrupt):
-    """SIGINT reached the spawning process, which stopped its ranks. A
-    KeyboardInterrupt, so whatever handles Ctrl-C handles this."""
-
-    signum = signal.SIGINT
-
-
-class WorldTerminated(SystemExit):
-    """SIGTERM reached the spawning process, which stopped its ranks. A
-    SystemExit, so the process exits with 128 + SIGTERM (as if the signal had
-    ended it) once every `finally` has run."""
-
-    signum = signal.SIGTERM
-
-    def __init__(self) -> None:
-        super().__init__(128 + self.signum)
-
-
-@dataclass(frozen=True)
-class JoinedWorld:
-    """This process's place in a world its launcher (torchrun, SLURM) made."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-
-    def __str__(self) -> str:
-        return (
-            f"rank {self.rank} of a {self.world_size}-rank world "
-            f"(local rank {self.local_rank}, rendezvous {self.master_addr}:{self.master_port})"
-        )
-
-
-def joined_world(environ: Mapping[str, str] = os.environ) -> JoinedWorld | None:
-    """The world the environment describes, or None when it describes none
-    (then `launch` spawns one). Raises LaunchEnvironmentError for a partial or
-    impossible description rather than starting a world of its own beside the
-    launcher's."""
-    if not any(environ.get(name) for name in _IDENTITY_VARIABLES):
-        return None
-    missing = [name for name in _WORLD_VARIABLES if not environ.get(name)]
-    if missing:
-        raise LaunchEnvironmentError(
-            f"{', '.join(missing)} not set, but {', '.join(n for n in _WORLD_VARIABLES if environ.get(n))} "
-            "are: set all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT to join a "
-            "world (torchrun sets them), or unset RANK and WORLD_SIZE to spawn a local one"
-        )
-    try:
-        world = JoinedWorld(
-            rank=int(environ["RANK"]),
-            world_size=int(environ["WORLD_SIZE"]),
-            local_rank=int(environ["LOCAL_RANK"]),
-            master_addr=environ["MASTER_ADDR"],
-            master_port=int(environ["MASTER_PORT"]),
-        )
-    except ValueError as e:
-        raise LaunchEnvironmentError(f"RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers: {e}") from e
-    if not (0 <= world.rank < world.world_size and world.local_rank >= 0):
-        raise LaunchEnvironmentError(
-            f"RANK={world.rank} WORLD_SIZE={world.world_size} LOCAL_RANK={world.local_rank}: "
-            "need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0"
-        )
-    return world
-
-
-def world_sizes(requested: Sequence[int]) -> list[int]:
-    """The world sizes a command runs: the requested ones when it spawns its
-    worlds, or only the size of the world the environment describes."""
-    world = joined_world()
-    if world is None:
-        return list(requested)
-    if list(requested) != [world.world_size]:
-        logger.info("joining %s; requested world sizes %s do not apply", world, list(requested))
-    return [world.world_size]
-
-
-def describe_world(world_size: int, backend: str = "gloo") -> str:
-    """How a command's header names the world it is about to run on."""
-    world = joined_world()
-    if world is None:
-        return f"{world_size} spawned ranks ({backend} on 127.0.0.1)"
-    return f"{world_size} ranks of the launcher's world ({world.master_addr}:{world.master_port})"
-
-
-def reports_here() -> bool:
-    """Whether this process prints and writes a run's results: the spawning
-    process, or rank 0 of a joined world (its other ranks stay quiet, so N
-    processes do not write the same files)."""
-    world = joined_world()
-    return world is None or world.rank == 0
-
-
-def launch(
-    fn: Callable[..., Any],
-    world_size: int,
-    *args: Any,
-    backend: str = "gloo",
-    timeout_seconds: float = 120.0,
-) -> list[Any] | None:
-    """Runs fn(rank, world_size, *args) on every rank of an initialized world:
-    the one the environment describes (this process is one of its ranks, and
-    `world_size` must be its size: see `world_sizes`), else `world_size`
-    spawned ranks. Returns the values by rank where `reports_here()`, None on
-    the other ranks of a joined world."""
-    world = joined_world()
-    if world is None:
-        return run_world(fn, world_size, *args, backend=backend, timeout_seconds=timeout_seconds)
-    if world_size != world.world_size:
-        raise LaunchEnvironmentError(
-            f"asked for {world_size} ranks, but this process is {world}; take sizes from world_sizes()"
-        )
-    return _run_as_joined_rank(world, fn, args, backend, timeout_seconds)
-
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (a spawned world's rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _bind_device(backend: str, device_index: int) -> Any:
-    """One GPU per rank, bound at init: torch creates its NCCL communicator
-    eagerly, so pooled groups can split it. None for CPU-only backends."""
-    if "nccl" not in backend:
-        return None
-    import torch
-
-    device = torch.device("cuda", device_index % torch.cuda.device_count())
-    torch.cuda.set_device(device)
-    return device
-
-
-def _is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-def _run_as_joined_rank(
-    world: JoinedWorld, fn: Callable[..., Any], args: tuple[Any, ...], backend: str, timeout_seconds: float
-) -> list[Any] | None:
-    if _is_loopback(world.master_addr):
-        # Every rank is on this machine; gloo would otherwise pick the
-        # interface the host name resolves to, which may not route here.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        backend,
-        init_method="env://",
-        rank=world.rank,
-        world_size=world.world_size,
-        timeout=datetime.timedelta(seconds=timeout_seconds),
-        device_id=_bind_device(backend, world.local_rank),
-    )
-    try:
-        value = fn(world.rank, world.world_size, *args)
-        # A rank that raised never gets here; its launcher (torchrun, srun
-        # --kill-on-bad-exit) ends the others, the group's timeout bounds them.
-        values: list[Any] | None = [None] * world.world_size if world.rank == 0 else None
-        dist.gather_object(value, values, dst=0)
-        return values
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# --- a spawned world -------------------------------------------------------
 
 
 def _rank_main(
@@ -257,7 +72,7 @@ def _rank_main(
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_seconds),
-            device_id=_bind_device(backend, rank),
+            device_id=bind_device(backend, rank),
         )
         try:
             value = fn(rank, world_size, *args)
