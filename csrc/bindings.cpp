@@ -208,6 +208,17 @@ void bindCuda(py::module_& m) {
           py::arg("tear_down_on_error") = true)
       .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
       .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
+      .def_property_readonly(
+          "memory",
+          [](const pycomm::NcclLane& lane) {
+            const auto use = lane.memoryUse();
+            py::dict out;
+            out["creation_bytes"] = use.creationBytes;
+            out["first_use_bytes"] = use.firstUseBytes ? py::cast(*use.firstUseBytes) : py::none();
+            return out;
+          },
+          "Device memory the communicator took: across its creation, and across "
+          "its first op (None until that ended), as the device's free memory fell")
       .def_property_readonly("splittable", &pycomm::NcclLane::splittable)
       .def_property_readonly(
           "device_index",

@@ -128,6 +128,7 @@ std::shared_ptr<DeviceLane> PooledBackend::deviceLaneFor(const Collective& op) c
   if (device.type() == c10::DeviceType::CPU) {
     return nullptr;
   }
+  throwIfNotOpen(); // a closed group says so, whatever its tensors
   if (!deviceLane_) {
     throw UnsupportedOpError(
         spec_.label() + ": " + op.describe() + " has tensors on " +

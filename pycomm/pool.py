@@ -304,8 +304,11 @@ class CommPool:
         """Per pooled group: name, base group, role, ranks, whether it is open
         (torch's shutdown or abort of its group closes it), ops, bytes, busy
         seconds, errors, ops by kind, ops pending, and for
-        groups with an NCCL lane its device, stream priority and whether its
-        communicator was split from the base group's."""
+        groups with an NCCL lane its device, stream priority, whether its
+        communicator was split from the base group's, and the device memory
+        its communicator took (bytes at creation, and at its first op: None
+        until that ended; measured as the device's free memory fell, so other
+        allocations at the same time count too)."""
         self._release_gone()
         rows = []
         for backend in self._core.entries():
@@ -325,6 +328,7 @@ class CommPool:
                     "device": lane.device_index,
                     "stream_priority": lane.stream_priority,
                     "created_by_split": lane.created_by_split,
+                    "memory": lane.memory,
                     "pending": lane.pending(),
                 }
             rows.append(row)

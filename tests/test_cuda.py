@@ -6,6 +6,7 @@ tensors."""
 from __future__ import annotations
 
 import json
+import time
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,14 +148,35 @@ def test_lane_streams_have_the_configured_priorities(pool: pycomm.CommPool, worl
     with pycomm.CommPool(device=world) as tuned:  # named device: a fresh communicator
         tuned.duplicate(other, "ag", RoleConfig(stream_priority=least))
         tuned.duplicate(other, "rs", RoleConfig(stream_priority=greatest))
-        assert _nccl_row(tuned, "ag") == {
+        row = _nccl_row(tuned, "ag")
+        assert {k: row[k] for k in ("device", "stream_priority", "created_by_split", "pending")} == {
             "device": world.index, "stream_priority": least, "created_by_split": False, "pending": 0,
         }
         assert _nccl_row(tuned, "rs")["stream_priority"] == greatest
+    with pycomm.CommPool(device=world) as megatron_style:  # Megatron's switch, both ways
+        megatron_style.duplicate(other, "ag", RoleConfig(is_high_priority_stream=False))
+        megatron_style.duplicate(other, "rs", RoleConfig(is_high_priority_stream=True))
+        assert _nccl_row(megatron_style, "ag")["stream_priority"] == 0
+        assert _nccl_row(megatron_style, "rs")["stream_priority"] == greatest
     with pycomm.CommPool(device=world) as wrong:
         with pytest.raises(ConfigError, match="outside this device's range"):
             wrong.duplicate(other, "ag", RoleConfig(stream_priority=least + 5))
     dist.destroy_process_group(other)
+
+
+def test_stats_report_the_memory_each_communicator_took(pool: pycomm.CommPool, world: torch.device) -> None:
+    ag = pool.duplicate(role="ag")
+    memory = _nccl_row(pool, "ag")["memory"]
+    assert memory["creation_bytes"] >= 0 and memory["first_use_bytes"] is None
+    x = torch.ones(1 << 16, device=world)
+    out = torch.empty(x.numel() * dist.get_world_size(), device=world)
+    dist.all_gather_into_tensor(out, x, group=ag)
+    torch.cuda.synchronize(world)
+    deadline = time.monotonic() + 5
+    while _nccl_row(pool, "ag")["memory"]["first_use_bytes"] is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the lane's watchdog measures when it sees the op end
+    memory = _nccl_row(pool, "ag")["memory"]
+    assert isinstance(memory["first_use_bytes"], int) and memory["first_use_bytes"] >= 0
 
 
 def _intervals(trace: dict, names: tuple[str, ...]) -> dict[int, list[tuple[float, float]]]:

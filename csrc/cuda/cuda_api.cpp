@@ -29,6 +29,9 @@ class RuntimeCudaApi final : public CudaApi {
   cudaError_t deviceGetAttribute(int* value, cudaDeviceAttr attr, int device) override {
     return cudaDeviceGetAttribute(value, attr, device);
   }
+  cudaError_t memGetInfo(size_t* free, size_t* total) override {
+    return cudaMemGetInfo(free, total);
+  }
   cudaError_t streamCreateWithPriority(
       cudaStream_t* stream, unsigned int flags, int priority) override {
     return cudaStreamCreateWithPriority(stream, flags, priority);

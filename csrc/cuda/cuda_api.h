@@ -28,6 +28,8 @@ class CudaApi {
   // Of the current device.
   virtual cudaError_t deviceGetStreamPriorityRange(int* least, int* greatest) = 0;
   virtual cudaError_t deviceGetAttribute(int* value, cudaDeviceAttr attr, int device) = 0;
+  // Free and total memory of the current device.
+  virtual cudaError_t memGetInfo(size_t* free, size_t* total) = 0;
 
   virtual cudaError_t streamCreateWithPriority(
       cudaStream_t* stream, unsigned int flags, int priority) = 0;

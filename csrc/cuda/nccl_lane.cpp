@@ -1,5 +1,6 @@
 #include "nccl_lane.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
@@ -90,8 +91,27 @@ NcclLane::NcclLane(
     stream_ = std::make_unique<CudaStream>(spec_.comm.apis.cuda, priority);
     callerReady_ = std::make_unique<CudaEvent>(spec_.comm.apis.cuda);
   }
+  const int64_t freeBefore = freeDeviceMemory();
   comm_ = parent != nullptr ? NcclComm::split(spec_.comm, *parent->comm_)
                             : NcclComm::initRank(spec_.comm, uniqueId);
+  creationBytes_ = std::max<int64_t>(0, freeBefore - freeDeviceMemory());
+}
+
+int64_t NcclLane::freeDeviceMemory() const {
+  DeviceScope device(cuda(), device_.index());
+  size_t free = 0;
+  size_t total = 0;
+  checkCuda(cuda(), cuda().memGetInfo(&free, &total), "cudaMemGetInfo");
+  return static_cast<int64_t>(free);
+}
+
+NcclLane::MemoryUse NcclLane::memoryUse() const {
+  MemoryUse use;
+  use.creationBytes = creationBytes_;
+  if (const int64_t first = firstUseBytes_.load(); first >= 0) {
+    use.firstUseBytes = first;
+  }
+  return use;
 }
 
 NcclLane::~NcclLane() {
@@ -218,6 +238,11 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     throw UnsupportedOpError(
         description + ": pooled NCCL lanes cannot be captured into a CUDA "
         "graph; issue the op outside the capture or use the base group");
+  }
+  if (freeBeforeFirstUse_ < 0) {
+    // Only the first op pays for this read, which a later lane's creation
+    // would otherwise be counted in.
+    freeBeforeFirstUse_ = freeDeviceMemory();
   }
   std::shared_ptr<CudaEvent> end;
   try {
@@ -393,6 +418,13 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
         done.kind, done.bytes, wallNow - (now - startedUs), wallNow, true});
   }
   previousEndUs = now;
+  if (firstUseBytes_.load() == kNotMeasured) {
+    try {
+      firstUseBytes_ = std::max<int64_t>(0, freeBeforeFirstUse_ - freeDeviceMemory());
+    } catch (const std::exception&) {
+      firstUseBytes_ = kNotMeasurable; // a report, not worth failing the op for
+    }
+  }
   work->complete(nullptr); // may run callbacks; no lock held
   done.tensors.clear();
   lock.lock();

@@ -109,6 +109,17 @@ class NcclLane : public DeviceLane,
   // communicator now (open, not aborted).
   bool splittable() const;
 
+  // The device memory the communicator took, as the device's free memory
+  // fell: across its creation, and from the first op's issue to its end
+  // (NCCL allocates its buffers when it first connects the peers; unset
+  // until the first op ended). Anything else allocated on the device in
+  // those intervals counts too.
+  struct MemoryUse {
+    int64_t creationBytes = 0;
+    std::optional<int64_t> firstUseBytes;
+  };
+  MemoryUse memoryUse() const;
+
  private:
   NcclLane(
       const NcclLaneSpec& spec,
@@ -161,6 +172,16 @@ class NcclLane : public DeviceLane,
   bool createdBySplit_;
   int computeMajor_ = 0;
   int loadedVersion_ = 0;
+  // The device's free memory, read with the device set (a context exists by
+  // then: the lane's stream made it).
+  int64_t freeDeviceMemory() const;
+  int64_t creationBytes_ = 0;
+  // Read when the first op is issued (under issueMutex_), then by the
+  // watchdog when that op ended (after it took the op from inFlight_).
+  std::atomic<int64_t> freeBeforeFirstUse_{-1};
+  static constexpr int64_t kNotMeasured = -1; // the first op has not ended
+  static constexpr int64_t kNotMeasurable = -2; // cudaMemGetInfo failed
+  std::atomic<int64_t> firstUseBytes_{kNotMeasured};
   std::unique_ptr<NcclComm> comm_;
   std::unique_ptr<CudaStream> stream_;
   // Recorded on the caller's stream by each issue (under issueMutex_): a

@@ -78,7 +78,8 @@ struct SimGpu::Impl {
     std::map<int, cudaStream_t> currentStream;
   };
 
-  explicit Impl(int count) : deviceCount(count), computeMajor(count, 9), defaults(count) {}
+  explicit Impl(int count)
+      : deviceCount(count), computeMajor(count, 9), defaults(count), allocated(count, 0) {}
 
   const int deviceCount;
   const uint64_t serial = nextInstanceSerial.fetch_add(1);
@@ -87,6 +88,7 @@ struct SimGpu::Impl {
   // Lock order: mu before any SimStream::mu; timelineMu is a leaf.
   mutable std::mutex mu;
   std::vector<int> computeMajor;
+  std::vector<int64_t> allocated; // per device, bytes
   std::vector<std::shared_ptr<SimStream>> defaults; // per device, made on first use
   std::unordered_map<SimStream*, std::shared_ptr<SimStream>> streams; // live handles, defaults included
   std::vector<std::shared_ptr<SimStream>> all; // every stream whose worker may still need a join
@@ -330,6 +332,28 @@ cudaError_t SimGpu::deviceGetAttribute(int* value, cudaDeviceAttr attr, int devi
   std::lock_guard<std::mutex> lock(impl_->mu);
   *value = impl_->computeMajor[device];
   return cudaSuccess;
+}
+
+cudaError_t SimGpu::memGetInfo(size_t* free, size_t* total) {
+  if (free == nullptr || total == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  const int device = impl_->self().device;
+  impl_->ensureContextLocked(device); // as CUDA's: it needs a context
+  *total = kDeviceBytes;
+  *free = kDeviceBytes - static_cast<size_t>(impl_->allocated[device]);
+  return cudaSuccess;
+}
+
+void SimGpu::allocate(int device, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->allocated.at(device) += bytes;
+}
+
+void SimGpu::deallocate(int device, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->allocated.at(device) -= bytes;
 }
 
 cudaError_t SimGpu::streamCreateWithPriority(

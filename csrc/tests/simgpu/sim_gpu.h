@@ -57,6 +57,8 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   bool hasPrimaryContext(int device) override;
   cudaError_t deviceGetStreamPriorityRange(int* least, int* greatest) override;
   cudaError_t deviceGetAttribute(int* value, cudaDeviceAttr attr, int device) override;
+  // Free memory: kDeviceBytes less what allocate() took on the device.
+  cudaError_t memGetInfo(size_t* free, size_t* total) override;
   cudaError_t streamCreateWithPriority(
       cudaStream_t* stream, unsigned int flags, int priority) override;
   cudaError_t streamDestroy(cudaStream_t stream) override;
@@ -107,6 +109,13 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   std::vector<std::pair<std::thread::id, int>> contextCreations() const;
   std::vector<KernelInterval> timeline() const;
   void clearTimeline();
+
+  // --- memory (no bytes behind it: what memGetInfo reports) ---
+  static constexpr size_t kDeviceBytes = size_t{80} << 30;
+  // Takes or gives back `bytes` of `device`'s memory, as an allocation by
+  // NCCL or another library would.
+  void allocate(int device, int64_t bytes);
+  void deallocate(int device, int64_t bytes);
 
   // --- for SimNccl ---
   // The calling thread's current device (no context is created).

@@ -306,6 +306,8 @@ struct Comm {
   int running = 0;
   std::optional<std::chrono::microseconds> groupEndDelay;
   bool connected = false; // NCCL connects peers at a communicator's first group
+  bool firstGroupRan = false;
+  int64_t deviceBytes = 0; // what it took of its device's memory
   std::map<int, PreMul> redOps;
   int nextRedOp = 0;
 };
@@ -438,15 +440,23 @@ struct SimNccl::Impl {
     c->rank = rank;
     c->device = device;
     c->blocking = blocking;
+    takeDeviceMemoryLocked(*c, SimNccl::kCommBytes);
     live.emplace(c.get(), c);
     all.push_back(c);
     return c;
   }
 
   // Makes `comm` invalid as a handle. Its kernels keep what they hold.
+  void takeDeviceMemoryLocked(Comm& comm, int64_t bytes) {
+    gpu->allocate(comm.device, bytes);
+    comm.deviceBytes += bytes;
+  }
+
   void releaseLocked(Comm& comm) {
     live.erase(&comm);
     comm.live = false;
+    gpu->deallocate(comm.device, comm.deviceBytes);
+    comm.deviceBytes = 0;
     std::erase_if(registrations, [&](const auto& entry) { return entry.second == &comm; });
   }
 
@@ -754,6 +764,12 @@ struct SimNccl::Impl {
       // answers ncclInProgress) only when a communicator must connect first
       // (its first group) or jobs are queued; otherwise it launches on the
       // calling thread and answers ncclSuccess, as a blocking one does.
+      for (const auto& k : kernels) {
+        if (!k.comm->firstGroupRan) { // NCCL allocates its buffers lazily
+          takeDeviceMemoryLocked(*k.comm, SimNccl::kFirstUseBytes);
+          k.comm->firstGroupRan = true;
+        }
+      }
       bool async = false;
       if (!anyBlocking) {
         for (const auto& k : kernels) {

@@ -118,6 +118,13 @@ class SimNccl : public NcclApi {
   // The least time a collective kernel takes once its peers met.
   void setCollectiveDuration(std::chrono::microseconds duration);
 
+  // --- memory ---
+  // What a communicator takes on its device (SimGpu::memGetInfo shows it):
+  // this much when it is created, this much more when it first connects its
+  // peers (its first group), all given back when it is destroyed or aborted.
+  static constexpr int64_t kCommBytes = int64_t{96} << 20;
+  static constexpr int64_t kFirstUseBytes = int64_t{160} << 20;
+
   // --- faults ---
   // From now on commGetAsyncError(comm) reports `error` and getLastError
   // `message`; the communicator's kernels stay blocked until it is aborted.

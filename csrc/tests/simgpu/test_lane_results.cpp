@@ -417,5 +417,46 @@ TEST(LaneMemory, RegistrationsReachTheCommunicatorAndEndWithIt) {
   EXPECT_THROW(lanes[0]->registerMemory(shards[0].data_ptr(), 16, false), PoolClosedError);
 }
 
+size_t freeOn(SimGpu& gpu, int device) {
+  const int previous = gpu.currentDevice();
+  EXPECT_EQ(gpu.setDevice(device), cudaSuccess);
+  size_t free = 0;
+  size_t total = 0;
+  EXPECT_EQ(gpu.memGetInfo(&free, &total), cudaSuccess);
+  EXPECT_EQ(gpu.setDevice(previous), cudaSuccess);
+  return free;
+}
+
+TEST(LaneMemory, EachLaneReportsWhatItsCommunicatorTook) {
+  SimWorld world(2);
+  auto ag = makeLanes(world, "ag");
+  auto rs = makeLanes(world, "rs", ag); // split from the AG lanes
+  for (const auto& lanes : {ag, rs}) {
+    for (const auto& lane : lanes) {
+      const auto use = lane->memoryUse();
+      EXPECT_EQ(use.creationBytes, SimNccl::kCommBytes);
+      EXPECT_FALSE(use.firstUseBytes.has_value()) << "no op has run yet";
+    }
+  }
+  onRanks(2, [&](int r) {
+    auto op = allGather(at::full({64}, float(r)), at::empty({128}));
+    ASSERT_TRUE(issue(*ag[r], op)->wait(5000ms));
+    // Measured before the op's Work completes, so visible right after it.
+    EXPECT_EQ(ag[r]->memoryUse().firstUseBytes, std::optional<int64_t>(SimNccl::kFirstUseBytes));
+    ASSERT_TRUE(issue(*ag[r], op)->wait(5000ms));
+    EXPECT_EQ(ag[r]->memoryUse().firstUseBytes, std::optional<int64_t>(SimNccl::kFirstUseBytes))
+        << "only the first op is measured";
+    EXPECT_FALSE(rs[r]->memoryUse().firstUseBytes.has_value());
+  });
+  onRanks(2, [&](int r) {
+    rs[r]->close();
+    ag[r]->close();
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(freeOn(*world.gpu, SimWorld::deviceOf(r)), SimGpu::kDeviceBytes)
+        << "closed lanes gave their memory back";
+  }
+}
+
 } // namespace
 } // namespace pycomm::sim

@@ -3,6 +3,10 @@
 // on a simulated NCCL lane. Ranks that issue device ops in different orders
 // get OrderMismatchError naming both ops before anything reaches NCCL; the
 // lane stays usable.
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
 #include <mutex>
 
 #include "errors.h"
