@@ -42,6 +42,7 @@ PooledBackend::PooledBackend(
           static_cast<int>(spec.rank),
           static_cast<int>(spec.globalRanks.size())),
       spec_(std::move(spec)),
+      label_(std::make_shared<const std::string>(spec_.label())),
       context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)) {}
 
 PooledBackend::~PooledBackend() {
@@ -71,25 +72,25 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
   if (op.deviceType() != c10::DeviceType::CPU) {
     return submitToDevice(std::move(op), type);
   }
+  auto shared = std::make_shared<Collective>(std::move(op));
   std::lock_guard<std::mutex> lock(mutex_);
   throwIfNotOpen();
   const uint64_t seq = nextSeq_++;
   auto work = c10::make_intrusive<PooledWork>(
-      rank_, type, op.results(), spec_.timeout + kWaitGrace, describe(op, seq));
+      rank_, type, shared, label_, seq, spec_.timeout + kWaitGrace);
   {
     std::lock_guard<std::mutex> contextLock(context_->mutex);
     context_->unfinished.emplace(seq, work);
   }
   auto context = context_;
-  context_->lane.post(
-      [context, op = std::make_shared<Collective>(std::move(op)), seq, work] {
-        start(context, op, seq, work);
-      });
+  context_->lane.post([context, op = std::move(shared), seq, work] {
+    start(context, op, seq, work);
+  });
   return work;
 }
 
 std::string PooledBackend::describe(const Collective& op, uint64_t seq) const {
-  return spec_.label() + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
+  return *label_ + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
@@ -153,14 +154,17 @@ void PooledBackend::start(
     const c10::intrusive_ptr<PooledWork>& work) {
   work->markStarted();
   const int64_t startUs = LaneStats::nowUs();
-  auto onDone = [context, op, seq, work, startUs](std::exception_ptr error) {
-    context->stats.record(
-        OpRecord{op->kind, op->bytes(), startUs, LaneStats::nowUs(), !error});
+  auto onDone = [context, kind = op->kind, bytes = op->bytes(), seq, work = work, startUs](
+                    std::exception_ptr error) mutable {
+    context->stats.record(OpRecord{kind, bytes, startUs, LaneStats::nowUs(), !error});
     {
       std::lock_guard<std::mutex> lock(context->mutex);
       context->unfinished.erase(seq);
     }
     work->complete(error);
+    // Let go of the Work (and the tensors it holds) before starting the next
+    // op: its caller, woken just now, is then the one to drop it.
+    work.reset();
     context->lane.done(); // may start the next op on this thread
   };
   try {

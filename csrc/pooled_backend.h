@@ -133,6 +133,8 @@ class PooledBackend : public c10d::Backend {
   bool isOpenOrClosed() const;
 
   PooledGroupSpec spec_;
+  // spec_.label(), made once: every op's Work shares it.
+  std::shared_ptr<const std::string> label_;
   std::shared_ptr<LaneContext> context_;
   mutable std::mutex mutex_;
   State state_ = State::Open;
