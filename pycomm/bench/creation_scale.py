@@ -12,6 +12,7 @@ time; once with torch's default and once with TORCH_DIST_INIT_BARRIER=1
 whole world for a group created by every rank).
 
     python benchmarks/creation_scale.py [--worlds 8,64,512,4096,16384] [--out FILE]
+    python -m pycomm.bench.creation_scale ...  (the same)
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pycomm.demo import demo_rank
     from pycomm.launch import run_world
-    from pycomm.plots import plot_timeline
+    from pycomm.timeline import plot_timeline
 
     ep = args.ep if args.ep is not None else (2 if args.ranks >= 4 else 1)
     if args.ranks < 2 or args.ranks % ep:
