@@ -1,4 +1,5 @@
-"""Overlap/overhead benchmark; the same as `python -m pycomm bench`."""
+"""CPU overlap/overhead benchmark; the same as `python -m pycomm bench`
+(code: pycomm.bench.cpu)."""
 
 import sys
 

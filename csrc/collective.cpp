@@ -158,6 +158,17 @@ std::string Collective::describe() const {
   return out.str();
 }
 
+bool Collective::allContiguous() const {
+  for (const auto* tensors : {&inputs, &outputs}) {
+    for (const auto& t : *tensors) {
+      if (t.defined() && !t.is_sparse() && !t.is_contiguous()) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 c10::DeviceType Collective::deviceType() const {
   return inputs.empty() ? c10::DeviceType::CPU : inputs.front().device().type();
 }

@@ -42,6 +42,8 @@ struct Collective {
   // What the op's Work returns: the outputs of an all-gather or
   // reduce-scatter, the (in-place) inputs otherwise.
   const std::vector<at::Tensor>& results() const;
+  // Whether no dense tensor of the op needs staging (stageNonContiguous).
+  bool allContiguous() const;
   // The device type every tensor is on (CPU for a barrier).
   c10::DeviceType deviceType() const;
   // A number equal on all ranks exactly when they issue the same op with the

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <functional>
 #include <vector>
 
 #include "errors.h"
@@ -21,41 +22,66 @@ bool mentionsTimeout(std::string message) {
       message.find("timeout") != std::string::npos;
 }
 
+// One gloo op of a pooled op and what must run on its result before the
+// pooled op may complete (reduce-scatter: copy this rank's slice out).
+struct Issued {
+  c10::intrusive_ptr<c10d::Work> work;
+  std::function<void()> finish;
+};
+
+// A reduce-scatter issued the way gloo runs its own (an all-reduce of a copy
+// of the input, then this rank's slice), but as gloo's all-reduce, whose Work
+// completes through a future on gloo's worker: gloo's reduce-scatter Work has
+// no future and would need a thread of ours to observe it.
+Issued issueReduceScatter(
+    c10d::Backend& comm,
+    const at::Tensor& input,
+    const at::Tensor& output,
+    c10d::ReduceOp::RedOpType reduceOp,
+    int64_t rank) {
+  std::vector<at::Tensor> buffer = {input.clone()};
+  c10d::AllreduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp(reduceOp);
+  Issued issued{comm.allreduce(buffer, opts), nullptr};
+  issued.finish = [reduced = buffer.front(), output, rank]() mutable {
+    const int64_t n = output.numel();
+    output.copy_(reduced.view(-1).narrow(0, rank * n, n).view(output.sizes()));
+  };
+  return issued;
+}
 
 // Issues the gloo ops that make up `op` (several for the coalesced forms).
-std::vector<c10::intrusive_ptr<c10d::Work>> issue(c10d::Backend& comm, Collective& op) {
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+std::vector<Issued> issue(c10d::Backend& comm, Collective& op, int64_t rank) {
+  std::vector<Issued> issued;
   switch (op.kind) {
     case CollectiveKind::AllGather:
       for (size_t i = 0; i < op.inputs.size(); ++i) {
-        works.push_back(comm._allgather_base(op.outputs[i], op.inputs[i]));
+        issued.push_back({comm._allgather_base(op.outputs[i], op.inputs[i]), nullptr});
       }
       break;
-    case CollectiveKind::ReduceScatter: {
-      c10d::ReduceScatterOptions opts;
-      opts.reduceOp = c10d::ReduceOp(op.reduceOp);
+    case CollectiveKind::ReduceScatter:
       for (size_t i = 0; i < op.inputs.size(); ++i) {
-        works.push_back(comm._reduce_scatter_base(op.outputs[i], op.inputs[i], opts));
+        issued.push_back(issueReduceScatter(
+            comm, op.inputs[i], op.outputs[i], op.reduceOp, rank));
       }
       break;
-    }
     case CollectiveKind::AllReduce: {
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp(op.reduceOp);
-      works.push_back(comm.allreduce(op.inputs, opts));
+      issued.push_back({comm.allreduce(op.inputs, opts), nullptr});
       break;
     }
     case CollectiveKind::Broadcast: {
       c10d::BroadcastOptions opts;
       opts.rootRank = op.root;
-      works.push_back(comm.broadcast(op.inputs, opts));
+      issued.push_back({comm.broadcast(op.inputs, opts), nullptr});
       break;
     }
     case CollectiveKind::Barrier:
-      works.push_back(comm.barrier(c10d::BarrierOptions()));
+      issued.push_back({comm.barrier(c10d::BarrierOptions()), nullptr});
       break;
   }
-  return works;
+  return issued;
 }
 
 // Counts the gloo works of one op down to zero; the last one reports.
@@ -153,8 +179,13 @@ c10::intrusive_ptr<c10d::Backend> CpuTransport::release() {
   return comm;
 }
 
+std::string CpuTransport::OpName::text() const {
+  auto named = op.lock();
+  return prefix + (named ? named->describe() : std::string("an op")) + suffix;
+}
+
 std::exception_ptr CpuTransport::describedError(
-    const std::string& what,
+    const OpName& name,
     std::exception_ptr error) const {
   try {
     std::rethrow_exception(error);
@@ -163,7 +194,7 @@ std::exception_ptr CpuTransport::describedError(
   } catch (...) {
   }
   const std::string gloo = messageOf(error);
-  const std::string message = label_ + ": " + what + " failed: " + gloo;
+  const std::string message = label_ + ": " + name.text() + " failed: " + gloo;
   if (mentionsTimeout(gloo)) {
     return std::make_exception_ptr(CollectiveTimeoutError(message));
   }
@@ -171,41 +202,54 @@ std::exception_ptr CpuTransport::describedError(
 }
 
 void CpuTransport::start(std::shared_ptr<Collective> op, OnDone onDone) const {
-  std::string what = op->describe();
-  startNamed(std::move(op), std::move(what), std::move(onDone));
+  OpName name{op, "", ""};
+  startNamed(std::move(op), std::move(name), std::move(onDone));
 }
 
 void CpuTransport::startNamed(
     std::shared_ptr<Collective> op,
-    std::string what,
+    OpName name,
     OnDone onDone) const {
   auto comm = this->comm();
   if (!comm) {
     onDone(std::make_exception_ptr(PoolClosedError(
-        label_ + ": " + what +
+        label_ + ": " + name.text() +
         " was issued after the communicator was released")));
     return;
   }
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  std::vector<Issued> issued;
   try {
-    works = issue(*comm, *op);
+    issued = issue(*comm, *op, rank_);
   } catch (...) {
     // Some of the op's parts may be in flight; they finish on their own.
-    onDone(describedError(what, std::current_exception()));
+    onDone(describedError(name, std::current_exception()));
     return;
   }
+  // The closures below die on a gloo worker after the op completed. They
+  // hold no reference to `comm` (dropping gloo's last one there would make
+  // it join itself) and none to the op's tensors past its completion: the
+  // caller holds those through its Work, and a tensor Python also holds,
+  // dropped on a gloo worker, would take the GIL there.
   auto completion = std::make_shared<Completion>(
-      works.size(),
-      // No reference to `comm` here: this closure dies on a gloo worker, and
-      // dropping gloo's last reference there would make it join itself.
-      [this, what = std::move(what), onDone = std::move(onDone)](
-          std::exception_ptr error) {
-        onDone(error ? describedError(what, error) : nullptr);
+      issued.size(),
+      [this, name = std::move(name), onDone = std::move(onDone)](std::exception_ptr error) {
+        onDone(error ? describedError(name, error) : nullptr);
       });
-  for (auto& work : works) {
-    whenDone(work, op->kind, [completion](std::exception_ptr error) {
-      completion->finishOne(error);
-    });
+  for (auto& part : issued) {
+    whenDone(
+        part.work,
+        op->kind,
+        [completion, finish = std::move(part.finish)](std::exception_ptr error) mutable {
+          if (!error && finish) {
+            try {
+              finish();
+            } catch (...) {
+              error = std::current_exception();
+            }
+          }
+          finish = nullptr;
+          completion->finishOne(error);
+        });
   }
 }
 
@@ -262,7 +306,7 @@ void CpuTransport::checkOrder(
   exchange->outputs = {at::empty({size_ * kFieldCount}, at::kLong)};
   startNamed(
       exchange,
-      "the order check of " + op->describe() + " (op #" + std::to_string(seq) + ")",
+      OpName{op, "the order check of ", " (op #" + std::to_string(seq) + ")"},
       [this, exchange, op, onDone](std::exception_ptr error) {
     if (error) {
       onDone(error);

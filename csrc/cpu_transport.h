@@ -4,6 +4,13 @@
 // the communicator is made through torch's Python API and reaches C++ as a
 // plain c10d::Backend; only its virtual interface is used here.
 //
+// Every op completes through its gloo Work's future, on the gloo worker that
+// ran it, so a pooled op wakes no thread beyond gloo's own. gloo's
+// reduce-scatter Work has no future; a reduce-scatter is issued as what gloo
+// runs for one (an all-reduce of a copy of the input, then this rank's
+// slice), through gloo's all-reduce, whose Work has one. Only a communicator
+// whose Works have no future (not gloo's) needs the waiter thread.
+//
 // Thread-safety: start() and release() may be called from any thread; the
 // lane calls start() for one op at a time, which keeps the issue order equal
 // on every rank (gloo matches ops by that order). The wrapped gloo backend is
@@ -36,8 +43,10 @@ class CpuTransport {
       int64_t size);
 
   // Issues `op` without waiting for it. Errors reach `onDone` as
-  // CollectiveTimeoutError or CollectiveError naming the group, role and op,
-  // with gloo's own message.
+  // CollectiveTimeoutError or CollectiveError naming the group, role and op
+  // (while the caller still holds `op`), with gloo's own message. Once the
+  // op completed the transport holds none of its tensors: the caller's
+  // references are the last ones.
   void start(std::shared_ptr<Collective> op, OnDone onDone) const;
 
   // Like start(), after exchanging the op's fingerprint with every rank of
@@ -60,15 +69,22 @@ class CpuTransport {
 
  private:
   c10::intrusive_ptr<c10d::Backend> comm() const;
-  // start() of `op`, whose errors name it as `what`: the order check's
-  // exchange is named after the user's op it checks, not after itself.
-  void startNamed(std::shared_ptr<Collective> op, std::string what, OnDone onDone)
-      const;
-  std::exception_ptr describedError(const std::string& what, std::exception_ptr error)
-      const;
+  // How errors name an op, built only when one is raised: `prefix`, the
+  // description of `op` (while it is alive), `suffix`.
+  struct OpName {
+    std::weak_ptr<const Collective> op;
+    std::string prefix;
+    std::string suffix;
+    std::string text() const;
+  };
+  // start() of `op`, whose errors carry `name`: the order check's exchange
+  // is named after the user's op it checks, not after itself.
+  void startNamed(std::shared_ptr<Collective> op, OpName name, OnDone onDone) const;
+  std::exception_ptr describedError(const OpName& name, std::exception_ptr error) const;
 
   // Calls `onEnd` when `work` ends: through its future when it has one,
-  // else through the waiter thread (started on first need).
+  // else through the waiter thread (started on first need; gloo never needs
+  // it).
   void whenDone(
       const c10::intrusive_ptr<c10d::Work>& work,
       CollectiveKind kind,

@@ -42,6 +42,7 @@ PooledBackend::PooledBackend(
           static_cast<int>(spec.rank),
           static_cast<int>(spec.globalRanks.size())),
       spec_(std::move(spec)),
+      label_(std::make_shared<const std::string>(spec_.label())),
       context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)) {}
 
 PooledBackend::~PooledBackend() {
@@ -72,48 +73,44 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
     validate(op, size_);
     return submitToDevice(std::move(op), type, std::move(lane));
   }
-  // The Work returns the caller's tensors, also where the op runs on copies.
-  const std::vector<at::Tensor> results = op.results();
-  auto writeBack = stageNonContiguous(op);
-  validate(op, size_);
-  return enqueue(
-             std::make_shared<Collective>(std::move(op)),
-             type,
-             results,
-             std::move(writeBack),
-             Run::Op)
-      .first;
+  // The Work holds (and returns) the caller's tensors; the transport may
+  // run on contiguous copies of them.
+  auto callers = std::make_shared<Collective>(std::move(op));
+  auto running = callers;
+  std::vector<StagedTensor> writeBack;
+  if (!callers->allContiguous()) {
+    running = std::make_shared<Collective>(*callers);
+    writeBack = stageNonContiguous(*running);
+  }
+  validate(*running, size_);
+  return enqueue(callers, running, type, std::move(writeBack), Run::Op).first;
 }
 
 std::pair<c10::intrusive_ptr<PooledWork>, uint64_t> PooledBackend::enqueue(
-    std::shared_ptr<Collective> op,
+    std::shared_ptr<const Collective> callers,
+    std::shared_ptr<Collective> running,
     c10d::OpType type,
-    std::vector<at::Tensor> results,
     std::vector<StagedTensor> writeBack,
     Run run) {
   std::lock_guard<std::mutex> lock(mutex_);
   throwIfNotOpen();
   const uint64_t seq = nextSeq_++;
-  std::string description = describe(*op, seq);
-  if (run == Run::OrderCheckOnly) {
-    description = "the order check of " + description;
-  }
   auto work = c10::make_intrusive<PooledWork>(
-      rank_, type, std::move(results), spec_.timeout + kWaitGrace, std::move(description));
+      rank_, type, std::move(callers), label_, seq, spec_.timeout + kWaitGrace);
   {
     std::lock_guard<std::mutex> contextLock(context_->mutex);
     context_->unfinished.emplace(seq, work);
   }
   auto context = context_;
   context_->lane.post(
-      [context, op, writeBack = std::move(writeBack), seq, work, run]() mutable {
+      [context, op = std::move(running), writeBack = std::move(writeBack), seq, work, run]() mutable {
         start(context, op, std::move(writeBack), seq, work, run);
       });
   return {work, seq};
 }
 
 std::string PooledBackend::describe(const Collective& op, uint64_t seq) const {
-  return spec_.label() + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
+  return *label_ + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
 }
 
 std::shared_ptr<DeviceLane> PooledBackend::deviceLaneFor(const Collective& op) const {
@@ -153,8 +150,8 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
     // the op reaches NCCL only once every rank agreed, so a mismatch is an
     // OrderMismatchError here instead of two NCCL kernels waiting on each
     // other forever. Costs one CPU round trip per op (a debug mode).
-    auto [check, checkSeq] = enqueue(
-        std::make_shared<Collective>(op), type, {}, {}, Run::OrderCheckOnly);
+    auto shared = std::make_shared<Collective>(op);
+    auto [check, checkSeq] = enqueue(shared, shared, type, {}, Run::OrderCheckOnly);
     check->wait(); // throws the mismatch, a timeout or PoolClosedError
     seq = checkSeq;
   } else {
@@ -199,8 +196,14 @@ void PooledBackend::start(
     Run run) {
   work->markStarted();
   const int64_t startUs = LaneStats::nowUs();
-  auto onDone = [context, op, writeBack = std::move(writeBack), seq, work, startUs, run](
-                    std::exception_ptr error) {
+  auto onDone = [context,
+                 kind = op->kind,
+                 bytes = op->bytes(),
+                 writeBack = std::move(writeBack),
+                 seq,
+                 work = work,
+                 startUs,
+                 run](std::exception_ptr error) mutable {
     if (!error) {
       try {
         for (const auto& staged : writeBack) {
@@ -211,15 +214,18 @@ void PooledBackend::start(
         error = std::current_exception();
       }
     }
+    writeBack.clear(); // the copies go now; the caller's tensors stay with the Work
     if (run == Run::Op) { // the device lane counts the op it checked
-      context->stats.record(
-          OpRecord{op->kind, op->bytes(), startUs, LaneStats::nowUs(), !error});
+      context->stats.record(OpRecord{kind, bytes, startUs, LaneStats::nowUs(), !error});
     }
     {
       std::lock_guard<std::mutex> lock(context->mutex);
       context->unfinished.erase(seq);
     }
     work->complete(error);
+    // Let go of the Work (and the tensors it holds) before starting the next
+    // op: its caller, woken just now, is then the one to drop it.
+    work.reset();
     context->lane.done(); // may start the next op on this thread
   };
   try {

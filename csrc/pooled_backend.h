@@ -122,12 +122,14 @@ class PooledBackend : public c10d::Backend {
   enum class Run { Op, OrderCheckOnly };
 
   c10::intrusive_ptr<c10d::Work> submit(Collective op, c10d::OpType type);
-  // Posts an entry to the CPU lane; returns its Work and its place (seq)
-  // among this group's ops.
+  // Posts an entry to the CPU lane; returns its Work (which holds
+  // `callers`, the op as the caller gave it) and its place (seq) among this
+  // group's ops. The transport runs `running`: `callers`, or a copy with
+  // contiguous tensors, `writeBack` saying what to copy back.
   std::pair<c10::intrusive_ptr<PooledWork>, uint64_t> enqueue(
-      std::shared_ptr<Collective> op,
+      std::shared_ptr<const Collective> callers,
+      std::shared_ptr<Collective> running,
       c10d::OpType type,
-      std::vector<at::Tensor> results,
       std::vector<StagedTensor> writeBack,
       Run run);
   // The device lane for `op`'s tensors; null for CPU tensors (and a
@@ -151,6 +153,8 @@ class PooledBackend : public c10d::Backend {
   bool isOpenOrClosed() const;
 
   PooledGroupSpec spec_;
+  // spec_.label(), made once: every op's Work shares it.
+  std::shared_ptr<const std::string> label_;
   std::shared_ptr<LaneContext> context_;
   mutable std::mutex mutex_;
   State state_ = State::Open;

@@ -20,15 +20,19 @@ constexpr auto kWaitSlice = std::chrono::milliseconds(50);
 PooledWork::PooledWork(
     int rank,
     c10d::OpType opType,
-    std::vector<at::Tensor> outputs,
-    std::chrono::milliseconds timeout,
-    std::string description)
+    std::shared_ptr<const Collective> op,
+    std::shared_ptr<const std::string> label,
+    uint64_t seq,
+    std::chrono::milliseconds timeout)
     : c10d::Work(rank, opType),
-      outputs_(std::move(outputs)),
-      timeout_(timeout),
-      description_(std::move(description)),
-      future_(c10::make_intrusive<c10::ivalue::Future>(
-          c10::ListType::create(c10::TensorType::get()))) {}
+      op_(std::move(op)),
+      label_(std::move(label)),
+      seq_(seq),
+      timeout_(timeout) {}
+
+std::string PooledWork::description() const {
+  return *label_ + ": " + op_->describe() + " (op #" + std::to_string(seq_) + ")";
+}
 
 void PooledWork::markStarted() {
   startedAtMs_.store(steadyNowMs());
@@ -40,12 +44,25 @@ bool PooledWork::complete(std::exception_ptr error) {
   }
   // finish() takes mutex_ itself and wakes every waiter.
   finish(error);
-  if (error) {
-    future_->setErrorIfNeeded(error);
-  } else if (!future_->completed()) {
-    future_->markCompleted(c10::IValue(outputs_));
+  c10::intrusive_ptr<c10::ivalue::Future> future;
+  {
+    std::lock_guard<std::mutex> lock(futureMutex_);
+    ended_ = true;
+    error_ = error;
+    future = future_;
+  }
+  if (future) {
+    completeFuture(*future);
   }
   return true;
+}
+
+void PooledWork::completeFuture(c10::ivalue::Future& future) const {
+  if (error_) {
+    future.setError(error_);
+  } else {
+    future.markCompleted(c10::IValue(op_->results()));
+  }
 }
 
 bool PooledWork::wait(std::chrono::milliseconds timeout) {
@@ -54,7 +71,7 @@ bool PooledWork::wait(std::chrono::milliseconds timeout) {
     // An explicit timeout counts from now, as for torch's own backends.
     if (!cv_.wait_for(lock, timeout, [&] { return completed_; })) {
       throw CollectiveTimeoutError(
-          description_ + " did not finish within the " +
+          description() + " did not finish within the " +
           std::to_string(timeout.count()) + " ms given to wait()");
     }
   } else {
@@ -62,7 +79,7 @@ bool PooledWork::wait(std::chrono::milliseconds timeout) {
       const int64_t started = startedAtMs_.load();
       if (started >= 0 && steadyNowMs() - started > timeout_.count()) {
         throw CollectiveTimeoutError(
-            description_ + " did not finish within its timeout of " +
+            description() + " did not finish within its timeout of " +
             std::to_string(timeout_.count()) +
             " ms; a peer may be gone or may not have issued the same op");
       }
@@ -75,11 +92,26 @@ bool PooledWork::wait(std::chrono::milliseconds timeout) {
 }
 
 std::vector<at::Tensor> PooledWork::result() {
-  return outputs_;
+  return op_->results();
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> PooledWork::getFuture() {
-  return future_;
+  c10::intrusive_ptr<c10::ivalue::Future> future;
+  bool endedBefore = false;
+  {
+    std::lock_guard<std::mutex> lock(futureMutex_);
+    if (!future_) {
+      future_ = c10::make_intrusive<c10::ivalue::Future>(c10::ListType::ofTensors());
+      endedBefore = ended_;
+    }
+    future = future_;
+  }
+  // Outside the lock: completing runs the future's callbacks. Exactly one of
+  // complete() and this call completes it: whichever saw the other's mark.
+  if (endedBefore) {
+    completeFuture(*future);
+  }
+  return future;
 }
 
 } // namespace pycomm

@@ -3,6 +3,13 @@
 // ran the op or by abort(); waiting never blocks longer than the op's timeout
 // after the op started on its lane.
 //
+// It holds the op (its tensors) as long as the caller holds the Work, as
+// torch's own Works do: the last references to the caller's tensors are then
+// dropped where the caller drops the Work, not on the transport's thread that
+// finished the op (dropping a tensor that Python also holds takes the GIL).
+// Its description is built only when an error needs it, its future only
+// when someone asks for it (most callers only wait).
+//
 // Thread-safety: complete(), markStarted() and every Work method may be called
 // concurrently from any thread.
 #include <ATen/core/ivalue.h>
@@ -11,19 +18,26 @@
 #include <atomic>
 #include <chrono>
 #include <exception>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
+
+#include "collective.h"
 
 namespace pycomm {
 
 class PooledWork : public c10d::Work {
  public:
+  // `label` names the group ("role 'ag' of group '3' (ranks 0,2)"), `seq`
+  // the op's place on its lane.
   PooledWork(
       int rank,
       c10d::OpType opType,
-      std::vector<at::Tensor> outputs,
-      std::chrono::milliseconds timeout,
-      std::string description);
+      std::shared_ptr<const Collective> op,
+      std::shared_ptr<const std::string> label,
+      uint64_t seq,
+      std::chrono::milliseconds timeout);
 
   // The lane began running the op; its timeout counts from here, not from the
   // time spent queued behind earlier ops of the lane.
@@ -38,16 +52,25 @@ class PooledWork : public c10d::Work {
   std::vector<at::Tensor> result() override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
 
-  const std::string& description() const {
-    return description_;
-  }
+  // "role 'ag' of group '3' (ranks 0,2): all_gather(...) (op #7)": how
+  // errors and timeouts name the op.
+  std::string description() const;
 
  private:
-  std::vector<at::Tensor> outputs_;
+  std::shared_ptr<const Collective> op_;
+  std::shared_ptr<const std::string> label_;
+  uint64_t seq_;
   std::chrono::milliseconds timeout_;
-  std::string description_;
   std::atomic<int64_t> startedAtMs_{-1};
   std::atomic<bool> claimed_{false};
+
+  // Marks `future` with the op's result or error_; called once per Work.
+  void completeFuture(c10::ivalue::Future& future) const;
+  // Guards the future's creation against complete(): after both, exactly one
+  // of them completed it.
+  std::mutex futureMutex_;
+  bool ended_ = false;
+  std::exception_ptr error_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
 };
 

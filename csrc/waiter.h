@@ -1,7 +1,8 @@
 #pragma once
 // A thread that waits for Works which cannot report their completion
-// themselves (gloo's reduce-scatter Work has no future), and then calls their
-// callback. Ops whose Work has a future never come here.
+// themselves (no future: a CPU communicator other than gloo may hand out such
+// Works), and then calls their callback. Ops whose Work has a future, every
+// op on gloo, never come here.
 //
 // Thread-safety: watch() may be called from any thread; callbacks run on the
 // waiter's thread, one at a time, in watch() order.

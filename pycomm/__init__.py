@@ -18,9 +18,29 @@ from pycomm.errors import (
     UnknownRoleError,
     UnsupportedOpError,
 )
-from typing import TYPE_CHECKING, Any
+import importlib.abc
+import sys
+from typing import TYPE_CHECKING, Any, Sequence
 
 __version__ = "0.1.0"
+
+
+class _TorchBeforeExtension(importlib.abc.MetaPathFinder):
+    """Imports torch before pycomm._C is loaded: the extension links torch's
+    libraries (libc10.so, ...), which the dynamic loader finds only once
+    torch has loaded them, and its classes derive from torch's. So
+    `import pycomm._C` works as the first import of a process, while
+    `import pycomm` alone still does not load torch."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: Any = None) -> None:
+        if fullname == f"{__name__}._C":
+            import torch  # noqa: F401
+
+        return None  # the regular finders locate the extension
+
+
+if not any(isinstance(finder, _TorchBeforeExtension) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _TorchBeforeExtension())
 
 if TYPE_CHECKING:
     from pycomm.config import RoleConfig

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import pycomm
 from pycomm.launch import run_world
-from world_checks import expect_error, open_fd_count, rank_tensor, thread_count
+from world_checks import expect_error, open_fd_count, rank_tensor, thread_count, thread_names
 
 DTYPES = (torch.float32, torch.bfloat16, torch.int64)
 REDUCE_OPS = {
@@ -283,6 +283,32 @@ def test_lanes_overlap_across_roles_and_stay_fifo_within_one() -> None:
         assert r["serial"], "ops of one lane overlapped"
         # AG and RS of the same round were in flight at the same time.
         assert r["overlaps"] >= r["rounds"] // 2, r
+
+
+def reduce_scatter_threads_world(rank: int, world: int) -> list[str]:
+    """Reduce-scatters (plain, async, coalesced) on an RS lane; the names of
+    this rank's threads afterwards."""
+    _quiet()
+    dp = dist.new_group(list(range(world)))
+    with pycomm.CommPool() as pool:
+        rs = pool.duplicate(dp, role="rs")
+        out = torch.empty(2)
+        dist.reduce_scatter_tensor(out, torch.arange(2.0 * world), group=rs)
+        assert out.tolist() == [world * (2.0 * rank + i) for i in range(2)]
+        w = dist.reduce_scatter_tensor(out, torch.ones(2 * world), op=dist.ReduceOp.MAX, group=rs, async_op=True)
+        w.wait()
+        assert out.tolist() == [1.0, 1.0]
+        _coalesced_reduce_scatter([out], [torch.ones(2 * world)], dist.ReduceOp.SUM, rs).wait()
+        assert out.tolist() == [float(world)] * 2
+        return thread_names()
+
+
+@pytest.mark.timeout(120)
+def test_reduce_scatter_completes_on_gloo_threads_without_a_waiter() -> None:
+    # gloo's reduce-scatter Work has no future; the pool issues it through
+    # gloo's all-reduce, whose future completes it on gloo's own worker.
+    for names in run_world(reduce_scatter_threads_world, 2, timeout_seconds=100):
+        assert "pycomm-wait" not in names, names
 
 
 def cycles_world(rank: int, world: int, cycles: int) -> dict:

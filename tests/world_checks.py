@@ -23,6 +23,17 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def thread_names() -> list[str]:
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return names
+
+
 def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -45,3 +56,19 @@ def group_ranks(group: Any) -> list[int] | None:
     if group is None or group is dist.GroupMember.NON_GROUP_MEMBER:
         return None
     return sorted(dist.get_process_group_ranks(group))
+
+
+def pooled_all_gather_world(rank: int, world: int) -> list[float]:
+    """One all-gather on a pooled duplicate of the world; its result. Fails
+    if the rank imported torch's extension build tooling."""
+    import sys
+
+    import torch.distributed as dist
+
+    import pycomm
+
+    with pycomm.CommPool() as pool:
+        out = torch.empty(world)
+        dist.all_gather_into_tensor(out, torch.tensor([float(rank)]), group=pool.duplicate(role="ag"))
+    assert "torch.utils.cpp_extension" not in sys.modules, "a rank imported torch's build tooling"
+    return out.tolist()

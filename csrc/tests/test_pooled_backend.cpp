@@ -9,6 +9,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 #include "comm_pool.h"
 #include "errors.h"
@@ -37,9 +39,11 @@ class GatedWork : public c10d::Work {
 // A one-rank communicator whose ops complete only while its gate is open
 // (ops issued while it is closed complete when it opens), like a peer that
 // is slow to arrive.
+// With `size` > 1 it plays one rank of a group whose every rank holds the
+// same data: an all-reduce (SUM) multiplies by `size`.
 class LoopbackBackend : public c10d::Backend {
  public:
-  LoopbackBackend() : c10d::Backend(0, 1) {}
+  explicit LoopbackBackend(int rank = 0, int size = 1) : c10d::Backend(rank, size) {}
   const std::string getBackendName() const override {
     return "loopback";
   }
@@ -48,9 +52,17 @@ class LoopbackBackend : public c10d::Backend {
     out.copy_(in);
     return issued();
   }
+  c10::intrusive_ptr<c10d::Work> allreduce(
+      std::vector<at::Tensor>& tensors, const c10d::AllreduceOptions&) override {
+    for (auto& t : tensors) {
+      t.mul_(getSize());
+    }
+    return issued();
+  }
+  // gloo's reduce-scatter Work has no future: the transport must not use it.
   c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
-      at::Tensor& out, at::Tensor& in, const c10d::ReduceScatterOptions&) override {
-    out.copy_(in);
+      at::Tensor&, at::Tensor&, const c10d::ReduceScatterOptions&) override {
+    ADD_FAILURE() << "reduce-scatter must be issued as an all-reduce";
     return issued();
   }
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions&) override {
@@ -93,13 +105,19 @@ class LoopbackBackend : public c10d::Backend {
 };
 
 
-pycomm::PooledGroupSpec specFor(const std::string& role, int timeoutMs = 2000) {
+pycomm::PooledGroupSpec specFor(
+    const std::string& role,
+    int timeoutMs = 2000,
+    int rank = 0,
+    int size = 1) {
   pycomm::PooledGroupSpec spec;
   spec.name = "test";
   spec.baseGroupName = "base";
   spec.role = role;
-  spec.globalRanks = {0};
-  spec.rank = 0;
+  for (int r = 0; r < size; ++r) {
+    spec.globalRanks.push_back(r);
+  }
+  spec.rank = rank;
   spec.timeout = std::chrono::milliseconds(timeoutMs);
   return spec;
 }
@@ -142,6 +160,30 @@ TEST(PooledBackend, OpsCompleteInIssueOrder) {
   for (auto& w : works) {
     EXPECT_TRUE(w->isCompleted());
   }
+}
+
+TEST(PooledBackend, ReduceScatterCompletesThroughTheAllReduceFuture) {
+  // Rank 1 of 2: its slice is the second half of the reduced input.
+  auto comm = c10::make_intrusive<LoopbackBackend>(1, 2);
+  auto backend =
+      c10::make_intrusive<pycomm::PooledBackend>(specFor("rs", 2000, 1, 2), comm);
+  comm->close();
+  auto in = at::arange(6, at::kFloat);
+  auto out = at::zeros({3});
+  auto work = backend->_reduce_scatter_base(out, in, {});
+  std::this_thread::sleep_for(20ms);
+  EXPECT_FALSE(work->isCompleted());
+  comm->open(); // the all-reduce's future completes the op on this thread
+  EXPECT_TRUE(work->isCompleted());
+  EXPECT_TRUE(work->wait());
+  EXPECT_TRUE(at::equal(out, at::arange(3, 6, at::kFloat) * 2));
+  EXPECT_TRUE(at::equal(in, at::arange(6, at::kFloat))); // reduced a copy
+
+  std::vector<at::Tensor> ins = {at::ones({4}), at::full({2}, 3.0)};
+  std::vector<at::Tensor> outs = {at::zeros({2}), at::zeros({1})};
+  backend->reduce_scatter_tensor_coalesced(outs, ins, {})->wait();
+  EXPECT_TRUE(at::equal(outs[0], at::full({2}, 2.0)));
+  EXPECT_TRUE(at::equal(outs[1], at::full({1}, 6.0)));
 }
 
 TEST(PooledBackend, WaitTimesOutWithANamedError) {

@@ -2,7 +2,8 @@
 torch's NCCL backend from 1 MiB to 1 GiB (time, algbw and busbw as nccl-tests
 defines them), the host time to issue a 64 KiB all-gather, and GEMM slowdown
 while the all-gather lane runs. One rank per
-visible GPU by default. Prints tables and writes bench-nccl.json."""
+visible GPU by default. Prints tables and writes bench-nccl.json (code:
+pycomm.bench.nccl)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pycomm.cli.common import add_output_arguments, parse_size, print_json, size_text
+from pycomm.cli.common import add_output_arguments, parse_size, print_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,11 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
-    from rich.table import Table
 
     from pycomm import _C
+    from pycomm.bench.nccl import bench_rank
+    from pycomm.bench.report import nccl_lines, nccl_table
     from pycomm.launch import launch, world_sizes
-    from pycomm.nccl_bench import bench_rank
 
     if args.iters < 10:
         raise SystemExit("--iters must be >= 10")
@@ -58,25 +59,8 @@ def run(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     console = Console()
-    table = Table(title=f"{result['world']} x {result['device']}: medians of {args.iters} interleaved iterations")
-    for column in ("op", "size", "impl", "ms", "algbw GB/s", "busbw GB/s", "x torch"):
-        table.add_column(column, justify="right")
-    for r in result["collectives"]:
-        table.add_row(
-            r["op"], size_text(r["bytes"]), r["impl"], f"{r['ms']:.3f}",
-            f"{r['algbw_GBps']:.1f}", f"{r['busbw_GBps']:.1f}", f"{r['ratio_to_torch']:.3f}",
-        )
-    console.print(table)
-    h = result["host"]
-    console.print(
-        f"host time to issue a {size_text(h['bytes'])} all-gather: pycomm {h['pycomm_us']:.1f} us, "
-        f"torch {h['torch_us']:.1f} us (x{h['ratio_to_torch']:.2f})"
-    )
-    g = result["gemm"]
-    console.print(
-        f"8 GEMMs n={g['gemm_n']}: {g['gemm_ms']:.2f} ms alone, {g['both_ms']:.2f} ms beside a "
-        f"{size_text(g['ag_bytes'])} all-gather ({g['ag_ms']:.2f} ms alone): slowdown "
-        f"{g['slowdown']:.3f} (serial would be {g['serial_slowdown']:.3f})"
-    )
+    console.print(nccl_table(result, args.iters))
+    for line in nccl_lines(result):
+        console.print(line)
     console.print(f"wrote {out_dir / 'bench-nccl.json'}")
     return 0

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pycomm.demo import demo_rank
     from pycomm.launch import describe_world, launch, reports_here, world_sizes
-    from pycomm.plots import plot_timeline
+    from pycomm.timeline import plot_timeline
 
     ranks = world_sizes([args.ranks])[0]
     ep = args.ep if args.ep is not None else (2 if ranks >= 4 else 1)

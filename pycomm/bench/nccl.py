@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm.pool import CommPool
-from pycomm.sampling import interleaved_medians
+from pycomm.bench.sampling import interleaved_medians
 
 Op = Callable[[], "dist.Work | None"]
 
