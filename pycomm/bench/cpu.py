@@ -177,13 +177,12 @@ def host_cost_rank(rank: int, world: int, nbytes: int, ops: int, blocks: int) ->
         return (time.process_time() - start) / ops
 
     with pycomm.CommPool() as pool:
-        groups = {"plain": plain, "pooled": None}
         rows = []
         for op_name, op, role in (
             ("all_gather", dist.all_gather_into_tensor, "ag"),
             ("reduce_scatter", dist.reduce_scatter_tensor, "rs"),
         ):
-            groups["pooled"] = pool.duplicate(base, role)
+            groups = {"plain": plain, "pooled": pool.duplicate(base, role)}
             samples = interleaved_samples(
                 {name: (lambda group=group, op=op: block(op, group)) for name, group in groups.items()},
                 blocks,
