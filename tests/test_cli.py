@@ -83,6 +83,7 @@ def test_bench_writes_json_and_plot(tmp_path: Path) -> None:
     for r in summary["overhead"]:
         assert r["plain_s"] > 0 and r["pooled_s"] > 0 and r["ratio_to_plain"] > 0
     assert {r["variant"] for r in summary["order_check"]} == {"plain", "pooled", "pooled_order_check"}
+    assert {r["op"] for r in summary["host_cost"]} == {"all_gather", "reduce_scatter"}
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "T_together" in result.stdout and "x plain" in result.stdout
 

@@ -9,9 +9,12 @@ What it reports:
 - overlap: T_together / (T_ag + T_rs) per variant, beside the ideal max/sum;
 - overhead: a pooled op over the same op on a plain gloo group, for AG, RS
   and the two together (pool lanes over two plain groups): the median of the
-  per-round ratios of the same rounds;
+  per-round ratios of the same rounds; beside it, for AG and RS, the same
+  ratio between two plain groups (the noise floor of that point);
 - order check: one 64 KiB all-gather on a plain group, a pooled group and a
-  pooled group with the order check on.
+  pooled group with the order check on;
+- host cost: CPU time per 64 KiB AG and RS on a world of one rank, plain
+  against pooled (the path's own cost, without a peer to wait for).
 """
 
 from __future__ import annotations
@@ -114,6 +117,12 @@ def _rows_for_size(
             "world": world, "shard_bytes": nbytes, "op": op,
             "plain_s": medians[(PLAIN, kind)], "pooled_s": medians[(POOLED, kind)],
             "ratio_to_plain": paired_ratio(samples[(POOLED, kind)], samples[(PLAIN, kind)]),
+            # The same op on two plain groups: how far apart two equal
+            # variants measure on this machine now (AG and RS alone only).
+            "plain_vs_plain": (
+                paired_ratio(samples[("one_group", kind)], samples[(PLAIN, kind)])
+                if kind != "together" else None
+            ),
             "iterations": iterations,
         }
         for op, kind in OVERHEAD_OPS.items()
@@ -148,6 +157,43 @@ def _measure_order_check(
         }
         for name, values in samples.items()
     ]
+
+
+def host_cost_rank(rank: int, world: int, nbytes: int, ops: int, blocks: int) -> list[dict[str, Any]]:
+    """CPU time per op (this process, all its threads) of AG and RS of
+    `nbytes` on a world of one rank, plain gloo group against pooled: with no
+    peer to wait for, what remains is each path's own cost, and CPU time
+    counts it whatever else the machine runs. Medians of `blocks` blocks of
+    `ops` ops, the variants interleaved block by block."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    base, plain = dist.new_group([rank]), dist.new_group([rank])
+    numel = nbytes // 4
+    shard, out = torch.rand(numel), torch.empty(numel)
+
+    def block(op: Callable[..., Any], group: dist.ProcessGroup) -> float:
+        start = time.process_time()
+        for _ in range(ops):
+            op(out, shard, group=group)
+        return (time.process_time() - start) / ops
+
+    with pycomm.CommPool() as pool:
+        rows = []
+        for op_name, op, role in (
+            ("all_gather", dist.all_gather_into_tensor, "ag"),
+            ("reduce_scatter", dist.reduce_scatter_tensor, "rs"),
+        ):
+            groups = {"plain": plain, "pooled": pool.duplicate(base, role)}
+            samples = interleaved_samples(
+                {name: (lambda group=group, op=op: block(op, group)) for name, group in groups.items()},
+                blocks,
+            )
+            rows.append({
+                "bytes": nbytes, "op": op_name,
+                "plain_cpu_s": statistics.median(samples["plain"]),
+                "pooled_cpu_s": statistics.median(samples["pooled"]),
+                "ops_per_block": ops, "blocks": blocks,
+            })
+    return rows
 
 
 def bench_rank(
@@ -190,9 +236,10 @@ def run(
     environment describes: see pycomm.launch) and gathers rank 0's rows of
     every world into one summary; None on the other ranks of a joined
     world."""
-    from pycomm.launch import launch
+    from pycomm.launch import launch, run_world
 
-    summary: dict[str, Any] = {"overlap": [], "overhead": [], "order_check": []}
+    per_world = ("overlap", "overhead", "order_check")
+    summary: dict[str, Any] = {key: [] for key in per_world}
     for world in worlds:
         on_world(world)
         values = launch(
@@ -202,8 +249,9 @@ def run(
         if values is None:
             return None
         result = values[0]
-        for key in summary:
+        for key in per_world:
             summary[key] += result[key]
+    summary["host_cost"] = run_world(host_cost_rank, 1, ORDER_CHECK_BYTES, 500, 15)[0]
     summary["iterations_at_64k"] = iterations_at_64k
     summary["build"] = {"pycomm": pycomm.__version__, "torch": torch.__version__}
     return summary

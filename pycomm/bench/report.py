@@ -26,12 +26,14 @@ def cpu_tables(summary: dict[str, Any]) -> list[Table]:
         title="Pooled over plain gloo, same rounds: AG and RS each on its own group, "
         "AG + RS together on the pool's lanes vs two plain groups (rank 0)"
     )
-    for column in ("ranks", "shard", "op", "plain ms", "pooled ms", "x plain"):
+    for column in ("ranks", "shard", "op", "plain ms", "pooled ms", "x plain", "plain vs plain"):
         overhead.add_column(column, justify="right")
     for r in summary["overhead"]:
+        floor = r["plain_vs_plain"]
         overhead.add_row(
             str(r["world"]), size_text(r["shard_bytes"]), OP_NAMES[r["op"]],
             f"{r['plain_s'] * 1e3:.3f}", f"{r['pooled_s'] * 1e3:.3f}", f"{r['ratio_to_plain']:.3f}",
+            "-" if floor is None else f"{floor:.3f}",
         )
 
     order = Table(title="One 64 KiB all-gather with the order check (PYCOMM_DEBUG=order), medians")
@@ -39,7 +41,13 @@ def cpu_tables(summary: dict[str, Any]) -> list[Table]:
         order.add_column(column, justify="right")
     for r in summary["order_check"]:
         order.add_row(str(r["world"]), r["variant"], f"{r['median_s'] * 1e6:.1f}", f"{r['ratio_to_plain']:.3f}")
-    return [overlap, overhead, order]
+    host = Table(title="CPU time per op on a world of one rank (no peer to wait for), medians")
+    for column in ("shard", "op", "plain us", "pooled us", "pooled - plain us"):
+        host.add_column(column, justify="right")
+    for r in summary["host_cost"]:
+        plain, pooled = r["plain_cpu_s"] * 1e6, r["pooled_cpu_s"] * 1e6
+        host.add_row(size_text(r["bytes"]), OP_NAMES[r["op"]], f"{plain:.1f}", f"{pooled:.1f}", f"{pooled - plain:+.1f}")
+    return [overlap, overhead, order, host]
 
 
 def nccl_table(result: dict[str, Any], iterations: int) -> Table:
