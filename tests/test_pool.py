@@ -3,6 +3,7 @@ FIFO per lane, lifecycle, registration, bad input."""
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -338,6 +339,11 @@ def cycles_world(rank: int, world: int, cycles: int) -> dict:
         else:
             pool.destroy()
             pool.destroy()
+    # abort() drops the last communicator on a short-lived thread (it must not
+    # wait for peers): give it a moment, bounded, to finish.
+    deadline = time.monotonic() + 5.0
+    while (thread_count() > threads0 or open_fd_count() > fds0) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return {"threads": (threads0, thread_count()), "fds": (fds0, open_fd_count())}
 
 
