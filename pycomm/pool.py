@@ -301,7 +301,9 @@ class CommPool:
         return self._core.is_open()
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per pooled group: name, base group, role, ranks, whether it is open
+        """Per pooled group (not those torch destroyed, nor the duplicates of
+        base groups it destroyed: the pool released them): name, base group,
+        role, ranks, whether it is open
         (torch's shutdown or abort of its group closes it), ops, bytes, busy
         seconds, errors, ops by kind, ops pending, and for
         groups with an NCCL lane its device, stream priority, whether its
