@@ -66,7 +66,7 @@ def test_doctor_names_nccl_overrides() -> None:
 def test_bench_writes_json_and_plot(tmp_path: Path) -> None:
     result = run_cli(
         "bench", "--ranks", "2,4", "--sizes", "64K", "--iters", "10",
-        "--order-check-iters", "10", "--out", str(tmp_path),
+        "--order-check-iters", "10", "--repeat", "2", "--out", str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "bench.json").read_text())
@@ -80,12 +80,21 @@ def test_bench_writes_json_and_plot(tmp_path: Path) -> None:
     assert {(r["world"], r["op"]) for r in summary["overhead"]} == {
         (w, op) for w in (2, 4) for op in ("all_gather", "reduce_scatter", "together")
     }
+    assert summary["runs"] == 2
     for r in summary["overhead"]:
-        assert r["plain_s"] > 0 and r["pooled_s"] > 0 and r["ratio_to_plain"] > 0
+        assert r["runs"] == 2 and r["iterations"] == 10
+        assert r["plain_s"] > 0 and r["pooled_s"] > 0 and r["lane_comms_s"] > 0
+        # Against separate plain groups and against plain groups over the
+        # lanes' own communicators, each with its floor, per run and over runs.
+        for field in ("ratio_to_plain", "ratio_to_lane_comms", "lane_vs_lane"):
+            low, high = r[f"{field}_ci95"]
+            assert len(r[f"{field}_runs"]) == 2 and low <= r[field] <= high
+        assert (r["plain_vs_plain"] is None) == (r["op"] == "together")
     assert {r["variant"] for r in summary["order_check"]} == {"plain", "pooled", "pooled_order_check"}
     assert {r["op"] for r in summary["host_cost"]} == {"all_gather", "reduce_scatter"}
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "T_together" in result.stdout and "x plain" in result.stdout
+    assert "lane comms" in result.stdout and "confidence interval" in result.stdout
 
 
 def test_bench_refuses_too_few_iterations(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Overlap and overhead benchmark of the pool's lanes on local CPU worlds:
 AG and RS alone and issued together, on one plain group, on two plain
-duplicate groups and on the pool's AG/RS lanes (medians of interleaved
-rounds), from which the pooled AG, RS and AG + RS over plain gloo. Prints
+duplicate groups, on the pool's AG/RS lanes and on plain groups over the
+lanes' own gloo communicators (medians of interleaved rounds), from which
+the pooled AG, RS and AG + RS over plain gloo, beside the noise floor. Prints
 tables, writes bench.json and bench.png (code: pycomm.bench.cpu)."""
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="interleaved rounds at 64 KiB, halved per 4x larger shard, at least 10 (default: 200)",
     )
     parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="runs, each a fresh world with its own round orders; tables show the median over "
+        "runs and the range of each ratio (default: 1)",
+    )
+    parser.add_argument(
         "--order-check-iters", type=int, default=60, help="rounds of the 64 KiB order-check test"
     )
     add_output_arguments(parser, default_dir="pycomm-out/bench")
@@ -42,13 +48,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.iters < 10:
         raise SystemExit("--iters must be >= 10: medians of fewer are noise on this kind of machine")
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be >= 1")
     worlds = world_sizes([int(x) for x in args.ranks.split(",")])
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     console = Console(stderr=args.json, quiet=not reports_here())
     summary = cpu.run(
-        worlds, sizes, args.iters, args.order_check_iters,
-        on_world=lambda world: console.print(
-            f"[bold]bench:[/] {world} ranks, shards {', '.join(size_text(s) for s in sizes)}"
+        worlds, sizes, args.iters, args.order_check_iters, args.repeat,
+        on_world=lambda world, run: console.print(
+            f"[bold]bench:[/] run {run + 1}/{args.repeat}, {world} ranks, "
+            f"shards {', '.join(size_text(s) for s in sizes)}"
         ),
     )
     if summary is None:  # another rank of a joined world; rank 0 reports
