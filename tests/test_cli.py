@@ -66,7 +66,7 @@ def test_doctor_names_nccl_overrides() -> None:
 def test_bench_writes_json_and_plot(tmp_path: Path) -> None:
     result = run_cli(
         "bench", "--ranks", "2,4", "--sizes", "64K", "--iters", "10",
-        "--order-check-iters", "10", "--repeat", "2", "--out", str(tmp_path),
+        "--order-check-iters", "10", "--repeat", "2", "--seed", "5", "--out", str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "bench.json").read_text())
@@ -80,7 +80,7 @@ def test_bench_writes_json_and_plot(tmp_path: Path) -> None:
     assert {(r["world"], r["op"]) for r in summary["overhead"]} == {
         (w, op) for w in (2, 4) for op in ("all_gather", "reduce_scatter", "together")
     }
-    assert summary["runs"] == 2
+    assert summary["runs"] == 2 and summary["seeds"] == [5, 6]
     for r in summary["overhead"]:
         assert r["runs"] == 2 and r["iterations"] == 10
         assert r["plain_s"] > 0 and r["pooled_s"] > 0 and r["lane_comms_s"] > 0

@@ -337,10 +337,13 @@ def run(
     order_check_iterations: int,
     repeats: int = 1,
     on_world: Callable[[int, int], None] = lambda world, run: None,
+    first_seed: int = 0,
 ) -> dict[str, Any] | None:
     """Runs a gloo world per size in `worlds` (spawned here, or the one the
     environment describes: see pycomm.launch), `repeats` times, each run a
-    fresh world with rounds in an order of its own; gathers rank 0's rows of
+    fresh world with rounds in an order of its own (run i: seed
+    `first_seed` + i, so runs of two calls with seeds apart are independent
+    and may be pooled); gathers rank 0's rows of
     every world into one summary (combine_runs: each ratio over the runs,
     with its confidence interval). None on the other ranks of a joined
     world."""
@@ -351,7 +354,7 @@ def run(
         for world in worlds:
             on_world(world, repeat)
             values = launch(
-                bench_rank, world, shard_bytes, iterations_at_64k, order_check_iterations, repeat,
+                bench_rank, world, shard_bytes, iterations_at_64k, order_check_iterations, first_seed + repeat,
                 timeout_seconds=1800,
             )
             if values is None:
@@ -362,5 +365,6 @@ def run(
     summary["host_cost"] = run_world(host_cost_rank, 1, ORDER_CHECK_BYTES, 500, 15)[0]
     summary["iterations_at_64k"] = iterations_at_64k
     summary["runs"] = repeats
+    summary["seeds"] = [first_seed + repeat for repeat in range(repeats)]
     summary["build"] = {"pycomm": pycomm.__version__, "torch": torch.__version__}
     return summary

@@ -29,8 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--repeat", type=int, default=1,
-        help="runs, each a fresh world with its own round orders; tables show the median over "
-        "runs and the range of each ratio (default: 1)",
+        help="runs, each a fresh world with its own round orders; each ratio is then their "
+        "geometric mean with a 95 %% confidence interval (default: 1)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the first run's round orders; run i uses seed + i (default: 0)",
     )
     parser.add_argument(
         "--order-check-iters", type=int, default=60, help="rounds of the 64 KiB order-check test"
@@ -59,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             f"[bold]bench:[/] run {run + 1}/{args.repeat}, {world} ranks, "
             f"shards {', '.join(size_text(s) for s in sizes)}"
         ),
+        first_seed=args.seed,
     )
     if summary is None:  # another rank of a joined world; rank 0 reports
         return 0
