@@ -158,10 +158,17 @@ std::string Collective::describe() const {
   return out.str();
 }
 
+namespace {
+// Sparse or undefined tensors are left for validate() to name.
+bool needsStaging(const at::Tensor& t) {
+  return t.defined() && !t.is_sparse() && !t.is_contiguous();
+}
+} // namespace
+
 bool Collective::allContiguous() const {
   for (const auto* tensors : {&inputs, &outputs}) {
     for (const auto& t : *tensors) {
-      if (t.defined() && !t.is_sparse() && !t.is_contiguous()) {
+      if (needsStaging(t)) {
         return false;
       }
     }
@@ -195,7 +202,7 @@ uint64_t Collective::fingerprint() const {
 std::vector<StagedTensor> stageNonContiguous(Collective& op) {
   std::vector<StagedTensor> writeBack;
   auto stage = [](at::Tensor& t) {
-    if (t.defined() && !t.is_sparse() && !t.is_contiguous()) {
+    if (needsStaging(t)) {
       t = t.contiguous();
       return true;
     }

@@ -109,10 +109,6 @@ std::pair<c10::intrusive_ptr<PooledWork>, uint64_t> PooledBackend::enqueue(
   return {work, seq};
 }
 
-std::string PooledBackend::describe(const Collective& op, uint64_t seq) const {
-  return *label_ + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
-}
-
 std::shared_ptr<DeviceLane> PooledBackend::deviceLaneFor(const Collective& op) const {
   if (op.inputs.empty()) {
     return nullptr; // a barrier: the CPU lane (see the README)
@@ -159,7 +155,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
     throwIfNotOpen();
     seq = nextSeq_++;
   }
-  return lane->issue(op, type, describe(op, seq));
+  return lane->issue(op, type, describeOp(*label_, op, seq));
 }
 
 void PooledBackend::attachDeviceLane(std::shared_ptr<DeviceLane> lane) {

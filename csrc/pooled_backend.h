@@ -135,9 +135,6 @@ class PooledBackend : public c10d::Backend {
   // The device lane for `op`'s tensors; null for CPU tensors (and a
   // barrier). Throws where no lane serves their device.
   std::shared_ptr<DeviceLane> deviceLaneFor(const Collective& op) const;
-  // "role 'ag' of group '3' (ranks 0,2): all_gather(...) (op #7)": how
-  // errors and timeouts name one op.
-  std::string describe(const Collective& op, uint64_t seq) const;
   c10::intrusive_ptr<c10d::Work> submitToDevice(
       Collective op,
       c10d::OpType type,

@@ -30,8 +30,12 @@ PooledWork::PooledWork(
       seq_(seq),
       timeout_(timeout) {}
 
+std::string describeOp(const std::string& label, const Collective& op, uint64_t seq) {
+  return label + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
+}
+
 std::string PooledWork::description() const {
-  return *label_ + ": " + op_->describe() + " (op #" + std::to_string(seq_) + ")";
+  return describeOp(*label_, *op_, seq_);
 }
 
 void PooledWork::markStarted() {

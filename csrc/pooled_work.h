@@ -27,6 +27,10 @@
 
 namespace pycomm {
 
+// "role 'ag' of group '3' (ranks 0,2): all_gather(...) (op #7)": how errors
+// and timeouts name one op of the group `label`, at place `seq` of its lane.
+std::string describeOp(const std::string& label, const Collective& op, uint64_t seq);
+
 class PooledWork : public c10d::Work {
  public:
   // `label` names the group ("role 'ag' of group '3' (ranks 0,2)"), `seq`
@@ -52,8 +56,7 @@ class PooledWork : public c10d::Work {
   std::vector<at::Tensor> result() override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
 
-  // "role 'ag' of group '3' (ranks 0,2): all_gather(...) (op #7)": how
-  // errors and timeouts name the op.
+  // describeOp() of this Work's op.
   std::string description() const;
 
  private:

@@ -18,6 +18,18 @@ Collective gather(at::Tensor out, at::Tensor in) {
   op.outputs = {std::move(out)};
   return op;
 }
+
+// What validate() says of `op`: a TensorMismatchError's message (a failure
+// where it throws none).
+std::string mismatchMessage(const Collective& op, int64_t groupSize) {
+  try {
+    pycomm::validate(op, groupSize);
+  } catch (const TensorMismatchError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "validate() raised no TensorMismatchError";
+  return "";
+}
 } // namespace
 
 TEST(Collective, AcceptsMatchingAllGather) {
@@ -27,15 +39,8 @@ TEST(Collective, AcceptsMatchingAllGather) {
 }
 
 TEST(Collective, NamesSizeMismatch) {
-  auto op = gather(at::empty({7}), at::empty({4}));
-  try {
-    pycomm::validate(op, 2);
-    FAIL();
-  } catch (const TensorMismatchError& e) {
-    EXPECT_NE(std::string(e.what()).find("expected input size 4 x group size 2 = 8"),
-              std::string::npos)
-        << e.what();
-  }
+  const auto message = mismatchMessage(gather(at::empty({7}), at::empty({4})), 2);
+  EXPECT_NE(message.find("expected input size 4 x group size 2 = 8"), std::string::npos) << message;
 }
 
 TEST(Collective, RejectsDtypeMismatchAndNonContiguous) {
@@ -97,13 +102,9 @@ TEST(Collective, FingerprintSeesKindSizeAndDtype) {
 }
 
 TEST(Collective, NamesDeviceMismatch) {
-  auto op = gather(at::empty({8}, at::TensorOptions().device(at::kMeta)), at::empty({4}));
-  try {
-    pycomm::validate(op, 2);
-    FAIL();
-  } catch (const TensorMismatchError& e) {
-    EXPECT_NE(std::string(e.what()).find("devices differ"), std::string::npos) << e.what();
-  }
+  const auto message =
+      mismatchMessage(gather(at::empty({8}, at::TensorOptions().device(at::kMeta)), at::empty({4})), 2);
+  EXPECT_NE(message.find("devices differ"), std::string::npos) << message;
 }
 
 TEST(Collective, AvgTakesComplexTensors) {
@@ -121,12 +122,8 @@ TEST(Collective, SparseTensorsAreNamedNotCrashedOn) {
   op.kind = CollectiveKind::AllReduce;
   op.inputs = {sparse};
   EXPECT_TRUE(pycomm::stageNonContiguous(op).empty());
-  try {
-    pycomm::validate(op, 2);
-    FAIL();
-  } catch (const TensorMismatchError& e) {
-    EXPECT_NE(std::string(e.what()).find("sparse"), std::string::npos) << e.what();
-  }
+  const auto message = mismatchMessage(op, 2);
+  EXPECT_NE(message.find("sparse"), std::string::npos) << message;
 }
 
 TEST(Collective, NonContiguousTensorsRunOnCopiesWrittenBack) {

@@ -49,7 +49,6 @@ from pycomm.registration import gloo_comm
 KiB = 1 << 10
 MiB = 1 << 20
 OVERLAP_VARIANTS = ("one_group", "two_groups", "pool_lanes")
-VARIANTS = OVERLAP_VARIANTS + ("lane_comms", "lane_comms_2")
 KINDS = ("ag", "rs", "together")
 # Overhead rows: which op, compared as (pooled variant) over (plain variant).
 OVERHEAD_OPS = {"all_gather": "ag", "reduce_scatter": "rs", "together": "together"}
@@ -317,7 +316,7 @@ def combine_runs(rows: list[dict[str, Any]], point_fields: tuple[str, ...]) -> l
         row: dict[str, Any] = {"runs": len(runs)}
         for field, first in runs[0].items():
             values = [r[field] for r in runs]
-            if field in point_fields or not isinstance(first, (int, float)) or first is None:
+            if field in point_fields or not isinstance(first, (int, float)):
                 row[field] = first
             elif field in RATIO_FIELDS:
                 row[field], row[f"{field}_ci95"] = ratio_over_runs(values)

@@ -183,6 +183,18 @@ c10::intrusive_ptr<c10d::Work> reduceScatterOn(PooledBackend& b, at::Tensor& out
   return b._reduce_scatter_base(out, in, {});
 }
 
+// The OrderMismatchError that issuing `issue` raises on rank `rank` (a
+// failure where it raises none).
+std::string orderMismatchOf(int rank, const std::function<void()>& issue) {
+  try {
+    issue();
+  } catch (const OrderMismatchError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "rank " << rank << ": no OrderMismatchError";
+  return "";
+}
+
 TEST(OrderCheckOnNcclLanes, DifferentOrdersAreNamedBeforeReachingNccl) {
   CheckedRanks ranks(2);
   std::vector<std::string> errors(2);
@@ -192,16 +204,13 @@ TEST(OrderCheckOnNcclLanes, DifferentOrdersAreNamedBeforeReachingNccl) {
     auto reduced = at::zeros({kCount});
     // Rank 0: all-gather first; rank 1: reduce-scatter first. On NCCL this
     // pair waits forever; here the first op of each fails by name.
-    try {
+    errors[r] = orderMismatchOf(r, [&] {
       if (r == 0) {
         allGatherOn(backend, r, gathered);
       } else {
         reduceScatterOn(backend, reduced);
       }
-      ADD_FAILURE() << "rank " << r << ": no OrderMismatchError";
-    } catch (const OrderMismatchError& e) {
-      errors[r] = e.what();
-    }
+    });
   });
   for (const auto& e : errors) {
     EXPECT_NE(e.find("op #0 all_gather(1 x Float, 8 elements)"), std::string::npos) << e;
@@ -229,17 +238,14 @@ TEST(OrderCheckOnNcclLanes, DeviceAndCpuOpsShareOneOrder) {
   std::vector<std::string> errors(2);
   onRanks(2, [&](int r) {
     auto& backend = *ranks.backends[r];
-    try {
+    errors[r] = orderMismatchOf(r, [&] {
       if (r == 0) {
         auto gathered = at::zeros({kCount * 2});
         allGatherOn(backend, r, gathered); // device lane
       } else {
         backend.barrier(c10d::BarrierOptions())->wait(5000ms); // CPU lane
       }
-      ADD_FAILURE() << "rank " << r << ": no OrderMismatchError";
-    } catch (const OrderMismatchError& e) {
-      errors[r] = e.what();
-    }
+    });
   });
   for (const auto& e : errors) {
     EXPECT_NE(e.find("all_gather"), std::string::npos) << e;
