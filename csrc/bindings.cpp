@@ -178,7 +178,9 @@ void bindCuda(py::module_& m) {
                       const std::string& label,
                       const py::bytes& uniqueId,
                       const std::shared_ptr<pycomm::NcclLane>& parent,
-                      bool tearDownOnError) {
+                      bool tearDownOnError,
+                      bool groupReducesFp8,
+                      double stallTimeoutSeconds) {
             pycomm::NcclLaneSpec spec;
             spec.comm.apis = pycomm::realGpuApis();
             spec.comm.device = device;
@@ -191,6 +193,9 @@ void bindCuda(py::module_& m) {
             spec.role = role;
             spec.streamPriority = streamPriority;
             spec.tearDownOnError = tearDownOnError;
+            spec.groupReducesFp8 = groupReducesFp8;
+            spec.stallTimeout = std::chrono::milliseconds(
+                static_cast<int64_t>(stallTimeoutSeconds * 1000.0));
             const std::string id = uniqueId;
             py::gil_scoped_release release; // collective: peers must progress
             return pycomm::NcclLane::create(spec, id, parent);
@@ -205,7 +210,9 @@ void bindCuda(py::module_& m) {
           py::arg("label"),
           py::arg("unique_id") = py::bytes(),
           py::arg("parent") = nullptr,
-          py::arg("tear_down_on_error") = true)
+          py::arg("tear_down_on_error") = true,
+          py::arg("group_reduces_fp8") = true,
+          py::arg("stall_timeout_seconds") = 480.0)
       .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
       .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
       .def_property_readonly(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,11 +35,18 @@ SPLIT_ENV = "PYCOMM_NCCL_SPLIT"
 # (TORCH_NCCL_ASYNC_ERROR_HANDLING), since a stream may already consume the
 # failed op's output.
 ASYNC_ERROR_HANDLING_ENV = "PYCOMM_NCCL_ASYNC_ERROR_HANDLING"
+# How long one CUDA or NCCL call of a lane's watchdog (or an abort or destroy
+# of its communicator) may block before the lane is given up: torch's
+# variable for its NCCL watchdog's heartbeat, with torch's default.
+STALL_TIMEOUT_ENV = "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"
+_DEFAULT_STALL_TIMEOUT_SECONDS = 480.0
 
 DeviceChoice = int | str | torch.device | None
 
 _SPLIT = b"split"
 _INIT = b"init:"
+# NCCL reduces FP8 only from sm90 on (NCCL 2.30.7 src/enqueue.cc).
+_FP8_REDUCE_MIN_MAJOR = 9
 
 
 def _torch_nccl_backend(group: dist.ProcessGroup | None, device: torch.device) -> Any:
@@ -151,14 +159,47 @@ def tear_down_on_error() -> bool:
     return os.environ.get(ASYNC_ERROR_HANDLING_ENV, "1") != "0"
 
 
+def stall_timeout_seconds() -> float:
+    """The stall bound TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC sets (480 s unset)."""
+    raw = os.environ.get(STALL_TIMEOUT_ENV)
+    if raw is None or raw.strip() == "":
+        return _DEFAULT_STALL_TIMEOUT_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(
+            f"{STALL_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}"
+        )
+    return seconds
+
+
+@dataclass(frozen=True)
+class LanePlan:
+    """What the members of a new NCCL lane agreed on."""
+
+    decision: bytes  # _SPLIT, or _INIT followed by the unique id
+    # False when a member's GPU predates Hopper: NCCL checks FP8 reductions
+    # against the lowest compute capability of a communicator's ranks.
+    reduces_fp8: bool
+
+
 def _agree_on_plan(
-    store: dist.Store, group_size: int, can_split: bool, timeout_seconds: float, label: str
-) -> bytes:
+    store: dist.Store,
+    group_size: int,
+    can_split: bool,
+    timeout_seconds: float,
+    label: str,
+    reduces_fp8: bool = True,
+) -> LanePlan:
     """Split only if every member can; else one fresh unique id for all. Each
-    member adds whether it can split, then counts itself in; the last to
-    arrive decides for everyone (so a member that cannot split never leaves
-    the others waiting inside ncclCommSplit)."""
+    member adds whether it can split (and whether its GPU can reduce FP8),
+    then counts itself in; the last to arrive decides for everyone (so a
+    member that cannot split never leaves the others waiting inside
+    ncclCommSplit)."""
     store.add("can_split", 1 if can_split else 0)
+    store.add("below_sm90", 0 if reduces_fp8 else 1)
     if store.add("arrived", 1) == group_size:
         all_can = store.add("can_split", 0) == group_size
         store.set("plan", _SPLIT if all_can else _INIT + _C.nccl_unique_id())
@@ -169,7 +210,8 @@ def _agree_on_plan(
             f"{label}: not every member reached the NCCL communicator plan "
             f"within {timeout_seconds:g} s"
         ) from e
-    return store.get("plan")
+    # Every member added its answer before counting itself in.
+    return LanePlan(store.get("plan"), store.add("below_sm90", 0) == 0)
 
 
 # CUDA's default stream priority: what Megatron's is_high_priority_stream:
@@ -213,10 +255,14 @@ def create_lane(
     # Everything that can fail on one rank alone fails before the collective
     # part, so the peers do not wait for this rank until their timeout.
     priority = _C.NcclLane.resolve_priority(device, role, _asked_priority(device, config), label)
-    decision = _agree_on_plan(store, group_size, parent is not None, config.timeout_seconds, label)
+    major, _minor = torch.cuda.get_device_capability(device)
+    plan_agreed = _agree_on_plan(
+        store, group_size, parent is not None, config.timeout_seconds, label,
+        reduces_fp8=major >= _FP8_REDUCE_MIN_MAJOR,
+    )
     unique_id = b""
-    if decision != _SPLIT:
-        unique_id = decision[len(_INIT):]
+    if plan_agreed.decision != _SPLIT:
+        unique_id = plan_agreed.decision[len(_INIT):]
         parent = None
     lane = _C.NcclLane(
         device=device,
@@ -230,6 +276,8 @@ def create_lane(
         unique_id=unique_id,
         parent=parent,
         tear_down_on_error=tear_down_on_error(),
+        group_reduces_fp8=plan_agreed.reduces_fp8,
+        stall_timeout_seconds=stall_timeout_seconds(),
     )
     logger.debug(
         "%s: NCCL lane on cuda:%d (%s), stream priority %d",

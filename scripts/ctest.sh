@@ -23,6 +23,7 @@ case "${PYCOMM_SANITIZE:-}" in
   thread) SANITIZER=thread; BUILD="$ROOT/build/cmake-tsan" ;;
   *) echo "ctest: PYCOMM_SANITIZE is 1, address or thread, got '$PYCOMM_SANITIZE'" >&2; exit 2 ;;
 esac
+mkdir -p "$ROOT/build"
 GEN=()
 command -v ninja >/dev/null 2>&1 && GEN=(-G Ninja)
 [ -x "$ROOT/.venv/bin/ninja" ] && GEN=(-G Ninja -DCMAKE_MAKE_PROGRAM="$ROOT/.venv/bin/ninja")

@@ -18,6 +18,7 @@ import pycomm
 from pycomm import ConfigError, RoleConfig, _C
 from pycomm.launch import run_world
 from pycomm.nccl import (
+    LanePlan,
     _agree_on_plan,
     nccl_settings,
     resolve_device,
@@ -129,16 +130,17 @@ def test_auto_gives_gloo_only_groups_no_nccl_lane() -> None:
     assert run_world(_auto_device_of_gloo_world, 2) == [None, None]
 
 
-def _members_agree(can_split: list[bool]) -> list[bytes]:
+def _members_agree(can_split: list[bool], reduces_fp8: list[bool] | None = None) -> list[LanePlan]:
     import threading
 
     import torch.distributed as dist
 
     store = dist.HashStore()
-    plans: list[bytes] = [b""] * len(can_split)
+    plans: list[LanePlan] = [LanePlan(b"", True)] * len(can_split)
+    fp8 = reduces_fp8 or [True] * len(can_split)
 
     def member(i: int) -> None:
-        plans[i] = _agree_on_plan(store, len(can_split), can_split[i], 30.0, "test")
+        plans[i] = _agree_on_plan(store, len(can_split), can_split[i], 30.0, "test", fp8[i])
 
     threads = [threading.Thread(target=member, args=(i,)) for i in range(len(can_split))]
     for t in threads:
@@ -150,10 +152,18 @@ def _members_agree(can_split: list[bool]) -> list[bytes]:
 
 @needs_cuda_build
 def test_members_split_only_if_every_member_can() -> None:
-    assert _members_agree([True, True, True]) == [b"split"] * 3
-    plans = _members_agree([True, False, True])
+    assert [p.decision for p in _members_agree([True, True, True])] == [b"split"] * 3
+    plans = [p.decision for p in _members_agree([True, False, True])]
     assert len(set(plans)) == 1, "every member must get the same plan"
     assert plans[0].startswith(b"init:") and len(plans[0]) == len(b"init:") + 128
+
+
+@needs_cuda_build
+def test_members_learn_whether_every_gpu_reduces_fp8() -> None:
+    """NCCL checks FP8 reductions against the lowest compute capability of a
+    communicator's ranks: one pre-Hopper member turns them off for all."""
+    assert [p.reduces_fp8 for p in _members_agree([True] * 3, [True] * 3)] == [True] * 3
+    assert [p.reduces_fp8 for p in _members_agree([True] * 3, [True, False, True])] == [False] * 3
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
@@ -185,6 +195,19 @@ def test_errors_tear_down_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -
     assert tear_down_on_error() is False
     monkeypatch.setenv(ASYNC_ERROR_HANDLING_ENV, "1")
     assert tear_down_on_error() is True
+
+
+def test_stall_bound_follows_torchs_heartbeat_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pycomm.nccl import STALL_TIMEOUT_ENV, stall_timeout_seconds
+
+    monkeypatch.delenv(STALL_TIMEOUT_ENV, raising=False)
+    assert stall_timeout_seconds() == 480.0
+    monkeypatch.setenv(STALL_TIMEOUT_ENV, "30")
+    assert stall_timeout_seconds() == 30.0
+    for bad in ("0", "-5", "soon", "inf", "nan"):
+        monkeypatch.setenv(STALL_TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match=STALL_TIMEOUT_ENV):
+            stall_timeout_seconds()
 
 
 @needs_cuda_build

@@ -90,4 +90,35 @@ bool CudaEvent::query() const {
   return true;
 }
 
+std::shared_ptr<EndEvent> EndEventPool::take() {
+  std::unique_ptr<EndEvent> event;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!free_.empty()) {
+      event = std::move(free_.back());
+      free_.pop_back();
+    }
+  }
+  if (!event) {
+    event = std::make_unique<EndEvent>(api_);
+  }
+  event->reset();
+  std::weak_ptr<EndEventPool> pool = weak_from_this();
+  return std::shared_ptr<EndEvent>(event.release(), [pool](EndEvent* e) {
+    if (auto self = pool.lock()) {
+      self->giveBack(e);
+    } else {
+      delete e;
+    }
+  });
+}
+
+void EndEventPool::giveBack(EndEvent* event) {
+  std::unique_ptr<EndEvent> owned(event);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (free_.size() < kKept) {
+    free_.push_back(std::move(owned));
+  }
+}
+
 } // namespace pycomm

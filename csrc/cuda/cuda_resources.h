@@ -5,8 +5,11 @@
 // Thread-safety: CudaStream and CudaEvent are immutable handles after
 // construction; CUDA allows their use from any thread. A DeviceScope belongs
 // to the thread that made it.
+#include <atomic>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "cuda_api.h"
 
@@ -80,6 +83,54 @@ class CudaEvent {
  private:
   std::shared_ptr<CudaApi> api_;
   cudaEvent_t event_ = nullptr;
+};
+
+// An op's end event. A nonblocking group end hands the launch to NCCL's own
+// thread, so the event can only be recorded once NCCL has put the op's
+// kernels on the stream, after issue() returned; until then the op counts as
+// not passed (an event never recorded would count as passed in CUDA).
+class EndEvent {
+ public:
+  explicit EndEvent(std::shared_ptr<CudaApi> api) : event_(std::move(api)) {}
+  void record(cudaStream_t stream) {
+    event_.record(stream);
+    recorded_.store(true, std::memory_order_release);
+  }
+  bool recorded() const {
+    return recorded_.load(std::memory_order_acquire);
+  }
+  // False until recorded; throws on a device error.
+  bool passed() const {
+    return recorded() && event_.query();
+  }
+  void block(cudaStream_t stream) const {
+    event_.block(stream);
+  }
+  // For reuse by the next op.
+  void reset() {
+    recorded_.store(false, std::memory_order_release);
+  }
+
+ private:
+  CudaEvent event_;
+  std::atomic<bool> recorded_{false};
+};
+
+// Recycles end events: creating and destroying a CUDA event per op costs the
+// host (torch's NCCL backend caches its events too, CUDAEventCache). An
+// event goes back when the last holder of the op's Work lets go; a wait
+// already queued on it keeps the state it had, so reuse is safe.
+class EndEventPool : public std::enable_shared_from_this<EndEventPool> {
+ public:
+  explicit EndEventPool(std::shared_ptr<CudaApi> api) : api_(std::move(api)) {}
+  std::shared_ptr<EndEvent> take();
+
+ private:
+  void giveBack(EndEvent* event);
+  static constexpr size_t kKept = 64;
+  std::shared_ptr<CudaApi> api_;
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<EndEvent>> free_;
 };
 
 } // namespace pycomm

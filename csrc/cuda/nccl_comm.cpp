@@ -51,14 +51,15 @@ ncclResult_t pollAsyncState(
   }
 }
 
-// A split that did not complete may still have its child written into the
-// slot by NCCL's own thread later: the slot stays valid for the life of the
-// process (one pointer per failed split).
-void keepForNccl(std::unique_ptr<ncclComm_t> slot) {
+// A split or window registration that did not complete may still have its
+// result written into the slot by NCCL's own thread later: the slot stays
+// valid for the life of the process (one pointer per failed call).
+template <typename T>
+void keepForNccl(std::unique_ptr<T> slot) {
   static std::mutex mutex;
-  static std::vector<std::unique_ptr<ncclComm_t>> kept;
+  static std::vector<std::shared_ptr<void>> kept;
   std::lock_guard<std::mutex> lock(mutex);
-  kept.push_back(std::move(slot));
+  kept.emplace_back(std::move(slot));
 }
 
 std::string timeoutText(std::chrono::milliseconds timeout) {
@@ -143,7 +144,7 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
               "; every member must duplicate the group with the same role"
           : s.label + ": " + what + " failed: " + nccl::errorText(api, state) +
               " (NCCL: " + nccl::lastError(api, parent.comm_) + ")";
-      keepForNccl(std::move(slot));
+      keepForNccl<ncclComm_t>(std::move(slot));
       parent.requestAbort(message);
       parent.releaseLocked(/*abort=*/true);
       if (state == ncclInProgress) {
@@ -215,10 +216,50 @@ void NcclComm::enqueueLocked(
         (abortRequested_.load() ? "aborted (" + abortReason() + ")" : "destroyed"));
   }
   DeviceScope device(*spec_.apis.cuda, spec_.device);
+  settleLaunchLocked();
   if (nccl::check(nccl(), calls(comm_), spec_.label + ": " + what, comm_) ==
       ncclInProgress) {
     settleLocked(what);
   }
+}
+
+void NcclComm::launch(
+    const std::string& what,
+    const std::function<ncclResult_t(ncclComm_t)>& calls,
+    std::function<void()> onTaken) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (comm_ == nullptr || abortRequested_.load()) {
+    throw PoolClosedError(
+        spec_.label + ": " + what + ": the NCCL communicator was " +
+        (abortRequested_.load() ? "aborted (" + abortReason() + ")" : "destroyed"));
+  }
+  DeviceScope device(*spec_.apis.cuda, spec_.device);
+  settleLaunchLocked();
+  if (nccl::check(nccl(), calls(comm_), spec_.label + ": " + what, comm_) ==
+      ncclInProgress) {
+    pendingLaunch_ = PendingLaunch{what, std::move(onTaken)};
+  } else {
+    onTaken(); // a blocking communicator launched on this thread
+  }
+}
+
+void NcclComm::settle() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (comm_ == nullptr) {
+    return;
+  }
+  DeviceScope device(*spec_.apis.cuda, spec_.device);
+  settleLaunchLocked();
+}
+
+void NcclComm::settleLaunchLocked() {
+  if (!pendingLaunch_) {
+    return;
+  }
+  PendingLaunch launch = std::move(*pendingLaunch_);
+  pendingLaunch_.reset();
+  settleLocked(launch.what); // throws if NCCL failed it or did not take it in time
+  launch.onTaken();
 }
 
 std::optional<ncclResult_t> NcclComm::tryAsyncError() {
@@ -231,6 +272,12 @@ std::optional<ncclResult_t> NcclComm::tryAsyncError() {
   }
   ncclResult_t state = ncclSuccess;
   const ncclResult_t result = nccl().commGetAsyncError(comm_, &state);
+  if (result == ncclSuccess && state == ncclSuccess && pendingLaunch_) {
+    PendingLaunch launch = std::move(*pendingLaunch_);
+    pendingLaunch_.reset();
+    DeviceScope device(*spec_.apis.cuda, spec_.device);
+    launch.onTaken();
+  }
   return result != ncclSuccess ? result : state;
 }
 
@@ -246,13 +293,33 @@ void NcclComm::registerBuffer(void* buffer, size_t bytes, bool symmetric) {
   if (registrations_.count(buffer)) {
     return;
   }
-  void* handle = nullptr;
-  enqueueLocked(what, [&](ncclComm_t comm) {
-    return symmetric
-        ? nccl().commWindowRegister(comm, buffer, bytes, &handle, /*NCCL_WIN_COLL_SYMMETRIC*/ 1)
-        : nccl().commRegister(comm, buffer, bytes, &handle);
-  });
-  registrations_.emplace(buffer, Registration{handle, symmetric});
+  // On a nonblocking communicator ncclCommWindowRegister returns
+  // ncclSuccess at once and NCCL's thread writes the window when every rank
+  // registered (NCCL 2.30.7 src/dev_runtime.cc): the slot is on the heap,
+  // kept for NCCL if the registration does not complete, and the
+  // registration is settled even when the call answered ncclSuccess.
+  auto slot = std::make_unique<void*>(nullptr);
+  try {
+    enqueueLocked(what, [&](ncclComm_t comm) {
+      return symmetric
+          ? nccl().commWindowRegister(comm, buffer, bytes, slot.get(), /*NCCL_WIN_COLL_SYMMETRIC*/ 1)
+          : nccl().commRegister(comm, buffer, bytes, slot.get());
+    });
+    if (symmetric) {
+      settleLocked(what);
+    }
+  } catch (...) {
+    keepForNccl(std::move(slot));
+    throw;
+  }
+  if (*slot == nullptr) {
+    // NCCL answers success with no window when the communicator has no
+    // symmetric memory support (src/dev_runtime.cc).
+    throw UnsupportedOpError(
+        spec_.label + ": " + what + ": NCCL gave no window (this communicator "
+        "has no symmetric memory support)");
+  }
+  registrations_.emplace(buffer, Registration{*slot, symmetric});
 }
 
 void NcclComm::deregisterBuffer(void* buffer) {
@@ -292,6 +359,7 @@ void NcclComm::destroy() {
   }
   DeviceScope device(*spec_.apis.cuda, spec_.device, DeviceScope::Errors::Quiet);
   try {
+    settleLaunchLocked();
     while (!registrations_.empty()) {
       deregisterLocked(registrations_.begin()->first);
     }
@@ -328,6 +396,7 @@ void NcclComm::releaseLocked(bool abort) {
   // nothing of ours to free, so it is not rethrown.
   (void)(abort ? nccl().commAbort(comm_) : nccl().commDestroy(comm_));
   comm_ = nullptr;
+  pendingLaunch_.reset(); // never taken: its event is never recorded
   registrations_.clear(); // NCCL frees them with the communicator
   liveComms.fetch_sub(1);
 }

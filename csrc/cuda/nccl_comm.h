@@ -59,6 +59,20 @@ class NcclComm {
   void enqueue(
       const std::string& what,
       const std::function<ncclResult_t(ncclComm_t)>& calls);
+  // Runs `calls` under the lock without waiting for NCCL to take them: a
+  // nonblocking group end hands the launch to NCCL's own thread and answers
+  // ncclInProgress. `onTaken` runs, under the lock, once NCCL has taken
+  // them, by whoever sees that first: the next call on the communicator
+  // (NCCL refuses calls while one is in progress, so every call settles the
+  // last launch first), settle(), or tryAsyncError(). It never runs if the
+  // launch fails or the communicator is aborted first. Throws as enqueue().
+  void launch(
+      const std::string& what,
+      const std::function<ncclResult_t(ncclComm_t)>& calls,
+      std::function<void()> onTaken);
+  // Waits, bounded by the timeout, until NCCL took the last launch, and runs
+  // its onTaken; nothing to do when it was seen taken already.
+  void settle();
   // The error NCCL met asynchronously (ncclSuccess or ncclInProgress when
   // none); nullopt while another call holds the communicator (that call
   // reports what it meets), so a watchdog never waits behind an issue.
@@ -102,6 +116,8 @@ class NcclComm {
   // Waits for a new communicator to finish connecting and takes ownership;
   // aborts it on failure or past the timeout.
   void adopt(ncclComm_t comm, const std::string& what);
+  // Settles the last launch, if one is pending; lock held by the caller.
+  void settleLaunchLocked();
   // enqueue() with the lock held by the caller.
   void enqueueLocked(
       const std::string& what,
@@ -122,6 +138,11 @@ class NcclComm {
   mutable std::mutex mutex_;
   ncclComm_t comm_ = nullptr;
   std::map<void*, Registration> registrations_; // by buffer
+  struct PendingLaunch {
+    std::string what;
+    std::function<void()> onTaken;
+  };
+  std::optional<PendingLaunch> pendingLaunch_; // NCCL's thread may not have taken it yet
   std::atomic<bool> abortRequested_{false};
   mutable std::mutex reasonMutex_; // not mutex_: set before a poll lets go of it
   std::string abortReason_;

@@ -1,6 +1,7 @@
 #include "nccl_lane.h"
 
 #include <algorithm>
+#include <iterator>
 #include <cstdio>
 #include <cstdlib>
 
@@ -64,7 +65,15 @@ std::shared_ptr<NcclLane> NcclLane::create(
     const std::shared_ptr<NcclLane>& parent) {
   // Not make_shared: the constructor is private, so every lane is owned by a
   // shared_ptr, which the watchdog relies on.
-  return std::shared_ptr<NcclLane>(new NcclLane(spec, uniqueId, parent));
+  std::shared_ptr<NcclLane> lane(new NcclLane(spec, uniqueId, parent));
+  std::weak_ptr<NcclLane> weak = lane;
+  lane->stallWatch_ = StallWatch::create(
+      lane->spec_.comm.label, lane->spec_.stallTimeout, [weak](const std::string& report) {
+        if (auto self = weak.lock()) {
+          self->onStall(report);
+        }
+      });
+  return lane;
 }
 
 NcclLane::NcclLane(
@@ -91,6 +100,7 @@ NcclLane::NcclLane(
     stream_ = std::make_unique<CudaStream>(spec_.comm.apis.cuda, priority);
     callerReady_ = std::make_unique<CudaEvent>(spec_.comm.apis.cuda);
   }
+  endEvents_ = std::make_shared<EndEventPool>(spec_.comm.apis.cuda);
   const int64_t freeBefore = freeDeviceMemory();
   comm_ = parent != nullptr ? NcclComm::split(spec_.comm, *parent->comm_)
                             : NcclComm::initRank(spec_.comm, uniqueId);
@@ -162,6 +172,13 @@ NcclLane::NcclTypes NcclLane::ncclTypesOf(
       op.kind == CollectiveKind::AllReduce;
   for (const auto& in : op.inputs) {
     out.types.push_back(nccl::dataType(in.scalar_type(), loadedVersion_, what));
+    const bool fp8 = in.scalar_type() == at::kFloat8_e4m3fn || in.scalar_type() == at::kFloat8_e5m2;
+    if (reduces && fp8 && !spec_.groupReducesFp8) {
+      throw UnsupportedOpError(
+          what + ": NCCL reduces " + c10::toString(in.scalar_type()) +
+          " only when every rank of the communicator has compute capability 9.0 "
+          "or later (it checks the lowest); a rank of this group has an older GPU");
+    }
     if (reduces) {
       out.reduces.push_back(
           nccl::reduceOp(op.reduceOp, in.scalar_type(), computeMajor_, what));
@@ -170,11 +187,14 @@ NcclLane::NcclTypes NcclLane::ncclTypesOf(
   return out;
 }
 
-void NcclLane::enqueueCollective(
-    const Collective& op, const NcclTypes& nccl, const std::string& what) {
+void NcclLane::launchCollective(
+    const Collective& op,
+    const NcclTypes& nccl,
+    const std::string& what,
+    const std::shared_ptr<EndEvent>& end) {
   const cudaStream_t stream = stream_->get();
   NcclApi& api = *spec_.comm.apis.nccl;
-  comm_->enqueue(what, [&](ncclComm_t comm) -> ncclResult_t {
+  auto calls = [&](ncclComm_t comm) -> ncclResult_t {
     nccl::check(api, api.groupStart(), what + ": ncclGroupStart", comm);
     ncclResult_t result = ncclSuccess;
     for (size_t i = 0; i < op.inputs.size(); ++i) {
@@ -209,9 +229,13 @@ void NcclLane::enqueueCollective(
     }
     // The group is always closed, also after a failed call, so the thread
     // is not left inside an NCCL group.
-    const ncclResult_t end = api.groupEnd();
-    return result != ncclSuccess && result != ncclInProgress ? result : end;
-  });
+    const ncclResult_t ended = api.groupEnd();
+    return result != ncclSuccess && result != ncclInProgress ? result : ended;
+  };
+  // The end event goes behind the kernels, which NCCL's thread puts on the
+  // stream after the group end returned: whoever sees NCCL take them first
+  // records it (the next issue, the watchdog, a wait()).
+  comm_->launch(what, calls, [end, stream] { end->record(stream); });
 }
 
 c10::intrusive_ptr<c10d::Work> NcclLane::issue(
@@ -244,13 +268,12 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     // would otherwise be counted in.
     freeBeforeFirstUse_ = freeDeviceMemory();
   }
-  std::shared_ptr<CudaEvent> end;
+  std::shared_ptr<EndEvent> end;
   try {
     callerReady_->record(caller);
     callerReady_->block(stream_->get());
-    enqueueCollective(op, types, description);
-    end = std::make_shared<CudaEvent>(spec_.comm.apis.cuda);
-    end->record(stream_->get());
+    end = endEvents_->take();
+    launchCollective(op, types, description, end);
   } catch (...) {
     // NCCL may have taken part of the op, or may still: the communicator
     // can no longer be trusted with the next one.
@@ -271,6 +294,11 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
       type,
       op.results(),
       std::move(end),
+      [lane = weak_from_this()] {
+        if (auto self = lane.lock()) {
+          self->settleOrFail();
+        }
+      },
       device_,
       std::move(description));
   bool wake = false;
@@ -286,11 +314,23 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
   return work;
 }
 
+void NcclLane::settleOrFail() {
+  try {
+    comm_->settle();
+  } catch (...) {
+    auto error = std::current_exception();
+    failOnError(error);
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::rethrow_exception(failure_ ? failure_ : error);
+  }
+}
+
 void NcclLane::ensureWatchdog() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!watchdog_.joinable()) {
     watchdog_ = std::thread([self = shared_from_this()] { self->watch(); });
     watchdogId_.store(watchdog_.get_id());
+    watchdogRunning_ = true;
   }
 }
 
@@ -305,14 +345,25 @@ void NcclLane::watch() {
     }
   }
   watchdogId_.store(std::thread::id()); // the id may be reused by a new thread
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    watchdogRunning_ = false;
+  }
+  changed_.notify_all();
 }
 
 void NcclLane::watchUntilDone() {
   try {
     // Event queries need this device's context (not device 0's), and must
-    // not be refused while another thread captures a CUDA graph.
+    // not be refused while another thread captures a CUDA graph: in the
+    // default Global mode CUDA fails them with "operation not permitted
+    // when stream is capturing" and invalidates that capture. This thread
+    // never captures, so thread-local mode frees it, as torch's NCCL
+    // watchdog does (ProcessGroupNCCL.cpp, Watchdog::runLoop: "allow
+    // watchdog to do an event query on a side thread").
+    StallWatch::Call call(*stallWatch_, "setting its device and capture mode");
     checkCuda(cuda(), cuda().setDevice(device_.index()), "cudaSetDevice");
-    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeThreadLocal;
     checkCuda(
         cuda(), cuda().threadExchangeStreamCaptureMode(&mode),
         "cudaThreadExchangeStreamCaptureMode");
@@ -332,6 +383,7 @@ void NcclLane::watchUntilDone() {
   changed_.notify_all();
   if (freeComm) {
     try {
+      StallWatch::Call call(*stallWatch_, "freeing the NCCL communicator");
       comm_->destroy();
     } catch (...) {
       // release() has no caller to report to; destroy() aborted instead.
@@ -359,6 +411,7 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
   std::exception_ptr error;
   bool passed = false;
   try {
+    StallWatch::Call call(*stallWatch_, "querying the end event of the oldest op");
     passed = work->endPassed();
   } catch (...) {
     error = std::current_exception();
@@ -372,6 +425,7 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
     passed = false;
   }
   if (!passed && !error) {
+    StallWatch::Call call(*stallWatch_, "asking NCCL for the communicator's asynchronous error");
     const auto async = comm_->tryAsyncError();
     if (async && *async != ncclSuccess && *async != ncclInProgress) {
       error = std::make_exception_ptr(CollectiveError(
@@ -420,12 +474,16 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
   previousEndUs = now;
   if (firstUseBytes_.load() == kNotMeasured) {
     try {
+      StallWatch::Call call(*stallWatch_, "reading the device's free memory");
       firstUseBytes_ = std::max<int64_t>(0, freeBeforeFirstUse_ - freeDeviceMemory());
     } catch (const std::exception&) {
       firstUseBytes_ = kNotMeasurable; // a report, not worth failing the op for
     }
   }
-  work->complete(nullptr); // may run callbacks; no lock held
+  {
+    StallWatch::Call call(*stallWatch_, "completing an op (its callbacks run on the watchdog)");
+    work->complete(nullptr); // may run callbacks; no lock held
+  }
   done.tensors.clear();
   lock.lock();
   return true;
@@ -433,6 +491,8 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
 
 bool NcclLane::fail(std::exception_ptr error, State next) {
   bool ended = false;
+  std::deque<InFlight> unfinished;
+  std::shared_ptr<LaneStats> stats;
   {
     // Recorded before the abort, so an issue() that the abort breaks reports
     // this error, not the abort.
@@ -447,28 +507,92 @@ bool NcclLane::fail(std::exception_ptr error, State next) {
     } else if (endedBy_) {
       error = endedBy_; // the first failure names what happened
     }
+    unfinished.swap(inFlight_);
+    stats = stats_;
   }
+  // The works fail before the communicator is aborted, which may take long
+  // (or hang): a wait() meanwhile must raise, not let the caller's stream
+  // go on to a half-written output. Their tensors stay held until NCCL's
+  // kernels returned.
+  completeFailed(unfinished, error, stats);
   // Aborting makes NCCL's kernels return and ends any poll inside an
   // issue(), so held tensors are safe to release afterwards and issueMutex_
   // is free soon.
-  comm_->abort(messageOf(error));
+  const bool aborted = abortCommunicator(messageOf(error));
+  std::deque<InFlight> late; // pushed by an issue() the abort let finish
+  {
+    // A hung abort may hold the communicator that an issue() is inside:
+    // then the ops pushed so far are taken without waiting for it.
+    std::unique_lock<std::mutex> issueLock(issueMutex_, std::defer_lock);
+    if (aborted) {
+      issueLock.lock();
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    late.swap(inFlight_);
+  }
+  changed_.notify_all();
+  completeFailed(late, error, stats);
+  if (!aborted) {
+    // NCCL's kernels may still read and write these: they live as long as
+    // the lane, which the hung abort holds.
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto* ops : {&unfinished, &late}) {
+      std::move(ops->begin(), ops->end(), std::back_inserter(abandoned_));
+    }
+  }
+  return ended;
+}
+
+bool NcclLane::abortCommunicator(const std::string& reason) {
+  if (onWatchdogThread()) {
+    StallWatch::Call call(*stallWatch_, "aborting the NCCL communicator");
+    comm_->abort(reason);
+    return true;
+  }
+  return runBounded(spec_.stallTimeout, [self = shared_from_this(), reason] {
+    self->comm_->abort(reason);
+  });
+}
+
+void NcclLane::onStall(const std::string& report) {
+  // No CUDA or NCCL call here: they may hang as well.
+  auto error = std::make_exception_ptr(CollectiveTimeoutError(report));
   std::deque<InFlight> unfinished;
   std::shared_ptr<LaneStats> stats;
+  bool ended = false;
   {
-    std::lock_guard<std::mutex> issueLock(issueMutex_);
     std::lock_guard<std::mutex> lock(mutex_);
+    if (state_ == State::Open || state_ == State::Closing) {
+      state_ = State::Failed;
+      failure_ = error;
+      endedBy_ = error;
+      ended = true;
+    }
     unfinished.swap(inFlight_);
     stats = stats_;
   }
   changed_.notify_all();
+  completeFailed(unfinished, error, stats);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::move(unfinished.begin(), unfinished.end(), std::back_inserter(abandoned_));
+  }
+  if (ended && spec_.tearDownOnError) {
+    spec_.tearDown(report);
+  }
+}
+
+void NcclLane::completeFailed(
+    std::deque<InFlight>& ops,
+    const std::exception_ptr& error,
+    const std::shared_ptr<LaneStats>& stats) {
   const int64_t now = LaneStats::nowUs();
-  for (auto& op : unfinished) {
+  for (auto& op : ops) {
     if (stats) {
       stats->record(OpRecord{op.kind, op.bytes, now, now, false});
     }
     op.work->complete(error);
   }
-  return ended;
 }
 
 void NcclLane::failOnError(std::exception_ptr error) {
@@ -511,7 +635,19 @@ void NcclLane::close() {
   }
   changed_.notify_all();
   joinWatchdog();
-  comm_->destroy(); // after an abort, a no-op
+  // After an abort, a no-op. Finalizing may hang on a sick GPU: the caller
+  // waits for it at most the stall timeout.
+  auto failure = std::make_shared<std::exception_ptr>();
+  const bool returned = runBounded(spec_.stallTimeout, [self = shared_from_this(), failure] {
+    try {
+      self->comm_->destroy();
+    } catch (...) {
+      *failure = std::current_exception();
+    }
+  });
+  if (returned && *failure) {
+    std::rethrow_exception(*failure);
+  }
 }
 
 void NcclLane::release() {
@@ -562,9 +698,22 @@ void NcclLane::throwUnlessOpen(const std::string& what) const {
 void NcclLane::registerMemory(void* buffer, size_t bytes, bool symmetric) {
   // Under the issue lock: a registration is a call on the communicator
   // between two ops, and a closed or failed lane takes none.
-  std::lock_guard<std::mutex> issueLock(issueMutex_);
+  std::unique_lock<std::mutex> issueLock(issueMutex_);
   throwUnlessOpen(spec_.comm.label);
-  comm_->registerBuffer(buffer, bytes, symmetric);
+  try {
+    comm_->registerBuffer(buffer, bytes, symmetric);
+  } catch (const UnsupportedOpError&) {
+    throw; // refused before NCCL took anything: the lane is as it was
+  } catch (...) {
+    // NCCL failed the registration (the communicator is in error), or it
+    // did not complete and may still be running: the lane cannot be
+    // trusted with another op. No op consumed anything, so it fails
+    // without tearing the process down; its ops raise this error.
+    auto error = std::current_exception();
+    issueLock.unlock();
+    fail(error, State::Failed);
+    std::rethrow_exception(error);
+  }
 }
 
 void NcclLane::deregisterMemory(void* buffer) {
@@ -577,8 +726,21 @@ void NcclLane::joinWatchdog() {
     return; // from a callback: the thread ends by itself, and must not wait here
   }
   std::lock_guard<std::mutex> lock(joinMutex_);
-  if (watchdog_.joinable()) {
+  if (!watchdog_.joinable()) {
+    return;
+  }
+  bool exited = false;
+  {
+    std::unique_lock<std::mutex> stateLock(mutex_);
+    exited = changed_.wait_for(
+        stateLock, spec_.stallTimeout, [&] { return !watchdogRunning_; });
+  }
+  if (exited) {
     watchdog_.join();
+  } else {
+    // Stuck in a CUDA or NCCL call (the stall monitor reported it): it
+    // holds the lane and ends by itself if the call ever returns.
+    watchdog_.detach();
   }
 }
 

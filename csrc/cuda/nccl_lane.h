@@ -22,6 +22,13 @@
 // later ops raise that error at once. Then, by default, the process is torn
 // down (NcclLaneSpec::tearDownOnError).
 //
+// Stalls: a CUDA or NCCL call can hang on a sick GPU. Every call of the
+// watchdog that may block is watched (watchdog_monitor.h): one that lasts
+// longer than NcclLaneSpec::stallTimeout fails every unfinished op with a
+// CollectiveTimeoutError saying what the watchdog was doing, and tears the
+// process down as an NCCL error would. abort() and close() wait for NCCL's
+// abort or destroy at most that long.
+//
 // Lifetime: a lane is always owned by a shared_ptr. The watchdog holds one
 // while it runs, so a completion callback that drops the last outside
 // reference cannot destroy the lane under the watchdog's feet.
@@ -46,6 +53,7 @@
 #include "device_lane.h"
 #include "nccl_comm.h"
 #include "nccl_work.h"
+#include "watchdog_monitor.h"
 
 namespace pycomm {
 
@@ -62,6 +70,14 @@ struct NcclLaneSpec {
   // How to tear down, given the error's text; unset: print it to stderr and
   // std::abort().
   std::function<void(const std::string&)> tearDown;
+  // How long one CUDA or NCCL call of the watchdog, or an abort or destroy
+  // of the communicator, may block before the lane is given up: torch's
+  // TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC, 480 s by default.
+  std::chrono::milliseconds stallTimeout{std::chrono::seconds(480)};
+  // False when a rank of the group has a GPU older than Hopper: NCCL checks
+  // FP8 reductions against the lowest compute capability of the
+  // communicator's ranks (comm->minCompCap), not this rank's.
+  bool groupReducesFp8 = true;
 };
 
 class NcclLane : public DeviceLane,
@@ -145,9 +161,14 @@ class NcclLane : public DeviceLane,
   }
   // What NCCL calls `op` needs; UnsupportedOpError before anything is issued.
   NcclTypes ncclTypesOf(const Collective& op, const std::string& what) const;
-  // Issues on the stream; any error here leaves the communicator unusable.
-  void enqueueCollective(
-      const Collective& op, const NcclTypes& types, const std::string& what);
+  // Hands the op to NCCL for the stream without waiting for NCCL's thread
+  // to take it; `end` is recorded behind the op's kernels once it has. Any
+  // error here leaves the communicator unusable.
+  void launchCollective(
+      const Collective& op,
+      const NcclTypes& types,
+      const std::string& what,
+      const std::shared_ptr<EndEvent>& end);
   void watch();
   void watchUntilDone();
   // One look at the oldest op; false once the watchdog should stop.
@@ -155,6 +176,18 @@ class NcclLane : public DeviceLane,
   // Aborts the communicator and fails every unfinished op with `error`;
   // returns whether this call ended the lane (the first failure does).
   bool fail(std::exception_ptr error, State next);
+  // The stall monitor's report: fails every unfinished op (no CUDA or NCCL
+  // call: those may hang too) and tears down as the spec says.
+  void onStall(const std::string& report);
+  // Aborts the communicator: on the watchdog, watched by the stall monitor;
+  // elsewhere waiting at most the stall timeout. Returns whether the abort
+  // returned (if not, it goes on holding the lane).
+  bool abortCommunicator(const std::string& reason);
+  // Fails each of `ops` with `error`, recording it in `stats`.
+  static void completeFailed(
+      std::deque<InFlight>& ops,
+      const std::exception_ptr& error,
+      const std::shared_ptr<LaneStats>& stats);
   // fail() for an NCCL error or a timeout: tears the process down as the
   // spec says.
   void failOnError(std::exception_ptr error);
@@ -162,6 +195,9 @@ class NcclLane : public DeviceLane,
   bool stopTakingOps(bool freeWhenDrained);
   // The lane's failure, or PoolClosedError naming `what`, unless it is open.
   void throwUnlessOpen(const std::string& what) const;
+  // Waits until NCCL took the last launched op (its end event recorded);
+  // a failure there fails the lane (as any NCCL error does) and is thrown.
+  void settleOrFail();
   // Starts the watchdog once; the caller holds issueMutex_.
   void ensureWatchdog();
   bool onWatchdogThread() const;
@@ -187,6 +223,7 @@ class NcclLane : public DeviceLane,
   // Recorded on the caller's stream by each issue (under issueMutex_): a
   // wait takes the event's state when it is queued, so one event serves all.
   std::unique_ptr<CudaEvent> callerReady_;
+  std::shared_ptr<EndEventPool> endEvents_;
 
   std::mutex issueMutex_; // one issue at a time, in order; state changes too
   mutable std::mutex mutex_; // guards everything below
@@ -200,7 +237,11 @@ class NcclLane : public DeviceLane,
   std::shared_ptr<LaneStats> stats_;
   std::thread watchdog_;
   std::atomic<std::thread::id> watchdogId_{};
+  bool watchdogRunning_ = false; // under mutex_: between its start and its last act
   std::mutex joinMutex_;
+  std::shared_ptr<StallWatch> stallWatch_; // set by create()
+  // Tensors of ops whose abort or watchdog hung: NCCL may still use them.
+  std::deque<InFlight> abandoned_;
 };
 
 } // namespace pycomm

@@ -6,22 +6,31 @@
 
 namespace pycomm {
 
+namespace {
+// One type object for every future (made once, not per op).
+const c10::TypePtr& tensorListType() {
+  static const c10::TypePtr type = c10::ListType::create(c10::TensorType::get());
+  return type;
+}
+} // namespace
+
 NcclWork::NcclWork(
     std::shared_ptr<CudaApi> cuda,
     int rank,
     c10d::OpType opType,
     std::vector<at::Tensor> outputs,
-    std::shared_ptr<CudaEvent> end,
+    std::shared_ptr<EndEvent> end,
+    std::function<void()> settle,
     c10::Device device,
     std::string description)
     : c10d::Work(rank, opType),
       cuda_(std::move(cuda)),
       outputs_(std::move(outputs)),
       end_(std::move(end)),
+      settle_(std::move(settle)),
       device_(device),
       description_(std::move(description)),
-      future_(c10::make_intrusive<c10::ivalue::Future>(
-          c10::ListType::create(c10::TensorType::get()))) {}
+      future_(c10::make_intrusive<c10::ivalue::Future>(tensorListType())) {}
 
 bool NcclWork::complete(std::exception_ptr error) {
   if (claimed_.exchange(true)) {
@@ -37,7 +46,7 @@ bool NcclWork::complete(std::exception_ptr error) {
 }
 
 bool NcclWork::endPassed() const {
-  return end_->query();
+  return end_->passed();
 }
 
 bool NcclWork::isCompleted() {
@@ -52,7 +61,14 @@ void NcclWork::throwIfFailed() {
   }
 }
 
-void NcclWork::makeCurrentStreamWait() const {
+void NcclWork::makeCurrentStreamWait() {
+  if (!end_->recorded()) {
+    settle_();
+    throwIfFailed(); // what ended the lane meanwhile
+    if (!end_->recorded()) {
+      throw CollectiveError(description_ + ": NCCL never put the op on the lane's stream");
+    }
+  }
   // The wait is queued on the op's device, whatever device the caller has
   // current.
   DeviceScope device(*cuda_, device_.index());

@@ -2,7 +2,9 @@
 // The Work handle of one op on an NCCL lane. wait() and synchronize() make the
 // caller's current stream wait on the op's end event, on the device: the host
 // does not block (as with torch's NCCL backend), unless wait() is given an
-// explicit timeout, which then bounds a host-side wait for completion. The
+// explicit timeout, which then bounds a host-side wait for completion, or
+// NCCL's thread has not yet put the op on the lane's stream (then wait()
+// waits for that first, bounded by the lane's timeout). The
 // lane's watchdog completes the work (and its future) once the end event has
 // passed, or fails it with the error it found.
 //
@@ -19,6 +21,7 @@
 
 #include <atomic>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,7 +37,8 @@ class NcclWork : public c10d::Work {
       int rank,
       c10d::OpType opType,
       std::vector<at::Tensor> outputs,
-      std::shared_ptr<CudaEvent> end,
+      std::shared_ptr<EndEvent> end,
+      std::function<void()> settle,
       c10::Device device,
       std::string description);
 
@@ -55,11 +59,14 @@ class NcclWork : public c10d::Work {
 
  private:
   void throwIfFailed();
-  void makeCurrentStreamWait() const;
+  // Records the end event first if NCCL has not yet been seen to take the
+  // op (a wait for NCCL's thread, bounded by the lane's timeout).
+  void makeCurrentStreamWait();
 
   std::shared_ptr<CudaApi> cuda_;
   std::vector<at::Tensor> outputs_;
-  std::shared_ptr<CudaEvent> end_;
+  std::shared_ptr<EndEvent> end_;
+  std::function<void()> settle_; // makes the lane see NCCL take its last launch
   c10::Device device_;
   std::string description_;
   std::atomic<bool> claimed_{false};

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <stdexcept>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 
@@ -20,6 +23,12 @@ constexpr auto kIdleLinger = std::chrono::milliseconds(20);
 // Distinguishes SimGpu instances in the per-thread state: addresses of
 // sequential instances can repeat, serials cannot.
 std::atomic<uint64_t> nextInstanceSerial{1};
+std::atomic<uint64_t> nextStreamSerial{1};
+
+// torch's caching allocator rounds requests up to 512 bytes
+// (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize); blocks of one rounded
+// size are interchangeable.
+constexpr size_t kBlockRounding = 512;
 
 int64_t nowUs() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
@@ -43,6 +52,14 @@ struct SimStream {
   int device = 0;
   int priority = 0;
   bool isDefault = false;
+  // Names the stream in the allocator's free lists: a destroyed stream's
+  // address may be reused by a new one, its serial never is.
+  uint64_t serial = nextStreamSerial.fetch_add(1);
+
+  // Capture state, guarded by SimGpu::Impl::mu (not `mu`).
+  cudaStreamCaptureStatus captureStatus = cudaStreamCaptureStatusNone;
+  cudaStreamCaptureMode captureMode = cudaStreamCaptureModeGlobal;
+  std::thread::id captureThread;
 
   std::mutex mu;
   std::condition_variable cv;
@@ -51,7 +68,6 @@ struct SimStream {
   uint64_t completed = 0; // items that ran to the end, in order
   bool destroyed = false; // no more work accepted; the worker ends when drained
   bool shutdown = false; // the SimGpu is going away: the worker ends when drained
-  bool capturing = false;
   bool running = false; // a worker thread is in its loop
   std::thread worker; // the current or last worker; joined before it is replaced
 
@@ -69,6 +85,17 @@ struct SimEvent {
   int device = 0;
   std::shared_ptr<SimStream> stream; // where it was last recorded; null if never
   uint64_t seq = 0; // completes when stream->completed reaches this
+};
+
+// A block of simulated device memory, owned by SimGpu::Impl until the SimGpu
+// goes (a caching allocator keeps what it got from cudaMalloc).
+struct SimBlock {
+  unsigned char* base = nullptr;
+  size_t size = 0; // rounded
+  int device = 0;
+  uint64_t stream = 0; // the serial of the stream it is for
+  SimGpu::MemoryKind kind = SimGpu::MemoryKind::Cached;
+  bool free = false;
 };
 
 struct SimGpu::Impl {
@@ -98,6 +125,16 @@ struct SimGpu::Impl {
 
   mutable std::mutex timelineMu;
   std::vector<KernelInterval> timeline;
+
+  CallGate gate; // calls that hang (SimGpu::Call)
+
+  // Streams capturing now (under mu).
+  std::vector<std::shared_ptr<SimStream>> capturing;
+
+  // Device memory (under mu): live blocks by base address; freed ones by
+  // (stream, rounded size, kind), the last freed first.
+  std::map<uintptr_t, SimBlock> blocks;
+  std::map<std::tuple<uint64_t, size_t, int>, std::vector<unsigned char*>> freeBlocks;
 
   // Per thread and per instance, so it needs no lock; a thread_local map
   // keyed by the instance serial (not a map keyed by std::thread::id, whose
@@ -129,6 +166,43 @@ struct SimGpu::Impl {
     return s;
   }
 
+  // CUDA forbids "potentially unsafe API calls" during stream capture, by
+  // the calling thread's mode (CUDA Runtime API,
+  // cudaThreadExchangeStreamCaptureMode): in Global mode (every thread's
+  // default) a thread may make none while it captures itself (unless its
+  // capture began in Relaxed mode) or while any other thread captures in
+  // Global mode; in ThreadLocal mode only its own captures count; in Relaxed
+  // mode nothing does. The call fails with cudaErrorStreamCaptureUnsupported
+  // ("operation not permitted when stream is capturing", what torch's NCCL
+  // watchdog met querying events during another thread's capture) and
+  // invalidates the captures it violated, whose cudaStreamEndCapture then
+  // fails with cudaErrorStreamCaptureInvalidated.
+  cudaError_t unsafeCallLocked() {
+    const cudaStreamCaptureMode mode = self().captureMode;
+    if (mode == cudaStreamCaptureModeRelaxed) {
+      return cudaSuccess;
+    }
+    const auto me = std::this_thread::get_id();
+    bool violated = false;
+    for (const auto& s : capturing) {
+      const bool own = s->captureThread == me;
+      const bool forbids = own
+          ? s->captureMode != cudaStreamCaptureModeRelaxed
+          : mode == cudaStreamCaptureModeGlobal && s->captureMode == cudaStreamCaptureModeGlobal;
+      if (forbids) {
+        s->captureStatus = cudaStreamCaptureStatusInvalidated;
+        violated = true;
+      }
+    }
+    return violated ? cudaErrorStreamCaptureUnsupported : cudaSuccess;
+  }
+
+  // The null stream (handle 0) is the legacy default stream of the calling
+  // thread's *current* device (CUDA Runtime API, "Stream synchronization
+  // behavior": "The legacy default stream is an implicit stream which
+  // synchronizes with all other blocking streams in the same CUcontext"; a
+  // context is per device), so an event recorded or a wait queued on it
+  // with the wrong device current lands on the wrong device.
   std::shared_ptr<SimStream> resolveLocked(cudaStream_t handle) {
     if (handle == nullptr) {
       return defaultStreamLocked(self().device);
@@ -260,6 +334,8 @@ struct SimGpu::Impl {
 SimGpu::SimGpu(int deviceCount) : impl_(std::make_unique<Impl>(std::max(deviceCount, 0))) {}
 
 SimGpu::~SimGpu() {
+  impl_->gate.releaseAll();
+  impl_->gate.drain();
   std::vector<std::shared_ptr<SimStream>> all;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
@@ -283,6 +359,9 @@ SimGpu::~SimGpu() {
     if (worker.joinable()) {
       worker.join();
     }
+  }
+  for (auto& [address, block] : impl_->blocks) {
+    std::free(block.base);
   }
 }
 
@@ -344,6 +423,81 @@ cudaError_t SimGpu::memGetInfo(size_t* free, size_t* total) {
   *total = kDeviceBytes;
   *free = kDeviceBytes - static_cast<size_t>(impl_->allocated[device]);
   return cudaSuccess;
+}
+
+void* SimGpu::allocateBlock(cudaStream_t stream, size_t bytes, MemoryKind kind) {
+  const size_t size = std::max<size_t>(
+      kBlockRounding, (bytes + kBlockRounding - 1) / kBlockRounding * kBlockRounding);
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto s = impl_->resolveLocked(stream);
+  if (!s) {
+    throw std::invalid_argument("SimGpu::allocateBlock: unknown stream handle");
+  }
+  // A block freed on this stream is safe for it at once: work queued on the
+  // stream after the allocation runs after whatever used the block on it.
+  // Any other stream still using it must have been declared with
+  // recordStream, or the caller must hold the tensor
+  // (c10/cuda/CUDACachingAllocator.cpp: free() puts a block back in its
+  // stream's pool unless recordStream events are pending).
+  auto& reusable = impl_->freeBlocks[{s->serial, size, static_cast<int>(kind)}];
+  if (!reusable.empty()) {
+    unsigned char* base = reusable.back();
+    reusable.pop_back();
+    impl_->blocks.at(reinterpret_cast<uintptr_t>(base)).free = false;
+    return base;
+  }
+  auto* base = static_cast<unsigned char*>(std::aligned_alloc(kBlockRounding, size));
+  if (base == nullptr) {
+    throw std::bad_alloc();
+  }
+  std::memset(base, kFreedByte, size); // cudaMalloc gives no zeros either
+  impl_->blocks.emplace(
+      reinterpret_cast<uintptr_t>(base), SimBlock{base, size, s->device, s->serial, kind, false});
+  impl_->allocated[s->device] += static_cast<int64_t>(size);
+  return base;
+}
+
+void SimGpu::freeBlock(void* block) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->blocks.find(reinterpret_cast<uintptr_t>(block));
+  if (it == impl_->blocks.end() || it->second.free) {
+    throw std::invalid_argument("SimGpu::freeBlock: not a live block");
+  }
+  SimBlock& b = it->second;
+  std::memset(b.base, kFreedByte, b.size);
+  b.free = true;
+  impl_->freeBlocks[{b.stream, b.size, static_cast<int>(b.kind)}].push_back(b.base);
+}
+
+bool SimGpu::inBlock(const void* address, size_t bytes, MemoryKind kind) const {
+  const auto a = reinterpret_cast<uintptr_t>(address);
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto it = impl_->blocks.upper_bound(a);
+  if (it == impl_->blocks.begin()) {
+    return false;
+  }
+  const SimBlock& b = std::prev(it)->second;
+  const auto base = reinterpret_cast<uintptr_t>(b.base);
+  return !b.free && b.kind == kind && a >= base && a + bytes <= base + b.size;
+}
+
+int SimGpu::liveBlocks() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return static_cast<int>(std::count_if(
+      impl_->blocks.begin(), impl_->blocks.end(),
+      [](const auto& entry) { return !entry.second.free; }));
+}
+
+void SimGpu::blockCalls(Call call, std::chrono::milliseconds howLong) {
+  impl_->gate.block(static_cast<int>(call), howLong);
+}
+
+void SimGpu::releaseBlockedCalls() {
+  impl_->gate.releaseAll();
+}
+
+int SimGpu::blockedCalls() const {
+  return impl_->gate.blocked();
 }
 
 void SimGpu::allocate(int device, int64_t bytes) {
@@ -408,16 +562,12 @@ cudaError_t SimGpu::streamIsCapturing(
   if (status == nullptr) {
     return cudaErrorInvalidValue;
   }
-  std::shared_ptr<SimStream> s;
-  {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    s = impl_->resolveLocked(stream);
-  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto s = impl_->resolveLocked(stream);
   if (!s) {
     return cudaErrorInvalidResourceHandle;
   }
-  std::lock_guard<std::mutex> lock(s->mu);
-  *status = s->capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  *status = s->captureStatus;
   return cudaSuccess;
 }
 
@@ -468,6 +618,7 @@ cudaError_t SimGpu::eventCreateWithFlags(cudaEvent_t* event, unsigned int /*flag
 }
 
 cudaError_t SimGpu::eventDestroy(cudaEvent_t event) {
+  impl_->gate.pass(static_cast<int>(Call::EventDestroy));
   std::shared_ptr<SimEvent> doomed; // freed after the lock: it may hold the last stream reference
   std::lock_guard<std::mutex> lock(impl_->mu);
   auto it = impl_->events.find(reinterpret_cast<SimEvent*>(event));
@@ -502,10 +653,14 @@ cudaError_t SimGpu::eventRecord(cudaEvent_t event, cudaStream_t stream) {
 }
 
 cudaError_t SimGpu::eventQuery(cudaEvent_t event) {
+  impl_->gate.pass(static_cast<int>(Call::EventQuery));
   std::lock_guard<std::mutex> lock(impl_->mu);
   auto it = impl_->events.find(reinterpret_cast<SimEvent*>(event));
   if (it == impl_->events.end()) {
     return cudaErrorInvalidResourceHandle;
+  }
+  if (const cudaError_t unsafe = impl_->unsafeCallLocked(); unsafe != cudaSuccess) {
+    return unsafe;
   }
   const SimEvent& e = *it->second;
   if (!e.stream) {
@@ -528,6 +683,8 @@ const char* SimGpu::getErrorName(cudaError_t error) {
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
     case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorIllegalState: return "cudaErrorIllegalState";
     case cudaErrorUnknown: return "cudaErrorUnknown";
     default: return "cudaErrorUnknown";
   }
@@ -549,18 +706,25 @@ const char* SimGpu::getErrorString(cudaError_t error) {
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     case cudaErrorStreamCaptureUnsupported:
       return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated:
+      return "operation failed due to a previous error during capture";
+    case cudaErrorIllegalState: return "the operation is not permitted in the current state";
     default: return "unknown error";
   }
 }
 
 cudaStream_t SimGpu::currentStream(int device) {
-  if (!impl_->validDevice(device)) {
-    return nullptr;
-  }
+  // torch's default stream is the null stream: CUDAStream::stream() returns
+  // nullptr for stream id 0 (c10/cuda/CUDAStream.cpp), which CUDA resolves
+  // against the current device at each call.
   auto& current = impl_->self().currentStream;
   auto it = current.find(device);
-  if (it != current.end() && it->second != nullptr) {
-    return it->second;
+  return it != current.end() ? it->second : nullptr;
+}
+
+cudaStream_t SimGpu::legacyStreamOf(int device) {
+  if (!impl_->validDevice(device)) {
+    throw std::out_of_range("SimGpu::legacyStreamOf: no such device");
   }
   std::lock_guard<std::mutex> lock(impl_->mu);
   return reinterpret_cast<cudaStream_t>(impl_->defaultStreamLocked(device).get());
@@ -620,17 +784,34 @@ bool SimGpu::synchronize(cudaStream_t stream, std::chrono::milliseconds timeout)
   return s->cv.wait_for(lock, timeout, [&] { return s->completed >= target; });
 }
 
-void SimGpu::setCapturing(cudaStream_t stream, bool capturing) {
-  std::shared_ptr<SimStream> s;
-  {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    s = impl_->resolveLocked(stream);
+cudaError_t SimGpu::beginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto s = impl_->resolveLocked(stream);
+  // The legacy stream cannot be captured (cudaStreamBeginCapture:
+  // "Capture may not be initiated if stream is cudaStreamLegacy").
+  if (!s || s->isDefault) {
+    return cudaErrorInvalidResourceHandle;
   }
-  if (!s) {
-    throw std::invalid_argument("SimGpu::setCapturing: unknown stream handle");
+  if (s->captureStatus != cudaStreamCaptureStatusNone) {
+    return cudaErrorIllegalState;
   }
-  std::lock_guard<std::mutex> lock(s->mu);
-  s->capturing = capturing;
+  s->captureStatus = cudaStreamCaptureStatusActive;
+  s->captureMode = mode;
+  s->captureThread = std::this_thread::get_id();
+  impl_->capturing.push_back(s);
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::endCapture(cudaStream_t stream) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto s = impl_->resolveLocked(stream);
+  if (!s || s->captureStatus == cudaStreamCaptureStatusNone) {
+    return cudaErrorIllegalState;
+  }
+  const bool invalidated = s->captureStatus == cudaStreamCaptureStatusInvalidated;
+  s->captureStatus = cudaStreamCaptureStatusNone;
+  std::erase(impl_->capturing, s);
+  return invalidated ? cudaErrorStreamCaptureInvalidated : cudaSuccess;
 }
 
 int SimGpu::deviceOf(cudaStream_t stream) const {

@@ -11,6 +11,13 @@
 // context if it has none, and so does creating a stream or an event on a
 // thread's current device.
 //
+// Where CUDA is strict, so is this (each model cites its source beside the
+// code): the null stream is the legacy stream of the calling thread's
+// *current* device; stream capture forbids unsafe calls by mode; device
+// memory comes from a caching allocator that hands a freed block to the next
+// allocation on its stream at once, with its bytes poisoned; calls that hang
+// on sick GPUs can be made to hang.
+//
 // Thread-safety: every method may be called from any thread.
 #include <chrono>
 #include <cstdint>
@@ -23,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include "call_gate.h"
 #include "cuda_api.h"
 
 namespace pycomm::sim {
@@ -74,6 +82,9 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   cudaError_t eventQuery(cudaEvent_t event) override;
   const char* getErrorName(cudaError_t error) override;
   const char* getErrorString(cudaError_t error) override;
+  // torch's current stream: the one set with setCurrentStream(), else the
+  // default stream, whose handle is the null stream (nullptr), as
+  // at::cuda::getCurrentCUDAStream(device).stream() is.
   cudaStream_t currentStream(int device) override;
 
   // --- test controls ---
@@ -85,16 +96,24 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   // device is restored), as a test's "compute stream".
   cudaStream_t createStream(int device, int priority = 0);
   // torch's current stream of the calling thread on `device`; nullptr goes
-  // back to the device's default stream.
+  // back to the default (null) stream.
   void setCurrentStream(int device, cudaStream_t stream);
+  // The legacy default stream of `device` as a handle of its own, for tests
+  // that must name it whatever device is current (CUDA code cannot: it says
+  // nullptr, which means the current device's).
+  cudaStream_t legacyStreamOf(int device);
   // Queues `kernel` on `stream`: it runs on the stream's thread after all
   // work queued before it, and the stream moves on when it returns. The
   // interval is added to the timeline under `label`.
   void launch(cudaStream_t stream, std::function<void()> kernel, std::string label = "kernel");
   // Waits until everything queued on `stream` so far has run; false on timeout.
   bool synchronize(cudaStream_t stream, std::chrono::milliseconds timeout);
-  // Marks `stream` as capturing a graph (streamIsCapturing reports Active).
-  void setCapturing(cudaStream_t stream, bool capturing);
+  // cudaStreamBeginCapture(stream, mode) on the calling thread: the stream
+  // captures (streamIsCapturing reports Active) until endCapture().
+  cudaError_t beginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
+  // cudaStreamEndCapture: cudaErrorStreamCaptureInvalidated when an unsafe
+  // call invalidated the capture meanwhile, else cudaSuccess.
+  cudaError_t endCapture(cudaStream_t stream);
   // The device a stream belongs to; -1 for an unknown handle.
   int deviceOf(cudaStream_t stream) const;
   // The priority recorded at creation (after clamping to the range).
@@ -109,6 +128,31 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   std::vector<std::pair<std::thread::id, int>> contextCreations() const;
   std::vector<KernelInterval> timeline() const;
   void clearTimeline();
+
+  // --- calls that hang on sick GPUs ---
+  enum class Call { EventQuery, EventDestroy };
+  // Each later `call` blocks this long (CallGate::kForever: until
+  // releaseBlockedCalls()) before it does anything.
+  void blockCalls(Call call, std::chrono::milliseconds howLong);
+  void releaseBlockedCalls();
+  int blockedCalls() const;
+
+  // --- device memory, as torch's caching allocator hands it out ---
+  // Cached: cudaMalloc'd blocks; Vmm: CUDA's virtual memory API (cuMem*),
+  // what ncclMemAlloc and symmetric registration need.
+  enum class MemoryKind { Cached, Vmm };
+  // The byte a freed block is filled with.
+  static constexpr unsigned char kFreedByte = 0xDB;
+  // A block of at least `bytes` on `stream`'s device, for use on `stream`.
+  // A block freed on the same stream (same rounded size and kind) is handed
+  // out again at once, as the caching allocator does.
+  void* allocateBlock(cudaStream_t stream, size_t bytes, MemoryKind kind = MemoryKind::Cached);
+  // Poisons the block and makes it the next one allocateBlock() gives on
+  // the stream it was allocated for.
+  void freeBlock(void* block);
+  // Whether [address, address + bytes) lies in one live block of `kind`.
+  bool inBlock(const void* address, size_t bytes, MemoryKind kind) const;
+  int liveBlocks() const;
 
   // --- memory (no bytes behind it: what memGetInfo reports) ---
   static constexpr size_t kDeviceBytes = size_t{80} << 30;

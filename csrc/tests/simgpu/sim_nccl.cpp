@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <pthread.h>
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
@@ -260,6 +261,15 @@ struct SplitRound {
   std::map<int, std::shared_ptr<Clique>> children; // by color
 };
 
+// The k-th window registration of a clique: collective, so it completes
+// when every rank made its k-th call.
+struct WindowRound {
+  explicit WindowRound(int n) : handles(n, nullptr) {}
+  std::vector<void*> handles; // by rank
+  int arrived = 0;
+  bool complete = false;
+};
+
 // The ranks of one communicator, across their Comm objects.
 struct Clique {
   explicit Clique(int n) : nranks(n), taken(n, false) {}
@@ -270,9 +280,18 @@ struct Clique {
   Clock::time_point completeAt;
   std::map<uint64_t, std::shared_ptr<Round>> rounds;
   std::map<int, std::shared_ptr<SplitRound>> splits;
+  std::map<int, std::shared_ptr<WindowRound>> windows;
+  // Members created and not yet freed, and what the freed ones took of
+  // their devices (given back with the last: every rank is in this process).
+  int liveMembers = 0;
+  std::vector<std::pair<int, int64_t>> heldBytes;
+  // The lowest compute capability (major) of its ranks' devices: what NCCL
+  // checks FP8 reductions against (comm->minCompCap, the minimum of every
+  // peer's cudaCompCap, src/init.cc; checked in src/enqueue.cc).
+  int minComputeMajor = 1 << 30;
 };
 
-enum class Pending { None, Init, Split, Group, Finalize };
+enum class Pending { None, Init, Split, Group, Finalize, Window };
 
 struct PreMul {
   ncclDataType_t type = ncclFloat32;
@@ -297,6 +316,9 @@ struct Comm {
   Pending pending = Pending::None;
   std::shared_ptr<SplitRound> split; // with Pending::Split
   ncclComm_t* splitSlot = nullptr;
+  std::shared_ptr<WindowRound> window; // with Pending::Window
+  void** windowSlot = nullptr;
+  int windowCalls = 0;
   ncclResult_t asyncError = ncclSuccess;
   bool injected = false; // kernels block until abort
   std::string lastError;
@@ -305,7 +327,6 @@ struct Comm {
   int inFlight = 0; // kernels handed to a stream that have not left it
   int running = 0;
   std::optional<std::chrono::microseconds> groupEndDelay;
-  bool connected = false; // NCCL connects peers at a communicator's first group
   bool firstGroupRan = false;
   int64_t deviceBytes = 0; // what it took of its device's memory
   std::map<int, PreMul> redOps;
@@ -379,8 +400,13 @@ struct SimNccl::Impl {
   std::chrono::microseconds initDelay{0};
   std::optional<std::chrono::microseconds> groupEndDelay;
   std::chrono::microseconds collectiveDuration{0};
+  int64_t creationBytes = SimNccl::kCommBytes;
+  int64_t firstUseBytes = SimNccl::kFirstUseBytes;
   int leaked = 0;
   int overlaps = 0;
+  int stackSlotWindows = 0;
+  int groupThreads = 0; // group-end threads still running
+  CallGate gate; // calls that hang (SimNccl::Call)
 
   // The background thread's timed queue, under `mu`.
   std::multimap<Clock::time_point, std::function<void()>> timed;
@@ -440,13 +466,21 @@ struct SimNccl::Impl {
     c->rank = rank;
     c->device = device;
     c->blocking = blocking;
-    takeDeviceMemoryLocked(*c, SimNccl::kCommBytes);
+    takeDeviceMemoryLocked(*c, creationBytes);
+    ++c->clique->liveMembers;
+    c->clique->minComputeMajor = std::min(c->clique->minComputeMajor, computeMajorOf(device));
     live.emplace(c.get(), c);
     all.push_back(c);
     return c;
   }
 
   // Makes `comm` invalid as a handle. Its kernels keep what they hold.
+  int computeMajorOf(int device) const {
+    int major = 0;
+    (void)gpu->deviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    return major;
+  }
+
   void takeDeviceMemoryLocked(Comm& comm, int64_t bytes) {
     gpu->allocate(comm.device, bytes);
     comm.deviceBytes += bytes;
@@ -455,8 +489,15 @@ struct SimNccl::Impl {
   void releaseLocked(Comm& comm) {
     live.erase(&comm);
     comm.live = false;
-    gpu->deallocate(comm.device, comm.deviceBytes);
+    Clique& clique = *comm.clique;
+    clique.heldBytes.emplace_back(comm.device, comm.deviceBytes);
     comm.deviceBytes = 0;
+    if (--clique.liveMembers == 0) {
+      for (const auto& [device, bytes] : clique.heldBytes) {
+        gpu->deallocate(device, bytes);
+      }
+      clique.heldBytes.clear();
+    }
     std::erase_if(registrations, [&](const auto& entry) { return entry.second == &comm; });
   }
 
@@ -468,6 +509,8 @@ struct SimNccl::Impl {
     comm.pending = Pending::None;
     comm.split.reset();
     comm.splitSlot = nullptr;
+    comm.window.reset();
+    comm.windowSlot = nullptr;
     cv.notify_all();
   }
 
@@ -500,6 +543,17 @@ struct SimNccl::Impl {
           comm.pending = Pending::None;
         }
         break;
+      case Pending::Window:
+        if (comm.window->complete) {
+          // Written when the registration completes, by whichever thread
+          // sees it first: NCCL's own, possibly after the caller returned.
+          *comm.windowSlot = comm.window->handles[comm.rank];
+          comm.window.reset();
+          comm.windowSlot = nullptr;
+          comm.state = ncclSuccess;
+          comm.pending = Pending::None;
+        }
+        break;
       case Pending::Group: // the background thread ends it
       case Pending::None:
         break;
@@ -524,6 +578,8 @@ struct SimNccl::Impl {
       clique->arrived = clique->nranks;
       for (int i = 0; i < static_cast<int>(ranks.size()); ++i) {
         round.childRank[ranks[i]] = i;
+        clique->minComputeMajor = std::min(
+            clique->minComputeMajor, computeMajorOf(round.members[ranks[i]].device));
       }
       round.children[color] = std::move(clique);
     }
@@ -689,9 +745,14 @@ struct SimNccl::Impl {
       cv.wait(lock, [&] { return comm.aborted; });
       return;
     }
-    if (std::string mismatch = mismatchOf(*round); !mismatch.empty()) {
-      comm.asyncError = ncclInvalidUsage;
-      comm.lastError = std::move(mismatch);
+    if (!mismatchOf(*round).empty()) {
+      // NCCL does not compare the ranks' calls: ranks whose counts, types
+      // or ops differ wait for data that never comes, or read and write past
+      // their buffers; nothing is reported (NCCL user guide, "Troubleshooting
+      // / Errors": mismatched collectives hang). The kernel moves nothing and
+      // holds its stream until the communicator is aborted; pycomm's own
+      // answers (the timeout, PYCOMM_DEBUG=order) are what tests assert.
+      cv.wait(lock, [&] { return comm.aborted; });
       leaveLocked(comm, spec.seq, *round);
       return;
     }
@@ -705,10 +766,13 @@ struct SimNccl::Impl {
       cv.notify_all();
     }
     cv.wait(lock, [&] { return round->computed == comm.nranks; });
-    const bool write = !comm.aborted;
     const auto deadline = round->metAt + collectiveDuration;
     leaveLocked(comm, spec.seq, *round);
-    if (write) {
+    // The output is complete only when the kernel ends: a reader that does
+    // not wait for the op's end sees what was there before. An abort ends
+    // the kernel early, leaving the output as it is.
+    cv.wait_until(lock, deadline, [&] { return comm.aborted; });
+    if (!comm.aborted) {
       lock.unlock();
       for (size_t k = 0; k < outputs.size(); ++k) {
         if (!outputs[k].empty()) {
@@ -717,7 +781,6 @@ struct SimNccl::Impl {
       }
       lock.lock();
     }
-    cv.wait_until(lock, deadline, [&] { return comm.aborted; });
     cv.wait(lock, [&] { return comm.aborted || !comm.injected; });
   }
 
@@ -760,23 +823,20 @@ struct SimNccl::Impl {
       for (auto& k : kernels) {
         k.seq = k.comm->nextKernel++;
       }
-      // NCCL's nonblocking group end runs on a thread of its own (and
-      // answers ncclInProgress) only when a communicator must connect first
-      // (its first group) or jobs are queued; otherwise it launches on the
-      // calling thread and answers ncclSuccess, as a blocking one does.
+      // A nonblocking group end that carries work hands the launch to a
+      // thread NCCL starts for it and answers ncclInProgress, every time,
+      // not only while a communicator connects (NCCL 2.30.7 src/group.cc,
+      // ncclGroupEndInternal -> groupLaunchNonBlocking; user guide
+      // "Nonblocking Group Operation": the kernels "are being issued to
+      // streams in the background"). A blocking one launches on the
+      // calling thread.
       for (const auto& k : kernels) {
         if (!k.comm->firstGroupRan) { // NCCL allocates its buffers lazily
-          takeDeviceMemoryLocked(*k.comm, SimNccl::kFirstUseBytes);
+          takeDeviceMemoryLocked(*k.comm, firstUseBytes);
           k.comm->firstGroupRan = true;
         }
       }
-      bool async = false;
-      if (!anyBlocking) {
-        for (const auto& k : kernels) {
-          async = async || !k.comm->connected || k.comm->groupEndDelay || groupEndDelay;
-          k.comm->connected = true;
-        }
-      }
+      const bool async = !anyBlocking;
       if (!async) {
         for (const auto& k : kernels) {
           launches.push_back(Launch{k.stream, kernelLocked(k), labelOf(*k.ops), k.comm->id});
@@ -801,9 +861,16 @@ struct SimNccl::Impl {
           c->pending = Pending::Group;
           const auto delay = c->groupEndDelay.value_or(
               groupEndDelay.value_or(std::chrono::microseconds(0)));
-          scheduleLocked(Clock::now() + delay, [this, c, mine = std::move(mine)] {
+          // A thread per group end, as NCCL starts one: its cost is part
+          // of what a nonblocking group end costs its caller.
+          ++groupThreads;
+          std::thread([this, c, delay, mine = std::move(mine)] {
+            std::this_thread::sleep_for(delay);
             enqueueDeferred(c, mine);
-          });
+            std::lock_guard<std::mutex> threadLock(mu);
+            --groupThreads;
+            cv.notify_all();
+          }).detach();
         }
         result = ncclInProgress;
       }
@@ -858,11 +925,11 @@ struct SimNccl::Impl {
 
   // Maps a reduce op to what the kernel does, with a premul-sum's scalar;
   // an error text, empty on success.
-  static std::string resolveRed(
-      const Comm& comm, ncclRedOp_t red, ncclDataType_t type, int computeMajor, Op& out) {
-    if (isFp8(type) && computeMajor < 9) {
-      return "fp8 reductions need compute capability 9.0 or newer (device has " +
-          std::to_string(computeMajor) + ")";
+  static std::string resolveRed(const Comm& comm, ncclRedOp_t red, ncclDataType_t type, Op& out) {
+    if (isFp8(type) && comm.clique->minComputeMajor < 9) {
+      return "FP8 reduction support begins with sm90 capable devices (the lowest "
+          "compute capability of this communicator's ranks is " +
+          std::to_string(comm.clique->minComputeMajor) + ")";
     }
     switch (red) {
       case ncclSum: out.red = Red::Sum; return {};
@@ -893,10 +960,6 @@ struct SimNccl::Impl {
     // SimGpu is asked first: its locks are never taken under ours.
     SimStream* resolved = gpu->resolve(stream);
     const int streamDevice = resolved != nullptr ? gpu->deviceOf(stream) : -1;
-    int computeMajor = 0;
-    if (streamDevice >= 0) {
-      (void)gpu->deviceGetAttribute(&computeMajor, cudaDevAttrComputeCapabilityMajor, streamDevice);
-    }
     ThreadState& t = self();
     GroupCall call;
     const ncclResult_t result = [&]() -> ncclResult_t {
@@ -906,6 +969,12 @@ struct SimNccl::Impl {
         return r;
       }
       Comm* cp = c.get();
+      if (c->asyncError != ncclSuccess) {
+        // NCCL checks a communicator's asynchronous state before taking a
+        // call (ncclCommEnsureReady, src/enqueue.cc): one in error refuses
+        // every collective with that error.
+        return failLocked(cp, c->asyncError, what + ": the communicator is in error (" + c->lastError + ")");
+      }
       if (c->finalized) {
         return failLocked(cp, ncclInvalidUsage, what + ": the communicator was finalized");
       }
@@ -933,7 +1002,7 @@ struct SimNccl::Impl {
         return failLocked(cp, ncclInvalidArgument, what + ": null buffer");
       }
       if (red) {
-        if (std::string error = resolveRed(*c, *red, op.type, computeMajor, op); !error.empty()) {
+        if (std::string error = resolveRed(*c, *red, op.type, op); !error.empty()) {
           return failLocked(cp, ncclInvalidArgument, what + ": " + error);
         }
       }
@@ -964,6 +1033,8 @@ SimNccl::SimNccl(std::shared_ptr<SimGpu> gpu, int version)
 }
 
 SimNccl::~SimNccl() {
+  impl_->gate.releaseAll();
+  impl_->gate.drain();
   {
     std::unique_lock<std::mutex> lock(impl_->mu);
     impl_->leaked += static_cast<int>(impl_->live.size());
@@ -975,8 +1046,9 @@ SimNccl::~SimNccl() {
       }
     }
     impl_->cv.wait(lock, [&] {
-      return std::all_of(impl_->all.begin(), impl_->all.end(),
-                         [](const std::shared_ptr<Comm>& c) { return c->inFlight == 0; });
+      return impl_->groupThreads == 0 &&
+          std::all_of(impl_->all.begin(), impl_->all.end(),
+                      [](const std::shared_ptr<Comm>& c) { return c->inFlight == 0; });
     });
     impl_->stopping = true;
     impl_->timedCv.notify_all();
@@ -1160,6 +1232,7 @@ ncclResult_t SimNccl::commFinalize(ncclComm_t comm) {
 }
 
 ncclResult_t SimNccl::commDestroy(ncclComm_t comm) {
+  impl_->gate.pass(static_cast<int>(Call::CommDestroy));
   std::lock_guard<std::mutex> lock(impl_->mu);
   std::shared_ptr<Comm> c;
   if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommDestroy"); r != ncclSuccess) {
@@ -1172,6 +1245,8 @@ ncclResult_t SimNccl::commDestroy(ncclComm_t comm) {
 }
 
 ncclResult_t SimNccl::commAbort(ncclComm_t comm) {
+  // A hung abort does nothing: the communicator's kernels keep blocking.
+  impl_->gate.pass(static_cast<int>(Call::CommAbort));
   std::unique_lock<std::mutex> lock(impl_->mu);
   std::shared_ptr<Comm> c = impl_->findLocked(comm);
   if (!c) {
@@ -1251,9 +1326,100 @@ ncclResult_t SimNccl::commDeregister(ncclComm_t comm, void* handle) {
   return ncclSuccess;
 }
 
+namespace {
+// Whether `address` lies on the calling thread's stack.
+bool onThisStack(const void* address) {
+  pthread_attr_t attr;
+  if (pthread_getattr_np(pthread_self(), &attr) != 0) {
+    return false;
+  }
+  void* base = nullptr;
+  size_t size = 0;
+  const bool known = pthread_attr_getstack(&attr, &base, &size) == 0;
+  pthread_attr_destroy(&attr);
+  const auto a = reinterpret_cast<uintptr_t>(address);
+  const auto b = reinterpret_cast<uintptr_t>(base);
+  return known && a >= b && a < b + size;
+}
+} // namespace
+
+// ncclCommWindowRegister as NCCL 2.30.7 does it (src/dev_runtime.cc;
+// user guide "Window Registration"):
+// - collective: every rank of the communicator must call it, in the same
+//   order; a rank's call completes when all made theirs;
+// - only memory of CUDA's virtual memory API (cuMem*, ncclMemAlloc): other
+//   memory fails with ncclInvalidArgument, and like any failed call on a
+//   communicator it leaves the communicator in error;
+// - on a nonblocking communicator it returns ncclSuccess at once while the
+//   communicator's state is ncclInProgress, and NCCL's thread writes
+//   `*window` when the registration completes, after the call returned
+//   (so the slot must outlive the call: one on the caller's stack is
+//   counted in stackSlotWindows()); a blocking one waits inside the call.
 ncclResult_t SimNccl::commWindowRegister(
     ncclComm_t comm, void* buffer, size_t size, void** window, int /*flags*/) {
-  return commRegister(comm, buffer, size, window);
+  Impl& im = *impl_;
+  // SimGpu is asked before our lock is taken: its locks never nest in ours.
+  const bool vmm = buffer != nullptr &&
+      im.gpu->inBlock(buffer, size, SimGpu::MemoryKind::Vmm);
+  std::unique_lock<std::mutex> lock(im.mu);
+  std::shared_ptr<Comm> c;
+  if (const ncclResult_t r = im.usableLocked(comm, c, "ncclCommWindowRegister"); r != ncclSuccess) {
+    return r;
+  }
+  if (window == nullptr || buffer == nullptr) {
+    return im.failLocked(c.get(), ncclInvalidArgument, "ncclCommWindowRegister: null buffer or window");
+  }
+  if (!vmm) {
+    c->asyncError = ncclInvalidArgument;
+    return im.failLocked(
+        c.get(), ncclInvalidArgument,
+        "ncclCommWindowRegister: the buffer is not memory of CUDA's virtual memory API "
+        "(cuMem*, ncclMemAlloc)");
+  }
+  if (!c->blocking && onThisStack(window)) {
+    ++im.stackSlotWindows;
+  }
+  void* h = reinterpret_cast<void*>(im.nextRegistration++ << 4);
+  im.registrations.emplace(h, c.get());
+  const int k = c->windowCalls++;
+  std::shared_ptr<WindowRound>& entry = c->clique->windows[k];
+  if (!entry) {
+    entry = std::make_shared<WindowRound>(c->nranks);
+  }
+  const std::shared_ptr<WindowRound> round = entry;
+  round->handles[c->rank] = h;
+  if (!c->blocking) {
+    c->state = ncclInProgress;
+    c->pending = Pending::Window;
+    c->window = round;
+    c->windowSlot = window;
+  }
+  if (++round->arrived == c->nranks) {
+    c->clique->windows.erase(k);
+    round->complete = true;
+    // NCCL's thread finishes every member's registration, polled or not.
+    for (const auto& [ptr, member] : im.live) {
+      if (member->window == round) {
+        im.scheduleLocked(Clock::now(), [&im, weak = std::weak_ptr<Comm>(member)] {
+          std::lock_guard<std::mutex> taskLock(im.mu);
+          if (auto m = weak.lock(); m && m->live) {
+            im.refreshLocked(*m);
+          }
+          im.cv.notify_all();
+        });
+      }
+    }
+    im.cv.notify_all();
+  }
+  if (!c->blocking) {
+    return ncclSuccess;
+  }
+  im.cv.wait(lock, [&] { return round->complete || c->aborted; });
+  if (c->aborted) {
+    return im.failLocked(nullptr, ncclSystemError, "ncclCommWindowRegister: the communicator was aborted");
+  }
+  *window = h;
+  return ncclSuccess;
 }
 
 ncclResult_t SimNccl::commWindowDeregister(ncclComm_t comm, void* window) {
@@ -1397,6 +1563,29 @@ void SimNccl::setGroupEndDelay(ncclComm_t comm, std::chrono::microseconds delay)
     throw std::invalid_argument("SimNccl::setGroupEndDelay: unknown communicator");
   }
   c->groupEndDelay = delay;
+}
+
+void SimNccl::blockCalls(Call call, std::chrono::milliseconds howLong) {
+  impl_->gate.block(static_cast<int>(call), howLong);
+}
+
+void SimNccl::releaseBlockedCalls() {
+  impl_->gate.releaseAll();
+}
+
+int SimNccl::blockedCalls() const {
+  return impl_->gate.blocked();
+}
+
+int SimNccl::stackSlotWindows() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->stackSlotWindows;
+}
+
+void SimNccl::setCommMemory(int64_t creationBytes, int64_t firstUseBytes) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->creationBytes = creationBytes;
+  impl_->firstUseBytes = firstUseBytes;
 }
 
 void SimNccl::setCollectiveDuration(std::chrono::microseconds duration) {

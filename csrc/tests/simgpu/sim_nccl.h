@@ -12,10 +12,9 @@
 //   the init delay passed; groupEnd: a background thread enqueues the group's
 //   kernels on the stream after the group-end delay; finalize: the
 //   communicator's kernels have run). Any other call on a communicator in
-//   that state returns ncclInvalidUsage. As in NCCL, a nonblocking group end
-//   is asynchronous only when a communicator connects (its first group) or a
-//   group-end delay is set; otherwise it launches at once and answers
-//   ncclSuccess. A blocking split waits inside the
+//   that state returns ncclInvalidUsage. As in NCCL (2.14 and later), every
+//   nonblocking group end that carries work starts a thread of its own to
+//   launch it and answers ncclInProgress. A blocking split waits inside the
 //   call until every member of the parent split (forever, as NCCL does).
 // - Collectives (allGather, reduceScatter, allReduce, broadcast; every op of
 //   one group on one communicator runs as one kernel, as NCCL coalesces them)
@@ -35,6 +34,13 @@
 //   as they are); it then waits until its kernels queued on streams have
 //   left them (NCCL's abort synchronizes its stream), and frees it. Peers
 //   of an aborted rank keep waiting, as on a GPU.
+// - Mismatched collectives (counts, types, ops differing across ranks) hang
+//   without a word, as on NCCL: no error is reported.
+// - commWindowRegister is collective, takes only cuMem (VMM) memory, and on
+//   a nonblocking communicator returns at once and writes the window later
+//   (see the definition).
+// - commAbort, commDestroy can be made to hang (blockCalls), as they do on
+//   sick GPUs.
 //
 // Thread-safety: every method may be called from any thread; calls on one
 // communicator are serialized by the caller, as NCCL requires (except
@@ -109,10 +115,9 @@ class SimNccl : public NcclApi {
   // How long a nonblocking creation or split stays in progress after its
   // last member arrived.
   void setInitDelay(std::chrono::microseconds delay);
-  // Makes every nonblocking groupEnd asynchronous: in progress this long
-  // before its kernels are on the stream (by default only a communicator's
-  // first one is, with no delay); the second form for one communicator only
-  // (a slow group end).
+  // How long a nonblocking groupEnd stays in progress before its thread
+  // puts the kernels on the stream (default: no delay beyond the thread's
+  // start); the second form for one communicator only (a slow group end).
   void setGroupEndDelay(std::chrono::microseconds delay);
   void setGroupEndDelay(ncclComm_t comm, std::chrono::microseconds delay);
   // The least time a collective kernel takes once its peers met.
@@ -120,10 +125,35 @@ class SimNccl : public NcclApi {
 
   // --- memory ---
   // What a communicator takes on its device (SimGpu::memGetInfo shows it):
-  // this much when it is created, this much more when it first connects its
-  // peers (its first group), all given back when it is destroyed or aborted.
+  // kCommBytes when it is created, kFirstUseBytes more when it first
+  // connects its peers (its first group). On a GPU both depend on the
+  // channels and transports NCCL picks: each channel has its buffers per
+  // peer and protocol (NCCL_BUFFSIZE, 4 MiB for Simple by default, times
+  // the channels, NCCL_MIN/MAX_NCHANNELS), NVLS adds its multicast buffers
+  // (NCCL_NVLS_ENABLE; about 1-2 GiB per communicator on NVSwitch systems,
+  // NCCL's environment-variable docs), and NCCL_RUNTIME_CONNECT (default 1
+  // since 2.22) defers most of it to the first collective. So these are
+  // parameters (setCommMemory), not figures to trust.
+  // Given back when the last communicator of its clique in this process is
+  // destroyed or aborted: NCCL frees a process's shared resources only when
+  // its last local rank destroys or aborts (src/init.cc, commReclaim).
   static constexpr int64_t kCommBytes = int64_t{96} << 20;
   static constexpr int64_t kFirstUseBytes = int64_t{160} << 20;
+  // Communicators created from now on take these amounts.
+  void setCommMemory(int64_t creationBytes, int64_t firstUseBytes);
+
+  // --- calls that hang on sick GPUs ---
+  enum class Call { CommAbort, CommDestroy };
+  // Each later `call` blocks this long (CallGate::kForever: until
+  // releaseBlockedCalls()) before it does anything.
+  void blockCalls(Call call, std::chrono::milliseconds howLong);
+  void releaseBlockedCalls();
+  int blockedCalls() const;
+
+  // Nonblocking window registrations whose window slot was on the caller's
+  // stack: NCCL writes it after the call returned, into a frame that may
+  // be gone (must stay 0).
+  int stackSlotWindows() const;
 
   // --- faults ---
   // From now on commGetAsyncError(comm) reports `error` and getLastError

@@ -98,6 +98,10 @@ inline std::vector<std::shared_ptr<NcclLane>> makeLanes(
   return lanes;
 }
 
+inline void closeAll(const std::vector<std::shared_ptr<NcclLane>>& lanes) {
+  onRanks(static_cast<int>(lanes.size()), [&](int r) { lanes[r]->close(); });
+}
+
 inline Collective allGather(at::Tensor in, at::Tensor out) {
   Collective op;
   op.kind = CollectiveKind::AllGather;
@@ -118,6 +122,27 @@ inline Collective reduceScatter(
 
 inline c10::intrusive_ptr<c10d::Work> issue(NcclLane& lane, const Collective& op) {
   return lane.issue(op, c10d::OpType::UNKNOWN, lane.label() + ": " + op.describe());
+}
+
+// A tensor in simulated device memory, allocated for `stream` (nullptr: the
+// calling thread's current device's legacy stream) as torch's caching
+// allocator gives it: when its last reference goes, the block is poisoned
+// and handed to the next allocation on the same stream at once.
+inline at::Tensor deviceTensor(
+    const std::shared_ptr<SimGpu>& gpu,
+    cudaStream_t stream,
+    at::IntArrayRef sizes,
+    at::ScalarType type = at::kFloat,
+    SimGpu::MemoryKind kind = SimGpu::MemoryKind::Cached) {
+  int64_t elements = 1;
+  for (int64_t size : sizes) {
+    elements *= size;
+  }
+  void* block = gpu->allocateBlock(
+      stream, static_cast<size_t>(elements) * c10::elementSize(type), kind);
+  return at::from_blob(
+      block, sizes, [gpu](void* freed) { gpu->freeBlock(freed); },
+      at::TensorOptions().dtype(type));
 }
 
 inline int64_t nowUs() {

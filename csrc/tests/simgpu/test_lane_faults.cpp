@@ -104,6 +104,29 @@ TEST(LaneFaults, PeerThatNeverComesTimesOutByNameAndTearsDown) {
   EXPECT_EQ(world.nccl->liveComms(), 0);
 }
 
+TEST(LaneFaults, MismatchedOpsAcrossRanksTimeOutByName) {
+  // NCCL reports nothing when ranks issue different ops at one place: they
+  // hang. pycomm's timeout is the answer (PYCOMM_DEBUG=order names both ops
+  // instead: test_order_check.cpp).
+  SimWorld world(2);
+  std::vector<std::shared_ptr<NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  onRanks(2, [&](int r) { lanes[r] = NcclLane::create(world.spec(r, "ag", 300ms), id, nullptr); });
+  std::vector<c10::intrusive_ptr<c10d::Work>> works(2);
+  const int64_t start = nowUs();
+  onRanks(2, [&](int r) {
+    const int64_t count = r == 0 ? 16 : 8;
+    works[r] = issue(*lanes[r], allGather(at::ones({count}), at::empty({2 * count})));
+  });
+  for (int r = 0; r < 2; ++r) {
+    const std::string message = expectFailure<CollectiveTimeoutError>(works[r], 5000ms);
+    EXPECT_NE(message.find("all_gather"), std::string::npos) << message;
+  }
+  EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
+  closeAll(lanes);
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
 TEST(LaneFaults, AsyncErrorFailsOpsWithNcclsMessage) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "rs");
@@ -276,7 +299,7 @@ TEST(LaneFaults, MemberMissingAtCreationTimesOutByName) {
   EXPECT_EQ(NcclComm::liveCount(), 0);
 }
 
-TEST(LaneFaults, SlowGroupEndIsWaitedForAndBoundedByTheTimeout) {
+TEST(LaneFaults, SlowGroupEndIsNotWaitedForByIssueAndBoundedByTheTimeout) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "ag", {}, 400ms);
   const auto comms = world.nccl->commsOn(SimWorld::deviceOf(0));
@@ -286,20 +309,23 @@ TEST(LaneFaults, SlowGroupEndIsWaitedForAndBoundedByTheTimeout) {
     auto op = allGather(at::full({4}, float(r)), at::empty({8}));
     const int64_t start = nowUs();
     auto work = issue(*lanes[r], op);
+    // NCCL's thread takes the op later; issue() does not wait for it, and
+    // wait() does (the caller's stream must wait behind the op's kernels).
+    EXPECT_LT(nowUs() - start, 50'000) << "issue() waited for NCCL's thread";
+    ASSERT_TRUE(work->wait());
     if (r == 0) {
-      EXPECT_GE(nowUs() - start, 100'000) << "issue() returned before NCCL took the op";
+      EXPECT_GE(nowUs() - start, 100'000) << "wait() returned before NCCL took the op";
     }
     ASSERT_TRUE(work->wait(5000ms));
     EXPECT_TRUE(at::equal(op.outputs[0], at::cat({at::zeros({4}), at::ones({4})})));
   });
   // Longer than the timeout: a named error, not a hang.
   world.nccl->setGroupEndDelay(comms[0], 2000ms);
-  try {
-    issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
-    ADD_FAILURE() << "issue() succeeded";
-  } catch (const CollectiveTimeoutError& e) {
-    EXPECT_NE(std::string(e.what()).find("did not take"), std::string::npos) << e.what();
-  }
+  const int64_t start = nowUs();
+  auto work = issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
+  const std::string message = expectFailure<CollectiveTimeoutError>(work, 5000ms);
+  EXPECT_LT(nowUs() - start, 1'400'000) << "timeout + 1 s";
+  EXPECT_THROW(issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))), CollectiveTimeoutError);
   lanes[0]->abort();
   lanes[1]->abort();
 }
@@ -324,9 +350,13 @@ TEST(LaneFaults, RefusedOpsLeaveTheLaneUsable) {
       UnsupportedOpError);
   // An op issued while the caller's stream captures a graph.
   const int device = SimWorld::deviceOf(0);
-  world.gpu->setCapturing(world.gpu->currentStream(device), true);
+  cudaStream_t capturing = world.gpu->createStream(device);
+  world.gpu->setCurrentStream(device, capturing);
+  ASSERT_EQ(world.gpu->beginCapture(capturing, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   EXPECT_THROW(issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))), UnsupportedOpError);
-  world.gpu->setCapturing(world.gpu->currentStream(device), false);
+  EXPECT_EQ(world.gpu->endCapture(capturing), cudaSuccess);
+  world.gpu->setCurrentStream(device, nullptr);
+  ASSERT_EQ(world.gpu->streamDestroy(capturing), cudaSuccess);
   // Inside an NCCL group torch opened on this thread: refused, nothing
   // handed to NCCL.
   ASSERT_EQ(world.nccl->groupStart(), ncclSuccess);
@@ -434,6 +464,226 @@ TEST(LaneLifecycle, ReleaseFromAThreadWithoutADeviceMakesNoContextOnDeviceZero) 
     EXPECT_NE(device, 0) << "a context was created on device 0";
   }
   EXPECT_EQ(world.gpu->devicesWithContext(), (std::set<int>{1, 2}));
+}
+
+TEST(LaneFaults, Fp8ReductionsAreRefusedWhenAnyRankPredatesHopper) {
+  SimWorld world(2);
+  // Rank 0 has a Hopper GPU, rank 1 an Ampere one; the group knows it (the
+  // members exchange it when they agree on the lane's plan).
+  world.gpu->setComputeCapabilityMajor(SimWorld::deviceOf(1), 8);
+  TearDownRecorder teardown;
+  std::vector<std::shared_ptr<NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  onRanks(2, [&](int r) {
+    auto spec = world.spec(r, "rs");
+    spec.groupReducesFp8 = false;
+    teardown.arm(spec);
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  auto fp8 = reduceScatter(at::ones({8}).to(at::kFloat8_e4m3fn), at::empty({4}, at::kFloat8_e4m3fn));
+  for (int r = 0; r < 2; ++r) {
+    try {
+      issue(*lanes[r], fp8);
+      ADD_FAILURE() << "rank " << r << " handed an fp8 reduction to NCCL";
+    } catch (const UnsupportedOpError& e) {
+      EXPECT_NE(std::string(e.what()).find("every rank"), std::string::npos) << e.what();
+    }
+  }
+  // Refused before NCCL: the lanes still work, nothing tore down.
+  onRanks(2, [&](int r) {
+    ASSERT_TRUE(issue(*lanes[r], allGather(at::ones({4}), at::empty({8})))->wait(5000ms));
+  });
+  EXPECT_EQ(teardown.count(), 0u);
+  closeAll(lanes);
+}
+
+TEST(LaneFaults, WaitDuringAHungAbortRaisesInsteadOfOrderingTheStream) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag", {}, 20s);
+  // Rank 1 never joins; the abort of rank 0's communicator hangs a while.
+  auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
+  world.nccl->blockCalls(SimNccl::Call::CommAbort, 400ms);
+  std::thread aborter([&] { lanes[0]->abort(); });
+  ASSERT_TRUE(eventually([&] { return world.nccl->blockedCalls() == 1; }));
+  // Inside the window between abort() and NCCL's abort returning, the op
+  // is already failed: wait() raises rather than letting the caller's
+  // stream consume a half-written output.
+  EXPECT_TRUE(work->isCompleted());
+  try {
+    work->wait();
+    ADD_FAILURE() << "wait() ordered the caller's stream behind an aborted op";
+  } catch (const PoolClosedError& e) {
+    EXPECT_NE(std::string(e.what()).find("abort()"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(world.nccl->blockedCalls(), 1) << "the abort was still hung";
+  aborter.join();
+  lanes[1]->abort();
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, WatchdogQueriesEventsWhileAnotherThreadCapturesAGraph) {
+  SimWorld world(2);
+  TearDownRecorder teardown;
+  std::vector<std::shared_ptr<NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  onRanks(2, [&](int r) {
+    auto spec = world.spec(r, "ag");
+    teardown.arm(spec);
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  auto op = allGather(at::full({8}, 1.0f), at::zeros({16}));
+  auto work = issue(*lanes[0], op);
+  // While rank 0's op waits for rank 1 (its watchdog querying the end
+  // event), this thread captures a graph in CUDA's default Global mode.
+  const int device = SimWorld::deviceOf(0);
+  cudaStream_t graphStream = world.gpu->createStream(device);
+  ASSERT_EQ(world.gpu->beginCapture(graphStream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(world.gpu->endCapture(graphStream), cudaSuccess)
+      << "an event query of the watchdog invalidated the capture";
+  auto peer = issue(*lanes[1], allGather(at::full({8}, 2.0f), at::zeros({16})));
+  ASSERT_TRUE(work->wait(5000ms));
+  ASSERT_TRUE(peer->wait(5000ms));
+  EXPECT_TRUE(at::equal(op.outputs[0], at::cat({at::full({8}, 1.0f), at::full({8}, 2.0f)})));
+  EXPECT_EQ(teardown.count(), 0u);
+  ASSERT_EQ(world.gpu->streamDestroy(graphStream), cudaSuccess);
+  closeAll(lanes);
+}
+
+TEST(LaneFaults, WindowOfMemoryNotFromCuMemFailsTheLaneByName) {
+  SimWorld world(2);
+  TearDownRecorder teardown;
+  std::vector<std::shared_ptr<NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  onRanks(2, [&](int r) {
+    auto spec = world.spec(r, "ag");
+    teardown.arm(spec);
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  auto cached = deviceTensor(world.gpu, nullptr, {256});
+  try {
+    lanes[0]->registerMemory(cached.data_ptr(), 1024, /*symmetric=*/true);
+    ADD_FAILURE() << "a window of cudaMalloc memory was registered";
+  } catch (const CollectiveError& e) {
+    EXPECT_NE(std::string(e.what()).find("virtual memory"), std::string::npos) << e.what();
+  }
+  // The communicator is in error: the lane refuses ops with that error,
+  // and nothing tore the process down (no op had consumed anything).
+  try {
+    issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
+    ADD_FAILURE() << "the lane took an op after its registration failed";
+  } catch (const CollectiveError& e) {
+    EXPECT_NE(std::string(e.what()).find("virtual memory"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(teardown.count(), 0u);
+  EXPECT_FALSE(lanes[0]->splittable());
+  lanes[1]->abort();
+  lanes[0]->close();
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, WindowRegistrationPeersNeverJoinTimesOutWithTheSlotKept) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag", {}, 300ms);
+  auto vmm = deviceTensor(world.gpu, nullptr, {256}, at::kFloat, SimGpu::MemoryKind::Vmm);
+  const int64_t start = nowUs();
+  // Rank 1 never registers: NCCL keeps the registration in progress and
+  // would write the window later, from its own thread.
+  EXPECT_THROW(lanes[0]->registerMemory(vmm.data_ptr(), 1024, /*symmetric=*/true), CollectiveTimeoutError);
+  EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
+  EXPECT_EQ(world.nccl->stackSlotWindows(), 0) << "NCCL was given a slot on a stack frame";
+  EXPECT_THROW(issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))), CollectiveTimeoutError);
+  EXPECT_EQ(lanes[0]->registeredMemory(), 0u);
+  lanes[1]->abort();
+  lanes[0]->close();
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+// Lanes whose ops only a stall (or an abort) can end: a long op timeout,
+// a short stall bound.
+std::vector<std::shared_ptr<NcclLane>> stallLanes(SimWorld& world, TearDownRecorder* teardown) {
+  std::vector<std::shared_ptr<NcclLane>> lanes(world.size);
+  const std::string id = world.uniqueId();
+  onRanks(world.size, [&](int r) {
+    auto spec = world.spec(r, "ag", 20s);
+    spec.stallTimeout = 200ms;
+    if (teardown != nullptr) {
+      teardown->arm(spec);
+    }
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  return lanes;
+}
+
+// Runs `fn` on a thread; whether it returned within `within`. The thread is
+// joined either way (after `unblock`), so a test fails instead of hanging.
+bool returnsWithin(std::chrono::milliseconds within, const std::function<void()>& fn, const std::function<void()>& unblock) {
+  std::atomic<bool> returned{false};
+  std::thread t([&] {
+    fn();
+    returned = true;
+  });
+  const auto deadline = std::chrono::steady_clock::now() + within;
+  while (!returned && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(2ms);
+  }
+  const bool inTime = returned.load();
+  unblock();
+  t.join();
+  return inTime;
+}
+
+TEST(LaneFaults, WatchdogStuckInACudaCallFailsTheOpsByNameWithinTheStallBound) {
+  SimWorld world(2);
+  TearDownRecorder teardown;
+  auto lanes = stallLanes(world, &teardown);
+  // Rank 1 never joins; the watchdog polls the op's end event, and then a
+  // query hangs (a sick GPU).
+  auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
+  std::this_thread::sleep_for(20ms);
+  world.gpu->blockCalls(SimGpu::Call::EventQuery, CallGate::kForever);
+  const int64_t start = nowUs();
+  const std::string message = expectFailure<CollectiveTimeoutError>(work, 3000ms);
+  EXPECT_LT(nowUs() - start, 800'000) << "1.25 stall bounds and scheduling";
+  EXPECT_NE(message.find("watchdog has been blocked"), std::string::npos) << message;
+  EXPECT_NE(message.find("querying the end event"), std::string::npos) << message;
+  EXPECT_NE(message.find("role 'ag' of group 'sim'"), std::string::npos) << message;
+  ASSERT_TRUE(eventually([&] { return teardown.count() == 1; }));
+  EXPECT_NE(teardown.calls[0].find("querying the end event"), std::string::npos);
+  EXPECT_THROW(issue(*lanes[0], allGather(at::ones({16}), at::empty({32}))), CollectiveTimeoutError);
+  // close() does not wait for the stuck watchdog past the bound.
+  EXPECT_TRUE(returnsWithin(800ms, [&] { lanes[0]->close(); }, [&] {
+    world.gpu->releaseBlockedCalls();
+  }));
+  lanes[0]->abort();
+  lanes[1]->abort();
+  EXPECT_TRUE(eventually([&] { return world.nccl->liveComms() == 0; }));
+}
+
+TEST(LaneFaults, AbortReturnsWithinTheStallBoundWhenNcclsAbortHangs) {
+  SimWorld world(2);
+  auto lanes = stallLanes(world, nullptr);
+  auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
+  world.nccl->blockCalls(SimNccl::Call::CommAbort, CallGate::kForever);
+  EXPECT_TRUE(returnsWithin(800ms, [&] { lanes[0]->abort(); }, [&] {
+    world.nccl->releaseBlockedCalls();
+  })) << "abort() waited for NCCL's hung abort";
+  expectFailure<PoolClosedError>(work, 1000ms);
+  lanes[1]->abort();
+  EXPECT_TRUE(eventually([&] { return world.nccl->liveComms() == 0; }));
+}
+
+TEST(LaneFaults, CloseReturnsWithinTheStallBoundWhenNcclsDestroyHangs) {
+  SimWorld world(2);
+  auto lanes = stallLanes(world, nullptr);
+  onRanks(2, [&](int r) {
+    ASSERT_TRUE(issue(*lanes[r], allGather(at::ones({16}), at::empty({32})))->wait(5000ms));
+  });
+  world.nccl->blockCalls(SimNccl::Call::CommDestroy, CallGate::kForever);
+  EXPECT_TRUE(returnsWithin(800ms, [&] { onRanks(2, [&](int r) { lanes[r]->close(); }); }, [&] {
+    world.nccl->releaseBlockedCalls();
+  })) << "close() waited for NCCL's hung destroy";
+  EXPECT_TRUE(eventually([&] { return world.nccl->liveComms() == 0; }));
 }
 
 } // namespace

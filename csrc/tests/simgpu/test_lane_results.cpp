@@ -2,6 +2,8 @@
 // reduce op it supports against a reference, on a lane made from a unique id
 // and on one split from it; ordering against the caller's stream; overlap
 // across lanes and none within one.
+#include <cstring>
+
 #include "errors.h"
 #include "sim_world.h"
 
@@ -199,10 +201,6 @@ void checkEveryOp(const std::vector<std::shared_ptr<NcclLane>>& lanes, const std
       });
 }
 
-void closeAll(const std::vector<std::shared_ptr<NcclLane>>& lanes) {
-  onRanks(static_cast<int>(lanes.size()), [&](int r) { lanes[r]->close(); });
-}
-
 class LaneResults : public ::testing::TestWithParam<int> {};
 
 TEST_P(LaneResults, EveryOpTypeAndReduceOpOnInitAndSplitLanes) {
@@ -223,6 +221,95 @@ TEST_P(LaneResults, EveryOpTypeAndReduceOpOnInitAndSplitLanes) {
     EXPECT_EQ(world.nccl->overlapViolations(), 0);
   }
   EXPECT_EQ(NcclComm::liveCount(), 0);
+}
+
+// Raw values of `T` as a tensor of `type` (ATen has few kernels for the
+// unsigned types; bytes are what the checks compare).
+template <typename T>
+at::Tensor rawTensor(const std::vector<T>& values, at::ScalarType type) {
+  auto t = at::empty({static_cast<int64_t>(values.size())}, type);
+  std::memcpy(t.data_ptr(), values.data(), values.size() * sizeof(T));
+  return t;
+}
+
+template <typename T>
+std::vector<T> rawValues(const at::Tensor& t) {
+  std::vector<T> out(t.numel());
+  std::memcpy(out.data(), t.data_ptr(), out.size() * sizeof(T));
+  return out;
+}
+
+// MAX and MIN of values whose order differs between the signed and the
+// unsigned reading of the same bits: a type mapped to NCCL's type of the
+// other signedness gives the other answer.
+template <typename T>
+void expectSignedness(const std::vector<std::shared_ptr<NcclLane>>& lanes, at::ScalarType type, T a, T b) {
+  for (auto reduce : {c10d::ReduceOp::MAX, c10d::ReduceOp::MIN}) {
+    std::vector<std::vector<T>> got(2);
+    onRanks(2, [&](int r) {
+      const T mine = r == 0 ? a : b;
+      auto op = reduceScatter(rawTensor<T>({mine, mine}, type), rawTensor<T>({T{}}, type), reduce);
+      ASSERT_TRUE(issue(*lanes[r], op)->wait(5000ms));
+      got[r] = rawValues<T>(op.outputs[0]);
+    });
+    const T expected = reduce == c10d::ReduceOp::MAX ? std::max(a, b) : std::min(a, b);
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_EQ(got[r], std::vector<T>{expected})
+          << c10::toString(type) << (reduce == c10d::ReduceOp::MAX ? " MAX" : " MIN");
+    }
+  }
+}
+
+TEST(LaneTypes, SignedAndUnsignedTypesReduceByTheirOwnSign) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "rs");
+  expectSignedness<int8_t>(lanes, at::kChar, -1, 1);
+  expectSignedness<uint8_t>(lanes, at::kByte, 200, 100);
+  expectSignedness<int32_t>(lanes, at::kInt, -5, 3);
+  expectSignedness<uint32_t>(lanes, at::kUInt32, 0x80000000u, 1u);
+  expectSignedness<int64_t>(lanes, at::kLong, -7, 2);
+  expectSignedness<uint64_t>(lanes, at::kUInt64, uint64_t{1} << 63, 5u);
+  closeAll(lanes);
+}
+
+TEST(LaneMemory, TensorsTheCallerDroppedAreHeldUntilTheOpEnded) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  std::vector<at::Tensor> gathered(2);
+  std::vector<c10::intrusive_ptr<c10d::Work>> works(2);
+  onRanks(2, [&](int r) {
+    const int device = SimWorld::deviceOf(r);
+    cudaStream_t compute = world.gpu->createStream(device);
+    world.gpu->setCurrentStream(device, compute);
+    if (r == 1) {
+      std::this_thread::sleep_for(100ms); // rank 0's op waits for this one
+    }
+    {
+      auto shard = deviceTensor(world.gpu, compute, {64});
+      shard.fill_(float(r + 1));
+      gathered[r] = at::zeros({128});
+      works[r] = issue(*lanes[r], allGather(shard, gathered[r]));
+      // The caller keeps no reference to its input: torch's caching
+      // allocator gives the block to the next allocation on `compute` at
+      // once, unless the lane still holds the tensor.
+    }
+    if (r == 0) {
+      auto reused = deviceTensor(world.gpu, compute, {64});
+      reused.fill_(99.0f);
+      ASSERT_TRUE(works[r]->wait(5000ms));
+    } else {
+      ASSERT_TRUE(works[r]->wait(5000ms));
+    }
+    world.gpu->setCurrentStream(device, nullptr);
+    ASSERT_TRUE(world.gpu->synchronize(compute, 5000ms));
+    ASSERT_EQ(world.gpu->streamDestroy(compute), cudaSuccess);
+  });
+  const auto expected = at::cat({at::full({64}, 1.0f), at::full({64}, 2.0f)});
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_TRUE(at::equal(gathered[r], expected)) << "rank " << r << ": " << gathered[r];
+  }
+  closeAll(lanes);
+  EXPECT_EQ(world.gpu->liveBlocks(), 0) << "the lane let go of every tensor";
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, LaneResults, ::testing::Values(2, 4, 8));
@@ -276,6 +363,31 @@ TEST(LaneOrder, WaitOrdersTheCallersStreamWithoutBlockingTheHost) {
     EXPECT_TRUE(at::equal(seen, expected)) << seen;
     world.gpu->setCurrentStream(device, nullptr);
     ASSERT_EQ(world.gpu->streamDestroy(compute), cudaSuccess);
+  });
+  closeAll(lanes);
+}
+
+TEST(LaneOrder, WaitQueuesOnTheOpsDeviceWhateverDeviceIsCurrent) {
+  SimWorld world(2);
+  world.nccl->setCollectiveDuration(150ms);
+  auto lanes = makeLanes(world, "ag");
+  onRanks(2, [&](int r) {
+    const int device = SimWorld::deviceOf(r);
+    auto op = allGather(at::full({8}, float(r + 1)), at::zeros({16}, at::kFloat));
+    auto work = issue(*lanes[r], op);
+    // The caller has another device current (device 0, which no rank
+    // uses), and torch's current stream of this device is the null stream:
+    // wait() must still order this device's stream, not the current
+    // device's.
+    ASSERT_EQ(world.gpu->setDevice(0), cudaSuccess);
+    ASSERT_TRUE(work->wait());
+    auto seen = at::empty({16}, at::kFloat);
+    auto output = op.outputs[0];
+    cudaStream_t legacy = world.gpu->legacyStreamOf(device);
+    world.gpu->launch(legacy, [seen, output]() mutable { seen.copy_(output); }, "consumer");
+    ASSERT_TRUE(world.gpu->synchronize(legacy, 5000ms));
+    auto expected = at::cat({at::full({8}, 1.0f), at::full({8}, 2.0f)});
+    EXPECT_TRUE(at::equal(seen, expected)) << "the consumer ran before the op: " << seen;
   });
   closeAll(lanes);
 }
@@ -392,7 +504,10 @@ TEST(LaneMemory, RegistrationsReachTheCommunicatorAndEndWithIt) {
   auto lanes = makeLanes(world, "ag");
   std::vector<at::Tensor> shards(2), gathered(2);
   onRanks(2, [&](int r) {
-    shards[r] = at::full({256}, float(r));
+    // A symmetric window needs memory of CUDA's virtual memory API.
+    ASSERT_EQ(world.gpu->setDevice(SimWorld::deviceOf(r)), cudaSuccess);
+    shards[r] = deviceTensor(world.gpu, nullptr, {256}, at::kFloat, SimGpu::MemoryKind::Vmm);
+    shards[r].fill_(float(r));
     gathered[r] = at::empty({512});
     const size_t bytes = 512 * sizeof(float);
     lanes[r]->registerMemory(gathered[r].data_ptr(), bytes, /*symmetric=*/false);

@@ -410,12 +410,14 @@ TEST(SimGpu, CaptureModeAndCurrentStream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusActive;
   EXPECT_EQ(w.gpu->streamIsCapturing(s, &status), cudaSuccess);
   EXPECT_EQ(status, cudaStreamCaptureStatusNone);
-  w.gpu->setCapturing(s, true);
+  EXPECT_EQ(w.gpu->beginCapture(s, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   EXPECT_EQ(w.gpu->streamIsCapturing(s, &status), cudaSuccess);
   EXPECT_EQ(status, cudaStreamCaptureStatusActive);
-  w.gpu->setCapturing(s, false);
+  EXPECT_EQ(w.gpu->beginCapture(s, cudaStreamCaptureModeGlobal), cudaErrorIllegalState);
+  EXPECT_EQ(w.gpu->endCapture(s), cudaSuccess);
   EXPECT_EQ(w.gpu->streamIsCapturing(s, &status), cudaSuccess);
   EXPECT_EQ(status, cudaStreamCaptureStatusNone);
+  EXPECT_EQ(w.gpu->endCapture(s), cudaErrorIllegalState);
 
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   EXPECT_EQ(w.gpu->threadExchangeStreamCaptureMode(&mode), cudaSuccess);
@@ -428,26 +430,147 @@ TEST(SimGpu, CaptureModeAndCurrentStream) {
   EXPECT_EQ(w.gpu->threadExchangeStreamCaptureMode(&mode), cudaSuccess);
   EXPECT_EQ(mode, cudaStreamCaptureModeRelaxed);
 
-  // The current stream is per thread and device; the default otherwise.
-  const cudaStream_t byDefault = w.gpu->currentStream(2);
-  ASSERT_NE(byDefault, nullptr);
-  EXPECT_NE(byDefault, s);
-  EXPECT_EQ(w.gpu->deviceOf(byDefault), 2);
-  EXPECT_EQ(w.gpu->currentStream(2), byDefault);
+  // torch's current stream is per thread and device; by default the null
+  // stream, which CUDA resolves against the current device at each call.
+  EXPECT_EQ(w.gpu->currentStream(2), nullptr);
   w.gpu->setCurrentStream(2, s);
   EXPECT_EQ(w.gpu->currentStream(2), s);
-  EXPECT_NE(w.gpu->currentStream(1), s);
-  std::thread([&] { EXPECT_EQ(w.gpu->currentStream(2), byDefault); }).join();
+  EXPECT_EQ(w.gpu->currentStream(1), nullptr);
+  std::thread([&] { EXPECT_EQ(w.gpu->currentStream(2), nullptr); }).join();
   w.gpu->setCurrentStream(2, nullptr);
-  EXPECT_EQ(w.gpu->currentStream(2), byDefault);
+  EXPECT_EQ(w.gpu->currentStream(2), nullptr);
   EXPECT_EQ(w.gpu->liveStreams(), 1); // default streams are not counted
 
   // A default stream runs work like any other, and its thread ends when idle.
   std::atomic<bool> ran{false};
-  w.gpu->launch(byDefault, [&] { ran = true; });
-  EXPECT_TRUE(w.gpu->synchronize(byDefault, 10s));
+  const cudaStream_t legacy2 = w.gpu->legacyStreamOf(2);
+  w.gpu->launch(legacy2, [&] { ran = true; });
+  EXPECT_TRUE(w.gpu->synchronize(legacy2, 10s));
   EXPECT_TRUE(ran.load());
   tearDown(w, {}, {s});
+}
+
+TEST(SimGpu, NullStreamIsTheCurrentDevicesLegacyStream) {
+  World w;
+  // Stream 0 means the current device's legacy stream: a wait queued on it
+  // with device 1 current holds device 1's, never device 2's.
+  cudaEvent_t never = nullptr;
+  ASSERT_EQ(w.gpu->setDevice(3), cudaSuccess);
+  cudaStream_t blocked = w.gpu->createStream(3);
+  Gate gate;
+  w.gpu->launch(blocked, [&] { gate.wait(); });
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&never, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventRecord(never, blocked), cudaSuccess);
+  ASSERT_EQ(w.gpu->setDevice(1), cudaSuccess);
+  ASSERT_EQ(w.gpu->streamWaitEvent(nullptr, never, 0), cudaSuccess);
+  EXPECT_EQ(w.gpu->deviceOf(nullptr), 1);
+  EXPECT_FALSE(w.gpu->synchronize(w.gpu->legacyStreamOf(1), 50ms)) << "device 1's waits";
+  EXPECT_TRUE(w.gpu->synchronize(w.gpu->legacyStreamOf(2), 1s)) << "device 2's does not";
+  // An event of device 3 cannot be recorded on device 1's null stream.
+  EXPECT_EQ(w.gpu->eventRecord(never, nullptr), cudaErrorInvalidResourceHandle);
+  gate.open();
+  EXPECT_TRUE(w.gpu->synchronize(w.gpu->legacyStreamOf(1), 10s));
+  ASSERT_EQ(w.gpu->eventDestroy(never), cudaSuccess);
+  tearDown(w, {}, {blocked});
+}
+
+TEST(SimGpu, CaptureForbidsUnsafeCallsByMode) {
+  World w;
+  cudaStream_t captured = w.gpu->createStream(1);
+  cudaStream_t other = w.gpu->createStream(1);
+  cudaEvent_t event = nullptr;
+  ASSERT_EQ(w.gpu->setDevice(1), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&event, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventRecord(event, other), cudaSuccess);
+  ASSERT_TRUE(w.gpu->synchronize(other, 10s));
+  // Queries from another thread in each mode while this thread captures
+  // in `captureMode`; the result, and whether the capture survived.
+  auto queryDuring = [&](cudaStreamCaptureMode captureMode, cudaStreamCaptureMode queryMode) {
+    EXPECT_EQ(w.gpu->beginCapture(captured, captureMode), cudaSuccess);
+    cudaError_t result = cudaSuccess;
+    std::thread([&] {
+      cudaStreamCaptureMode mode = queryMode;
+      EXPECT_EQ(w.gpu->threadExchangeStreamCaptureMode(&mode), cudaSuccess);
+      result = w.gpu->eventQuery(event);
+    }).join();
+    return std::make_pair(result, w.gpu->endCapture(captured));
+  };
+  EXPECT_EQ(
+      queryDuring(cudaStreamCaptureModeGlobal, cudaStreamCaptureModeGlobal),
+      std::make_pair(cudaErrorStreamCaptureUnsupported, cudaErrorStreamCaptureInvalidated));
+  EXPECT_EQ(
+      queryDuring(cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal),
+      std::make_pair(cudaSuccess, cudaSuccess));
+  EXPECT_EQ(
+      queryDuring(cudaStreamCaptureModeGlobal, cudaStreamCaptureModeRelaxed),
+      std::make_pair(cudaSuccess, cudaSuccess));
+  EXPECT_EQ(
+      queryDuring(cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeGlobal),
+      std::make_pair(cudaSuccess, cudaSuccess));
+  // The capturing thread itself, unless its capture is relaxed.
+  EXPECT_EQ(w.gpu->beginCapture(captured, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  EXPECT_EQ(w.gpu->eventQuery(event), cudaErrorStreamCaptureUnsupported);
+  EXPECT_EQ(w.gpu->endCapture(captured), cudaErrorStreamCaptureInvalidated);
+  EXPECT_EQ(w.gpu->beginCapture(captured, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  EXPECT_EQ(w.gpu->eventQuery(event), cudaSuccess);
+  EXPECT_EQ(w.gpu->endCapture(captured), cudaSuccess);
+  // Nothing captures: every mode may query.
+  EXPECT_EQ(w.gpu->eventQuery(event), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventDestroy(event), cudaSuccess);
+  tearDown(w, {}, {captured, other});
+}
+
+TEST(SimGpu, FreedBlockGoesPoisonedToTheNextAllocationOnItsStream) {
+  World w;
+  cudaStream_t a = w.gpu->createStream(1);
+  cudaStream_t b = w.gpu->createStream(1);
+  void* first = w.gpu->allocateBlock(a, 1000);
+  std::memset(first, 7, 1000);
+  EXPECT_TRUE(w.gpu->inBlock(first, 1024, Gpu::MemoryKind::Cached)) << "rounded up to 512";
+  EXPECT_FALSE(w.gpu->inBlock(first, 1025, Gpu::MemoryKind::Cached));
+  EXPECT_FALSE(w.gpu->inBlock(first, 16, Gpu::MemoryKind::Vmm));
+  w.gpu->freeBlock(first);
+  EXPECT_EQ(static_cast<unsigned char*>(first)[10], Gpu::kFreedByte) << "poisoned";
+  EXPECT_FALSE(w.gpu->inBlock(first, 16, Gpu::MemoryKind::Cached)) << "freed";
+  // Another stream never gets it; the same stream at once.
+  void* onB = w.gpu->allocateBlock(b, 1000);
+  EXPECT_NE(onB, first);
+  void* again = w.gpu->allocateBlock(a, 600);
+  EXPECT_EQ(again, first);
+  EXPECT_EQ(w.gpu->liveBlocks(), 2);
+  void* vmm = w.gpu->allocateBlock(a, 1000, Gpu::MemoryKind::Vmm);
+  EXPECT_TRUE(w.gpu->inBlock(static_cast<char*>(vmm) + 8, 64, Gpu::MemoryKind::Vmm));
+  EXPECT_THROW(w.gpu->freeBlock(static_cast<char*>(vmm) + 8), std::invalid_argument);
+  for (void* block : {onB, again, vmm}) {
+    w.gpu->freeBlock(block);
+  }
+  EXPECT_THROW(w.gpu->freeBlock(vmm), std::invalid_argument) << "freed twice";
+  EXPECT_EQ(w.gpu->liveBlocks(), 0);
+  tearDown(w, {}, {a, b});
+}
+
+TEST(SimGpu, CallsCanHangForATimeOrUntilReleased) {
+  World w;
+  ASSERT_EQ(w.gpu->setDevice(1), cudaSuccess);
+  cudaEvent_t event = nullptr;
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&event, cudaEventDisableTiming), cudaSuccess);
+  w.gpu->blockCalls(Gpu::Call::EventQuery, 100ms);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(w.gpu->eventQuery(event), cudaSuccess);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 100ms);
+  w.gpu->blockCalls(Gpu::Call::EventDestroy, pycomm::sim::CallGate::kForever);
+  std::atomic<bool> destroyed{false};
+  std::thread hung([&] {
+    EXPECT_EQ(w.gpu->eventDestroy(event), cudaSuccess);
+    destroyed = true;
+  });
+  EXPECT_TRUE(eventually([&] { return w.gpu->blockedCalls() == 1; }));
+  std::this_thread::sleep_for(50ms);
+  EXPECT_FALSE(destroyed.load());
+  w.gpu->releaseBlockedCalls();
+  hung.join();
+  EXPECT_TRUE(destroyed.load());
+  tearDown(w, {}, {});
 }
 
 // ---------------------------------------------------------------- SimNccl
@@ -692,20 +815,24 @@ TEST(SimNccl, Fp8ReductionsNeedComputeCapability9) {
     ASSERT_TRUE(w.gpu->synchronize(streams[r], 20s));
     EXPECT_EQ(static_cast<float>(out), 3.0f);
   });
-  w.gpu->setComputeCapabilityMajor(0, 8);
+  // NCCL checks the lowest compute capability of the communicator's ranks:
+  // rank 0's Hopper does not help when rank 1's GPU is older.
+  w.gpu->setComputeCapabilityMajor(1, 8);
+  auto mixed = makeComms(w, 2);
   uint8_t in = 0;
   uint8_t out[2] = {};
-  EXPECT_EQ(w.nccl->allReduce(&in, out, 1, ncclFloat8e5m2, ncclSum, comms[0], streams[0]), ncclInvalidArgument);
-  EXPECT_NE(std::string(w.nccl->getLastError(comms[0])).find("compute capability"), std::string::npos);
+  EXPECT_EQ(w.nccl->allReduce(&in, out, 1, ncclFloat8e5m2, ncclSum, mixed[0], streams[0]), ncclInvalidArgument);
+  EXPECT_NE(std::string(w.nccl->getLastError(mixed[0])).find("lowest compute capability"), std::string::npos);
   // Moving fp8 bytes needs no arithmetic: all-gather works on any device.
   onRanks(2, [&](int r) {
     uint8_t mine = static_cast<uint8_t>(0x30 + r);
     uint8_t all[2] = {};
-    ASSERT_EQ(w.nccl->allGather(&mine, all, 1, ncclFloat8e5m2, comms[r], streams[r]), ncclSuccess);
+    ASSERT_EQ(w.nccl->allGather(&mine, all, 1, ncclFloat8e5m2, mixed[r], streams[r]), ncclSuccess);
     ASSERT_TRUE(w.gpu->synchronize(streams[r], 20s));
     EXPECT_EQ(all[0], 0x30);
     EXPECT_EQ(all[1], 0x31);
   });
+  comms.insert(comms.end(), mixed.begin(), mixed.end());
   tearDown(w, comms, streams);
 }
 
@@ -813,6 +940,28 @@ TEST(SimNccl, NonblockingInitAndGroupEndComplete) {
   for (int r = 0; r < n; ++r) {
     EXPECT_EQ(kernelsOf(*w.gpu, w.nccl->idOf(comms[r])).size(), 1u);
   }
+  tearDown(w, comms, streams);
+}
+
+TEST(SimNccl, EveryNonblockingGroupEndIsInProgressOnAThreadOfItsOwn) {
+  // Not only a communicator's first: NCCL hands every nonblocking group end
+  // that carries work to a thread it starts (src/group.cc).
+  World w;
+  const int n = 2;
+  auto comms = makeComms(w, n, /*blocking=*/false);
+  auto streams = makeStreams(w, n);
+  onRanks(n, [&](int r) {
+    ASSERT_EQ(w.gpu->setDevice(r), cudaSuccess);
+    for (int i = 0; i < 20; ++i) {
+      int64_t in = 10 * i + r;
+      int64_t out[2] = {0, 0};
+      ASSERT_EQ(w.nccl->allGather(&in, out, 1, ncclInt64, comms[r], streams[r]), ncclInProgress) << i;
+      EXPECT_EQ(pollState(*w.nccl, comms[r]), ncclSuccess);
+      ASSERT_TRUE(w.gpu->synchronize(streams[r], 20s));
+      EXPECT_EQ(out[0], 10 * i);
+      EXPECT_EQ(out[1], 10 * i + 1);
+    }
+  });
   tearDown(w, comms, streams);
 }
 
@@ -1046,20 +1195,24 @@ TEST(SimNccl, InjectedAsyncErrorBlocksUntilAbort) {
   EXPECT_EQ(w.nccl->commGetAsyncError(comms[1], &state), ncclSuccess);
   EXPECT_EQ(state, ncclSuccess);
 
+  // A communicator in error refuses collectives with its error
+  // (ncclCommEnsureReady); its peer's kernel waits for it forever.
   std::vector<cudaEvent_t> done(2);
   std::vector<int32_t> out(4, -1);
   int32_t in[2] = {1, 2};
+  ASSERT_EQ(w.gpu->setDevice(0), cudaSuccess);
+  EXPECT_EQ(w.nccl->allGather(&in[0], &out[0], 1, ncclInt32, comms[0], streams[0]), ncclRemoteError);
+  EXPECT_NE(std::string(w.nccl->getLastError(comms[0])).find("peer 1 closed the connection"), std::string::npos);
+  ASSERT_EQ(w.gpu->setDevice(1), cudaSuccess);
+  ASSERT_EQ(w.nccl->allGather(&in[1], &out[2], 1, ncclInt32, comms[1], streams[1]), ncclSuccess);
   for (int r = 0; r < 2; ++r) {
     ASSERT_EQ(w.gpu->setDevice(r), cudaSuccess);
-    ASSERT_EQ(w.nccl->allGather(&in[r], &out[2 * r], 1, ncclInt32, comms[r], streams[r]), ncclSuccess);
     ASSERT_EQ(w.gpu->eventCreateWithFlags(&done[r], 0), cudaSuccess);
     ASSERT_EQ(w.gpu->eventRecord(done[r], streams[r]), cudaSuccess);
   }
   std::this_thread::sleep_for(50ms);
-  EXPECT_EQ(w.gpu->eventQuery(done[0]), cudaErrorNotReady);
   EXPECT_EQ(w.gpu->eventQuery(done[1]), cudaErrorNotReady); // its peer never came
   EXPECT_EQ(w.nccl->commAbort(comms[0]), ncclSuccess);
-  EXPECT_TRUE(eventually([&] { return w.gpu->eventQuery(done[0]) == cudaSuccess; }));
   std::this_thread::sleep_for(20ms);
   EXPECT_EQ(w.gpu->eventQuery(done[1]), cudaErrorNotReady); // peers keep waiting
   EXPECT_EQ(w.nccl->commAbort(comms[1]), ncclSuccess);
@@ -1071,26 +1224,125 @@ TEST(SimNccl, InjectedAsyncErrorBlocksUntilAbort) {
   tearDown(w, {}, streams);
 }
 
-TEST(SimNccl, CollectiveMismatchIsAnAsyncError) {
+TEST(SimNccl, CollectiveMismatchHangsWithoutAWord) {
   World w;
   auto comms = makeComms(w, 2);
   auto streams = makeStreams(w, 2);
+  std::vector<std::vector<float>> outs(2, std::vector<float>(8, -1.0f));
+  std::vector<float> in(4, 1.0f);
   onRanks(2, [&](int r) {
-    std::vector<float> in(4, 1.0f);
-    std::vector<float> out(8, -1.0f);
-    // Rank 1 sends a different count.
-    ASSERT_EQ(w.nccl->allGather(in.data(), out.data(), r == 0 ? 4 : 3, ncclFloat32, comms[r], streams[r]), ncclSuccess);
-    ASSERT_TRUE(w.gpu->synchronize(streams[r], 20s));
-    EXPECT_EQ(out, std::vector<float>(8, -1.0f));
-    ncclResult_t state = ncclSuccess;
-    EXPECT_EQ(w.nccl->commGetAsyncError(comms[r], &state), ncclSuccess);
-    EXPECT_EQ(state, ncclInvalidUsage);
-    EXPECT_NE(std::string(w.nccl->getLastError(comms[r])).find("mismatch"), std::string::npos);
+    // Rank 1 sends a different count: NCCL compares nothing, and hangs.
+    ASSERT_EQ(w.nccl->allGather(in.data(), outs[r].data(), r == 0 ? 4 : 3, ncclFloat32, comms[r], streams[r]), ncclSuccess);
   });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_FALSE(w.gpu->synchronize(streams[r], 200ms)) << "rank " << r << " finished";
+    ncclResult_t state = ncclInternalError;
+    EXPECT_EQ(w.nccl->commGetAsyncError(comms[r], &state), ncclSuccess);
+    EXPECT_EQ(state, ncclSuccess) << "nothing is reported";
+  }
   for (auto c : comms) {
     EXPECT_EQ(w.nccl->commAbort(c), ncclSuccess);
   }
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_TRUE(w.gpu->synchronize(streams[r], 10s));
+    EXPECT_EQ(outs[r], std::vector<float>(8, -1.0f)) << "nothing was moved";
+  }
   tearDown(w, {}, streams);
+}
+
+TEST(SimNccl, CommAbortAndDestroyCanHang) {
+  World w;
+  auto comms = makeComms(w, 2);
+  w.nccl->blockCalls(Nccl::Call::CommAbort, 100ms);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(w.nccl->commAbort(comms[0]), ncclSuccess);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 100ms);
+  w.nccl->blockCalls(Nccl::Call::CommDestroy, pycomm::sim::CallGate::kForever);
+  std::atomic<bool> destroyed{false};
+  std::thread hung([&] {
+    EXPECT_EQ(w.nccl->commDestroy(comms[1]), ncclSuccess);
+    destroyed = true;
+  });
+  EXPECT_TRUE(eventually([&] { return w.nccl->blockedCalls() == 1; }));
+  std::this_thread::sleep_for(50ms);
+  EXPECT_FALSE(destroyed.load());
+  EXPECT_EQ(w.nccl->liveComms(), 1) << "a hung destroy frees nothing";
+  w.nccl->releaseBlockedCalls();
+  hung.join();
+  tearDown(w, {}, {});
+}
+
+TEST(SimNccl, WindowRegistrationIsCollectiveVmmOnlyAndWrittenLater) {
+  World w;
+  const int n = 2;
+  auto comms = makeComms(w, n, /*blocking=*/false);
+  auto streams = makeStreams(w, n);
+  std::vector<void*> vmm(n);
+  std::vector<void*> cached(n);
+  for (int r = 0; r < n; ++r) {
+    vmm[r] = w.gpu->allocateBlock(streams[r], 4096, Gpu::MemoryKind::Vmm);
+    cached[r] = w.gpu->allocateBlock(streams[r], 4096);
+  }
+  // Rank 0 alone: the call returns ncclSuccess, the communicator stays in
+  // progress and the window is not written until rank 1 registers too.
+  auto window0 = std::make_unique<void*>(nullptr);
+  ASSERT_EQ(w.gpu->setDevice(0), cudaSuccess);
+  EXPECT_EQ(w.nccl->commWindowRegister(comms[0], vmm[0], 4096, window0.get(), 1), ncclSuccess);
+  std::this_thread::sleep_for(30ms);
+  EXPECT_EQ(*window0, nullptr);
+  ncclResult_t state = ncclSuccess;
+  EXPECT_EQ(w.nccl->commGetAsyncError(comms[0], &state), ncclSuccess);
+  EXPECT_EQ(state, ncclInProgress);
+  EXPECT_EQ(w.nccl->allGather(vmm[0], vmm[0], 1, ncclFloat32, comms[0], streams[0]), ncclInvalidUsage)
+      << "no call while the registration is in progress";
+  auto window1 = std::make_unique<void*>(nullptr);
+  EXPECT_EQ(w.nccl->commWindowRegister(comms[1], vmm[1], 4096, window1.get(), 1), ncclSuccess);
+  // NCCL's thread writes both windows, whether anyone polls or not.
+  EXPECT_TRUE(eventually([&] { return *window0 != nullptr && *window1 != nullptr; }));
+  EXPECT_EQ(pollState(*w.nccl, comms[0]), ncclSuccess);
+  EXPECT_EQ(pollState(*w.nccl, comms[1]), ncclSuccess);
+  EXPECT_EQ(w.nccl->stackSlotWindows(), 0);
+  EXPECT_EQ(w.nccl->commWindowDeregister(comms[0], *window0), ncclSuccess);
+  EXPECT_EQ(w.nccl->commWindowDeregister(comms[1], *window1), ncclSuccess);
+  // A window slot on the caller's stack is counted: NCCL writes it later.
+  void* onStack = nullptr;
+  EXPECT_EQ(w.nccl->commWindowRegister(comms[0], vmm[0], 4096, &onStack, 1), ncclSuccess);
+  EXPECT_EQ(w.nccl->stackSlotWindows(), 1);
+  // Memory that is not cuMem's fails, and leaves the communicator in error.
+  EXPECT_EQ(w.nccl->commWindowRegister(comms[1], cached[1], 4096, window1.get(), 1), ncclInvalidArgument);
+  EXPECT_EQ(w.nccl->commGetAsyncError(comms[1], &state), ncclSuccess);
+  EXPECT_EQ(state, ncclInvalidArgument);
+  EXPECT_NE(std::string(w.nccl->getLastError(comms[1])).find("virtual memory"), std::string::npos);
+  for (auto c : comms) {
+    EXPECT_EQ(w.nccl->commAbort(c), ncclSuccess);
+  }
+  for (int r = 0; r < n; ++r) {
+    w.gpu->freeBlock(vmm[r]);
+    w.gpu->freeBlock(cached[r]);
+  }
+  tearDown(w, {}, streams);
+}
+
+TEST(SimNccl, CommMemoryComesBackWithTheLastLocalRank) {
+  World w;
+  const int64_t creation = int64_t{10} << 20;
+  w.nccl->setCommMemory(creation, int64_t{20} << 20);
+  auto freeOn = [&](int device) {
+    EXPECT_EQ(w.gpu->setDevice(device), cudaSuccess);
+    size_t free = 0;
+    size_t total = 0;
+    EXPECT_EQ(w.gpu->memGetInfo(&free, &total), cudaSuccess);
+    return static_cast<int64_t>(total - free);
+  };
+  auto comms = makeComms(w, 2);
+  EXPECT_EQ(freeOn(0), creation);
+  EXPECT_EQ(freeOn(1), creation);
+  EXPECT_EQ(w.nccl->commDestroy(comms[0]), ncclSuccess);
+  EXPECT_EQ(freeOn(0), creation) << "held while another rank of this process lives";
+  EXPECT_EQ(w.nccl->commAbort(comms[1]), ncclSuccess);
+  EXPECT_EQ(freeOn(0), 0);
+  EXPECT_EQ(freeOn(1), 0);
+  tearDown(w, {}, {});
 }
 
 TEST(SimNccl, OverlapAccounting) {
