@@ -207,7 +207,7 @@ void NcclComm::enqueue(
   enqueueLocked(what, calls);
 }
 
-void NcclComm::enqueueLocked(
+ncclResult_t NcclComm::callLocked(
     const std::string& what,
     const std::function<ncclResult_t(ncclComm_t)>& calls) {
   if (comm_ == nullptr || abortRequested_.load()) {
@@ -215,10 +215,15 @@ void NcclComm::enqueueLocked(
         spec_.label + ": " + what + ": the NCCL communicator was " +
         (abortRequested_.load() ? "aborted (" + abortReason() + ")" : "destroyed"));
   }
-  DeviceScope device(*spec_.apis.cuda, spec_.device);
   settleLaunchLocked();
-  if (nccl::check(nccl(), calls(comm_), spec_.label + ": " + what, comm_) ==
-      ncclInProgress) {
+  return nccl::check(nccl(), calls(comm_), spec_.label + ": " + what, comm_);
+}
+
+void NcclComm::enqueueLocked(
+    const std::string& what,
+    const std::function<ncclResult_t(ncclComm_t)>& calls) {
+  DeviceScope device(*spec_.apis.cuda, spec_.device);
+  if (callLocked(what, calls) == ncclInProgress) {
     settleLocked(what);
   }
 }
@@ -228,15 +233,8 @@ void NcclComm::launch(
     const std::function<ncclResult_t(ncclComm_t)>& calls,
     std::function<void()> onTaken) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (comm_ == nullptr || abortRequested_.load()) {
-    throw PoolClosedError(
-        spec_.label + ": " + what + ": the NCCL communicator was " +
-        (abortRequested_.load() ? "aborted (" + abortReason() + ")" : "destroyed"));
-  }
   DeviceScope device(*spec_.apis.cuda, spec_.device);
-  settleLaunchLocked();
-  if (nccl::check(nccl(), calls(comm_), spec_.label + ": " + what, comm_) ==
-      ncclInProgress) {
+  if (callLocked(what, calls) == ncclInProgress) {
     pendingLaunch_ = PendingLaunch{what, std::move(onTaken)};
   } else {
     onTaken(); // a blocking communicator launched on this thread

@@ -116,6 +116,11 @@ class NcclComm {
   // Waits for a new communicator to finish connecting and takes ownership;
   // aborts it on failure or past the timeout.
   void adopt(ncclComm_t comm, const std::string& what);
+  // Refuses a communicator aborted or destroyed, settles the last launch,
+  // then runs `calls`: NCCL's answer (errors thrown). Lock held, device set.
+  ncclResult_t callLocked(
+      const std::string& what,
+      const std::function<ncclResult_t(ncclComm_t)>& calls);
   // Settles the last launch, if one is pending; lock held by the caller.
   void settleLaunchLocked();
   // enqueue() with the lock held by the caller.

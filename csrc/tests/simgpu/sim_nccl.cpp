@@ -455,6 +455,23 @@ struct SimNccl::Impl {
     timedCv.notify_all();
   }
 
+  // At `due`, the background thread moves on the pending operation of each
+  // live communicator `chosen` picks (as NCCL's own thread would, whether
+  // anyone polls or not).
+  void refreshLaterLocked(Clock::time_point due, const std::function<bool(const Comm&)>& chosen) {
+    for (const auto& [ptr, member] : live) {
+      if (chosen(*member)) {
+        scheduleLocked(due, [this, weak = std::weak_ptr<Comm>(member)] {
+          std::lock_guard<std::mutex> taskLock(mu);
+          if (auto m = weak.lock(); m && m->live) {
+            refreshLocked(*m);
+          }
+          cv.notify_all();
+        });
+      }
+    }
+  }
+
   std::shared_ptr<Comm> newCommLocked(
       std::shared_ptr<Clique> clique, int rank, int device, bool blocking) {
     // Forget communicators that can never run a kernel again.
@@ -1191,18 +1208,9 @@ ncclResult_t SimNccl::commSplit(
     im.completeSplitLocked(*round);
     // Nonblocking members complete when polled, or by the background
     // thread once the init delay passed, whichever comes first.
-    const auto due = round->completeAt + im.initDelay;
-    for (const auto& [ptr, member] : im.live) {
-      if (member->split == round) {
-        im.scheduleLocked(due, [&im, weak = std::weak_ptr<Comm>(member)] {
-          std::lock_guard<std::mutex> taskLock(im.mu);
-          if (auto m = weak.lock(); m && m->live) {
-            im.refreshLocked(*m);
-          }
-          im.cv.notify_all();
-        });
-      }
-    }
+    im.refreshLaterLocked(
+        round->completeAt + im.initDelay,
+        [&](const Comm& member) { return member.split == round; });
   }
   if (!c->blocking) {
     return ncclInProgress;
@@ -1398,17 +1406,7 @@ ncclResult_t SimNccl::commWindowRegister(
     c->clique->windows.erase(k);
     round->complete = true;
     // NCCL's thread finishes every member's registration, polled or not.
-    for (const auto& [ptr, member] : im.live) {
-      if (member->window == round) {
-        im.scheduleLocked(Clock::now(), [&im, weak = std::weak_ptr<Comm>(member)] {
-          std::lock_guard<std::mutex> taskLock(im.mu);
-          if (auto m = weak.lock(); m && m->live) {
-            im.refreshLocked(*m);
-          }
-          im.cv.notify_all();
-        });
-      }
-    }
+    im.refreshLaterLocked(Clock::now(), [&](const Comm& member) { return member.window == round; });
     im.cv.notify_all();
   }
   if (!c->blocking) {

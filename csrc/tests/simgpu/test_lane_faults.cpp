@@ -71,16 +71,33 @@ struct TearDownRecorder {
   }
 };
 
+// Lanes from a unique id whose teardowns `teardown` records (none when
+// null); `adjust` changes each rank's spec first.
+std::vector<std::shared_ptr<NcclLane>> armedLanes(
+    SimWorld& world,
+    const std::string& role,
+    TearDownRecorder* teardown,
+    std::chrono::milliseconds timeout = 10s,
+    const std::function<void(NcclLaneSpec&)>& adjust = {}) {
+  std::vector<std::shared_ptr<NcclLane>> lanes(world.size);
+  const std::string id = world.uniqueId();
+  onRanks(world.size, [&](int r) {
+    auto spec = world.spec(r, role, timeout);
+    if (adjust) {
+      adjust(spec);
+    }
+    if (teardown != nullptr) {
+      teardown->arm(spec);
+    }
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  return lanes;
+}
+
 TEST(LaneFaults, PeerThatNeverComesTimesOutByNameAndTearsDown) {
   SimWorld world(2);
   TearDownRecorder teardown;
-  std::vector<std::shared_ptr<NcclLane>> lanes(2);
-  const std::string id = world.uniqueId();
-  onRanks(2, [&](int r) {
-    auto spec = world.spec(r, "ag", 300ms);
-    teardown.arm(spec);
-    lanes[r] = NcclLane::create(spec, id, nullptr);
-  });
+  auto lanes = armedLanes(world, "ag", &teardown, 300ms);
   // Rank 1 never issues the all-gather.
   auto op = allGather(at::ones({16}), at::empty({32}));
   const int64_t start = nowUs();
@@ -109,9 +126,7 @@ TEST(LaneFaults, MismatchedOpsAcrossRanksTimeOutByName) {
   // hang. pycomm's timeout is the answer (PYCOMM_DEBUG=order names both ops
   // instead: test_order_check.cpp).
   SimWorld world(2);
-  std::vector<std::shared_ptr<NcclLane>> lanes(2);
-  const std::string id = world.uniqueId();
-  onRanks(2, [&](int r) { lanes[r] = NcclLane::create(world.spec(r, "ag", 300ms), id, nullptr); });
+  auto lanes = armedLanes(world, "ag", nullptr, 300ms);
   std::vector<c10::intrusive_ptr<c10d::Work>> works(2);
   const int64_t start = nowUs();
   onRanks(2, [&](int r) {
@@ -472,13 +487,8 @@ TEST(LaneFaults, Fp8ReductionsAreRefusedWhenAnyRankPredatesHopper) {
   // members exchange it when they agree on the lane's plan).
   world.gpu->setComputeCapabilityMajor(SimWorld::deviceOf(1), 8);
   TearDownRecorder teardown;
-  std::vector<std::shared_ptr<NcclLane>> lanes(2);
-  const std::string id = world.uniqueId();
-  onRanks(2, [&](int r) {
-    auto spec = world.spec(r, "rs");
+  auto lanes = armedLanes(world, "rs", &teardown, 10s, [](NcclLaneSpec& spec) {
     spec.groupReducesFp8 = false;
-    teardown.arm(spec);
-    lanes[r] = NcclLane::create(spec, id, nullptr);
   });
   auto fp8 = reduceScatter(at::ones({8}).to(at::kFloat8_e4m3fn), at::empty({4}, at::kFloat8_e4m3fn));
   for (int r = 0; r < 2; ++r) {
@@ -524,13 +534,7 @@ TEST(LaneFaults, WaitDuringAHungAbortRaisesInsteadOfOrderingTheStream) {
 TEST(LaneFaults, WatchdogQueriesEventsWhileAnotherThreadCapturesAGraph) {
   SimWorld world(2);
   TearDownRecorder teardown;
-  std::vector<std::shared_ptr<NcclLane>> lanes(2);
-  const std::string id = world.uniqueId();
-  onRanks(2, [&](int r) {
-    auto spec = world.spec(r, "ag");
-    teardown.arm(spec);
-    lanes[r] = NcclLane::create(spec, id, nullptr);
-  });
+  auto lanes = armedLanes(world, "ag", &teardown);
   auto op = allGather(at::full({8}, 1.0f), at::zeros({16}));
   auto work = issue(*lanes[0], op);
   // While rank 0's op waits for rank 1 (its watchdog querying the end
@@ -553,13 +557,7 @@ TEST(LaneFaults, WatchdogQueriesEventsWhileAnotherThreadCapturesAGraph) {
 TEST(LaneFaults, WindowOfMemoryNotFromCuMemFailsTheLaneByName) {
   SimWorld world(2);
   TearDownRecorder teardown;
-  std::vector<std::shared_ptr<NcclLane>> lanes(2);
-  const std::string id = world.uniqueId();
-  onRanks(2, [&](int r) {
-    auto spec = world.spec(r, "ag");
-    teardown.arm(spec);
-    lanes[r] = NcclLane::create(spec, id, nullptr);
-  });
+  auto lanes = armedLanes(world, "ag", &teardown);
   auto cached = deviceTensor(world.gpu, nullptr, {256});
   try {
     lanes[0]->registerMemory(cached.data_ptr(), 1024, /*symmetric=*/true);
@@ -602,17 +600,7 @@ TEST(LaneFaults, WindowRegistrationPeersNeverJoinTimesOutWithTheSlotKept) {
 // Lanes whose ops only a stall (or an abort) can end: a long op timeout,
 // a short stall bound.
 std::vector<std::shared_ptr<NcclLane>> stallLanes(SimWorld& world, TearDownRecorder* teardown) {
-  std::vector<std::shared_ptr<NcclLane>> lanes(world.size);
-  const std::string id = world.uniqueId();
-  onRanks(world.size, [&](int r) {
-    auto spec = world.spec(r, "ag", 20s);
-    spec.stallTimeout = 200ms;
-    if (teardown != nullptr) {
-      teardown->arm(spec);
-    }
-    lanes[r] = NcclLane::create(spec, id, nullptr);
-  });
-  return lanes;
+  return armedLanes(world, "ag", teardown, 20s, [](NcclLaneSpec& spec) { spec.stallTimeout = 200ms; });
 }
 
 // Runs `fn` on a thread; whether it returned within `within`. The thread is
