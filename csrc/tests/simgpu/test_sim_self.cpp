@@ -1326,6 +1326,33 @@ TEST(SimNccl, WindowRegistrationIsCollectiveVmmOnlyAndWrittenLater) {
   tearDown(w, {}, streams);
 }
 
+TEST(SimNccl, OutputIsWrittenWhenTheKernelEnds) {
+  // On a GPU the output fills while the kernel runs: a reader that does not
+  // wait for the op's end sees what was there before.
+  World w;
+  w.nccl->setCollectiveDuration(150ms);
+  auto comms = makeComms(w, 2);
+  auto streams = makeStreams(w, 2);
+  std::vector<std::vector<int32_t>> outs(2, std::vector<int32_t>(2, -1));
+  int32_t in[2] = {1, 2};
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_EQ(w.gpu->setDevice(r), cudaSuccess);
+    ASSERT_EQ(w.nccl->allGather(&in[r], outs[r].data(), 1, ncclInt32, comms[r], streams[r]), ncclSuccess);
+  }
+  std::this_thread::sleep_for(50ms); // the ranks met; their kernels run
+  EXPECT_EQ(outs[0], (std::vector<int32_t>{-1, -1})) << "written before the kernel ended";
+  EXPECT_EQ(outs[1], (std::vector<int32_t>{-1, -1})) << "written before the kernel ended";
+  // Taking the simulator's lock orders these reads before the kernels'
+  // writes, which come after their duration, under the same lock.
+  ncclResult_t state = ncclSuccess;
+  EXPECT_EQ(w.nccl->commGetAsyncError(comms[0], &state), ncclSuccess);
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_TRUE(w.gpu->synchronize(streams[r], 10s));
+    EXPECT_EQ(outs[r], (std::vector<int32_t>{1, 2}));
+  }
+  tearDown(w, comms, streams);
+}
+
 TEST(SimNccl, CommMemoryComesBackWithTheLastLocalRank) {
   World w;
   const int64_t creation = int64_t{10} << 20;
