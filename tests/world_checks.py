@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable
 
 import torch
@@ -36,6 +37,18 @@ def thread_names() -> list[str]:
 
 def open_fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def settled_counts(threads_at_most: int, fds_at_most: int, seconds: float = 5.0) -> tuple[int, int]:
+    """Threads and fds, once they are down to the bounds or `seconds` passed:
+    a short-lived thread (a drain handed off by a destructor, a worker of
+    gloo's) may still be ending when a cycle does; a leak stays above."""
+    deadline = time.monotonic() + seconds
+    while True:
+        threads, fds = thread_count(), open_fd_count()
+        if (threads <= threads_at_most and fds <= fds_at_most) or time.monotonic() > deadline:
+            return threads, fds
+        time.sleep(0.05)
 
 
 def rank_tensor(rank: int, numel: int, dtype: torch.dtype, salt: int = 0) -> torch.Tensor:
