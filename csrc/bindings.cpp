@@ -145,6 +145,7 @@ py::dict planToDict(const pycomm::NcclFieldPlan& plan) {
 #ifdef PYCOMM_CUDA
 void bindCuda(py::module_& m) {
   m.def("nccl_built_version", &pycomm::nccl::builtVersion);
+  m.attr("FP8_REDUCE_MIN_COMPUTE_MAJOR") = pycomm::nccl::kFp8ReduceMinComputeMajor;
   m.def("nccl_loaded_version", [] {
     return pycomm::nccl::loadedVersion(*pycomm::libraryNcclApi());
   });

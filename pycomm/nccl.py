@@ -45,8 +45,6 @@ DeviceChoice = int | str | torch.device | None
 
 _SPLIT = b"split"
 _INIT = b"init:"
-# NCCL reduces FP8 only from sm90 on (NCCL 2.30.7 src/enqueue.cc).
-_FP8_REDUCE_MIN_MAJOR = 9
 
 
 def _torch_nccl_backend(group: dist.ProcessGroup | None, device: torch.device) -> Any:
@@ -258,7 +256,7 @@ def create_lane(
     major, _minor = torch.cuda.get_device_capability(device)
     plan_agreed = _agree_on_plan(
         store, group_size, parent is not None, config.timeout_seconds, label,
-        reduces_fp8=major >= _FP8_REDUCE_MIN_MAJOR,
+        reduces_fp8=major >= _C.FP8_REDUCE_MIN_COMPUTE_MAJOR,
     )
     unique_id = b""
     if plan_agreed.decision != _SPLIT:

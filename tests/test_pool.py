@@ -3,7 +3,6 @@ FIFO per lane, lifecycle, registration, bad input."""
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -12,7 +11,14 @@ import torch.distributed as dist
 
 import pycomm
 from pycomm.launch import run_world
-from world_checks import expect_error, open_fd_count, rank_tensor, thread_count, thread_names
+from world_checks import (
+    expect_error,
+    open_fd_count,
+    rank_tensor,
+    settled_counts,
+    thread_count,
+    thread_names,
+)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.int64)
 REDUCE_OPS = {
@@ -349,10 +355,8 @@ def cycles_world(rank: int, world: int, cycles: int) -> dict:
             pool.destroy()
     # abort() drops the last communicator on a short-lived thread (it must not
     # wait for peers): give it a moment, bounded, to finish.
-    deadline = time.monotonic() + 5.0
-    while (thread_count() > threads0 or open_fd_count() > fds0) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return {"threads": (threads0, thread_count()), "fds": (fds0, open_fd_count())}
+    threads, fds = settled_counts(threads0, fds0)
+    return {"threads": (threads0, threads), "fds": (fds0, fds)}
 
 
 @pytest.mark.timeout(300)

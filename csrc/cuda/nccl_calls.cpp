@@ -7,12 +7,6 @@
 
 namespace pycomm::nccl {
 
-namespace {
-// NCCL reduces FP8 only on Hopper and later: older devices fail inside NCCL,
-// after the communicator took the op.
-constexpr int kFp8ReduceMinComputeMajor = 9;
-} // namespace
-
 int builtVersion() {
   return NCCL_VERSION_CODE;
 }
@@ -164,8 +158,15 @@ ncclRedOp_t reduceOp(
     c10d::ReduceOp::RedOpType op,
     at::ScalarType type,
     int computeMajor,
-    const std::string& context) {
+    const std::string& context,
+    bool groupReducesFp8) {
   const bool fp8 = type == at::kFloat8_e4m3fn || type == at::kFloat8_e5m2;
+  if (fp8 && !groupReducesFp8) {
+    throw UnsupportedOpError(
+        context + ": NCCL reduces " + c10::toString(type) +
+        " only when every rank of the communicator has compute capability 9.0 "
+        "or later (it checks the lowest); a rank of this group has an older GPU");
+  }
   if (fp8 && computeMajor < kFp8ReduceMinComputeMajor) {
     throw UnsupportedOpError(
         context + ": NCCL reduces " + c10::toString(type) +

@@ -45,13 +45,21 @@ ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion);
 // the library loaded, of `loadedVersion`) has none.
 ncclDataType_t dataType(at::ScalarType type, int loadedVersion, const std::string& context);
 
+// NCCL reduces FP8 only on Hopper and later, checked against the lowest
+// compute capability of a communicator's ranks (comm->minCompCap, NCCL
+// 2.30.7 src/enqueue.cc): older devices fail inside NCCL, after the
+// communicator took the op.
+constexpr int kFp8ReduceMinComputeMajor = 9;
+
 // NCCL's reduce op for `op` on `type`, on a device of compute capability
-// `computeMajor`; UnsupportedOpError naming `context` for what NCCL cannot
-// reduce there.
+// `computeMajor` in a group where every rank's GPU reduces FP8 or not
+// (`groupReducesFp8`); UnsupportedOpError naming `context` for what NCCL
+// cannot reduce there.
 ncclRedOp_t reduceOp(
     c10d::ReduceOp::RedOpType op,
     at::ScalarType type,
     int computeMajor,
-    const std::string& context);
+    const std::string& context,
+    bool groupReducesFp8 = true);
 
 } // namespace pycomm::nccl

@@ -254,10 +254,15 @@ void NcclComm::settleLaunchLocked() {
   if (!pendingLaunch_) {
     return;
   }
-  PendingLaunch launch = std::move(*pendingLaunch_);
-  pendingLaunch_.reset();
+  PendingLaunch launch = takePendingLaunchLocked();
   settleLocked(launch.what); // throws if NCCL failed it or did not take it in time
   launch.onTaken();
+}
+
+NcclComm::PendingLaunch NcclComm::takePendingLaunchLocked() {
+  PendingLaunch launch = std::move(*pendingLaunch_);
+  pendingLaunch_.reset();
+  return launch;
 }
 
 std::optional<ncclResult_t> NcclComm::tryAsyncError() {
@@ -271,10 +276,8 @@ std::optional<ncclResult_t> NcclComm::tryAsyncError() {
   ncclResult_t state = ncclSuccess;
   const ncclResult_t result = nccl().commGetAsyncError(comm_, &state);
   if (result == ncclSuccess && state == ncclSuccess && pendingLaunch_) {
-    PendingLaunch launch = std::move(*pendingLaunch_);
-    pendingLaunch_.reset();
     DeviceScope device(*spec_.apis.cuda, spec_.device);
-    launch.onTaken();
+    takePendingLaunchLocked().onTaken();
   }
   return result != ncclSuccess ? result : state;
 }

@@ -123,6 +123,12 @@ class NcclComm {
       const std::function<ncclResult_t(ncclComm_t)>& calls);
   // Settles the last launch, if one is pending; lock held by the caller.
   void settleLaunchLocked();
+  struct PendingLaunch {
+    std::string what;
+    std::function<void()> onTaken;
+  };
+  // Takes the pending launch (there is one) out of its slot; lock held.
+  PendingLaunch takePendingLaunchLocked();
   // enqueue() with the lock held by the caller.
   void enqueueLocked(
       const std::string& what,
@@ -143,10 +149,6 @@ class NcclComm {
   mutable std::mutex mutex_;
   ncclComm_t comm_ = nullptr;
   std::map<void*, Registration> registrations_; // by buffer
-  struct PendingLaunch {
-    std::string what;
-    std::function<void()> onTaken;
-  };
   std::optional<PendingLaunch> pendingLaunch_; // NCCL's thread may not have taken it yet
   std::atomic<bool> abortRequested_{false};
   mutable std::mutex reasonMutex_; // not mutex_: set before a poll lets go of it

@@ -1,9 +1,9 @@
 #include "nccl_lane.h"
 
 #include <algorithm>
-#include <iterator>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 
 #include "errors.h"
 #include "nccl_calls.h"
@@ -172,16 +172,9 @@ NcclLane::NcclTypes NcclLane::ncclTypesOf(
       op.kind == CollectiveKind::AllReduce;
   for (const auto& in : op.inputs) {
     out.types.push_back(nccl::dataType(in.scalar_type(), loadedVersion_, what));
-    const bool fp8 = in.scalar_type() == at::kFloat8_e4m3fn || in.scalar_type() == at::kFloat8_e5m2;
-    if (reduces && fp8 && !spec_.groupReducesFp8) {
-      throw UnsupportedOpError(
-          what + ": NCCL reduces " + c10::toString(in.scalar_type()) +
-          " only when every rank of the communicator has compute capability 9.0 "
-          "or later (it checks the lowest); a rank of this group has an older GPU");
-    }
     if (reduces) {
       out.reduces.push_back(
-          nccl::reduceOp(op.reduceOp, in.scalar_type(), computeMajor_, what));
+          nccl::reduceOp(op.reduceOp, in.scalar_type(), computeMajor_, what, spec_.groupReducesFp8));
     }
   }
   return out;
@@ -535,10 +528,8 @@ bool NcclLane::fail(std::exception_ptr error, State next) {
   if (!aborted) {
     // NCCL's kernels may still read and write these: they live as long as
     // the lane, which the hung abort holds.
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto* ops : {&unfinished, &late}) {
-      std::move(ops->begin(), ops->end(), std::back_inserter(abandoned_));
-    }
+    abandon(unfinished);
+    abandon(late);
   }
   return ended;
 }
@@ -573,13 +564,15 @@ void NcclLane::onStall(const std::string& report) {
   }
   changed_.notify_all();
   completeFailed(unfinished, error, stats);
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    std::move(unfinished.begin(), unfinished.end(), std::back_inserter(abandoned_));
-  }
+  abandon(unfinished);
   if (ended && spec_.tearDownOnError) {
     spec_.tearDown(report);
   }
+}
+
+void NcclLane::abandon(std::deque<InFlight>& ops) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::move(ops.begin(), ops.end(), std::back_inserter(abandoned_));
 }
 
 void NcclLane::completeFailed(

@@ -185,6 +185,9 @@ class NcclLane : public DeviceLane,
   // elsewhere waiting at most the stall timeout. Returns whether the abort
   // returned (if not, it goes on holding the lane).
   bool abortCommunicator(const std::string& reason);
+  // Keeps `ops`' tensors for the life of the lane: a stuck CUDA or NCCL
+  // call may still let NCCL's kernels use them.
+  void abandon(std::deque<InFlight>& ops);
   // Fails each of `ops` with `error`, recording it in `stats`.
   static void completeFailed(
       std::deque<InFlight>& ops,

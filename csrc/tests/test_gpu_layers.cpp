@@ -185,6 +185,9 @@ TEST(NcclCalls, TypesAndReduceOps) {
   EXPECT_EQ(nccl::reduceOp(Op::AVG, at::kBFloat16, 9, "op"), ncclAvg);
   EXPECT_EQ(nccl::reduceOp(Op::SUM, at::kFloat8_e5m2, 9, "op"), ncclSum);
   EXPECT_THROW(nccl::reduceOp(Op::SUM, at::kFloat8_e5m2, 8, "op"), UnsupportedOpError);
+  // A Hopper rank in a group with an older GPU: NCCL checks the lowest.
+  EXPECT_THROW(nccl::reduceOp(Op::SUM, at::kFloat8_e5m2, 9, "op", /*groupReducesFp8=*/false), UnsupportedOpError);
+  EXPECT_EQ(nccl::reduceOp(Op::MAX, at::kFloat, 9, "op", /*groupReducesFp8=*/false), ncclMax);
   EXPECT_THROW(nccl::reduceOp(Op::AVG, at::kLong, 9, "op"), UnsupportedOpError);
   EXPECT_THROW(nccl::reduceOp(Op::PREMUL_SUM, at::kFloat, 9, "op"), UnsupportedOpError);
   EXPECT_THROW(nccl::uniqueIdFromBytes("short"), ConfigError);
