@@ -114,8 +114,8 @@ pycomm::NcclSettings settingsFromDict(const py::dict& values) {
 }
 
 // (address, bytes) of each segment a torch.cuda.MemPool holds on `device`.
-std::vector<std::pair<uintptr_t, size_t>> poolSegments(const py::object& pool, int device) {
-  std::vector<std::pair<uintptr_t, size_t>> segments;
+pycomm::PooledBackend::Segments poolSegments(const py::object& pool, int device) {
+  pycomm::PooledBackend::Segments segments;
   for (const auto& segment : pool.attr("snapshot")()) {
     const auto s = py::reinterpret_borrow<py::dict>(segment);
     if (py::cast<int>(s["device"]) == device) {
@@ -366,10 +366,9 @@ PYBIND11_MODULE(_C, m) {
             // segment of the pool on this lane's device, registered with the
             // lane's communicator.
             auto lane = b.requireDeviceLane("register_mem_pool");
-            for (const auto& [address, bytes] : poolSegments(pool, lane->device().index())) {
-              py::gil_scoped_release release; // symmetric windows are collective
-              lane->registerMemory(reinterpret_cast<void*>(address), bytes, symm);
-            }
+            const auto segments = poolSegments(pool, lane->device().index());
+            py::gil_scoped_release release; // symmetric windows are collective
+            b.registerMemory(segments, symm);
           },
           py::arg("pool"),
           py::arg("symm") = false)
@@ -377,10 +376,9 @@ PYBIND11_MODULE(_C, m) {
           "deregister_mem_pool",
           [](pycomm::PooledBackend& b, const py::object& pool) {
             auto lane = b.requireDeviceLane("deregister_mem_pool");
-            for (const auto& [address, bytes] : poolSegments(pool, lane->device().index())) {
-              py::gil_scoped_release release;
-              lane->deregisterMemory(reinterpret_cast<void*>(address));
-            }
+            const auto segments = poolSegments(pool, lane->device().index());
+            py::gil_scoped_release release;
+            b.deregisterMemory(segments);
           },
           py::arg("pool"))
       .def("close", [](pycomm::PooledBackend& b) { b.close(); },

@@ -49,6 +49,7 @@ class DeviceLane {
   virtual void registerMemory(void* buffer, size_t bytes, bool symmetric) = 0;
   // Forgets a registration; memory that is not registered is ignored.
   virtual void deregisterMemory(void* buffer) = 0;
+  virtual bool isRegistered(void* buffer) const = 0;
 };
 
 } // namespace pycomm

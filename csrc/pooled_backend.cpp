@@ -1,5 +1,7 @@
 #include "pooled_backend.h"
 
+#include <algorithm>
+#include <functional>
 #include <sstream>
 #include <system_error>
 #include <thread>
@@ -181,6 +183,80 @@ std::shared_ptr<DeviceLane> PooledBackend::requireDeviceLane(const std::string& 
         "CUDA device was set (see pycomm.build_info() and CommPool(device=...))");
   }
   return deviceLane_;
+}
+
+namespace {
+std::string listText(const std::vector<int64_t>& values, size_t from, size_t count) {
+  std::string out = "[";
+  for (size_t i = 0; i < count; ++i) {
+    out += (i ? ", " : "") + std::to_string(values[from + i]);
+  }
+  return out + "]";
+}
+} // namespace
+
+std::vector<int64_t> PooledBackend::allGatherOnHost(const std::vector<int64_t>& values) {
+  auto op = std::make_shared<Collective>();
+  op->kind = CollectiveKind::AllGather;
+  op->inputs = {at::tensor(values, at::kLong)};
+  op->outputs = {at::empty({static_cast<int64_t>(values.size()) * getSize()}, at::kLong)};
+  const at::Tensor output = op->outputs[0];
+  // Straight to the CPU lane, whatever lane host tensors would be routed to:
+  // its wait() returns once the bytes are here.
+  enqueue(op, op, c10d::OpType::_ALLGATHER_BASE, {}, Run::Op).first->wait();
+  return std::vector<int64_t>(output.data_ptr<int64_t>(), output.data_ptr<int64_t>() + output.numel());
+}
+
+void PooledBackend::registerMemory(const Segments& segments, bool symmetric) {
+  auto lane = requireDeviceLane("register_mem_pool");
+  Segments fresh;
+  for (const auto& segment : segments) {
+    if (!lane->isRegistered(reinterpret_cast<void*>(segment.first))) {
+      fresh.push_back(segment);
+    }
+  }
+  if (symmetric) {
+    const std::string what = spec_.label() +
+        ": register_mem_pool(symm=True) is collective, one window per segment on every member, "
+        "but the members hold different segments not yet registered: ";
+    const auto counts = allGatherOnHost({static_cast<int64_t>(fresh.size())});
+    if (std::adjacent_find(counts.begin(), counts.end(), std::not_equal_to<>()) != counts.end()) {
+      throw TensorMismatchError(
+          what + "counts by group rank " + listText(counts, 0, counts.size()) +
+          "; every member must register a pool of the same layout");
+    }
+    std::vector<int64_t> sizes;
+    for (const auto& segment : fresh) {
+      sizes.push_back(static_cast<int64_t>(segment.second));
+    }
+    if (!sizes.empty()) {
+      const auto all = allGatherOnHost(sizes);
+      const size_t n = sizes.size();
+      bool same = true;
+      for (int r = 1; r < getSize(); ++r) {
+        same = same && std::equal(all.begin(), all.begin() + n, all.begin() + r * n);
+      }
+      if (!same) {
+        std::string bySize;
+        for (int r = 0; r < getSize(); ++r) {
+          bySize += (r ? ", rank " : "rank ") + std::to_string(r) + " " + listText(all, r * n, n);
+        }
+        throw TensorMismatchError(
+            what + "segment sizes in bytes by group rank: " + bySize +
+            "; every member must register a pool of the same layout");
+      }
+    }
+  }
+  for (const auto& [address, bytes] : fresh) {
+    lane->registerMemory(reinterpret_cast<void*>(address), bytes, symmetric);
+  }
+}
+
+void PooledBackend::deregisterMemory(const Segments& segments) {
+  auto lane = requireDeviceLane("deregister_mem_pool");
+  for (const auto& segment : segments) {
+    lane->deregisterMemory(reinterpret_cast<void*>(segment.first));
+  }
 }
 
 void PooledBackend::start(

@@ -92,6 +92,19 @@ class PooledBackend : public c10d::Backend {
   // The device lane; UnsupportedOpError naming `what` when there is none.
   std::shared_ptr<DeviceLane> requireDeviceLane(const std::string& what) const;
 
+  // Device memory, as (address, bytes) in the caller's order.
+  using Segments = std::vector<std::pair<uintptr_t, size_t>>;
+  // Registers the segments not registered yet with the device lane's
+  // communicator (register_mem_pool). Symmetric windows are collective, one
+  // NCCL call per segment on every member: the members first agree, over
+  // the group's CPU side, on how many segments they register now and on
+  // their sizes in order, so members holding different segments get
+  // TensorMismatchError naming what each holds before NCCL sees any call,
+  // instead of waiting in NCCL for a call that never comes. Blocks the
+  // caller until registered (collective with symmetric).
+  void registerMemory(const Segments& segments, bool symmetric);
+  void deregisterMemory(const Segments& segments);
+
   bool isOpen() const;
   const PooledGroupSpec& spec() const {
     return spec_;
@@ -122,6 +135,9 @@ class PooledBackend : public c10d::Backend {
   enum class Run { Op, OrderCheckOnly };
 
   c10::intrusive_ptr<c10d::Work> submit(Collective op, c10d::OpType type);
+  // Every member's `values` (the same count on each), by group rank,
+  // all-gathered on the CPU lane; blocks until done.
+  std::vector<int64_t> allGatherOnHost(const std::vector<int64_t>& values);
   // Posts an entry to the CPU lane; returns its Work (which holds
   // `callers`, the op as the caller gave it) and its place (seq) among this
   // group's ops. The transport runs `running`: `callers`, or a copy with

@@ -8,17 +8,40 @@ namespace pycomm {
 
 namespace {
 
+c10::DeviceIndex toIndex(int device) {
+  return static_cast<c10::DeviceIndex>(device);
+}
+
+// c10's device calls throw c10::Error when cudaGetDevice fails (no device):
+// CudaApi reports CUDA's error instead.
+template <typename Call>
+cudaError_t reportingCudaError(const Call& call) {
+  try {
+    return call();
+  } catch (const c10::Error&) {
+    int ignored = -1;
+    const cudaError_t error = cudaGetDevice(&ignored);
+    return error != cudaSuccess ? error : cudaErrorInvalidDevice;
+  }
+}
+
 class RuntimeCudaApi final : public CudaApi {
  public:
   cudaError_t getDevice(int* device) override {
-    return cudaGetDevice(device);
+    c10::DeviceIndex index = -1;
+    const cudaError_t result = c10::cuda::GetDevice(&index);
+    *device = index;
+    return result;
   }
   cudaError_t setDevice(int device) override {
-    return cudaSetDevice(device);
+    return reportingCudaError([&] { return c10::cuda::SetDevice(toIndex(device)); });
+  }
+  cudaError_t restoreDevice(int device) override {
+    return reportingCudaError([&] { return c10::cuda::MaybeSetDevice(toIndex(device)); });
   }
   bool hasPrimaryContext(int device) override {
     try {
-      return c10::cuda::hasPrimaryContext(static_cast<c10::DeviceIndex>(device));
+      return c10::cuda::hasPrimaryContext(toIndex(device));
     } catch (const c10::Error&) {
       return false; // no such device in this process: no context either
     }

@@ -17,10 +17,19 @@ class CudaApi {
  public:
   virtual ~CudaApi() = default;
 
+  // torch's current device of the calling thread (c10::cuda::GetDevice):
+  // the device a guard left as torch's target when it had no context to
+  // switch to, otherwise CUDA's current device.
   virtual cudaError_t getDevice(int* device) = 0;
-  // Makes `device` current for the calling thread; creates the device's
-  // primary context if it has none.
+  // Makes `device` CUDA's (and torch's) current device for the calling
+  // thread (c10::cuda::SetDevice); creates the device's primary context if
+  // it has none.
   virtual cudaError_t setDevice(int device) = 0;
+  // Goes back to `device` as torch's guards do on leaving
+  // (c10::cuda::MaybeSetDevice): setDevice() if it has a primary context,
+  // otherwise it only becomes torch's target device, so no context is made
+  // on a device the thread never used, and torch still sees it current.
+  virtual cudaError_t restoreDevice(int device) = 0;
   // Whether `device` has a primary context in this process (setting it
   // current would not create one); false for a device that does not exist.
   // Never throws: destructors call it.

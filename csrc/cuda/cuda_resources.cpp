@@ -15,11 +15,12 @@ void checkCuda(CudaApi& api, cudaError_t result, const std::string& what) {
 DeviceScope::DeviceScope(CudaApi& api, int device, Errors errors) : api_(api) {
   int current = -1;
   const cudaError_t got = api_.getDevice(&current);
-  if (got == cudaSuccess && current == device) {
-    return; // nothing to restore
-  }
-  previous_ = got == cudaSuccess ? current : -1;
+  // Set even when torch reports `device` current already: that may be only
+  // torch's target, with CUDA's current device elsewhere.
   const cudaError_t set = api_.setDevice(device);
+  if (got == cudaSuccess && current != device) {
+    previous_ = current;
+  }
   if (errors == Errors::Throw) {
     checkCuda(api_, got, "cudaGetDevice");
     checkCuda(api_, set, "cudaSetDevice");
@@ -27,8 +28,8 @@ DeviceScope::DeviceScope(CudaApi& api, int device, Errors errors) : api_(api) {
 }
 
 DeviceScope::~DeviceScope() {
-  if (previous_ >= 0 && api_.hasPrimaryContext(previous_)) {
-    (void)api_.setDevice(previous_);
+  if (previous_ >= 0) {
+    (void)api_.restoreDevice(previous_);
   }
 }
 

@@ -18,13 +18,13 @@ namespace pycomm {
 // Throws CollectiveError naming `what` and CUDA's message.
 void checkCuda(CudaApi& api, cudaError_t result, const std::string& what);
 
-// Makes `device` current for the scope. On leaving, it goes back to the
-// previous device only if that one has a primary context: a thread that never
-// used a device reports device 0, and setting it would create a context
-// there (about 0.5 GiB of GPU 0 from every rank), as c10's
-// MaybeExchangeDevice avoids too. `Throw` reports a failure to set the
-// device; `Quiet` ignores it (teardown paths, where the NCCL call after it
-// reports it).
+// Makes `device` current for the scope. On leaving, the thread's previous
+// device is current again as torch sees it, the way torch's own device
+// guards leave it (CudaApi::restoreDevice): a device without a primary
+// context only becomes torch's target, since setting it would create a
+// context there (about 0.5 GiB of GPU 0 from every rank whose thread never
+// used a device). `Throw` reports a failure to set the device; `Quiet`
+// ignores it (teardown paths, where the NCCL call after it reports it).
 class DeviceScope {
  public:
   enum class Errors { Throw, Quiet };

@@ -348,6 +348,11 @@ size_t NcclComm::registeredBuffers() const {
   return registrations_.size();
 }
 
+bool NcclComm::isRegistered(void* buffer) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return registrations_.count(buffer) != 0;
+}
+
 std::string NcclComm::lastError() {
   std::lock_guard<std::mutex> lock(mutex_);
   return comm_ == nullptr ? "" : nccl::lastError(nccl(), comm_);

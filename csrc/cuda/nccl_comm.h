@@ -87,6 +87,7 @@ class NcclComm {
   // Forgets a registration; a buffer that is not registered is ignored.
   void deregisterBuffer(void* buffer);
   size_t registeredBuffers() const;
+  bool isRegistered(void* buffer) const;
   // Flushes what was issued (bounded by the timeout; past it, aborts) and
   // frees the communicator. Idempotent.
   void destroy();

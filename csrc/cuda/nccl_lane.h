@@ -110,6 +110,9 @@ class NcclLane : public DeviceLane,
   void abort() override;
   void registerMemory(void* buffer, size_t bytes, bool symmetric) override;
   void deregisterMemory(void* buffer) override;
+  bool isRegistered(void* buffer) const override {
+    return comm_->isRegistered(buffer);
+  }
   size_t registeredMemory() const {
     return comm_->registeredBuffers();
   }

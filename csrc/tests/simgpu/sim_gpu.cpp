@@ -100,7 +100,12 @@ struct SimBlock {
 
 struct SimGpu::Impl {
   struct ThreadState {
-    int device = 0;
+    int device = 0; // CUDA's current device
+    // torch's target device, or -1: c10/cuda/CUDAFunctions.cpp keeps a
+    // thread_local targetDeviceIndex that MaybeSetDevice() sets instead of
+    // calling cudaSetDevice on a device without a primary context (CUDA 12
+    // creates one there at once), and that GetDevice() answers first.
+    int target = -1;
     cudaStreamCaptureMode captureMode = cudaStreamCaptureModeGlobal;
     std::map<int, cudaStream_t> currentStream;
   };
@@ -369,7 +374,8 @@ cudaError_t SimGpu::getDevice(int* device) {
   if (device == nullptr) {
     return cudaErrorInvalidValue;
   }
-  *device = impl_->self().device;
+  const auto& self = impl_->self();
+  *device = self.target >= 0 ? self.target : self.device; // c10::cuda::GetDevice
   return cudaSuccess;
 }
 
@@ -378,8 +384,21 @@ cudaError_t SimGpu::setDevice(int device) {
     return cudaErrorInvalidDevice;
   }
   std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->self().target = -1; // c10::cuda::SetDevice clears it
   impl_->self().device = device;
   impl_->ensureContextLocked(device);
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::restoreDevice(int device) {
+  // c10::cuda::MaybeSetDevice: a real switch only where a context exists.
+  if (hasPrimaryContext(device)) {
+    return setDevice(device);
+  }
+  if (!impl_->validDevice(device)) {
+    return cudaErrorInvalidDevice;
+  }
+  impl_->self().target = device;
   return cudaSuccess;
 }
 

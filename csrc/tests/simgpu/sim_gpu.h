@@ -9,7 +9,9 @@
 // recorded (the range is H100/H200's: 0 least, -5 greatest). Contexts are
 // accounted as CUDA makes them: setDevice() creates the device's primary
 // context if it has none, and so does creating a stream or an event on a
-// thread's current device.
+// thread's current device. Torch's view of the current device is modelled
+// beside CUDA's: getDevice() answers torch's target device when a guard left
+// one (restoreDevice() to a device without a context), as c10 does.
 //
 // Where CUDA is strict, so is this (each model cites its source beside the
 // code): the null stream is the legacy stream of the calling thread's
@@ -62,6 +64,7 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   // CudaApi
   cudaError_t getDevice(int* device) override;
   cudaError_t setDevice(int device) override;
+  cudaError_t restoreDevice(int device) override;
   bool hasPrimaryContext(int device) override;
   cudaError_t deviceGetStreamPriorityRange(int* least, int* greatest) override;
   cudaError_t deviceGetAttribute(int* value, cudaDeviceAttr attr, int device) override;
@@ -162,7 +165,8 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   void deallocate(int device, int64_t bytes);
 
   // --- for SimNccl ---
-  // The calling thread's current device (no context is created).
+  // The calling thread's current device as CUDA sees it (no context is
+  // created), whatever torch's target is.
   int currentDevice() const;
   // Queues a kernel of a communicator (see launch()); `comm` is its id.
   void launchCollective(

@@ -392,6 +392,36 @@ TEST(LaneOrder, WaitQueuesOnTheOpsDeviceWhateverDeviceIsCurrent) {
   closeAll(lanes);
 }
 
+TEST(LaneDevice, IssueAndWaitLeaveTheCallersCurrentDeviceAsTorchSees) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  onRanks(2, [&](int r) {
+    // A fresh thread has device 0 current and no context there: torch's
+    // guards leave it so (0 stays torch's target, no context is made), and
+    // so must the lane, or the caller's next tensor lands on the lane's
+    // device.
+    std::thread([&] {
+      auto op = allGather(at::full({8}, float(r + 1)), at::zeros({16}, at::kFloat));
+      auto work = issue(*lanes[r], op);
+      int device = -1;
+      ASSERT_EQ(world.gpu->getDevice(&device), cudaSuccess);
+      EXPECT_EQ(device, 0) << "issue() left device " << device << " current";
+      ASSERT_TRUE(work->wait());
+      ASSERT_EQ(world.gpu->getDevice(&device), cudaSuccess);
+      EXPECT_EQ(device, 0) << "wait() left device " << device << " current";
+    }).join();
+  });
+  EXPECT_FALSE(world.gpu->hasPrimaryContext(0)) << "a context was made on device 0";
+  onRanks(2, [&](int r) {
+    // A device with a context is switched back to for real.
+    ASSERT_EQ(world.gpu->setDevice(0), cudaSuccess);
+    auto op = allGather(at::full({8}, float(r + 1)), at::zeros({16}, at::kFloat));
+    ASSERT_TRUE(issue(*lanes[r], op)->wait());
+    EXPECT_EQ(world.gpu->currentDevice(), 0);
+  });
+  closeAll(lanes);
+}
+
 // The kernels of `comm` on `device`, in the order they ran.
 std::vector<KernelInterval> kernelsOf(const SimWorld& world, uint64_t comm) {
   std::vector<KernelInterval> out;

@@ -135,6 +135,9 @@ class CpuTensorLane : public DeviceLane {
   void deregisterMemory(void* buffer) override {
     lane_->deregisterMemory(buffer);
   }
+  bool isRegistered(void* buffer) const override {
+    return lane_->isRegistered(buffer);
+  }
   std::atomic<int> issued{0};
 
  private:
@@ -251,6 +254,88 @@ TEST(OrderCheckOnNcclLanes, DeviceAndCpuOpsShareOneOrder) {
     EXPECT_NE(e.find("all_gather"), std::string::npos) << e;
     EXPECT_NE(e.find("barrier"), std::string::npos) << e;
   }
+}
+
+// A segment of cuMem memory on `rank`'s device, as a pool's snapshot lists it.
+struct HeldSegment {
+  at::Tensor memory;
+  PooledBackend::Segments::value_type segment() const {
+    return {reinterpret_cast<uintptr_t>(memory.data_ptr()), static_cast<size_t>(memory.nbytes())};
+  }
+};
+
+HeldSegment vmmSegment(const SimWorld& world, int rank, int64_t floats) {
+  const cudaStream_t stream = world.gpu->legacyStreamOf(SimWorld::deviceOf(rank));
+  return HeldSegment{deviceTensor(world.gpu, stream, {floats}, at::kFloat, SimGpu::MemoryKind::Vmm)};
+}
+
+// The TensorMismatchError's text, or a failure naming what came instead.
+std::string mismatchOf(const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const TensorMismatchError& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not a TensorMismatchError: " << e.what();
+    return "";
+  }
+  ADD_FAILURE() << "no TensorMismatchError";
+  return "";
+}
+
+TEST(SymmetricRegistration, MembersHoldingDifferentSegmentsAreNamedBeforeNccl) {
+  CheckedRanks ranks(2);
+  // Rank 0 holds two segments, rank 1 one: one window call per segment would
+  // leave rank 0's second call waiting in NCCL for a call that never comes.
+  std::vector<std::vector<HeldSegment>> held(2);
+  held[0] = {vmmSegment(ranks.world, 0, 256), vmmSegment(ranks.world, 0, 256)};
+  held[1] = {vmmSegment(ranks.world, 1, 256)};
+  std::vector<std::string> errors(2);
+  const auto start = std::chrono::steady_clock::now();
+  onRanks(2, [&](int r) {
+    PooledBackend::Segments segments;
+    for (const auto& h : held[r]) {
+      segments.push_back(h.segment());
+    }
+    errors[r] = mismatchOf([&] { ranks.backends[r]->registerMemory(segments, /*symmetric=*/true); });
+  });
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "named only after the lane's timeout";
+  for (const auto& e : errors) {
+    EXPECT_NE(e.find("counts by group rank [2, 1]"), std::string::npos) << e;
+  }
+  for (int r = 0; r < 2; ++r) {
+    for (const auto& h : held[r]) {
+      EXPECT_FALSE(ranks.deviceLanes[r]->isRegistered(h.memory.data_ptr())) << "rank " << r;
+    }
+  }
+
+  // Different sizes, same count: named too.
+  held[1].push_back(vmmSegment(ranks.world, 1, 512));
+  onRanks(2, [&](int r) {
+    PooledBackend::Segments segments{held[r][0].segment(), held[r][1].segment()};
+    errors[r] = mismatchOf([&] { ranks.backends[r]->registerMemory(segments, /*symmetric=*/true); });
+  });
+  for (const auto& e : errors) {
+    EXPECT_NE(e.find("rank 0 [1024, 1024], rank 1 [1024, 2048]"), std::string::npos) << e;
+  }
+
+  // The same layout registers; a segment registered already is left out of
+  // the agreement, so a member that registered more before still agrees.
+  onRanks(2, [&](int r) {
+    ranks.backends[r]->registerMemory({held[r][0].segment()}, /*symmetric=*/true);
+  });
+  held[1][1] = vmmSegment(ranks.world, 1, 256);
+  onRanks(2, [&](int r) {
+    ranks.backends[r]->registerMemory({held[r][0].segment(), held[r][1].segment()}, /*symmetric=*/true);
+    for (const auto& h : held[r]) {
+      EXPECT_TRUE(ranks.deviceLanes[r]->isRegistered(h.memory.data_ptr())) << "rank " << r;
+    }
+  });
+  // The lane took no harm: an op still runs.
+  onRanks(2, [&](int r) {
+    auto gathered = at::zeros({kCount * 2});
+    ASSERT_TRUE(allGatherOn(*ranks.backends[r], r, gathered)->wait(5000ms));
+  });
 }
 
 } // namespace
