@@ -5,8 +5,8 @@ A communicator is split (ncclCommSplit) from the communicator of the base
 group's other pooled lane on the same device when every member has one (the
 second role of a group): pycomm's own communicators are nonblocking, so the
 split is polled and bounded by the timeout. torch's communicator is never
-split: NCCL takes blocking from the parent, and a split of torch's blocking
-one would wait inside NCCL forever for a member that failed. Otherwise every
+split: the split call blocks as its parent does, and a split of torch's
+blocking one would wait inside NCCL forever for a member that failed. Otherwise every
 member creates it with ncclCommInitRankConfig from one unique id published in
 the store by the last member to arrive.
 """

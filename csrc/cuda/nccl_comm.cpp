@@ -98,6 +98,7 @@ std::unique_ptr<NcclComm> NcclComm::initRank(
   const ncclUniqueId id = nccl::uniqueIdFromBytes(uniqueId);
   DeviceScope device(*s.apis.cuda, s.device);
   ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api));
+  config.blocking = s.blocking ? 1 : 0;
   ncclComm_t comm = nullptr;
   const std::string what = "ncclCommInitRankConfig (rank " +
       std::to_string(s.rank) + " of " + std::to_string(s.size) + ")";
@@ -117,6 +118,7 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
   const std::string what = "ncclCommSplit of " + parent.spec_.label;
   DeviceScope device(*s.apis.cuda, s.device);
   ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api));
+  config.blocking = s.blocking ? 1 : 0;
   // The parent is nonblocking: NCCL writes the child here when the split is
   // done, after the call returned.
   auto slot = std::make_unique<ncclComm_t>(nullptr);
@@ -195,7 +197,10 @@ void NcclComm::settleLocked(const std::string& what) {
     }
     throw CollectiveTimeoutError(
         spec_.label + ": NCCL did not take " + what + " within " +
-        timeoutText(spec_.timeout));
+        timeoutText(spec_.timeout) +
+        "; a peer may be gone or may not have issued the same call (NCCL "
+        "connects the peers at a communicator's first op, which waits until "
+        "every peer issued theirs)");
   }
   nccl::check(nccl(), state, spec_.label + ": " + what, comm_);
 }

@@ -5,9 +5,9 @@
 // destructor if neither ran. Every wait inside NCCL is a poll of
 // ncclCommGetAsyncError bounded by the timeout, so a missing peer becomes a
 // named error, not a hang. Only communicators pycomm owns are split: they are
-// nonblocking, so the split is polled too (NCCL takes blocking from the
-// parent, and a split of a blocking one would wait for a missing member
-// forever).
+// nonblocking, so the split is polled too (the split call blocks or not as
+// its parent does, and a split of a blocking one would wait for a missing
+// member forever).
 //
 // Thread-safety: every method may be called from any thread; one mutex
 // serializes NCCL calls on the communicator, and abort() first raises a flag
@@ -36,6 +36,7 @@ struct NcclCommSpec {
   NcclSettings settings;
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};
   std::string label; // how errors name the group and role
+  bool blocking = false;
 };
 
 class NcclComm {

@@ -7,9 +7,11 @@
 // As in NCCL, every nonblocking group end starts a thread that launches the
 // group and answers ncclInProgress; issue() does not wait for it (the end
 // event is recorded by whoever sees NCCL take the op). --group-end-us D
-// makes that thread take D microseconds more (a busy host).
+// makes that thread take D microseconds more (a busy host). --blocking runs
+// the lanes on blocking communicators instead, whose group end launches on
+// the calling thread: the figure the lane's design is chosen from.
 //
-//   bench_issue_cost [--ops N] [--group-end-us D] [--json PATH]
+//   bench_issue_cost [--ops N] [--group-end-us D] [--blocking] [--json PATH]
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -32,7 +34,17 @@ int main(int argc, char** argv) {
   int ops = 1000;
   int groupEndUs = 0;
   std::string json;
+  bool blocking = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--blocking")) {
+      blocking = true;
+    }
+  }
   for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--blocking")) {
+      --i;
+      continue;
+    }
     if (!std::strcmp(argv[i], "--ops")) {
       ops = std::stoi(argv[i + 1]);
     } else if (!std::strcmp(argv[i], "--group-end-us")) {
@@ -43,7 +55,13 @@ int main(int argc, char** argv) {
   }
   SimWorld world(2);
   world.nccl->setGroupEndDelay(std::chrono::microseconds(groupEndUs));
-  auto lanes = pycomm::sim::makeLanes(world, "ag");
+  std::vector<std::shared_ptr<pycomm::NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  pycomm::sim::onRanks(2, [&](int r) {
+    auto spec = world.spec(r, "ag");
+    spec.comm.blocking = blocking;
+    lanes[r] = pycomm::NcclLane::create(spec, id, nullptr);
+  });
   std::vector<std::vector<int64_t>> issueUs(2);
   pycomm::sim::onRanks(2, [&](int r) {
     auto in = at::ones({16 * 1024}); // 64 KiB
@@ -64,11 +82,12 @@ int main(int argc, char** argv) {
   const double p50 = percentile(all, 0.5);
   const double p90 = percentile(all, 0.9);
   std::printf("NcclLane::issue() host time on the simulated GPU (2 ranks, 64 KiB all-gather)\n");
-  const std::string groupEnd = "thread +" + std::to_string(groupEndUs) + " us";
+  const std::string groupEnd = blocking ? "blocking" : "thread +" + std::to_string(groupEndUs) + " us";
   std::printf("%-8s %-16s %-12s %-12s\n", "ops", "group end", "median us", "p90 us");
   std::printf("%-8d %-16s %-12.1f %-12.1f\n", ops * 2, groupEnd.c_str(), p50, p90);
   if (!json.empty()) {
-    std::ofstream(json) << "{\"ops\": " << ops * 2 << ", \"group_end_us\": "
+    std::ofstream(json) << "{\"ops\": " << ops * 2 << ", \"communicator\": \""
+                        << (blocking ? "blocking" : "nonblocking") << "\", \"group_end_us\": "
                         << groupEndUs
                         << ", \"median_us\": " << p50 << ", \"p90_us\": " << p90 << "}\n";
   }

@@ -133,6 +133,35 @@ struct SimGpu::Impl {
 
   CallGate gate; // calls that hang (SimGpu::Call)
 
+  // Collective kernels running per device, and the bound (0: none). A leaf
+  // lock: nothing else is taken under slotMu.
+  std::mutex slotMu;
+  std::condition_variable slotCv;
+  int collectiveBound = 0;
+  std::map<int, int> runningCollectives;
+  std::map<int, std::deque<uint64_t>> slotQueue; // tickets in asking order, per device
+  uint64_t nextTicket = 0;
+
+  void takeSlot(int device) {
+    std::unique_lock<std::mutex> lock(slotMu);
+    const uint64_t ticket = nextTicket++;
+    auto& queue = slotQueue[device];
+    queue.push_back(ticket);
+    slotCv.wait(lock, [&] {
+      return queue.front() == ticket &&
+          (collectiveBound == 0 || runningCollectives[device] < collectiveBound);
+    });
+    queue.pop_front();
+    ++runningCollectives[device];
+    slotCv.notify_all();
+  }
+
+  void giveSlot(int device) {
+    std::lock_guard<std::mutex> lock(slotMu);
+    --runningCollectives[device];
+    slotCv.notify_all();
+  }
+
   // Streams capturing now (under mu).
   std::vector<std::shared_ptr<SimStream>> capturing;
 
@@ -324,9 +353,15 @@ struct SimGpu::Impl {
       interval.device = device;
       interval.stream = resolved;
       interval.comm = comm;
+      if (comm != 0) {
+        takeSlot(device);
+      }
       interval.startUs = nowUs();
       kernel();
       interval.endUs = nowUs();
+      if (comm != 0) {
+        giveSlot(device);
+      }
       std::lock_guard<std::mutex> lock(timelineMu);
       timeline.push_back(std::move(interval));
     }};
@@ -888,6 +923,12 @@ int SimGpu::currentDevice() const {
 void SimGpu::launchCollective(
     cudaStream_t stream, std::function<void()> kernel, std::string label, uint64_t comm) {
   impl_->launch(stream, std::move(kernel), std::move(label), comm, /*throwIfUnknown=*/false);
+}
+
+void SimGpu::setConcurrentCollectives(int bound) {
+  std::lock_guard<std::mutex> lock(impl_->slotMu);
+  impl_->collectiveBound = std::max(bound, 0);
+  impl_->slotCv.notify_all();
 }
 
 SimStream* SimGpu::resolve(cudaStream_t stream) const {

@@ -18,7 +18,8 @@
 // *current* device; stream capture forbids unsafe calls by mode; device
 // memory comes from a caching allocator that hands a freed block to the next
 // allocation on its stream at once, with its bytes poisoned; calls that hang
-// on sick GPUs can be made to hang.
+// on sick GPUs can be made to hang; the collective kernels running at once
+// on a device can be bounded.
 //
 // Thread-safety: every method may be called from any thread.
 #include <chrono>
@@ -109,6 +110,14 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   // work queued before it, and the stream moves on when it returns. The
   // interval is added to the timeline under `label`.
   void launch(cudaStream_t stream, std::function<void()> kernel, std::string label = "kernel");
+  // At most `bound` collective kernels run at once on each device (0, the
+  // default: no bound). A GPU runs a bounded number of kernels at once, and
+  // an NCCL kernel holds its SMs while it waits for its peers, so one whose
+  // peer's kernel cannot start because another waiting kernel fills that
+  // device deadlocks (NCCL user guide, "Using multiple NCCL communicators
+  // concurrently"; NVIDIA/nccl#195). A kernel waits for a slot when it
+  // reaches the head of its stream; slots go in the order kernels ask.
+  void setConcurrentCollectives(int bound);
   // Waits until everything queued on `stream` so far has run; false on timeout.
   bool synchronize(cudaStream_t stream, std::chrono::milliseconds timeout);
   // cudaStreamBeginCapture(stream, mode) on the calling thread: the stream

@@ -285,6 +285,10 @@ struct Clique {
   // their devices (given back with the last: every rank is in this process).
   int liveMembers = 0;
   std::vector<std::pair<int, int64_t>> heldBytes;
+  // Members whose first group end has come: the peers connect when all have
+  // (see runGroup).
+  int connecting = 0;
+  bool connected = false;
   // The lowest compute capability (major) of its ranks' devices: what NCCL
   // checks FP8 reductions against (comm->minCompCap, the minimum of every
   // peer's cudaCompCap, src/init.cc; checked in src/enqueue.cc).
@@ -805,6 +809,9 @@ struct SimNccl::Impl {
   ncclResult_t runGroup(std::vector<GroupCall> calls) {
     std::vector<Launch> launches;
     ncclResult_t result = ncclSuccess;
+    std::vector<KernelSpec> kernels; // one per communicator and stream
+    std::vector<std::shared_ptr<Clique>> connecting; // first groups
+    bool async = true;
     {
       std::lock_guard<std::mutex> lock(mu);
       bool anyBlocking = false;
@@ -826,7 +833,6 @@ struct SimNccl::Impl {
             "ncclGroupEnd: blocking and nonblocking communicators cannot be mixed in one group");
       }
       // One kernel per communicator and stream, in the order of first use.
-      std::vector<KernelSpec> kernels;
       for (auto& call : calls) {
         auto it = std::find_if(kernels.begin(), kernels.end(), [&](const KernelSpec& k) {
           return k.comm == call.comm && k.stream == call.stream;
@@ -847,13 +853,27 @@ struct SimNccl::Impl {
       // "Nonblocking Group Operation": the kernels "are being issued to
       // streams in the background"). A blocking one launches on the
       // calling thread.
+      // NCCL connects a communicator's peers at its first group end, not at
+      // creation (NCCL_RUNTIME_CONNECT=1, the default since 2.22; NCCL 2.30.7
+      // src/group.cc groupLaunch -> ncclPrepareTasksAndCollPreconnect ->
+      // src/transport.cc ncclTransportP2pSetup, blocking bootstrap
+      // send/recv with each peer), and launches only once connected: a
+      // blocking group end waits for the peers on the calling thread, a
+      // nonblocking one on NCCL's thread, in progress meanwhile. Not
+      // modelled: a later group that needs another algorithm connects again.
       for (const auto& k : kernels) {
         if (!k.comm->firstGroupRan) { // NCCL allocates its buffers lazily
           takeDeviceMemoryLocked(*k.comm, firstUseBytes);
           k.comm->firstGroupRan = true;
+          Clique& clique = *k.comm->clique;
+          if (++clique.connecting == clique.nranks) {
+            clique.connected = true;
+            cv.notify_all();
+          }
+          connecting.push_back(k.comm->clique);
         }
       }
-      const bool async = !anyBlocking;
+      async = !anyBlocking;
       if (!async) {
         for (const auto& k : kernels) {
           launches.push_back(Launch{k.stream, kernelLocked(k), labelOf(*k.ops), k.comm->id});
@@ -883,6 +903,7 @@ struct SimNccl::Impl {
           ++groupThreads;
           std::thread([this, c, delay, mine = std::move(mine)] {
             std::this_thread::sleep_for(delay);
+            waitConnected(*c);
             enqueueDeferred(c, mine);
             std::lock_guard<std::mutex> threadLock(mu);
             --groupThreads;
@@ -892,8 +913,24 @@ struct SimNccl::Impl {
         result = ncclInProgress;
       }
     }
-    launchAll(launches);
+    if (!async && !connecting.empty()) {
+      std::unique_lock<std::mutex> lock(mu);
+      for (const auto& k : kernels) {
+        cv.wait(lock, [&] { return k.comm->clique->connected || k.comm->aborted; });
+        if (k.comm->aborted) {
+          result = failLocked(nullptr, ncclSystemError, "ncclGroupEnd: aborted while connecting to the peers");
+        }
+      }
+    }
+    launchAll(launches); // an aborted communicator's kernels return at once
     return result;
+  }
+
+  // Until every member of `c`'s clique came to its first group end (or `c`
+  // was aborted): the connection a first group waits for.
+  void waitConnected(Comm& c) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return c.clique->connected || c.aborted || !c.live; });
   }
 
   // A nonblocking group's kernels, on the background thread.

@@ -4,8 +4,10 @@
 // one process and fails the way NCCL fails.
 //
 // - Communicators come from commInitRankConfig (one unique id) or commSplit
-//   (collective over the parent's ranks; blocking taken from the PARENT, as
-//   NCCL does). A communicator lives on the thread's current device.
+//   (collective over the parent's ranks; the split call blocks or not as
+//   the PARENT does, the child is blocking or not as the config given says,
+//   as in NCCL 2.30.7 src/init.cc ncclCommInitChildComm). A communicator
+//   lives on the thread's current device.
 // - Nonblocking communicators (config->blocking == 0) return ncclInProgress
 //   from creation, split, groupEnd and finalize; commGetAsyncError reports
 //   ncclInProgress until the work is done (creation: every member arrived and
@@ -16,6 +18,9 @@
 //   nonblocking group end that carries work starts a thread of its own to
 //   launch it and answers ncclInProgress. A blocking split waits inside the
 //   call until every member of the parent split (forever, as NCCL does).
+// - A communicator's first group end connects its peers and launches only
+//   once every peer made its own (NCCL_RUNTIME_CONNECT): a blocking one
+//   waits in the call, a nonblocking one stays in progress.
 // - Collectives (allGather, reduceScatter, allReduce, broadcast; every op of
 //   one group on one communicator runs as one kernel, as NCCL coalesces them)
 //   are kernels on the given stream. A kernel waits until every rank of the

@@ -98,6 +98,39 @@ inline std::vector<std::shared_ptr<NcclLane>> makeLanes(
   return lanes;
 }
 
+// Runs one all-gather on every lane at once and waits for its end, so the
+// communicators' peers are connected (NCCL connects them at the first op,
+// which waits for every peer's) and a test's next ops meet a connected
+// communicator.
+inline void connectLanes(SimWorld& world, const std::vector<std::shared_ptr<NcclLane>>& lanes) {
+  onRanks(static_cast<int>(lanes.size()), [&](int r) {
+    Collective op;
+    op.kind = CollectiveKind::AllGather;
+    op.inputs = {at::ones({1})};
+    op.outputs = {at::empty({static_cast<int64_t>(lanes.size())})};
+    auto work = lanes[r]->issue(op, c10d::OpType::UNKNOWN, lanes[r]->label() + ": connect");
+    ASSERT_TRUE(work->wait());
+    ASSERT_TRUE(world.gpu->synchronize(world.gpu->legacyStreamOf(SimWorld::deviceOf(r)), std::chrono::seconds(10)));
+  });
+  world.gpu->clearTimeline();
+}
+
+// The text of the `Error` that `call` throws; a test failure (and "") when
+// it throws another error or none.
+template <typename Error>
+std::string thrownText(const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const Error& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "wrong error: " << e.what();
+    return "";
+  }
+  ADD_FAILURE() << "no error thrown";
+  return "";
+}
+
 inline void closeAll(const std::vector<std::shared_ptr<NcclLane>>& lanes) {
   onRanks(static_cast<int>(lanes.size()), [&](int r) { lanes[r]->close(); });
 }

@@ -42,16 +42,7 @@ bool eventually(const std::function<bool()>& done) {
 
 template <typename Error>
 std::string expectFailure(const c10::intrusive_ptr<c10d::Work>& work, std::chrono::milliseconds within) {
-  try {
-    work->wait(within);
-  } catch (const Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong error: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "wait() succeeded";
-  return "";
+  return thrownText<Error>([&] { work->wait(within); });
 }
 
 // Records teardowns instead of ending the process.
@@ -112,7 +103,9 @@ TEST(LaneFaults, PeerThatNeverComesTimesOutByNameAndTearsDown) {
   work->getFuture()->wait();
   EXPECT_TRUE(work->getFuture()->hasError());
   ASSERT_TRUE(eventually([&] { return teardown.count() == 1; }));
-  EXPECT_NE(teardown.calls[0].find("did not finish within"), std::string::npos);
+  // The watchdog's timeout, or the wait() above seeing NCCL not take the op
+  // (the first op waits for the peer to connect), whichever came first.
+  EXPECT_NE(teardown.calls[0].find("300 ms"), std::string::npos) << teardown.calls[0];
   // The lane is failed for good, with the same error.
   EXPECT_THROW(issue(*lanes[0], op), CollectiveTimeoutError);
   EXPECT_EQ(teardown.count(), 1u) << "one teardown per lane";
@@ -210,11 +203,59 @@ c10::intrusive_ptr<PooledBackend> pooled(
   return backend;
 }
 
+TEST(LaneConnect, TheFirstOpWaitsForEveryPeersFirstOp) {
+  // NCCL connects the peers at a communicator's first group end, on its own
+  // thread for a nonblocking one, which stays in progress until every peer
+  // came; and it refuses the next call meanwhile. So the second issue()
+  // waits for the late peer, and both ops then run correctly.
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  std::atomic<int64_t> secondIssueUs{0};
+  onRanks(2, [&](int r) {
+    if (r == 1) {
+      std::this_thread::sleep_for(300ms);
+    }
+    auto first = allGather(at::full({8}, float(r + 1)), at::zeros({16}));
+    auto firstWork = issue(*lanes[r], first);
+    auto second = allGather(at::full({8}, float(10 * (r + 1))), at::zeros({16}));
+    const int64_t start = nowUs();
+    auto secondWork = issue(*lanes[r], second);
+    if (r == 0) {
+      secondIssueUs = nowUs() - start;
+    }
+    ASSERT_TRUE(firstWork->wait());
+    ASSERT_TRUE(secondWork->wait());
+    ASSERT_TRUE(world.gpu->synchronize(world.gpu->legacyStreamOf(SimWorld::deviceOf(r)), 5000ms));
+    EXPECT_TRUE(at::equal(first.outputs[0], at::cat({at::full({8}, 1.0f), at::full({8}, 2.0f)})));
+    EXPECT_TRUE(at::equal(second.outputs[0], at::cat({at::full({8}, 10.0f), at::full({8}, 20.0f)})));
+  });
+  EXPECT_GE(secondIssueUs.load(), 200'000) << "the first op was launched before the peer connected";
+  closeAll(lanes);
+}
+
+TEST(LaneConnect, APeerThatNeverIssuesIsATimeoutForEveryCallThatWaitsForIt) {
+  SimWorld world(2);
+  TearDownRecorder teardown;
+  auto lanes = armedLanes(world, "ag", &teardown, 300ms);
+  // Rank 1 never issues: rank 0's first op cannot connect, and its next
+  // issue() waits for the first to be launched, bounded by the timeout.
+  auto first = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
+  const int64_t start = nowUs();
+  EXPECT_THROW(issue(*lanes[0], allGather(at::ones({16}), at::empty({32}))), CollectiveTimeoutError);
+  EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
+  expectFailure<CollectiveTimeoutError>(first, 1000ms);
+  ASSERT_TRUE(eventually([&] { return teardown.count() == 1; }));
+  EXPECT_EQ(world.nccl->liveComms(), 1) << "rank 0's communicator was aborted";
+  lanes[1]->abort();
+}
+
 TEST(LaneFaults, PoolAbortWithOpsHungOnBothLanesReturnsWithinASecond) {
   SimWorld world(2);
   // Long timeouts: only the abort may end these ops.
   auto ag = makeLanes(world, "ag", {}, 20s);
   auto rs = makeLanes(world, "rs", ag, 20s);
+  connectLanes(world, ag);
+  connectLanes(world, rs);
   CommPool pool;
   pool.add(pooled("ag", ag[0]));
   pool.add(pooled("rs", rs[0]));
@@ -625,6 +666,7 @@ TEST(LaneFaults, WatchdogStuckInACudaCallFailsTheOpsByNameWithinTheStallBound) {
   SimWorld world(2);
   TearDownRecorder teardown;
   auto lanes = stallLanes(world, &teardown);
+  connectLanes(world, lanes);
   // Rank 1 never joins; the watchdog polls the op's end event, and then a
   // query hangs (a sick GPU).
   auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));

@@ -392,6 +392,35 @@ TEST(LaneOrder, WaitQueuesOnTheOpsDeviceWhateverDeviceIsCurrent) {
   closeAll(lanes);
 }
 
+TEST(LaneBlocking, OpsOnBlockingCommunicatorsRunCorrectly) {
+  // The variant bench_issue_cost measures side by side: a blocking
+  // communicator launches on the calling thread.
+  SimWorld world(2);
+  std::vector<std::shared_ptr<NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  onRanks(2, [&](int r) {
+    auto spec = world.spec(r, "ag");
+    spec.comm.blocking = true;
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  onRanks(2, [&](int r) {
+    for (int i = 0; i < 3; ++i) {
+      auto gather = allGather(at::full({8}, float(r + 1 + i)), at::zeros({16}));
+      auto reduce = reduceScatter(at::full({16}, float(r + 1)), at::zeros({8}));
+      auto gathered = issue(*lanes[r], gather);
+      auto reduced = issue(*lanes[r], reduce);
+      ASSERT_TRUE(gathered->wait());
+      ASSERT_TRUE(reduced->wait());
+      ASSERT_TRUE(world.gpu->synchronize(world.gpu->legacyStreamOf(SimWorld::deviceOf(r)), 5000ms));
+      EXPECT_TRUE(at::equal(
+          gather.outputs[0], at::cat({at::full({8}, float(1 + i)), at::full({8}, float(2 + i))})));
+      EXPECT_TRUE(at::equal(reduce.outputs[0], at::full({8}, 3.0f)));
+    }
+  });
+  closeAll(lanes);
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
 TEST(LaneDevice, IssueAndWaitLeaveTheCallersCurrentDeviceAsTorchSees) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "ag");

@@ -186,18 +186,6 @@ c10::intrusive_ptr<c10d::Work> reduceScatterOn(PooledBackend& b, at::Tensor& out
   return b._reduce_scatter_base(out, in, {});
 }
 
-// The OrderMismatchError that issuing `issue` raises on rank `rank` (a
-// failure where it raises none).
-std::string orderMismatchOf(int rank, const std::function<void()>& issue) {
-  try {
-    issue();
-  } catch (const OrderMismatchError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "rank " << rank << ": no OrderMismatchError";
-  return "";
-}
-
 TEST(OrderCheckOnNcclLanes, DifferentOrdersAreNamedBeforeReachingNccl) {
   CheckedRanks ranks(2);
   std::vector<std::string> errors(2);
@@ -207,7 +195,7 @@ TEST(OrderCheckOnNcclLanes, DifferentOrdersAreNamedBeforeReachingNccl) {
     auto reduced = at::zeros({kCount});
     // Rank 0: all-gather first; rank 1: reduce-scatter first. On NCCL this
     // pair waits forever; here the first op of each fails by name.
-    errors[r] = orderMismatchOf(r, [&] {
+    errors[r] = thrownText<OrderMismatchError>([&] {
       if (r == 0) {
         allGatherOn(backend, r, gathered);
       } else {
@@ -241,7 +229,7 @@ TEST(OrderCheckOnNcclLanes, DeviceAndCpuOpsShareOneOrder) {
   std::vector<std::string> errors(2);
   onRanks(2, [&](int r) {
     auto& backend = *ranks.backends[r];
-    errors[r] = orderMismatchOf(r, [&] {
+    errors[r] = thrownText<OrderMismatchError>([&] {
       if (r == 0) {
         auto gathered = at::zeros({kCount * 2});
         allGatherOn(backend, r, gathered); // device lane
@@ -269,20 +257,6 @@ HeldSegment vmmSegment(const SimWorld& world, int rank, int64_t floats) {
   return HeldSegment{deviceTensor(world.gpu, stream, {floats}, at::kFloat, SimGpu::MemoryKind::Vmm)};
 }
 
-// The TensorMismatchError's text, or a failure naming what came instead.
-std::string mismatchOf(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const TensorMismatchError& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "not a TensorMismatchError: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "no TensorMismatchError";
-  return "";
-}
-
 TEST(SymmetricRegistration, MembersHoldingDifferentSegmentsAreNamedBeforeNccl) {
   CheckedRanks ranks(2);
   // Rank 0 holds two segments, rank 1 one: one window call per segment would
@@ -297,7 +271,7 @@ TEST(SymmetricRegistration, MembersHoldingDifferentSegmentsAreNamedBeforeNccl) {
     for (const auto& h : held[r]) {
       segments.push_back(h.segment());
     }
-    errors[r] = mismatchOf([&] { ranks.backends[r]->registerMemory(segments, /*symmetric=*/true); });
+    errors[r] = thrownText<TensorMismatchError>([&] { ranks.backends[r]->registerMemory(segments, /*symmetric=*/true); });
   });
   EXPECT_LT(std::chrono::steady_clock::now() - start, 5s) << "named only after the lane's timeout";
   for (const auto& e : errors) {
@@ -313,7 +287,7 @@ TEST(SymmetricRegistration, MembersHoldingDifferentSegmentsAreNamedBeforeNccl) {
   held[1].push_back(vmmSegment(ranks.world, 1, 512));
   onRanks(2, [&](int r) {
     PooledBackend::Segments segments{held[r][0].segment(), held[r][1].segment()};
-    errors[r] = mismatchOf([&] { ranks.backends[r]->registerMemory(segments, /*symmetric=*/true); });
+    errors[r] = thrownText<TensorMismatchError>([&] { ranks.backends[r]->registerMemory(segments, /*symmetric=*/true); });
   });
   for (const auto& e : errors) {
     EXPECT_NE(e.find("rank 0 [1024, 1024], rank 1 [1024, 2048]"), std::string::npos) << e;

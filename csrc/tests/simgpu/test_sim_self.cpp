@@ -132,6 +132,25 @@ std::vector<cudaStream_t> makeStreams(World& w, int n) {
   return streams;
 }
 
+// Runs one all-reduce on every rank at once, so the communicators' peers are
+// connected (NCCL connects them at the first group end, which waits for all)
+// and a test can then issue from one thread, rank after rank; the timeline
+// forgets it.
+void connect(World& w, const std::vector<ncclComm_t>& comms, const std::vector<cudaStream_t>& streams) {
+  std::vector<int32_t> values(comms.size(), 1);
+  onRanks(static_cast<int>(comms.size()), [&](int r) {
+    EXPECT_EQ(w.gpu->setDevice(w.gpu->deviceOf(streams[r])), cudaSuccess);
+    const ncclResult_t result =
+        w.nccl->allReduce(&values[r], &values[r], 1, ncclInt32, ncclSum, comms[r], streams[r]);
+    EXPECT_TRUE(result == ncclSuccess || result == ncclInProgress);
+    if (result == ncclInProgress) {
+      EXPECT_EQ(pollState(*w.nccl, comms[r]), ncclSuccess);
+    }
+    EXPECT_TRUE(w.gpu->synchronize(streams[r], std::chrono::milliseconds(5000)));
+  });
+  w.gpu->clearTimeline();
+}
+
 // Frees everything and checks that the accounting returns to zero.
 void tearDown(World& w, const std::vector<ncclComm_t>& comms, const std::vector<cudaStream_t>& streams) {
   for (auto c : comms) {
@@ -1012,10 +1031,95 @@ TEST(SimNccl, MixedBlockingGroupIsRefused) {
   tearDown(w, {blocking[0], nonblocking[0]}, {s});
 }
 
+TEST(SimNccl, TheFirstGroupEndConnectsThePeersAndWaitsForThem) {
+  World w;
+  auto comms = makeComms(w, 2);
+  auto streams = makeStreams(w, 2);
+  int32_t in[2] = {1, 2};
+  std::vector<std::vector<int32_t>> outs(2, std::vector<int32_t>(2, -1));
+  std::atomic<int64_t> waitedUs{0};
+  onRanks(2, [&](int r) {
+    ASSERT_EQ(w.gpu->setDevice(r), cudaSuccess);
+    if (r == 1) {
+      std::this_thread::sleep_for(150ms);
+    }
+    const auto start = std::chrono::steady_clock::now();
+    ASSERT_EQ(w.nccl->allGather(&in[r], outs[r].data(), 1, ncclInt32, comms[r], streams[r]), ncclSuccess);
+    if (r == 0) {
+      waitedUs = std::chrono::duration_cast<std::chrono::microseconds>(
+          std::chrono::steady_clock::now() - start).count();
+    }
+    ASSERT_TRUE(w.gpu->synchronize(streams[r], 5000ms));
+  });
+  EXPECT_GE(waitedUs.load(), 100'000) << "a blocking first group end returned before the peer came";
+  EXPECT_EQ(outs[0], (std::vector<int32_t>{1, 2}));
+  EXPECT_EQ(outs[1], (std::vector<int32_t>{1, 2}));
+
+  // Without the peer it waits until the communicator is aborted.
+  auto lonely = makeComms(w, 2);
+  ncclResult_t result = ncclSuccess;
+  std::thread caller([&] {
+    EXPECT_EQ(w.gpu->setDevice(0), cudaSuccess);
+    result = w.nccl->allGather(&in[0], outs[0].data(), 1, ncclInt32, lonely[0], streams[0]);
+  });
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(w.nccl->commAbort(lonely[0]), ncclSuccess);
+  caller.join();
+  EXPECT_EQ(result, ncclSystemError);
+  EXPECT_EQ(w.nccl->commDestroy(lonely[1]), ncclSuccess);
+  tearDown(w, comms, streams);
+}
+
+TEST(SimNccl, BoundedConcurrencyDeadlocksCommunicatorsStartedInDifferentOrders) {
+  World w;
+  auto a = makeComms(w, 2);
+  auto b = makeComms(w, 2);
+  auto sa = makeStreams(w, 2);
+  auto sb = makeStreams(w, 2);
+  connect(w, a, sa);
+  connect(w, b, sb);
+  int32_t in[2] = {1, 2};
+  // Device 0 starts a's kernel first, device 1 b's: a gate holds the other
+  // stream until the first kernel has its slot.
+  std::vector<std::vector<int32_t>> outs(8, std::vector<int32_t>(2, -1)); // by round, comm, rank
+  Gate gates[2];
+  auto run = [&](int round, int bound) {
+    w.gpu->setConcurrentCollectives(bound);
+    Gate& gate = gates[round];
+    w.gpu->launch(sb[0], [&gate] { gate.wait(); }, "gate");
+    w.gpu->launch(sa[1], [&gate] { gate.wait(); }, "gate");
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_EQ(w.gpu->setDevice(r), cudaSuccess);
+      EXPECT_EQ(w.nccl->allGather(&in[r], outs[round * 4 + r].data(), 1, ncclInt32, a[r], sa[r]), ncclSuccess);
+      EXPECT_EQ(w.nccl->allGather(&in[r], outs[round * 4 + 2 + r].data(), 1, ncclInt32, b[r], sb[r]), ncclSuccess);
+    }
+    std::this_thread::sleep_for(50ms);
+    gate.open();
+    return w.gpu->synchronize(sa[0], 300ms) && w.gpu->synchronize(sb[1], 50ms);
+  };
+  EXPECT_TRUE(run(0, 2)) << "two kernels per device fit: no deadlock";
+  EXPECT_EQ(outs[0], (std::vector<int32_t>{1, 2}));
+  EXPECT_EQ(outs[3], (std::vector<int32_t>{1, 2}));
+
+  EXPECT_FALSE(run(1, 1)) << "one kernel per device, started in different orders: a deadlock";
+  // Only an abort ends it: a's kernels return, b's then meet.
+  EXPECT_EQ(w.nccl->commAbort(a[0]), ncclSuccess);
+  EXPECT_EQ(w.nccl->commAbort(a[1]), ncclSuccess);
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_TRUE(w.gpu->synchronize(sb[r], 5000ms));
+    EXPECT_TRUE(w.gpu->synchronize(sa[r], 5000ms));
+  }
+  EXPECT_EQ(outs[6], (std::vector<int32_t>{1, 2}));
+  EXPECT_EQ(outs[7], (std::vector<int32_t>{1, 2}));
+  w.gpu->setConcurrentCollectives(0);
+  tearDown(w, b, {sa[0], sa[1], sb[0], sb[1]});
+}
+
 TEST(SimNccl, KernelWithoutPeerRunsUntilAbort) {
   World w;
   auto comms = makeComms(w, 2);
   auto streams = makeStreams(w, 2);
+  connect(w, comms, streams);
   int32_t in = 7;
   int32_t out[2] = {-1, -1};
   ASSERT_EQ(w.nccl->allGather(&in, out, 1, ncclInt32, comms[0], streams[0]), ncclSuccess);
@@ -1187,6 +1291,7 @@ TEST(SimNccl, InjectedAsyncErrorBlocksUntilAbort) {
   World w;
   auto comms = makeComms(w, 2);
   auto streams = makeStreams(w, 2);
+  connect(w, comms, streams);
   w.nccl->injectAsyncError(comms[0], ncclRemoteError, "peer 1 closed the connection");
   ncclResult_t state = ncclSuccess;
   EXPECT_EQ(w.nccl->commGetAsyncError(comms[0], &state), ncclSuccess);
@@ -1333,6 +1438,7 @@ TEST(SimNccl, OutputIsWrittenWhenTheKernelEnds) {
   w.nccl->setCollectiveDuration(150ms);
   auto comms = makeComms(w, 2);
   auto streams = makeStreams(w, 2);
+  connect(w, comms, streams);
   std::vector<std::vector<int32_t>> outs(2, std::vector<int32_t>(2, -1));
   int32_t in[2] = {1, 2};
   for (int r = 0; r < 2; ++r) {
@@ -1383,6 +1489,8 @@ TEST(SimNccl, OverlapAccounting) {
   auto b = makeComms(w, n);
   auto sa = makeStreams(w, n);
   auto sb = makeStreams(w, n);
+  connect(w, a, sa);
+  connect(w, b, sb);
   const int32_t ranks[2] = {0, 1};
   // Every stream's worker waits at a gate, so the kernels start together
   // even when threads are slow to start.
