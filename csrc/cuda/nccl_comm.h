@@ -36,6 +36,9 @@ struct NcclCommSpec {
   NcclSettings settings;
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};
   std::string label; // how errors name the group and role
+  // Only for measuring the host cost side by side (bench_issue_cost): NCCL
+  // aborts blocking communicators safely only when no thread is inside a
+  // call on them (user guide, "Fault Tolerance"), so lanes are nonblocking.
   bool blocking = false;
 };
 
