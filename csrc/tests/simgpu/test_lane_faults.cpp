@@ -276,10 +276,15 @@ TEST(LaneFaults, PoolAbortWithOpsHungOnBothLanesReturnsWithinASecond) {
   EXPECT_LT(nowUs() - start, 1'000'000) << "pool.abort() waited for a hung op";
   expectFailure<PoolClosedError>(rsWork, 1000ms);
   expectFailure<PoolClosedError>(agWork, 1000ms);
-  // Rank 1's peer op hangs until its own abort.
+  // Rank 1's peer op ends at its own abort, or before it when rank 0's
+  // all-gather started between the aborts of rank 0's two lanes (the RS
+  // abort ends the kernel it waits behind, as on a GPU) and met it.
   ag[1]->abort();
   rs[1]->abort();
-  expectFailure<PoolClosedError>(peerWork, 1000ms);
+  ASSERT_TRUE(eventually([&] { return peerWork->isCompleted(); }));
+  if (!peerWork->isSuccess()) {
+    expectFailure<PoolClosedError>(peerWork, 1000ms);
+  }
   EXPECT_EQ(world.nccl->liveComms(), 0);
 }
 
