@@ -36,21 +36,15 @@ int main(int argc, char** argv) {
   std::string json;
   bool blocking = false;
   for (int i = 1; i < argc; ++i) {
+    const bool hasValue = i + 1 < argc;
     if (!std::strcmp(argv[i], "--blocking")) {
       blocking = true;
-    }
-  }
-  for (int i = 1; i + 1 < argc; i += 2) {
-    if (!std::strcmp(argv[i], "--blocking")) {
-      --i;
-      continue;
-    }
-    if (!std::strcmp(argv[i], "--ops")) {
-      ops = std::stoi(argv[i + 1]);
-    } else if (!std::strcmp(argv[i], "--group-end-us")) {
-      groupEndUs = std::stoi(argv[i + 1]);
-    } else if (!std::strcmp(argv[i], "--json")) {
-      json = argv[i + 1];
+    } else if (hasValue && !std::strcmp(argv[i], "--ops")) {
+      ops = std::stoi(argv[++i]);
+    } else if (hasValue && !std::strcmp(argv[i], "--group-end-us")) {
+      groupEndUs = std::stoi(argv[++i]);
+    } else if (hasValue && !std::strcmp(argv[i], "--json")) {
+      json = argv[++i];
     }
   }
   SimWorld world(2);

@@ -810,7 +810,7 @@ struct SimNccl::Impl {
     std::vector<Launch> launches;
     ncclResult_t result = ncclSuccess;
     std::vector<KernelSpec> kernels; // one per communicator and stream
-    std::vector<std::shared_ptr<Clique>> connecting; // first groups
+    bool firstGroup = false; // some communicator's: it connects its peers
     bool async = true;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -870,7 +870,7 @@ struct SimNccl::Impl {
             clique.connected = true;
             cv.notify_all();
           }
-          connecting.push_back(k.comm->clique);
+          firstGroup = true;
         }
       }
       async = !anyBlocking;
@@ -913,7 +913,7 @@ struct SimNccl::Impl {
         result = ncclInProgress;
       }
     }
-    if (!async && !connecting.empty()) {
+    if (!async && firstGroup) {
       std::unique_lock<std::mutex> lock(mu);
       for (const auto& k : kernels) {
         cv.wait(lock, [&] { return k.comm->clique->connected || k.comm->aborted; });
