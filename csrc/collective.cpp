@@ -63,9 +63,21 @@ bool isReducing(CollectiveKind kind) {
 void checkReduceOp(const Collective& op) {
   switch (op.reduceOp) {
     case c10d::ReduceOp::SUM:
+      return;
     case c10d::ReduceOp::PRODUCT:
     case c10d::ReduceOp::MIN:
     case c10d::ReduceOp::MAX:
+      // Complex numbers have no order, and torch refuses their products
+      // too (distributed_c10d.supports_complex denies MAX, MIN, PRODUCT
+      // and the bitwise ops, for every backend).
+      for (const auto& t : op.inputs) {
+        if (at::isComplexType(t.scalar_type())) {
+          throw UnsupportedOpError(
+              std::string(kindName(op.kind)) + " with " +
+              reduceOpName(op.reduceOp) + " does not support complex tensors, got " +
+              shapeOf(t) + "; only SUM and AVG reduce complex numbers");
+        }
+      }
       return;
     case c10d::ReduceOp::AVG:
       for (const auto& t : op.inputs) {

@@ -64,13 +64,33 @@ Issued issueReduceScatter(
   return issued;
 }
 
+// The all-gather as gloo takes it. gloo wants the output shaped as the
+// inputs stacked along dim 0 (ProcessGroupGloo's _allgather_base checks each
+// chunk's shape), where torch's NCCL backend only checks element counts:
+// shapes that agree in size alone, and 0-dim inputs, go to gloo flattened
+// (both tensors are contiguous here, so the views cost no copy). Shapes gloo
+// takes as they are skip the two dispatcher calls.
+Issued issueAllGather(c10d::Backend& comm, at::Tensor& input, at::Tensor& output) {
+  const auto in = input.sizes();
+  const auto out = output.sizes();
+  const bool stacked = !in.empty() && out.size() == in.size() &&
+      out[0] == in[0] * comm.getSize() &&
+      std::equal(in.begin() + 1, in.end(), out.begin() + 1);
+  if (stacked) {
+    return {comm._allgather_base(output, input), nullptr};
+  }
+  at::Tensor flatInput = input.view({-1});
+  at::Tensor flatOutput = output.view({-1});
+  return {comm._allgather_base(flatOutput, flatInput), nullptr};
+}
+
 // Issues the gloo ops that make up `op` (several for the coalesced forms).
 std::vector<Issued> issue(c10d::Backend& comm, Collective& op, int64_t rank) {
   std::vector<Issued> issued;
   switch (op.kind) {
     case CollectiveKind::AllGather:
       for (size_t i = 0; i < op.inputs.size(); ++i) {
-        issued.push_back({comm._allgather_base(op.outputs[i], op.inputs[i]), nullptr});
+        issued.push_back(issueAllGather(comm, op.inputs[i], op.outputs[i]));
       }
       break;
     case CollectiveKind::ReduceScatter:

@@ -22,6 +22,12 @@ DEFAULT_TIMEOUT_SECONDS = 600.0
 # collective and far below that.
 MAX_TIMEOUT_SECONDS = 365 * 24 * 3600.0
 
+# The shortest timeout a RoleConfig takes. Creating a pooled group is a store
+# rendezvous plus a gloo connection, each a few store round trips, and one
+# collective on a busy host takes milliseconds: a timeout below this can only
+# ever fail, so it is refused rather than turned into flaky timeouts.
+MIN_TIMEOUT_SECONDS = 0.1
+
 # Keys of Megatron's nccl_communicator_config YAML, by the RoleConfig field
 # each one sets.
 MEGATRON_KEYS = {
@@ -124,11 +130,11 @@ class RoleConfig:
         if self.timeout is not None and (
             isinstance(self.timeout, bool)
             or not isinstance(self.timeout, (int, float))
-            or not 0 < self.timeout <= MAX_TIMEOUT_SECONDS
+            or not MIN_TIMEOUT_SECONDS <= self.timeout <= MAX_TIMEOUT_SECONDS
         ):
             raise ConfigError(
-                f"timeout must be a number of seconds > 0 and at most "
-                f"{MAX_TIMEOUT_SECONDS:.0f} (a year), got {self.timeout!r}"
+                f"timeout must be a number of seconds from {MIN_TIMEOUT_SECONDS:g} "
+                f"to {MAX_TIMEOUT_SECONDS:.0f} (a year), got {self.timeout!r}"
             )
 
     @property

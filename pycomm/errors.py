@@ -39,6 +39,11 @@ class RendezvousTimeoutError(PycommError, TimeoutError):
     """Members of a group did not all arrive to create a pooled group in time."""
 
 
+class PoolMismatchError(RendezvousTimeoutError):
+    """Members duplicated one group in different pools (pools made in
+    different orders on different ranks, without names)."""
+
+
 class CollectiveTimeoutError(PycommError, TimeoutError):
     """A collective did not finish within its timeout."""
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import Counter
 from typing import Any, Callable
@@ -14,30 +14,45 @@ import torch.distributed as dist
 
 from pycomm import _C
 from pycomm.config import RoleConfig
-from pycomm.errors import NotAMemberError, NotInitializedError
+from pycomm.errors import (
+    CollectiveError,
+    ConfigError,
+    NotAMemberError,
+    NotInitializedError,
+    PoolMismatchError,
+    RendezvousTimeoutError,
+)
 from pycomm.nccl import DeviceChoice, check_device_choice, resolve_device
 from pycomm.registration import (
     BACKEND_NAME,
     CpuCommFactory,
     CreateRequest,
     connect_cpu_comm,
+    delete_keys,
     ensure_backend_registered,
     gloo_comm,
     own_store_connection,
     rendezvous,
 )
+from pycomm.torch_registry import group_name as _group_name
+from pycomm.torch_registry import is_registered as _known_to_torch
+from pycomm.torch_registry import register_group, unregister_group
 
 logger = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = tuple(_C.CommPool.roles())
 
-# How many times this process created each (base group, role); members create
-# in the same sequence, so the count names the same store prefix on each.
-_generations: Counter[tuple[str, str]] = Counter()
-_generations_lock = threading.Lock()
-# torch.distributed's group registry (new_group, destroy_process_group) is
-# not thread-safe; pooled groups are made from any thread.
-_torch_registry_lock = threading.Lock()
+# How many pools of each name this process made. A pool's identity is its
+# name and this count: the same on every rank that makes its pools of one
+# name in the same order, and never used twice in a process, so no store key
+# of a pool is ever read by another.
+_incarnations: Counter[str] = Counter()
+# The names of this process's open pools: two open pools of one name would
+# be told apart only by the order they were made in.
+_open_names: set[str] = set()
+_names_lock = threading.Lock()
+# The name of pools made without one.
+UNNAMED_POOL = "pool"
 
 
 def debug_checks_order() -> bool:
@@ -46,14 +61,18 @@ def debug_checks_order() -> bool:
     return "order" in {f.strip() for f in flags.split(",")}
 
 
-def _group_name(group: dist.ProcessGroup) -> str:
-    return dist.distributed_c10d._get_process_group_name(group)
-
-
 class CommPool:
     """A pool of duplicated communicators, one per (base group, role), each with
     its own lane: all-gathers on the 'ag' duplicate and reduce-scatters on the
     'rs' duplicate of a group run concurrently.
+
+    A pool's groups meet only the same pool's groups on the peers, whatever
+    the order of calls, threads or other pools: a pool is known across ranks
+    by its `name` and how many pools of that name the process made before
+    it. Pools made in the same order on every rank (at start-up, say) need
+    no name; pools made in different orders, or from several threads, need
+    one each. A member that duplicates a group in another pool than its
+    peers gets PoolMismatchError within the timeout.
 
     Thread-safety: every method may be called from any thread.
     """
@@ -62,6 +81,7 @@ class CommPool:
         self,
         default_config: RoleConfig | None = None,
         *,
+        name: str | None = None,
         check_order: bool | None = None,
         cpu_comm_factory: CpuCommFactory = gloo_comm,
         device: DeviceChoice = "auto",
@@ -73,14 +93,24 @@ class CommPool:
         worlds pass torch's fake backend); `device` is the CUDA device whose
         tensors get an NCCL lane per pooled group ('auto': the device of the
         base group's own NCCL backend, if it has one; an index or device:
-        always that one; None: CPU tensors only)."""
+        always that one; None: CPU tensors only); `name` tells this pool
+        from the process's other open pools across ranks (see the class)."""
+        check_device_choice(device)  # a bad choice fails here, not at first use
+        self._name, self._identity = _claim_name(name)
+        # An open name is given back when the pool closes, or is collected.
+        self._name_release = weakref.finalize(self, _give_back_name, self._name)
         self._core = _C.CommPool()
         self._default_config = default_config or RoleConfig()
         self._check_order = debug_checks_order() if check_order is None else check_order
         self._cpu_comm_factory = cpu_comm_factory
         self._device = device
-        check_device_choice(device)  # a bad choice fails here, not at first use
+        # Creations of each (base group, role) in this pool: members release
+        # and duplicate again in the same sequence, so the count names the
+        # same store prefix on each.
+        self._generations: Counter[tuple[str, str]] = Counter()
         self._entries: dict[tuple[str, str], _Entry] = {}
+        # Groups abort() closed but left registered with torch.
+        self._left_registered: list[dist.ProcessGroup] = []
         self._lock = threading.RLock()
 
     def __enter__(self) -> "CommPool":
@@ -158,10 +188,11 @@ class CommPool:
         members, run without the pool's lock so that other pooled groups can
         be made meanwhile, in any order."""
         key = (base_name, role)
-        with _generations_lock:
-            _generations[key] += 1
-            generation = _generations[key]
-        prefix = f"pycomm/{base_name}/{role}/{generation}"
+        deadline = time.monotonic() + config.timeout_seconds
+        with self._lock:
+            self._generations[key] += 1
+            generation = self._generations[key]
+        prefix = f"pycomm/{self._identity}/{base_name}/{role}/{generation}"
         spec = _C.PooledGroupSpec()
         spec.base_group_name = base_name
         spec.role = role
@@ -170,40 +201,83 @@ class CommPool:
         spec.timeout_seconds = config.timeout_seconds
         spec.check_order = self._check_order
         label = spec.label()
-        store = own_store_connection()
-        rendezvous(store, prefix, group_rank, ranks, config.timeout_seconds, label)
-        cpu_comm = connect_cpu_comm(
-            self._cpu_comm_factory,
-            dist.PrefixStore(f"{prefix}/cpu/", store),
-            group_rank,
-            len(ranks),
-            config.timeout_seconds,
-            label,
-        )
-        device_lane = self._connect_device_lane(base, base_name, role, config, spec, store, prefix)
-        request = CreateRequest(
-            core=self._core, spec=spec, cpu_comm=cpu_comm, device_lane=device_lane
-        )
-        try:
-            self._core.throw_if_closed()
-            ensure_backend_registered()
-            # torch's group registry is not thread-safe; nothing in here
-            # waits for a peer (the creator only wraps what is connected).
-            with _torch_registry_lock:
-                pooled = dist.new_group(
+        with own_store_connection(config.timeout_seconds, label) as store:
+            self._meet_members(store, prefix, base_name, role, group_rank, ranks, config, deadline, label)
+            cpu_comm = connect_cpu_comm(
+                self._cpu_comm_factory,
+                dist.PrefixStore(f"{prefix}/cpu/", store),
+                group_rank,
+                len(ranks),
+                _remaining(deadline, label, "connecting the group's CPU communicator"),
+                label,
+            )
+            device_lane = self._connect_device_lane(base, base_name, role, config, spec, store, prefix)
+            request = CreateRequest(
+                core=self._core, spec=spec, cpu_comm=cpu_comm, device_lane=device_lane
+            )
+            try:
+                self._core.throw_if_closed()
+                ensure_backend_registered()
+                # Nothing in here waits for a peer: the creator only wraps what
+                # is connected.
+                pooled = register_group(
+                    f"pycomm:{self._identity}:{base_name}:{role}:{generation}",
                     ranks,
-                    timeout=datetime.timedelta(seconds=config.timeout_seconds),
-                    backend=BACKEND_NAME,
-                    pg_options=request,
-                    use_local_synchronization=True,
-                    group_desc=f"pycomm_{role}_of_{base_name}",
+                    group_rank,
+                    BACKEND_NAME,
+                    request,
+                    config.timeout_seconds,
+                    f"pycomm_{role}_of_{base_name}",
                 )
-        except BaseException:
-            if device_lane is not None:
-                device_lane.abort()
-            raise
+            except BaseException:
+                if device_lane is not None:
+                    device_lane.abort()
+                raise
         logger.info("duplicated %s as group %s", label, _group_name(pooled))
         return pooled
+
+    def _meet_members(
+        self,
+        store: dist.Store,
+        prefix: str,
+        base_name: str,
+        role: str,
+        group_rank: int,
+        ranks: list[int],
+        config: RoleConfig,
+        deadline: float,
+        label: str,
+    ) -> None:
+        """The members' rendezvous under this pool's prefix. Each member
+        also says, under a key of the (group, role) alone, which pool it is
+        duplicating in, so that a rendezvous that times out can tell a
+        member that never came from one that came in another pool."""
+        whereabouts = f"pycomm/duplicating/{base_name}/{role}"
+        try:
+            store.set(f"{whereabouts}/{group_rank}", self._identity)
+            rendezvous(store, prefix, group_rank, ranks, config.timeout_seconds, label, deadline)
+            # A member's key stays only while it tries, or after it failed
+            # (its peers, timing out at about the same time, read it then).
+            delete_keys(store, [f"{whereabouts}/{group_rank}"])
+        except RendezvousTimeoutError as e:
+            elsewhere = {
+                ranks[i]: pool
+                for i in range(len(ranks))
+                if i != group_rank
+                and store.check([f"{whereabouts}/{i}"])
+                and (pool := store.get(f"{whereabouts}/{i}").decode()) != self._identity
+            }
+            if elsewhere:
+                raise PoolMismatchError(
+                    f"{label}: this rank duplicates it in pool {self._identity!r}, "
+                    f"but ranks {sorted(elsewhere)} were last seen doing so in pools "
+                    f"{sorted(set(elsewhere.values()))}; a pool's groups meet only the "
+                    f"same pool's on the peers: make pools in the same order on every "
+                    f"rank, or give each a name (CommPool(name=...))"
+                ) from e
+            raise
+        except dist.DistError as e:
+            raise CollectiveError(f"{label}: the store failed: {e}") from e
 
     def _connect_device_lane(
         self,
@@ -248,10 +322,11 @@ class CommPool:
             taken = [(k, self._entries.pop(k)) for k in [(base_name, r) for r in roles] if k in self._entries]
         for key, entry in taken:
             try:
-                entry.result()  # a creation in flight ends first
+                pooled = entry.result()  # a creation in flight ends first
             except BaseException:  # noqa: BLE001 - its caller has the error
                 continue
             self._core.remove(*key)
+            unregister_group(pooled)
 
     def get(self, group: dist.ProcessGroup, role: str = "ag") -> dist.ProcessGroup | None:
         """The pooled duplicate of `group` for `role`, or None."""
@@ -287,13 +362,14 @@ class CommPool:
                 if entry.group is not None
                 and not (_known_to_torch(entry.group) and _known_to_torch(entry.base()))
             ]
-            for key in gone:
-                del self._entries[key]
-        for key in gone:
+            gone_groups = [self._entries.pop(key).group for key in gone]
+        for key, pooled in zip(gone, gone_groups):
             # Outside the lock: closing waits for queued ops (each bounded
             # by its timeout). torch shut a destroyed pooled group down
             # already, which drained it.
             self._core.remove(*key)
+            if pooled is not None:
+                unregister_group(pooled)  # its base's duplicate, which torch still knows
             logger.info("released role %r of group %r: torch destroyed it or its base", key[1], key[0])
 
     @property
@@ -356,29 +432,40 @@ class CommPool:
                 )
         return sorted(events, key=lambda e: e["start_us"])
 
-    def _forget_groups(self) -> None:
-        # The pooled groups stay registered with torch, closed: any later use
-        # raises PoolClosedError, where a group torch no longer knows would
-        # make torch raise its own ValueError over it. What is kept is
-        # torch's bookkeeping of the group, no thread or connection;
-        # dist.destroy_process_group(group), or of the world, drops it.
+    def _forget_groups(self, unregister: bool) -> None:
+        """Empties the pool and gives its name back; `unregister`: takes its
+        groups, and those an earlier abort() left, out of torch's
+        registries, as destroy_process_group does."""
         with self._lock:
+            self._left_registered.extend(e.group for e in self._entries.values() if e.group is not None)
             self._entries.clear()
+            groups, self._left_registered = (self._left_registered, []) if unregister else ([], self._left_registered)
+        for group in groups:
+            unregister_group(group)
+        self._name_release()
 
     def destroy(self) -> None:
-        """Releases every pooled communicator, lane thread and connection.
-        Ops already queued finish first (each bounded by its timeout); new ops
-        raise PoolClosedError. Idempotent."""
+        """Releases every pooled communicator, lane thread and connection,
+        and takes the pooled groups out of torch's registries (a later use
+        gets torch's ValueError about an unknown group, as after
+        destroy_process_group). Ops already queued finish first (each
+        bounded by its timeout). Idempotent."""
         try:
             self._core.destroy()
         finally:
-            self._forget_groups()  # also when a communicator could not be flushed
+            self._forget_groups(unregister=True)  # also when a communicator could not be flushed
 
     def abort(self) -> None:
         """Fails every unfinished op with PoolClosedError and releases the pool
-        without waiting for peers (for a hung or dead peer). Idempotent."""
+        without waiting for peers (for a hung or dead peer). Idempotent.
+
+        The groups stay registered with torch, closed: an op racing the
+        abort on another thread gets PoolClosedError, which torch's error
+        logging (it looks the group up) would otherwise turn into a
+        ValueError about an unknown group. A later destroy(), or torch's
+        destroy_process_group, takes them out."""
         self._core.abort()
-        self._forget_groups()
+        self._forget_groups(unregister=False)
 
     def __repr__(self) -> str:
         state = "open" if self.is_open else self._core.closed_reason()
@@ -417,6 +504,37 @@ class _Entry:
         return self.group
 
 
+def _claim_name(name: str | None) -> tuple[str, str]:
+    """(name, identity) of a new pool: `name` must not be another open
+    pool's; the identity adds how many pools of that name came before."""
+    if name is not None and (not isinstance(name, str) or not name or "/" in name or ":" in name):
+        raise ConfigError(f"a pool's name must be a non-empty string without '/' or ':', got {name!r}")
+    chosen = UNNAMED_POOL if name is None else name
+    with _names_lock:
+        if name is not None and name in _open_names:
+            raise ConfigError(
+                f"a pool named {name!r} is open in this process already; destroy it "
+                f"first or choose another name"
+            )
+        if name is not None:
+            _open_names.add(name)
+        _incarnations[chosen] += 1
+        return chosen, f"{chosen}.{_incarnations[chosen]}"
+
+
+def _give_back_name(name: str) -> None:
+    with _names_lock:
+        _open_names.discard(name)
+
+
+def _remaining(deadline: float, label: str, step: str) -> float:
+    """Seconds left before `deadline` for the next step of a creation."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RendezvousTimeoutError(f"{label}: the timeout passed before {step}")
+    return left
+
+
 def _weak(group: dist.ProcessGroup) -> Callable[[], dist.ProcessGroup | None]:
     """A reference to a base group that does not keep it alive."""
     try:
@@ -424,8 +542,3 @@ def _weak(group: dist.ProcessGroup) -> Callable[[], dist.ProcessGroup | None]:
     except TypeError:  # a ProcessGroup type without weak references
         return lambda: group
 
-
-def _known_to_torch(group: dist.ProcessGroup | None) -> bool:
-    """Whether torch still has `group` registered (destroy_process_group
-    removes it; so does destroying the world)."""
-    return group is not None and group in dist.distributed_c10d._world.pg_map

@@ -3,11 +3,13 @@ torch.distributed.new_group creates them with, and the rendezvous before it."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch.distributed as dist
 
@@ -48,18 +50,134 @@ def root_store() -> dist.Store:
     return dist.distributed_c10d._get_default_store()
 
 
-def own_store_connection() -> dist.Store:
-    """The default group's store over a connection of its own. A TCPStore
-    client serves one request at a time, and a blocking wait (gloo's, while
-    it connects) holds it throughout: groups made at once from several
-    threads, in different orders on different ranks, would each wait for a
-    key the other thread could not send."""
-    store = root_store()
-    try:
-        return store.clone()
-    except (RuntimeError, NotImplementedError) as e:  # a store type that cannot
-        logger.debug("the default store cannot be cloned (%s); sharing it", e)
-        return store
+class _StoreConnections:
+    """Connections of pycomm's own to the default group's store, kept for
+    reuse between creations.
+
+    A TCPStore client serves one request at a time, and a blocking wait
+    (gloo's, while it connects) holds it throughout: groups made at once
+    from several threads, in different orders on different ranks, would
+    each wait for a key the other thread could not send. So each creation
+    has a connection to itself while it runs; afterwards no one waits on it
+    (a communicator keeps it, but only reads the store while it connects),
+    and the next creation takes it again. Reuse matters: connecting to a
+    TCPStore now and then takes seconds (5 s stalls in about one connect of
+    thirty, measured with torch 2.14 on one host, with torch's own clone()
+    too), which a job creating and releasing groups would pay over and over.
+
+    A clone connects with the timeout of the store it was cloned from
+    (TCPStore::clone copies its options), the default store's timeout is the
+    user's (often 30 minutes), and with the store's host gone a connect
+    retries for all of it. So new connections are cloned from one of
+    pycomm's own whose timeout is set first, on a helper thread that the
+    caller stops waiting for at its deadline.
+
+    Thread-safety: any thread.
+    """
+
+    # Idle connections kept; more are closed (a burst of creations from
+    # many threads should not keep as many sockets open for good).
+    _KEPT = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards _root and _idle
+        self._root: dist.Store | None = None
+        self._idle: list[dist.Store] = []
+        self._clone_lock = threading.Lock()  # guards the template
+        self._template_root: dist.Store | None = None
+        self._template: dist.Store | None = None
+
+    def take(self, timeout_seconds: float, label: str) -> dist.Store:
+        """A connection no other creation uses, made within the timeout, its
+        waits bounded by it."""
+        root = root_store()
+        with self._lock:
+            if self._root is not root:  # a new world: its store is another
+                self._root, self._idle = root, []
+            connection = self._idle.pop() if self._idle else None
+        if connection is None:
+            connection = self._connect(root, timeout_seconds, label)
+        connection.set_timeout(datetime.timedelta(seconds=timeout_seconds))
+        return connection
+
+    def give_back(self, connection: dist.Store) -> None:
+        """Returns a connection whose creation succeeded (one that saw a
+        failure is dropped: it may be the failure)."""
+        with self._lock:
+            if connection is not self._root and len(self._idle) < self._KEPT:
+                self._idle.append(connection)
+
+    def _connect(self, root: dist.Store, timeout_seconds: float, label: str) -> dist.Store:
+        deadline = time.monotonic() + timeout_seconds
+
+        def connect() -> dist.Store:
+            # One clone at a time: each sets the shared template's timeout
+            # first. Bounded, since a clone with the host gone waits long.
+            if not self._clone_lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+                raise TimeoutError("another creation is still connecting to the store")
+            try:
+                if self._template_root is not root:
+                    self._template, self._template_root = root.clone(), root
+                assert self._template is not None
+                self._template.set_timeout(
+                    datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001))
+                )
+                return self._template.clone()
+            finally:
+                self._clone_lock.release()
+
+        unreachable = (
+            f"{label}: could not connect to the default group's store within "
+            f"{timeout_seconds:g} s (has its host, the rank that serves it, gone?)"
+        )
+        try:
+            return call_within(connect, deadline)
+        except TimeoutError as e:
+            raise RendezvousTimeoutError(unreachable) from e
+        except dist.DistError as e:
+            raise RendezvousTimeoutError(f"{unreachable}: {e}") from e
+        except (RuntimeError, NotImplementedError) as e:  # a store type that cannot clone
+            logger.debug("the default store cannot be cloned (%s); sharing it", e)
+            return root
+
+
+_connections = _StoreConnections()
+
+
+@contextlib.contextmanager
+def own_store_connection(timeout_seconds: float, label: str) -> Iterator[dist.Store]:
+    """A connection to the default group's store for one creation (see
+    _StoreConnections), made within `timeout_seconds`; kept for the next
+    creation if this one succeeds."""
+    connection = _connections.take(timeout_seconds, label)
+    yield connection
+    _connections.give_back(connection)
+
+
+_T = TypeVar("_T")
+
+
+def call_within(fn: Callable[[], _T], deadline: float) -> _T:
+    """fn's result, or TimeoutError at `deadline` (time.monotonic()) with fn
+    left to end on its helper thread, for calls that take no timeout of
+    their own."""
+    result: list[_T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            error.append(e)
+
+    helper = threading.Thread(target=run, name="pycomm-connect", daemon=True)
+    helper.start()
+    helper.join(max(deadline - time.monotonic(), 0.0))
+    if helper.is_alive():
+        raise TimeoutError("the call did not return in time")
+    if error:
+        raise error[0]
+    return result[0]
 
 
 # Added to a rendezvous counter by a member that gave up waiting, so that a
@@ -79,15 +197,44 @@ def rendezvous(
     global_ranks: list[int],
     timeout_seconds: float,
     label: str,
+    deadline: float | None = None,
 ) -> None:
-    """Waits until every member announced itself under `prefix`; raises
+    """Waits until every member announced itself under `prefix`, until
+    `deadline` (time.monotonic(); default: `timeout_seconds` from now); raises
     RendezvousTimeoutError naming the missing ranks instead of hanging, and
     the same error, saying so, on a member that arrives after the others
     gave up.
 
     Each member adds to one counter and waits on one key, which the last
     arrival sets: store traffic per rank does not grow with the group. The
-    per-member keys are read only to name the missing ranks after a timeout."""
+    per-member keys are read only to name the missing ranks after a timeout.
+    A rendezvous that succeeded leaves no key behind: the last member to
+    leave deletes the shared ones, each its own.
+
+    A store that fails meanwhile (its host gone) is a CollectiveError."""
+    try:
+        _rendezvous(
+            store,
+            prefix,
+            group_rank,
+            global_ranks,
+            timeout_seconds,
+            label,
+            time.monotonic() + timeout_seconds if deadline is None else deadline,
+        )
+    except dist.DistError as e:
+        raise CollectiveError(f"{label}: the store failed during the rendezvous: {e}") from e
+
+
+def _rendezvous(
+    store: dist.Store,
+    prefix: str,
+    group_rank: int,
+    global_ranks: list[int],
+    timeout_seconds: float,
+    label: str,
+    deadline: float,
+) -> None:
     size = len(global_ranks)
     store.set(f"{prefix}/arrived/{group_rank}", "1")
     count = store.add(f"{prefix}/count", 1)
@@ -99,14 +246,17 @@ def rendezvous(
         )
     if count == size:
         store.set(f"{prefix}/all", "1")
-    if _poll(store, f"{prefix}/all", timeout_seconds):
+    if _poll(store, f"{prefix}/all", deadline):
+        _leave(store, prefix, group_rank, size)
         return
     # Giving up is one atomic add. If it is the first and every member had
     # arrived before it, the last one set (or is setting) the key: the
     # rendezvous succeeded after all. Otherwise every later arrival is shut
     # out by the same add.
     gave_up, arrived = divmod(store.add(f"{prefix}/count", _GAVE_UP), _GAVE_UP)
-    if gave_up == 1 and arrived >= size and _poll(store, f"{prefix}/all", timeout_seconds):
+    # Every member came: the last one sets the key within a round trip.
+    if gave_up == 1 and arrived >= size and _poll(store, f"{prefix}/all", time.monotonic() + timeout_seconds):
+        _leave(store, prefix, group_rank, size)
         return
     missing = [r for i, r in enumerate(global_ranks) if not store.check([f"{prefix}/arrived/{i}"])]
     who = (
@@ -120,12 +270,33 @@ def rendezvous(
     )
 
 
-def _poll(store: dist.Store, key: str, timeout_seconds: float) -> bool:
+def _leave(store: dist.Store, prefix: str, group_rank: int, size: int) -> None:
+    """Deletes what a successful rendezvous wrote, so that a long job's
+    creations and releases do not grow the store: each member its own key,
+    the last to leave the shared ones (no member reads them any more)."""
+    delete_keys(store, [f"{prefix}/arrived/{group_rank}"])
+    if store.add(f"{prefix}/left", 1) == size:
+        delete_keys(store, [f"{prefix}/{key}" for key in ("count", "all", "left")])
+
+
+def delete_keys(store: dist.Store, keys: list[str]) -> None:
+    """Deletes `keys` where the store can: a store written in Python (a test
+    world's) may lack deleteKey, which torch's bindings then report as a
+    call of a pure virtual function; its keys are left."""
+    try:
+        for key in keys:
+            store.delete_key(key)
+    except (RuntimeError, NotImplementedError) as e:
+        if isinstance(e, dist.DistError):
+            raise
+        logger.debug("the store keeps %s: it cannot delete keys (%s)", keys, e)
+
+
+def _poll(store: dist.Store, key: str, deadline: float) -> bool:
     """Whether `key` appears within the timeout. A blocking store.wait() holds
     the process's one store connection for the whole wait, so another
     thread's rendezvous could not even announce itself meanwhile; checks
     hold it for one round trip each."""
-    deadline = time.monotonic() + timeout_seconds
     pause = _FIRST_POLL_SECONDS
     while not store.check([key]):
         if time.monotonic() >= deadline:
@@ -144,14 +315,38 @@ def connect_cpu_comm(
     label: str,
 ) -> dist.Backend:
     """The pooled group's own CPU communicator (a collective over its
-    members); a failure to connect is a named error."""
+    members); a failure to connect is a named error. The addresses it
+    published in the store are deleted once every member connected."""
     try:
-        return factory(store, group_rank, group_size, datetime.timedelta(seconds=timeout_seconds))
+        comm = factory(store, group_rank, group_size, datetime.timedelta(seconds=timeout_seconds))
+        _forget_published_address(comm, store, group_rank)
+        return comm
     except PycommError:
         raise
     except (RuntimeError, dist.DistError) as e:
         kind = RendezvousTimeoutError if "timeout" in str(e).lower() else CollectiveError
         raise kind(f"{label}: connecting the group's CPU communicator failed: {e}") from e
+
+
+# The key under which a gloo communicator's rank publishes its address: gloo
+# names it "<context>/<rank>" (one context per device; ProcessGroupGloo makes
+# one device unless told otherwise). tests/test_pool_identity.py counts the
+# store's keys across creations, so a gloo that names it otherwise is seen.
+def _gloo_address_key(group_rank: int) -> str:
+    return f"0/{group_rank}"
+
+
+def _forget_published_address(comm: dist.Backend, store: dist.Store, group_rank: int) -> None:
+    """Deletes this member's address key once no peer can still need it, so
+    that a long job's creations do not grow the store. A peer reads it
+    while it connects; after a barrier on the new communicator every peer
+    has connected. Communicators that published nothing (a fake one) cost
+    one store check."""
+    key = _gloo_address_key(group_rank)
+    if not store.check([key]):
+        return
+    comm.barrier().wait()
+    delete_keys(store, [key])
 
 
 def _create_backend(

@@ -10,6 +10,7 @@ from pycomm import ConfigError, RoleConfig
 from pycomm.config import (
     DEFAULT_TIMEOUT_SECONDS,
     MAX_TIMEOUT_SECONDS,
+    MIN_TIMEOUT_SECONDS,
     load_group_configs,
     parse_group_configs,
 )
@@ -26,15 +27,18 @@ from pycomm.config import (
         ({"stream_priority": 1.5}, "stream_priority must be an integer"),
         ({"net_name": ""}, "net_name must be a non-empty string"),
         ({"cta_policy": "fast"}, "cta_policy must be one of"),
-        ({"timeout": 0}, "timeout must be a number of seconds > 0"),
-        ({"timeout": True}, "timeout must be a number of seconds > 0"),
+        ({"timeout": 0}, "timeout must be a number of seconds from 0.1"),
+        ({"timeout": True}, "timeout must be a number of seconds from 0.1"),
+        # A creation is several store round trips: under 100 ms it can never work.
+        ({"timeout": 0.0005}, "timeout must be a number of seconds from 0.1 to 31536000 (a year), got 0.0005"),
+        ({"timeout": 0.099}, "got 0.099"),
         # Past a year a deadline overflows a nanosecond clock somewhere:
         # every op would time out at once, or creation fail with OverflowError.
-        ({"timeout": float("inf")}, "at most 31536000 (a year), got inf"),
-        ({"timeout": float("nan")}, "at most 31536000 (a year), got nan"),
-        ({"timeout": 1e300}, "at most 31536000 (a year)"),
-        ({"timeout": 1e13}, "at most 31536000 (a year)"),
-        ({"timeout": 1e10}, "at most 31536000 (a year)"),
+        ({"timeout": float("inf")}, "to 31536000 (a year), got inf"),
+        ({"timeout": float("nan")}, "to 31536000 (a year), got nan"),
+        ({"timeout": 1e300}, "to 31536000 (a year)"),
+        ({"timeout": 1e13}, "to 31536000 (a year)"),
+        ({"timeout": 1e10}, "to 31536000 (a year)"),
         ({"is_high_priority_stream": 1}, "is_high_priority_stream must be true or false"),
     ],
 )
@@ -85,8 +89,9 @@ def test_launch_order_implicit_is_a_boolean() -> None:
     assert RoleConfig.from_mapping({"launch_order_implicit": False}).launch_order_implicit is False
 
 
-def test_the_longest_timeout_is_accepted() -> None:
+def test_the_longest_and_shortest_timeouts_are_accepted() -> None:
     assert RoleConfig(timeout=MAX_TIMEOUT_SECONDS).timeout_seconds == 365 * 24 * 3600
+    assert RoleConfig(timeout=MIN_TIMEOUT_SECONDS).timeout_seconds == 0.1
 
 
 def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:

@@ -27,19 +27,41 @@ def _all_gather(group: dist.ProcessGroup, rank: int, world: int) -> list[float]:
     return out.tolist()
 
 
+def _gone_from_torch(group: dist.ProcessGroup, name: str) -> bool:
+    """Whether every registry of torch's has forgotten `group`."""
+    world = dist.distributed_c10d._world
+    return (
+        group not in world.pg_map
+        and group not in world.pg_group_ranks
+        and name not in world.pg_names.values()
+        and group not in world.pg_to_tag
+    )
+
+
 def closed_group_world(rank: int, world: int) -> dict:
-    """Every way a pooled group closes, then a use of it."""
+    """Every way a pooled group closes, then a use of it: as after torch's
+    destroy_process_group, torch no longer knows the group."""
     _quiet()
     out: dict = {}
     destroyed_pool = pycomm.CommPool()
     ag = destroyed_pool.duplicate(None, "ag")
+    name = ag.group_name
     destroyed_pool.destroy()
-    out["after_destroy"] = expect_error(pycomm.PoolClosedError, lambda: _all_gather(ag, rank, world))
+    out["after_destroy"] = expect_error(ValueError, lambda: _all_gather(ag, rank, world))
+    out["destroy_forgot"] = _gone_from_torch(ag, name)
+    # The backend itself is closed: a call that skips torch's checks.
+    out["backend_after_destroy"] = expect_error(
+        pycomm.PoolClosedError, lambda: ag._allgather_base(torch.empty(world), torch.ones(1)).wait()
+    )
 
     aborted_pool = pycomm.CommPool()
     ag = aborted_pool.duplicate(None, "ag")
+    name = ag.group_name
     aborted_pool.abort()
+    # Still registered: an op racing the abort gets the pool's error.
     out["after_abort"] = expect_error(pycomm.PoolClosedError, lambda: _all_gather(ag, rank, world))
+    aborted_pool.destroy()
+    out["abort_then_destroy_forgot"] = _gone_from_torch(ag, name)
 
     # A synchronous op in flight when abort() runs: rank 1 never issues it.
     in_flight_pool = pycomm.CommPool(pycomm.RoleConfig(timeout=30.0))
@@ -55,9 +77,11 @@ def closed_group_world(rank: int, world: int) -> dict:
     released_pool = pycomm.CommPool()
     base = dist.new_group(list(range(world)))
     ag = released_pool.duplicate(base, "ag")
+    name = ag.group_name
     assert _all_gather(ag, rank, world) == [float(r) for r in range(world)]
     released_pool.release(base)
-    out["after_release"] = expect_error(pycomm.PoolClosedError, lambda: _all_gather(ag, rank, world))
+    out["after_release"] = expect_error(ValueError, lambda: _all_gather(ag, rank, world))
+    out["release_forgot"] = _gone_from_torch(ag, name)
     again = released_pool.duplicate(base, "ag")
     out["new_after_release"] = again is not ag and _all_gather(again, rank, world) == [
         float(r) for r in range(world)
@@ -69,10 +93,12 @@ def closed_group_world(rank: int, world: int) -> dict:
 @pytest.mark.timeout(120)
 def test_a_closed_pooled_group_raises_pool_closed_error() -> None:
     results = run_world(closed_group_world, 2, timeout_seconds=100)
+    unknown = "is not initialized in the world group map"
     for r in results:
-        assert "was destroyed" in r["after_destroy"], r
-        assert "was aborted" in r["after_abort"], r
-        assert "was destroyed" in r["after_release"], r
+        assert unknown in r["after_destroy"] and r["destroy_forgot"], r
+        assert "was destroyed" in r["backend_after_destroy"], r
+        assert "was aborted" in r["after_abort"] and r["abort_then_destroy_forgot"], r
+        assert unknown in r["after_release"] and r["release_forgot"], r
         assert r["new_after_release"] is True
     assert "abort" in results[0]["in_flight"]
     assert results[0]["in_flight_seconds"] < 10.0

@@ -427,6 +427,22 @@ def registration_world(rank: int, world: int) -> dict:
         pycomm.TensorMismatchError,
         lambda: dist.all_reduce(torch.ones(4, 2).to_sparse(), group=ag),
     )
+    # torch's front end lets a complex reduce-scatter through to the backend.
+    errors["complex_max"] = expect_error(
+        pycomm.UnsupportedOpError,
+        lambda: dist.reduce_scatter_tensor(
+            torch.empty(1, dtype=torch.complex64), torch.ones(2, dtype=torch.complex64),
+            op=dist.ReduceOp.MAX, group=ag,
+        ),
+    )
+    # As torch's NCCL backend: only element counts must agree, and the
+    # output holds the inputs one after another.
+    zero_dim = torch.empty(2)
+    dist.all_gather_into_tensor(zero_dim, torch.tensor(dist.get_rank(ag) + 0.5), group=ag)
+    out["zero_dim_gather"] = zero_dim.tolist()
+    reshaped = torch.empty(3, 4)
+    dist.all_gather_into_tensor(reshaped, torch.full((2, 3), float(rank)), group=ag)
+    out["reshaped_gather"] = reshaped.flatten().tolist()
     t = torch.ones(3)
     dist.all_reduce(t, group=ag)  # still usable
     out["usable_after_errors"] = t.tolist()
@@ -462,6 +478,9 @@ def test_registration_membership_and_bad_input() -> None:
         assert "BXOR" in e["op"] and "SUM, AVG, PRODUCT, MIN, MAX" in e["op"]
         assert "PREMUL_SUM" in e["premul"]
         assert "sparse" in e["sparse"], e["sparse"]
+        assert "reduce_scatter with MAX does not support complex tensors" in e["complex_max"], e
+        assert r["zero_dim_gather"] == [0.5, 1.5]
+        assert r["reshaped_gather"] == [float(p) for p in pair for _ in range(6)]
         assert "destroyed" in e["destroyed"]
     assert results[0]["backend"] == "pycomm"
     assert results[0]["gathered"] == [0.0, 1.0]

@@ -141,23 +141,26 @@ def _measure(store: Any, call: Callable[[], Any], expected: list[int] | None) ->
     store.ops.clear()
     store.keys_waited = 0
     joined = len(world.pg_map)
-    # Every new_group call, counted at the function itself: torch's
-    # get_pg_count() skips use_local_synchronization groups on some versions.
+    # Every group creation, counted at the helper every one goes through
+    # (dist.new_group's, and pycomm's registration, which skips new_group to
+    # leave torch's group counter alone): get_pg_count() skips
+    # use_local_synchronization groups on some torch versions.
     calls = 0
-    original = dist.distributed_c10d.new_group
+    c10d = dist.distributed_c10d
+    original = c10d._new_process_group_helper
 
-    def counting_new_group(*args: Any, **kwargs: Any) -> Any:
+    def counting_helper(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         return original(*args, **kwargs)
 
-    dist.new_group = dist.distributed_c10d.new_group = counting_new_group
+    c10d._new_process_group_helper = counting_helper
     try:
         started = time.perf_counter()
         dp_cp_ag, _ = call()
         elapsed = time.perf_counter() - started
     finally:
-        dist.new_group = dist.distributed_c10d.new_group = original
+        c10d._new_process_group_helper = original
     ranks = None
     if dp_cp_ag is not None and dp_cp_ag is not dist.GroupMember.NON_GROUP_MEMBER:
         ranks = sorted(dist.get_process_group_ranks(dp_cp_ag))

@@ -294,6 +294,8 @@ def _pool_for_current_world(state: _Enabled) -> CommPool:
     with _lock:
         _drop_pool_of_a_past_world(state)
         if state.pool is None or not state.pool.is_open:
-            state.pool = CommPool()
+            if state.pool is not None:
+                state.pool.destroy()  # gives its name back
+            state.pool = CommPool(name="megatron_bridge")
             state.pool_world = dist.group.WORLD
         return state.pool

@@ -66,7 +66,11 @@ def default_pool() -> CommPool:
     global _default_pool
     with _default_pool_lock:
         if _default_pool is None or not _default_pool.is_open:
-            _default_pool = CommPool()
+            if _default_pool is not None:
+                _default_pool.destroy()  # gives its name back
+            # Named: ranks may reach their first use at different points
+            # relative to the pools they make themselves.
+            _default_pool = CommPool(name="megatron")
         return _default_pool
 
 
