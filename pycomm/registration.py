@@ -212,62 +212,45 @@ def rendezvous(
     leave deletes the shared ones, each its own.
 
     A store that fails meanwhile (its host gone) is a CollectiveError."""
+    if deadline is None:
+        deadline = time.monotonic() + timeout_seconds
     try:
-        _rendezvous(
-            store,
-            prefix,
-            group_rank,
-            global_ranks,
-            timeout_seconds,
-            label,
-            time.monotonic() + timeout_seconds if deadline is None else deadline,
+        size = len(global_ranks)
+        store.set(f"{prefix}/arrived/{group_rank}", "1")
+        count = store.add(f"{prefix}/count", 1)
+        if count >= _GAVE_UP:
+            raise RendezvousTimeoutError(
+                f"{label}: this rank (global rank {global_ranks[group_rank]}) called "
+                f"duplicate() after the other members had waited {timeout_seconds:g} s "
+                f"and given up; every member must duplicate the group within the timeout"
+            )
+        if count == size:
+            store.set(f"{prefix}/all", "1")
+        if _poll(store, f"{prefix}/all", deadline):
+            _leave(store, prefix, group_rank, size)
+            return
+        # Giving up is one atomic add. If it is the first and every member had
+        # arrived before it, the last one set (or is setting) the key: the
+        # rendezvous succeeded after all. Otherwise every later arrival is shut
+        # out by the same add.
+        gave_up, arrived = divmod(store.add(f"{prefix}/count", _GAVE_UP), _GAVE_UP)
+        # Every member came: the last one sets the key within a round trip.
+        settling = time.monotonic() + timeout_seconds
+        if gave_up == 1 and arrived >= size and _poll(store, f"{prefix}/all", settling):
+            _leave(store, prefix, group_rank, size)
+            return
+        missing = [r for i, r in enumerate(global_ranks) if not store.check([f"{prefix}/arrived/{i}"])]
+        who = (
+            f"ranks {missing} did not call duplicate()"
+            if missing
+            else "the last member called duplicate() after the others had given up, not"
+        )
+        raise RendezvousTimeoutError(
+            f"{label}: {who} within {timeout_seconds:g} s; every member of the group "
+            f"must duplicate it with the same role"
         )
     except dist.DistError as e:
         raise CollectiveError(f"{label}: the store failed during the rendezvous: {e}") from e
-
-
-def _rendezvous(
-    store: dist.Store,
-    prefix: str,
-    group_rank: int,
-    global_ranks: list[int],
-    timeout_seconds: float,
-    label: str,
-    deadline: float,
-) -> None:
-    size = len(global_ranks)
-    store.set(f"{prefix}/arrived/{group_rank}", "1")
-    count = store.add(f"{prefix}/count", 1)
-    if count >= _GAVE_UP:
-        raise RendezvousTimeoutError(
-            f"{label}: this rank (global rank {global_ranks[group_rank]}) called "
-            f"duplicate() after the other members had waited {timeout_seconds:g} s "
-            f"and given up; every member must duplicate the group within the timeout"
-        )
-    if count == size:
-        store.set(f"{prefix}/all", "1")
-    if _poll(store, f"{prefix}/all", deadline):
-        _leave(store, prefix, group_rank, size)
-        return
-    # Giving up is one atomic add. If it is the first and every member had
-    # arrived before it, the last one set (or is setting) the key: the
-    # rendezvous succeeded after all. Otherwise every later arrival is shut
-    # out by the same add.
-    gave_up, arrived = divmod(store.add(f"{prefix}/count", _GAVE_UP), _GAVE_UP)
-    # Every member came: the last one sets the key within a round trip.
-    if gave_up == 1 and arrived >= size and _poll(store, f"{prefix}/all", time.monotonic() + timeout_seconds):
-        _leave(store, prefix, group_rank, size)
-        return
-    missing = [r for i, r in enumerate(global_ranks) if not store.check([f"{prefix}/arrived/{i}"])]
-    who = (
-        f"ranks {missing} did not call duplicate()"
-        if missing
-        else "the last member called duplicate() after the others had given up, not"
-    )
-    raise RendezvousTimeoutError(
-        f"{label}: {who} within {timeout_seconds:g} s; every member of the group "
-        f"must duplicate it with the same role"
-    )
 
 
 def _leave(store: dist.Store, prefix: str, group_rank: int, size: int) -> None:
