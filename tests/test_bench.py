@@ -4,6 +4,7 @@ its baseline of plain groups over a pooled group's own gloo communicator."""
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import warnings
 
@@ -131,3 +132,128 @@ def test_plain_groups_over_a_pooled_groups_comm_give_its_results() -> None:
         assert r["same_gathers"] and r["gathered"] == expected
         assert r["same_reductions"]
         assert r["plain_sizes"] == [2, 2, 2] and r["plain_ranks"] == [rank, rank, rank]
+
+
+# --- The tables as `python -m pycomm bench` prints them --------------------
+
+TERMINAL_COLUMNS = 80
+
+
+def _samples(world: int, nbytes: int, run: int) -> dict[tuple[str, str], list[float]]:
+    """Samples of every variant and kind, as _measure_size returns them:
+    deterministic, spread like a loaded machine's (up to 2x between rounds),
+    at 64 KiB about 0.4 ms and at 1 GiB about 19 s, the widest a time gets.
+    In run 1, the pooled ops of 2 ranks at 64 KiB take 30x longer (other
+    work on the machine): over two runs, an interval of billions."""
+    scale = 0.0003 if nbytes < 1 << 20 else 12.345
+    keys = [(variant, kind) for variant in ("one_group", "two_groups", "pool_lanes", "lane_comms", "lane_comms_2")
+            for kind in ("ag", "rs", "together")]
+    disturbed = run == 1 and world == 2 and nbytes < 1 << 20
+    return {
+        key: [
+            scale * (30 if disturbed and key[0] == "pool_lanes" else 1)
+            * (1 + random.Random(f"{world}:{nbytes}:{run}:{key}:{i}").random())
+            for i in range(10)
+        ]
+        for key in keys
+    }
+
+
+def _summary(runs: int) -> dict:
+    """A summary built by the benchmark's own code (the rows of each shard,
+    then combine_runs) from known samples, with order-check and host-cost
+    rows shaped as the benchmark writes them."""
+    from pycomm.bench.cpu import POINT_FIELDS, _rows_for_size
+
+    rows: dict[str, list[dict]] = {"overlap": [], "overhead": []}
+    for run in range(runs):
+        for world in (2, 16):
+            for nbytes in (64 << 10, 1 << 30):
+                overlap, overhead = _rows_for_size(world, nbytes, 10, _samples(world, nbytes, run))
+                rows["overlap"] += overlap
+                rows["overhead"] += overhead
+    summary = {key: combine_runs(rows[key], POINT_FIELDS[key]) for key in rows}
+    summary["order_check"] = [
+        {"world": w, "bytes": 65536, "variant": v, "median_s": 0.0104, "ratio_to_plain": 2.152, "iterations": 60}
+        for w in (2, 16) for v in ("plain", "pooled", "pooled_order_check")
+    ]
+    summary["host_cost"] = [
+        {"bytes": 65536, "op": op, "plain_cpu_s": 44.5e-6, "pooled_cpu_s": 57.5e-6, "ops_per_block": 500, "blocks": 15}
+        for op in ("all_gather", "reduce_scatter")
+    ]
+    summary["runs"] = runs
+    return summary
+
+
+def _rendered(summary: dict) -> str:
+    import io
+
+    from rich.console import Console
+
+    from pycomm.bench.report import cpu_report
+
+    console = Console(width=TERMINAL_COLUMNS, file=io.StringIO())
+    for part in cpu_report(summary):
+        console.print(part)
+    return console.file.getvalue()
+
+
+@pytest.mark.parametrize("runs", [1, 2, 3])  # from two runs on, intervals; widest at two
+def test_bench_tables_fit_80_columns_with_nothing_cut(runs: int) -> None:
+    from pycomm.bench.report import ms_text, ratio_text
+
+    summary = _summary(runs)
+    text = _rendered(summary)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= TERMINAL_COLUMNS, "\n".join(l for l in lines if len(l) > 80)
+    assert "…" not in text  # rich's mark of a cut cell
+    cells = {cell for line in lines for cell in line.split()}
+    for variant in ("one_group", "two_groups", "pool_lanes", "pooled_order_check"):
+        assert variant in cells
+    for row in summary["overlap"]:  # every time and ratio whole, down to 19 s at 1 GiB
+        for field in ("t_ag_s", "t_rs_s", "t_together_s"):
+            assert ms_text(row[field]) in cells
+        for part in ratio_text(row, "overlap_ratio").split("\n"):
+            assert part in cells
+    for row in summary["overhead"]:
+        for field in ("ratio_to_plain", "plain_vs_plain", "ratio_to_lane_comms", "lane_vs_lane"):
+            for part in ratio_text(row, field).split("\n"):
+                assert part in cells
+    # The ideal column is explained under its table.
+    assert "ideal = max(T_ag, T_rs) / (T_ag + T_rs): the ratio of a perfect overlap" in text
+    assert ("95 % confidence interval below it" in text) == (runs > 1)
+
+
+def test_bench_summary_line_per_rank_count_has_the_ratio_and_the_noise_floor() -> None:
+    summary = _summary(runs=3)
+    lines = _rendered(summary).splitlines()
+    for world in (2, 16):
+        rows = [r for r in summary["overhead"] if r["world"] == world]
+        pooled_over_plain = math.exp(statistics.fmean(math.log(r["ratio_to_plain"]) for r in rows))
+        floors = [r["plain_vs_plain"] for r in rows if r["op"] != "together"]
+        expected = (
+            f"{world} ranks: pooled/plain {pooled_over_plain:.3f} (geometric mean of {len(rows)}), "
+            f"noise floor {min(floors):.3f}-{max(floors):.3f}"
+        )
+        assert expected in lines
+    # One summary line per rank count, after the overhead table's legend.
+    assert [line.split(":")[0] for line in lines if "pooled/plain" in line] == ["2 ranks", "16 ranks"]
+
+
+def test_nccl_table_fits_80_columns() -> None:
+    import io
+
+    from rich.console import Console
+
+    from pycomm.bench.report import nccl_table
+
+    collectives = [
+        {"op": op, "impl": impl, "bytes": size, "ms": 5432.109, "algbw_GBps": 1234.5, "busbw_GBps": 1234.5,
+         "ratio_to_torch": 1.002}
+        for size in (1 << 20, 1 << 30) for op in ("ag", "rs") for impl in ("torch", "pycomm")
+    ]
+    console = Console(width=TERMINAL_COLUMNS, file=io.StringIO())
+    console.print(nccl_table({"world": 8, "device": "NVIDIA H200", "collectives": collectives}, 20))
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= TERMINAL_COLUMNS
+    assert "…" not in text and "5432.109" in text and "pycomm" in text

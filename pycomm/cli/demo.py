@@ -12,35 +12,64 @@ import json
 import time
 from pathlib import Path
 
-from pycomm.cli.common import add_output_arguments, print_json
+from pycomm.cli.common import (
+    RANKS_REASON,
+    add_output_arguments,
+    int_at_least,
+    print_json,
+    rank_count,
+    usage_error,
+)
+
+DEMO_FILES = ("demo.json", "timeline.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--nproc-per-node", "--ranks", dest="ranks", type=int, default=4,
-        help="ranks to spawn on this machine (default: 4); under torchrun or SLURM "
+        "--nproc-per-node", "--ranks", dest="ranks", type=rank_count, default=4,
+        help="ranks to spawn on this machine, >= 2 (default: 4); under torchrun or SLURM "
         "(RANK, WORLD_SIZE, ... set) the demo joins that world and its size applies",
     )
-    parser.add_argument("--steps", type=int, default=20, help="training steps (default: 20)")
+    parser.add_argument("--steps", type=int_at_least(1), default=20, help="training steps (default: 20)")
     parser.add_argument(
-        "--ep", type=int, default=None,
-        help="expert-parallel size (default: 2 when the world has 4+ ranks, else 1)",
+        "--ep", type=int_at_least(1), default=None,
+        help="expert-parallel size, dividing the world's ranks (default: 2 when the world has 4+ ranks, else 1)",
     )
-    add_output_arguments(parser, default_dir="pycomm-out/demo")
+    add_output_arguments(parser, "pycomm-out/demo", DEMO_FILES)
+
+
+def expert_parallel_size(ranks: int, requested: int | None) -> int:
+    return requested if requested is not None else (2 if ranks >= 4 else 1)
+
+
+def layout_problem(ranks: int, ep: int) -> str | None:
+    """Why a world of `ranks` cannot run the demo with expert parallelism
+    `ep`, or None when it can."""
+    if ranks < 2:
+        return f"this world has {ranks} rank: {RANKS_REASON}"
+    if ranks % ep:
+        return f"--ep {ep} does not divide the world's {ranks} ranks"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
+    # Only the launcher's module first (a launcher's world replaces
+    # --nproc-per-node): a layout that cannot run is refused before the
+    # demo's own heavy imports, and before any rank starts.
+    from pycomm.launch import describe_world, launch, reports_here, world_sizes
+
+    ranks = world_sizes([args.ranks])[0]
+    ep = expert_parallel_size(ranks, args.ep)
+    problem = layout_problem(ranks, ep)
+    if problem:
+        usage_error(args, problem)
+
     from rich.console import Console
     from rich.table import Table
 
     from pycomm.demo import demo_rank
-    from pycomm.launch import describe_world, launch, reports_here, world_sizes
     from pycomm.timeline import plot_timeline
 
-    ranks = world_sizes([args.ranks])[0]
-    ep = args.ep if args.ep is not None else (2 if ranks >= 4 else 1)
-    if ranks < 2 or ranks % ep:
-        raise SystemExit(f"the world must have >= 2 ranks and be divisible by --ep ({ep}), got {ranks}")
     console = Console(stderr=args.json, quiet=not reports_here())
     console.print(f"[bold]pycomm demo:[/] {describe_world(ranks)}, ep={ep}, {args.steps} steps")
     started = time.perf_counter()
@@ -49,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if results is None:  # another rank of a joined world; rank 0 reports
         return 0
 
-    out_dir = Path(args.out)
+    out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     lanes = [
         {"rank": r["rank"], **{k: v for k, v in row.items() if k != "ops_by_kind"}, "ops_by_kind": row["ops_by_kind"]}
