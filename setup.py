@@ -11,7 +11,19 @@ import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension
+
+# The extension is compiled against the torch it will run with (headers, C++
+# ABI), so it can only be built in the environment that has that torch. pip's
+# default isolated build would install a second torch (and its CUDA wheels,
+# over a gigabyte) into a throwaway environment and build against that one;
+# stop before anything is downloaded and say how to install.
+try:
+    from torch.utils.cpp_extension import BuildExtension
+except ImportError:
+    sys.exit(
+        "pycomm: torch is not importable in this build environment; install torch first, "
+        "then install pycomm with `pip install --no-build-isolation .`"
+    )
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # build backends do not put the project on sys.path

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's first command: set everything up, then run the local demo.
+# The README's first command: set up what the demo needs (not the
+# Megatron-Bridge stack, which only scripts/test.sh installs), then run it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"

@@ -2,10 +2,22 @@
 # Sets up .venv at the repository root (Python 3.12 found on this machine),
 # installs the pinned requirements and builds + installs pycomm (editable, so
 # ninja rebuilds only what changed). Safe to run again: it skips what is done.
+#   --with-bridge  also installs Megatron-Bridge and Transformer Engine's torch
+#                  extension, which only tests/test_megatron_bridge.py needs
+#                  (scripts/test.sh asks for them; the demo does not).
+# Each stage keeps its own stamp in .venv: the plain set-up never redoes or
+# undoes the bridge stage, and the bridge stage never redoes the plain one.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
+WITH_BRIDGE=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-bridge) WITH_BRIDGE=1 ;;
+    *) echo "setup: unknown option '$arg' (only --with-bridge)" >&2; exit 2 ;;
+  esac
+done
 
 is_python312() { "$@" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; }
 
@@ -36,27 +48,47 @@ if [ ! -x "$VENV/bin/python" ] || ! is_python312 "$VENV/bin/python"; then
   "$PY" -m venv "$VENV"
 fi
 
-STAMP="$VENV/.pycomm-requirements.sha"
-WANT="$(cat requirements.txt requirements-bridge.txt requirements-bridge-source.txt | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  echo "setup: installing requirements (torch takes about a minute)"
+stamp_matches() { [ "$(cat "$VENV/.pycomm-$1.sha" 2>/dev/null)" = "$2" ]; }
+
+WANT="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if ! stamp_matches requirements "$WANT"; then
+  echo "setup: installing requirements.txt (torch takes a minute or two)"
+  start=$SECONDS
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r requirements.txt
-  # Megatron-Bridge for its tests, without Bridge's own requirements
-  # (requirements-bridge.txt says why); then Transformer Engine's torch
-  # extension, built from source against this torch (tens of minutes on 2 cores).
-  "$VENV/bin/python" -m pip install -q --no-deps -r requirements-bridge.txt
-  NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_BUILD_USE_NVIDIA_WHEELS=1 \
-    CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" CPATH="${CUDA_HOME:-/usr/local/cuda}/include${CPATH:+:$CPATH}" \
-    MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -r requirements-bridge-source.txt
-  echo "$WANT" > "$STAMP"
+  echo "$WANT" > "$VENV/.pycomm-requirements.sha"
+  echo "setup: requirements.txt installed in $((SECONDS - start)) s"
 fi
 
+if [ "$WITH_BRIDGE" = 1 ]; then
+  # Transformer Engine's extension is built against the installed torch: a
+  # new torch redoes this stage, whatever else requirements.txt changed.
+  TORCH_VERSION="$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+  WANT="$( (cat requirements-bridge.txt requirements-bridge-source.txt; echo "torch $TORCH_VERSION") | sha256sum | cut -d' ' -f1)"
+  if ! stamp_matches bridge "$WANT"; then
+    echo "setup: installing Megatron-Bridge and Transformer Engine (a first build of its extension takes about half an hour on 2 cores; pip keeps the wheel)"
+    start=$SECONDS
+    # Without Bridge's own requirements (requirements-bridge.txt says why).
+    "$VENV/bin/python" -m pip install -q --no-deps -r requirements-bridge.txt
+    NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_BUILD_USE_NVIDIA_WHEELS=1 \
+      CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" CPATH="${CUDA_HOME:-/usr/local/cuda}/include${CPATH:+:$CPATH}" \
+      MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -r requirements-bridge-source.txt
+    echo "$WANT" > "$VENV/.pycomm-bridge.sha"
+    echo "setup: Megatron-Bridge set installed in $((SECONDS - start)) s"
+  fi
+fi
+
+# shellcheck source=scripts/compiler_cache.sh
+. "$ROOT/scripts/compiler_cache.sh"
+if [ -n "$CCACHE" ] && [ -z "${CXX:-}" ]; then export CXX="$VENV/lib/ccache/c++"; fi
+
 echo "setup: building pycomm (ninja; only what changed)"
+start=$SECONDS
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$VENV/bin/python" setup.py -q build_ext --inplace > "$ROOT/build-ext.log" 2>&1 \
   || { tail -40 "$ROOT/build-ext.log" >&2; echo "setup: build failed, full log in build-ext.log" >&2; exit 1; }
-if ! (cd /tmp && "$VENV/bin/python" -c 'import pycomm' >/dev/null 2>&1); then
+echo "setup: pycomm built in $((SECONDS - start)) s"
+if ! (cd "$VENV" && "$VENV/bin/python" -c 'import pycomm' >/dev/null 2>&1); then
   PYCOMM_PREBUILT=1 "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps -e .
 fi
 "$VENV/bin/python" -c 'import pycomm, json; print("setup: pycomm", json.dumps(pycomm.build_info()))'

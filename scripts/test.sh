@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The README's second command: set up (when needed), then run the C++ unit
-# tests (ctest) and the whole pytest suite.
+# The README's second command: set up (when needed, Megatron-Bridge included),
+# then run the C++ unit tests (ctest) plain, under AddressSanitizer +
+# LeakSanitizer and under ThreadSanitizer, then the whole pytest suite.
+# Extra arguments go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-bash "$ROOT/scripts/ctest.sh"
-# The same C++ unit tests under AddressSanitizer + LeakSanitizer, then the
-# threaded ones (the NCCL lane on the simulated GPU, the lane, the backend)
-# under ThreadSanitizer.
-PYCOMM_SANITIZE=address bash "$ROOT/scripts/ctest.sh"
-PYCOMM_SANITIZE=thread bash "$ROOT/scripts/ctest.sh"
+TIMES=()
+timed() {  # label, command...
+  local label="$1" start=$SECONDS
+  shift
+  "$@"
+  TIMES+=("$label $((SECONDS - start)) s")
+}
+timed setup bash "$ROOT/scripts/setup.sh" --with-bridge
+timed "C++ tests" bash "$ROOT/scripts/ctest.sh"
+timed "C++ tests, ASan+LSan" env PYCOMM_SANITIZE=address bash "$ROOT/scripts/ctest.sh"
+timed "C++ tests, TSan" env PYCOMM_SANITIZE=thread bash "$ROOT/scripts/ctest.sh"
+echo "test: $(printf '%s, ' "${TIMES[@]}")pytest next"
 exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
