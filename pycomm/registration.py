@@ -170,7 +170,12 @@ def call_within(fn: Callable[[], _T], deadline: float) -> _T:
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             error.append(e)
 
-    helper = threading.Thread(target=run, name="pycomm-connect", daemon=True)
+    # Not a daemon: a daemon thread still inside torch's C++ (a connect
+    # retrying with its back-off) when the interpreter finalizes is ended by
+    # an abort ("terminate called without an active exception"); the
+    # interpreter waits for this one instead, which the connect's own
+    # timeout bounds.
+    helper = threading.Thread(target=run, name="pycomm-connect", daemon=False)
     helper.start()
     helper.join(max(deadline - time.monotonic(), 0.0))
     if helper.is_alive():

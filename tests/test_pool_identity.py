@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import pycomm
 from pycomm.launch import run_world
-from world_checks import expect_error, open_fd_count, settled_counts, thread_count
+from world_checks import expect_error, open_fd_count, settled_counts, thread_count, thread_names
 
 
 def _quiet() -> None:
@@ -264,7 +264,50 @@ def test_duplicate_is_bounded_by_its_timeout_when_the_stores_host_is_gone() -> N
             assert seconds < 1.0 + 0.5, (role, seconds, str(e.value))
             assert "store" in str(e.value), str(e.value)
         pool.abort()
+        # The connects given up on end by themselves, within their own
+        # timeout plus torch's back-off between tries.
+        deadline = time.monotonic() + 30.0
+        while "pycomm-connect" in thread_names() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "pycomm-connect" not in thread_names()
     finally:
         host.kill()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_EXIT_AFTER_A_DEAD_HOST = """
+import datetime, subprocess, sys
+import torch.distributed as dist
+import pycomm
+host = subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[1]], stdout=subprocess.PIPE)
+assert host.stdout.readline().strip() == b"serving"
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 1, False, timeout=datetime.timedelta(seconds=20))
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+pool = pycomm.CommPool(pycomm.RoleConfig(timeout=1.0))
+pool.duplicate(None, "ag")
+host.kill()
+host.wait()
+pool.release(dist.group.WORLD, "ag")
+for role in ("rs", "ag"):
+    try:
+        pool.duplicate(None, role)
+    except pycomm.PycommError as e:
+        print(type(e).__name__, flush=True)
+print("leaving", flush=True)
+"""
+
+
+def test_the_interpreter_exits_cleanly_right_after_a_connect_was_given_up() -> None:
+    """A connect given up at its deadline may still be inside torch's C++
+    (retrying with a back-off) when the program ends: the interpreter must
+    wait for it, not abort (exit 134) under it."""
+    from pycomm.launch.spawn import free_port
+
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_AFTER_A_DEAD_HOST, str(free_port()), _STORE_HOST],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "leaving", done.stdout
+    assert "terminate called" not in done.stderr
