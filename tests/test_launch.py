@@ -61,6 +61,14 @@ def _wait_until(condition: Callable[[], bool], seconds: float) -> bool:
     return condition()
 
 
+def _interruptible() -> None:
+    """SIGINT back to its default in the launcher: a shell runs background
+    jobs (a CI step started with `&`, nohup) with SIGINT ignored, children
+    inherit that, and Python then installs no KeyboardInterrupt handler, so
+    these tests would only measure how the suite was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -113,7 +121,10 @@ def _start(
     """Starts the launcher and waits until `ready(launcher pid)` names its ranks."""
     stderr_path = tmp_path / "launcher.stderr"
     with open(stderr_path, "w") as stderr:
-        launcher = subprocess.Popen(command, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        launcher = subprocess.Popen(
+            command, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+            preexec_fn=_interruptible,
+        )
     launched = Launched(launcher, stderr_path)
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline and launcher.poll() is None:
