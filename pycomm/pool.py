@@ -368,8 +368,7 @@ class CommPool:
             # by its timeout). torch shut a destroyed pooled group down
             # already, which drained it.
             self._core.remove(*key)
-            if pooled is not None:
-                unregister_group(pooled)  # its base's duplicate, which torch still knows
+            unregister_group(pooled)  # its base's duplicate, which torch still knows
             logger.info("released role %r of group %r: torch destroyed it or its base", key[1], key[0])
 
     @property
@@ -439,7 +438,9 @@ class CommPool:
         with self._lock:
             self._left_registered.extend(e.group for e in self._entries.values() if e.group is not None)
             self._entries.clear()
-            groups, self._left_registered = (self._left_registered, []) if unregister else ([], self._left_registered)
+            groups: list[dist.ProcessGroup] = []
+            if unregister:
+                groups, self._left_registered = self._left_registered, []
         for group in groups:
             unregister_group(group)
         self._name_release()

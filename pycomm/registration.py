@@ -97,7 +97,8 @@ class _StoreConnections:
             connection = self._idle.pop() if self._idle else None
         if connection is None:
             connection = self._connect(root, timeout_seconds, label)
-        connection.set_timeout(datetime.timedelta(seconds=timeout_seconds))
+        if connection is not root:  # the shared store's timeout is the user's
+            connection.set_timeout(datetime.timedelta(seconds=timeout_seconds))
         return connection
 
     def give_back(self, connection: dist.Store) -> None:
@@ -281,7 +282,7 @@ def delete_keys(store: dist.Store, keys: list[str]) -> None:
 
 
 def _poll(store: dist.Store, key: str, deadline: float) -> bool:
-    """Whether `key` appears within the timeout. A blocking store.wait() holds
+    """Whether `key` appears before `deadline`. A blocking store.wait() holds
     the process's one store connection for the whole wait, so another
     thread's rendezvous could not even announce itself meanwhile; checks
     hold it for one round trip each."""

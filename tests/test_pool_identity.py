@@ -311,3 +311,23 @@ def test_the_interpreter_exits_cleanly_right_after_a_connect_was_given_up() -> N
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1] == "leaving", done.stdout
     assert "terminate called" not in done.stderr
+
+
+def test_a_store_that_cannot_be_cloned_keeps_its_own_timeout() -> None:
+    """Creations share a default store that cannot be cloned (one written in
+    Python): its timeout is the user's and stays as it was."""
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401 - registers "fake"
+
+    from pycomm.bench.creation_scale import _counting_store_class, _fake_comm
+
+    store = _counting_store_class()()
+    store.set_timeout(datetime.timedelta(seconds=123))
+    dist.init_process_group("fake", store=store, rank=0, world_size=1)
+    try:
+        root = dist.distributed_c10d._get_default_store()
+        before = root.timeout
+        with pycomm.CommPool(pycomm.RoleConfig(timeout=5.0), cpu_comm_factory=_fake_comm) as pool:
+            pool.duplicate(None, "ag")
+        assert root.timeout == before
+    finally:
+        dist.destroy_process_group()
