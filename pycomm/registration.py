@@ -4,8 +4,10 @@ torch.distributed.new_group creates them with, and the rendezvous before it."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -156,6 +158,21 @@ def own_store_connection(timeout_seconds: float, label: str) -> Iterator[dist.St
 
 
 _T = TypeVar("_T")
+# The name of the threads that run connects: the kernel lists it too (ps,
+# /proc/<pid>/task/*/comm), so a thread still ending is told from others.
+_CONNECT_THREAD = "pycomm-connect"
+_PR_SET_NAME = 15  # <linux/prctl.h>
+
+
+def _name_os_thread(name: str) -> None:
+    """Names the calling thread for the kernel (Python 3.12 names only its
+    own Thread object); best effort, Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def call_within(fn: Callable[[], _T], deadline: float) -> _T:
@@ -166,6 +183,7 @@ def call_within(fn: Callable[[], _T], deadline: float) -> _T:
     error: list[BaseException] = []
 
     def run() -> None:
+        _name_os_thread(_CONNECT_THREAD)
         try:
             result.append(fn())
         except BaseException as e:  # noqa: BLE001 - handed to the caller
@@ -176,7 +194,7 @@ def call_within(fn: Callable[[], _T], deadline: float) -> _T:
     # an abort ("terminate called without an active exception"); the
     # interpreter waits for this one instead, which the connect's own
     # timeout bounds.
-    helper = threading.Thread(target=run, name="pycomm-connect", daemon=False)
+    helper = threading.Thread(target=run, name=_CONNECT_THREAD, daemon=False)
     helper.start()
     helper.join(max(deadline - time.monotonic(), 0.0))
     if helper.is_alive():
