@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -79,24 +78,10 @@ def _expert_step(
     return grad_shard
 
 
-def _import_parallel_state() -> ModuleType:
-    """megatron.core imports torch's extension build tooling, whose import
-    guesses a CUDA toolkit and, on a machine without a GPU, warns that it
-    found none. The demo builds nothing: the guess stays quiet."""
-    build_tooling_log = logging.getLogger("torch.utils.cpp_extension")
-    level = build_tooling_log.level
-    build_tooling_log.setLevel(logging.ERROR)
-    try:
-        from megatron.core import parallel_state
-    finally:
-        build_tooling_log.setLevel(level)
-    return parallel_state
-
-
 def demo_rank(rank: int, world: int, steps: int, ep: int, show_progress: bool) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     logging.getLogger("megatron").setLevel(logging.ERROR)
-    parallel_state = _import_parallel_state()
+    from pycomm.megatron.quiet_import import parallel_state
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     from tqdm import tqdm

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.util import find_spec
 
 import pytest
 
 # Worker functions live in the test modules; spawned ranks import them by name.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The Megatron tests' ranks (4 to 8 a world) find Megatron-Core imported
+    # in the fork server instead of importing it each.
+    if find_spec("megatron") is not None and find_spec("megatron.core") is not None:
+        from pycomm.launch import preload_in_ranks
+
+        preload_in_ranks("pycomm.megatron.quiet_import")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

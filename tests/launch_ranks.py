@@ -40,6 +40,33 @@ def dying_rank(rank: int, world: int) -> None:
     dist.barrier()
 
 
+def environment_rank(rank: int, world: int, names: list[str]) -> dict[str, object]:
+    """What a rank sees of its parent's environment, and when it started."""
+    import torch.distributed as dist
+
+    return {
+        "environ": {name: os.environ.get(name) for name in names},
+        "debug_level": str(dist.get_debug_level()),
+        "cwd": os.getcwd(),
+        "pid": os.getpid(),
+    }
+
+
+def late_rank(rank: int, world: int) -> list[int]:
+    """Rank 0 returns at once; the others make a group through the world's
+    store after it has gone, and use it."""
+    import torch
+    import torch.distributed as dist
+
+    if rank == 0:
+        return []
+    time.sleep(2.0)
+    alone = dist.new_group([rank], use_local_synchronization=True)
+    t = torch.tensor([rank])
+    dist.all_reduce(t, group=alone)
+    return [int(t.item()), dist.get_world_size(alone)]
+
+
 def main() -> None:
     from pycomm.launch import run_world
 

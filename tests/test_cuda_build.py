@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import struct
 import sys
 from pathlib import Path
 
@@ -57,6 +58,40 @@ def test_build_info_reports_both_nccl_versions() -> None:
     # The libnccl loaded is the one torch uses: the same version.
     assert loaded == torch_nccl_runtime_version()
     assert _C.nccl_usable_version() == min(built, loaded)
+
+
+def _elf_section_names(path: Path) -> set[str]:
+    """Section names of a 64-bit little-endian ELF file (the extension)."""
+    data = path.read_bytes()
+    assert data[:6] == b"\x7fELF\x02\x01", f"{path} is not a 64-bit little-endian ELF file"
+    section_offset, = struct.unpack_from("<Q", data, 0x28)
+    entry_size, count, names_index = struct.unpack_from("<HHH", data, 0x3A)
+    names_header = section_offset + names_index * entry_size
+    names_offset, = struct.unpack_from("<Q", data, names_header + 0x18)
+    names = set()
+    for i in range(count):
+        name_at, = struct.unpack_from("<I", data, section_offset + i * entry_size)
+        end = data.index(b"\0", names_offset + name_at)
+        names.add(data[names_offset + name_at:end].decode())
+    return names
+
+
+@pytest.mark.skipif(
+    os.environ.get("PYCOMM_DEBUG_INFO", "0") not in ("0", ""), reason="built with debug information on request"
+)
+def test_the_extension_is_built_without_debug_information() -> None:
+    built = Path(_C.__file__)
+    sections = _elf_section_names(built)
+    assert ".text" in sections and ".dynsym" in sections
+    assert not {s for s in sections if s.startswith(".debug_")}, sorted(sections)
+    assert built.stat().st_size < 8 * 2**20
+
+
+def test_debug_information_is_kept_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYCOMM_DEBUG_INFO", raising=False)
+    assert pycomm_build.compile_flags()[-1] == "-g0"
+    monkeypatch.setenv("PYCOMM_DEBUG_INFO", "1")
+    assert pycomm_build.compile_flags()[-1] == "-g"
 
 
 @needs_cuda_build

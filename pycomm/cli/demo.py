@@ -68,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from pycomm.demo import demo_rank
+    from pycomm.launch import preload_in_ranks
     from pycomm.timeline import plot_timeline
+
+    preload_in_ranks("pycomm.megatron.quiet_import")
 
     console = Console(stderr=args.json, quiet=not reports_here())
     console.print(f"[bold]pycomm demo:[/] {describe_world(ranks)}, ep={ep}, {args.steps} steps")

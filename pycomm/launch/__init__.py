@@ -12,7 +12,8 @@ Modules:
 * `pycomm.launch.joined`: the world the environment describes (`JoinedWorld`,
   `joined_world`, `world_sizes`, `describe_world`, `reports_here`) and running
   as one of its ranks;
-* `pycomm.launch.spawn`: a world spawned here (`run_world`, `free_port`),
+* `pycomm.launch.spawn`: a world spawned here (`run_world`, `free_port`,
+  `preload_in_ranks`),
   which ends with the process that spawned it (signals, a dead parent, a dead
   rank, a time limit);
 * `pycomm.launch.errors`: how a world fails or is stopped (`WorldFailed`,
@@ -32,7 +33,7 @@ from pycomm.launch.joined import (
     run_as_joined_rank,
     world_sizes,
 )
-from pycomm.launch.spawn import free_port, run_world
+from pycomm.launch.spawn import free_port, preload_in_ranks, run_world
 
 __all__ = [
     "JoinedWorld",
@@ -42,6 +43,7 @@ __all__ = [
     "WorldTerminated",
     "describe_world",
     "free_port",
+    "preload_in_ranks",
     "joined_world",
     "launch",
     "reports_here",
