@@ -181,7 +181,8 @@ void bindCuda(py::module_& m) {
                       const std::shared_ptr<pycomm::NcclLane>& parent,
                       bool tearDownOnError,
                       bool groupReducesFp8,
-                      double stallTimeoutSeconds) {
+                      double stallTimeoutSeconds,
+                      std::optional<double> creationTimeoutSeconds) {
             pycomm::NcclLaneSpec spec;
             spec.comm.apis = pycomm::realGpuApis();
             spec.comm.device = device;
@@ -190,6 +191,10 @@ void bindCuda(py::module_& m) {
             spec.comm.settings = settingsFromDict(settings);
             spec.comm.timeout = std::chrono::milliseconds(
                 static_cast<int64_t>(timeoutSeconds * 1000.0));
+            if (creationTimeoutSeconds) {
+              spec.comm.creationTimeout = std::chrono::milliseconds(
+                  static_cast<int64_t>(*creationTimeoutSeconds * 1000.0));
+            }
             spec.comm.label = label;
             spec.role = role;
             spec.streamPriority = streamPriority;
@@ -213,7 +218,8 @@ void bindCuda(py::module_& m) {
           py::arg("parent") = nullptr,
           py::arg("tear_down_on_error") = true,
           py::arg("group_reduces_fp8") = true,
-          py::arg("stall_timeout_seconds") = 480.0)
+          py::arg("stall_timeout_seconds") = 480.0,
+          py::arg("creation_timeout_seconds") = py::none())
       .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
       .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
       .def_property_readonly(

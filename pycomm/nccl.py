@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,10 +241,13 @@ def create_lane(
     store: dist.Store,
     label: str,
     comm_name: str,
+    time_left: Callable[[str], float],
 ) -> "_C.NcclLane":
     """Creates the NCCL lane of one pooled group, split from `parent` (an
     NcclLane of the same members) when every member has one; collective over
-    its members."""
+    its members. `time_left(step)` is what the creation's deadline leaves for
+    the next step (it raises once nothing is left): the plan and the
+    communicator get that, not the role's timeout again."""
     settings = nccl_settings(config, comm_name)
     plan = _C.nccl_config_plan(settings, _C.nccl_usable_version())
     for field, needs in plan["skipped"]:
@@ -255,7 +259,7 @@ def create_lane(
     priority = _C.NcclLane.resolve_priority(device, role, _asked_priority(device, config), label)
     major, _minor = torch.cuda.get_device_capability(device)
     plan_agreed = _agree_on_plan(
-        store, group_size, parent is not None, config.timeout_seconds, label,
+        store, group_size, parent is not None, time_left("agreeing on the NCCL communicator plan"), label,
         reduces_fp8=major >= _C.FP8_REDUCE_MIN_COMPUTE_MAJOR,
     )
     unique_id = b""
@@ -276,6 +280,7 @@ def create_lane(
         tear_down_on_error=tear_down_on_error(),
         group_reduces_fp8=plan_agreed.reduces_fp8,
         stall_timeout_seconds=stall_timeout_seconds(),
+        creation_timeout_seconds=time_left("creating the NCCL communicator"),
     )
     logger.debug(
         "%s: NCCL lane on cuda:%d (%s), stream priority %d",

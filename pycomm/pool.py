@@ -211,7 +211,7 @@ class CommPool:
                 _remaining(deadline, label, "connecting the group's CPU communicator"),
                 label,
             )
-            device_lane = self._connect_device_lane(base, base_name, role, config, spec, store, prefix)
+            device_lane = self._connect_device_lane(base, base_name, role, config, spec, store, prefix, deadline)
             request = CreateRequest(
                 core=self._core, spec=spec, cpu_comm=cpu_comm, device_lane=device_lane
             )
@@ -288,6 +288,7 @@ class CommPool:
         spec: "_C.PooledGroupSpec",
         store: dist.Store,
         prefix: str,
+        deadline: float,
     ) -> Any:
         device = resolve_device(self._device, base)
         if device is None:
@@ -304,6 +305,7 @@ class CommPool:
             store=dist.PrefixStore(f"{prefix}/nccl/", store),
             label=spec.label(),
             comm_name=f"pycomm_{role}_of_{base_name}",
+            time_left=lambda step: _remaining(deadline, spec.label(), step),
         )
 
     def release(self, group: dist.ProcessGroup, role: str | None = None) -> None:

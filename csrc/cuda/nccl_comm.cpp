@@ -71,12 +71,12 @@ std::string timeoutText(std::chrono::milliseconds timeout) {
 NcclComm::NcclComm(NcclCommSpec spec) : spec_(std::move(spec)) {}
 
 void NcclComm::adopt(ncclComm_t comm, const std::string& what) {
-  const ncclResult_t state = pollAsyncState(nccl(), comm, spec_.timeout);
+  const ncclResult_t state = pollAsyncState(nccl(), comm, spec_.creationBound());
   if (state == ncclInProgress) {
     (void)nccl().commAbort(comm); // freeing it is all that is left to do
     throw CollectiveTimeoutError(
         spec_.label + ": " + what + " did not complete within " +
-        timeoutText(spec_.timeout) +
+        timeoutText(spec_.creationBound()) +
         "; every member must duplicate the group with the same role");
   }
   if (state != ncclSuccess) {
@@ -135,14 +135,14 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
         parent.comm_, /*color=*/0, /*key=*/s.rank, slot.get(), &config);
     ncclResult_t state = result;
     if (result == ncclInProgress) {
-      state = pollAsyncState(api, parent.comm_, s.timeout, &parent.abortRequested_);
+      state = pollAsyncState(api, parent.comm_, s.creationBound(), &parent.abortRequested_);
     }
     if (state != ncclSuccess) {
       // NCCL may still be splitting: neither the parent nor the slot can be
       // trusted or freed.
       std::string message = state == ncclInProgress
           ? s.label + ": " + what + " did not complete within " +
-              timeoutText(s.timeout) +
+              timeoutText(s.creationBound()) +
               "; every member must duplicate the group with the same role"
           : s.label + ": " + what + " failed: " + nccl::errorText(api, state) +
               " (NCCL: " + nccl::lastError(api, parent.comm_) + ")";

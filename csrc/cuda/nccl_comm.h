@@ -35,7 +35,15 @@ struct NcclCommSpec {
   int size = 1; // ranks in the group
   NcclSettings settings;
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};
+  // How long creating the communicator (init or split) may take; unset: the
+  // timeout. A pooled group's creation passes what its own deadline has
+  // left after the rendezvous, so duplicate() keeps to one timeout.
+  std::optional<std::chrono::milliseconds> creationTimeout;
   std::string label; // how errors name the group and role
+
+  std::chrono::milliseconds creationBound() const {
+    return creationTimeout.value_or(timeout);
+  }
   // Only for measuring the host cost side by side (bench_issue_cost): NCCL
   // aborts blocking communicators safely only when no thread is inside a
   // call on them (user guide, "Fault Tolerance"), so lanes are nonblocking.

@@ -360,6 +360,46 @@ TEST(LaneFaults, MemberMissingAtCreationTimesOutByName) {
   EXPECT_EQ(NcclComm::liveCount(), 0);
 }
 
+// A pooled group's creation gives the communicator only what its own
+// deadline has left, not the ops' timeout again: init and split both end
+// within the creation's bound.
+TEST(LaneFaults, CreationIsBoundedByTheCreationTimeoutNotTheOpTimeout) {
+  SimWorld world(3);
+  const std::string id = world.uniqueId();
+  auto withCreationBound = [&](int r, const std::string& role) {
+    NcclLaneSpec spec = world.spec(r, role, std::chrono::seconds(20));
+    spec.comm.creationTimeout = 300ms;
+    return spec;
+  };
+  std::vector<std::shared_ptr<NcclLane>> ag(3);
+  onRanks(3, [&](int r) { ag[r] = NcclLane::create(world.spec(r, "ag"), id, nullptr); });
+  for (const std::string role : {"init", "split"}) {
+    const std::string rsId = world.uniqueId();
+    std::vector<std::string> errors(2);
+    const int64_t start = nowUs();
+    // Rank 2 never creates its communicator.
+    onRanks(2, [&](int r) {
+      try {
+        if (role == "init") {
+          NcclLane::create(withCreationBound(r, "rs"), rsId, nullptr);
+        } else {
+          NcclLane::create(withCreationBound(r, "rs"), "", ag[r]);
+        }
+        ADD_FAILURE() << role << " without rank 2 succeeded";
+      } catch (const CollectiveTimeoutError& e) {
+        errors[r] = e.what();
+      }
+    });
+    EXPECT_LT(nowUs() - start, 1'300'000) << role << ": creation bound + 1 s, not the 20 s op timeout";
+    for (const auto& e : errors) {
+      EXPECT_NE(e.find("did not complete within 300 ms"), std::string::npos) << e;
+    }
+  }
+  for (auto& lane : ag) {
+    lane->abort();
+  }
+}
+
 TEST(LaneFaults, SlowGroupEndIsNotWaitedForByIssueAndBoundedByTheTimeout) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "ag", {}, 400ms);
