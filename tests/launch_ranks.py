@@ -1,8 +1,9 @@
 """Rank functions of the launcher tests. `python tests/launch_ranks.py PID_DIR
-[--ignore-sigterm]` spawns two ranks through pycomm.launch that record their
-pids in PID_DIR and keep all-reducing (holding their gloo connections) until
-they are stopped; with --ignore-sigterm only SIGKILL stops them, like ranks
-stuck where a signal cannot reach them."""
+[--ignore-sigterm] [--hold-gil]` spawns two ranks through pycomm.launch that
+record their pids in PID_DIR and keep all-reducing (holding their gloo
+connections) until they are stopped; with --ignore-sigterm only SIGKILL stops
+them, like ranks stuck where a signal cannot reach them; with --hold-gil they
+sleep in native code that holds the GIL, so no Python thread of theirs runs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 RANKS = 2
 
 
-def busy_rank(rank: int, world: int, pid_dir: str, ignore_sigterm: bool) -> None:
+def busy_rank(rank: int, world: int, pid_dir: str, ignore_sigterm: bool, hold_gil: bool = False) -> None:
+    import ctypes
     import signal
 
     import torch
@@ -23,6 +25,8 @@ def busy_rank(rank: int, world: int, pid_dir: str, ignore_sigterm: bool) -> None
     if ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     Path(pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+    if hold_gil:
+        ctypes.PyDLL(None).sleep(600)  # PyDLL keeps the GIL through the call
     t = torch.ones(4)
     while True:
         dist.all_reduce(t.fill_(1.0))
@@ -67,6 +71,13 @@ def late_rank(rank: int, world: int) -> list[int]:
     return [int(t.item()), dist.get_world_size(alone)]
 
 
+def preload_report(rank: int, world: int) -> dict[str, int]:
+    """Which process imported the preloaded probe, and this rank's pid."""
+    import preload_probe
+
+    return {"probe_imported_by": preload_probe.IMPORTED_BY, "pid": os.getpid()}
+
+
 def main() -> None:
     from pycomm.launch import run_world
 
@@ -74,7 +85,10 @@ def main() -> None:
     # function by its module's name, which this script's folder makes findable.
     from launch_ranks import busy_rank as importable_busy_rank
 
-    run_world(importable_busy_rank, RANKS, sys.argv[1], "--ignore-sigterm" in sys.argv, timeout_seconds=600)
+    run_world(
+        importable_busy_rank, RANKS, sys.argv[1], "--ignore-sigterm" in sys.argv, "--hold-gil" in sys.argv,
+        timeout_seconds=600,
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import pycomm
+import pycomm.nccl
 from pycomm import ConfigError, RoleConfig, _C
 from pycomm.launch import run_world
 from pycomm.nccl import (
@@ -76,9 +78,7 @@ def _elf_section_names(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.skipif(
-    os.environ.get("PYCOMM_DEBUG_INFO", "0") not in ("0", ""), reason="built with debug information on request"
-)
+@pytest.mark.skipif(pycomm_build.compile_flags()[-1] == "-g", reason="built with debug information on request")
 def test_the_extension_is_built_without_debug_information() -> None:
     built = Path(_C.__file__)
     sections = _elf_section_names(built)
@@ -199,6 +199,44 @@ def test_members_learn_whether_every_gpu_reduces_fp8() -> None:
     communicator's ranks: one pre-Hopper member turns them off for all."""
     assert [p.reduces_fp8 for p in _members_agree([True] * 3, [True] * 3)] == [True] * 3
     assert [p.reduces_fp8 for p in _members_agree([True] * 3, [True, False, True])] == [False] * 3
+
+
+@needs_cuda_build
+def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """create_lane gives the plan and the communicator what time_left says,
+    never the role's own timeout again. Only the GPU calls are stood in for
+    (the extension's NcclLane and the capability query): the store and the
+    plan agreement are real."""
+    made: dict[str, object] = {}
+
+    class LaneRecorder:
+        created_by_split = False
+        stream_priority = 0
+
+        def __init__(self, **kwargs: object) -> None:
+            made.update(kwargs)
+
+        @staticmethod
+        def resolve_priority(device: int, role: str, asked: object, label: str) -> int:
+            return 0
+
+    monkeypatch.setattr(pycomm.nccl._C, "NcclLane", LaneRecorder)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    steps: list[str] = []
+
+    def time_left(step: str) -> float:
+        steps.append(step)
+        return 2.5
+
+    pycomm.nccl.create_lane(
+        device=0, parent=None, role="ag", config=RoleConfig(timeout=600.0), group_rank=0,
+        group_size=1, store=dist.HashStore(), label="test", comm_name="pycomm_ag_of_test", time_left=time_left,
+    )
+    assert steps == ["agreeing on the NCCL communicator plan", "creating the NCCL communicator"]
+    assert made["creation_timeout_seconds"] == 2.5
+    assert made["timeout_seconds"] == 600.0  # the ops keep the role's timeout
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")

@@ -66,12 +66,21 @@ std::string timeoutText(std::chrono::milliseconds timeout) {
   return std::to_string(timeout.count()) + " ms";
 }
 
+std::chrono::milliseconds timeLeft(std::chrono::steady_clock::time_point deadline) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::steady_clock::now());
+  return std::max(left, std::chrono::milliseconds(0));
+}
+
 } // namespace
 
 NcclComm::NcclComm(NcclCommSpec spec) : spec_(std::move(spec)) {}
 
-void NcclComm::adopt(ncclComm_t comm, const std::string& what) {
-  const ncclResult_t state = pollAsyncState(nccl(), comm, spec_.creationBound());
+void NcclComm::adopt(
+    ncclComm_t comm,
+    const std::string& what,
+    std::chrono::steady_clock::time_point deadline) {
+  const ncclResult_t state = pollAsyncState(nccl(), comm, timeLeft(deadline));
   if (state == ncclInProgress) {
     (void)nccl().commAbort(comm); // freeing it is all that is left to do
     throw CollectiveTimeoutError(
@@ -94,6 +103,7 @@ std::unique_ptr<NcclComm> NcclComm::initRank(
     const std::string& uniqueId) {
   std::unique_ptr<NcclComm> self(new NcclComm(std::move(spec)));
   const NcclCommSpec& s = self->spec_;
+  const auto deadline = std::chrono::steady_clock::now() + s.creationBound();
   NcclApi& api = self->nccl();
   const ncclUniqueId id = nccl::uniqueIdFromBytes(uniqueId);
   DeviceScope device(*s.apis.cuda, s.device);
@@ -107,13 +117,14 @@ std::unique_ptr<NcclComm> NcclComm::initRank(
     (void)api.commAbort(comm); // the error below is what matters
   }
   nccl::check(api, result, s.label + ": " + what, comm);
-  self->adopt(comm, what);
+  self->adopt(comm, what, deadline);
   return self;
 }
 
 std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
   std::unique_ptr<NcclComm> self(new NcclComm(std::move(spec)));
   const NcclCommSpec& s = self->spec_;
+  const auto deadline = std::chrono::steady_clock::now() + s.creationBound();
   NcclApi& api = self->nccl();
   const std::string what = "ncclCommSplit of " + parent.spec_.label;
   DeviceScope device(*s.apis.cuda, s.device);
@@ -135,7 +146,7 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
         parent.comm_, /*color=*/0, /*key=*/s.rank, slot.get(), &config);
     ncclResult_t state = result;
     if (result == ncclInProgress) {
-      state = pollAsyncState(api, parent.comm_, s.creationBound(), &parent.abortRequested_);
+      state = pollAsyncState(api, parent.comm_, timeLeft(deadline), &parent.abortRequested_);
     }
     if (state != ncclSuccess) {
       // NCCL may still be splitting: neither the parent nor the slot can be
@@ -158,7 +169,7 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
   if (*slot == nullptr) {
     throw CollectiveError(s.label + ": " + what + " returned no communicator");
   }
-  self->adopt(*slot, what);
+  self->adopt(*slot, what, deadline);
   return self;
 }
 

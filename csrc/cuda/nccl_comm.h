@@ -128,7 +128,9 @@ class NcclComm {
   }
   // Waits for a new communicator to finish connecting and takes ownership;
   // aborts it on failure or past the timeout.
-  void adopt(ncclComm_t comm, const std::string& what);
+  // Waits for `comm` to be ready until `deadline` (the creation's: a split
+  // waited for the parent against the same one).
+  void adopt(ncclComm_t comm, const std::string& what, std::chrono::steady_clock::time_point deadline);
   // Refuses a communicator aborted or destroyed, settles the last launch,
   // then runs `calls`: NCCL's answer (errors thrown). Lock held, device set.
   ncclResult_t callLocked(

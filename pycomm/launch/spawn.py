@@ -11,11 +11,12 @@ error, not a hang.
 Ranks are forked from multiprocessing's fork server, started once per process
 with torch.distributed and pycomm imported: a rank starts in tens of
 milliseconds instead of importing torch again (about 2 s of CPU each, 10 s
-for an 8-rank world on 2 cores). Each rank still starts as a spawned one
-would: it takes the environment, working directory and sys.path its parent
-has when the world starts, and imports the function's module itself. Its
-standard output and error are those the process had when the fork server
-started."""
+for an 8-rank world on 2 cores). Like a spawned rank, a rank takes the
+environment, working directory and sys.path its parent has when the world
+starts, and imports the function's module itself; unlike one, the modules
+the server preloaded were imported with the server's environment and
+sys.path, and its standard output and error are those the process had when
+the server started (its first world)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import datetime
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import queue
 import signal
@@ -37,6 +39,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
+from pycomm.launch import fork_server
 from pycomm.launch.device import bind_device
 from pycomm.launch.errors import WorldFailed, WorldInterrupted, WorldTerminated
 
@@ -52,9 +55,14 @@ _POLL_SECONDS = 0.2
 _DRAIN_SECONDS = 0.5
 # What the fork server imports once, so that no rank imports it again.
 # Forking after importing torch (no CUDA initialized, no thread pool started)
-# is what torch's DataLoader workers do by default on Linux.
-_PRELOADED = ["torch.distributed", "pycomm"]
-_server_started = False
+# is what torch's DataLoader workers do by default on Linux. fork_server comes
+# last: it arms the server's parent-death signal and imports what
+# preload_in_ranks asked for.
+_SERVER_MODULES = ["torch.distributed", "pycomm", "pycomm.launch.fork_server"]
+_asked_modules: list[str] = []
+# The environment the fork server started with; None until it started.
+_server_environ: dict[str, str] | None = None
+_server_lock = threading.Lock()
 
 
 def preload_in_ranks(*modules: str) -> None:
@@ -64,12 +72,34 @@ def preload_in_ranks(*modules: str) -> None:
     world: the server imports once. A module that starts threads or
     initializes CUDA when imported must not be preloaded: a process forked
     from the server would inherit a lock held by a thread that does not exist
-    in it, or a CUDA context it cannot use. A module that cannot be imported
-    is skipped."""
-    if _server_started:
-        logger.warning("preload_in_ranks(%s) after the first world: the ranks import them themselves", modules)
-        return
-    _PRELOADED.extend(m for m in modules if m not in _PRELOADED)
+    in it, or a CUDA context it cannot use. A module that fails to import is
+    logged by the server and left for the ranks to import."""
+    with _server_lock:
+        if _server_environ is not None:
+            logger.warning("preload_in_ranks(%s) after the first world: the ranks import them themselves", modules)
+            return
+        _asked_modules.extend(m for m in modules if m not in _asked_modules)
+
+
+def _start_fork_server(ctx: Any) -> dict[str, str]:
+    """Starts the fork server (once per process; multiprocessing starts it
+    again if it died) and returns the environment it started with."""
+    global _server_environ
+    with _server_lock:
+        if _server_environ is None:
+            ctx.set_forkserver_preload(_SERVER_MODULES)
+            _server_environ = dict(os.environ)
+            os.environ[fork_server.MODULES_VARIABLE] = ",".join(_asked_modules)
+            # The kernel's parent-death signal follows the thread that started
+            # the server: only the main thread lives as long as the process.
+            if threading.current_thread() is threading.main_thread():
+                os.environ[fork_server.PARENT_VARIABLE] = str(os.getpid())
+            try:
+                multiprocessing.forkserver.ensure_running()
+            finally:
+                os.environ.pop(fork_server.MODULES_VARIABLE, None)
+                os.environ.pop(fork_server.PARENT_VARIABLE, None)
+        return _server_environ
 
 
 def free_port() -> int:
@@ -90,10 +120,11 @@ def _rank_main(
     args: tuple[Any, ...],
     results: "mp.Queue[tuple[int, bool, Any]]",
     timeout_seconds: float,
+    server_environ: dict[str, str],
     environ: dict[str, str],
 ) -> None:
     _end_with_parent()
-    _take_environment(environ)
+    _take_environment(server_environ, environ)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         timeout = datetime.timedelta(seconds=timeout_seconds)
@@ -115,15 +146,22 @@ def _rank_main(
         results.put((rank, False, traceback.format_exc()))
 
 
-def _take_environment(environ: dict[str, str]) -> None:
+def _take_environment(server_environ: dict[str, str], environ: dict[str, str]) -> None:
     """The parent's environment when it started the world, not the fork
-    server's from when that started: a variable set since (a test's
-    PYCOMM_DEBUG, TORCH_DISTRIBUTED_DEBUG) reaches the rank as it would a
-    spawned one. torch.distributed read its debug level when the fork server
-    imported it, so it reads it again."""
-    if dict(os.environ) != environ:
-        os.environ.clear()
-        os.environ.update(environ)
+    server's from when that started: what the parent set or removed since (a
+    test's PYCOMM_DEBUG, TORCH_DISTRIBUTED_DEBUG) is set or removed here, as
+    a spawned rank would have it, while what the server's own imports set
+    stays. torch.distributed read its debug level when the server imported
+    it, so it reads it again. Variables that a module reads when it is
+    imported keep the server's values for the modules it preloaded."""
+    changed = False
+    for name in server_environ.keys() - environ.keys():
+        changed = os.environ.pop(name, None) is not None or changed
+    for name, value in environ.items():
+        if server_environ.get(name) != value:
+            os.environ[name] = value
+            changed = True
+    if changed:
         dist.set_debug_level_from_env()
 
 
@@ -133,15 +171,18 @@ def _end_with_parent() -> None:
     parent's call, so SIGINT (a Ctrl-C reaches the whole process group) is
     ignored here and SIGTERM ends the rank at once.
 
-    The rank's process parent is the fork server, which outlives a killed
-    parent while ranks live, so the rank watches its real parent instead:
-    multiprocessing hands it a pipe that reaches end-of-file when the parent
-    is gone, however it ended (`multiprocessing.parent_process().sentinel`)."""
+    The rank's process parent is the fork server, which the kernel kills when
+    the parent ends; the rank is tied to the server the same way. Besides (a
+    server started from another thread than the main one is not tied, and
+    other kernels have no parent-death signal), a thread waits on the pipe
+    multiprocessing hands the rank, which reaches end-of-file when the parent
+    is gone (`multiprocessing.parent_process().sentinel`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = mp.parent_process()
     if parent is None:
         return
+    fork_server.end_with_parent_process(os.getppid())
     if not parent.is_alive():  # the parent died before the rank got here
         os._exit(1)
     threading.Thread(
@@ -269,18 +310,15 @@ def run_world(
     WorldInterrupted on SIGINT and WorldTerminated on SIGTERM, in each case
     after every rank has ended.
     """
-    global _server_started
     ctx = mp.get_context("forkserver")
-    if not _server_started:
-        ctx.set_forkserver_preload(_PRELOADED)
-        _server_started = True
+    server_environ = _start_fork_server(ctx)
     results: "mp.Queue[tuple[int, bool, Any]]" = ctx.Queue()
     store_host = _host_store(timeout_seconds)
     port = store_host.port
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, backend, args, results, timeout_seconds, dict(os.environ)),
+            args=(fn, rank, world_size, port, backend, args, results, timeout_seconds, server_environ, dict(os.environ)),
             daemon=False,
         )
         for rank in range(world_size)
@@ -303,7 +341,7 @@ def run_world(
             everyone_reported = all(r in reported for r, p in enumerate(started) if p.exitcode is None)
             exit_grace = _EXIT_GRACE_SECONDS if everyone_reported and not signals.received else 0.0
             _stop_ranks(started, signals, exit_grace)
-    del store_host  # every rank has ended
+            del store_host  # every rank has ended: the store's port and thread go now
     signals.raise_first()
     missing = [r for r in range(world_size) if r not in values and r not in failures and r not in allow_dead]
     if failures or missing:

@@ -1,0 +1,5 @@
+"""Preloaded by a test's fork server: records which process imported it."""
+
+import os
+
+IMPORTED_BY = os.getpid()
