@@ -71,11 +71,16 @@ def late_rank(rank: int, world: int) -> list[int]:
     return [int(t.item()), dist.get_world_size(alone)]
 
 
-def preload_report(rank: int, world: int) -> dict[str, int]:
-    """Which process imported the preloaded probe, and this rank's pid."""
+def preload_report(rank: int, world: int) -> dict[str, object]:
+    """Which process imported the preloaded probe, this rank's pid, and what
+    the probe set in the environment."""
     import preload_probe
 
-    return {"probe_imported_by": preload_probe.IMPORTED_BY, "pid": os.getpid()}
+    return {
+        "probe_imported_by": preload_probe.IMPORTED_BY,
+        "pid": os.getpid(),
+        "set_on_import": os.environ.get("PYCOMM_TEST_SET_ON_IMPORT"),
+    }
 
 
 def main() -> None:

@@ -312,6 +312,7 @@ preload_in_ranks("preload_broken", "preload_probe")
 reports = run_world(preload_report, 2)
 assert all(r["probe_imported_by"] != r["pid"] for r in reports), reports  # by the server
 assert all(r["probe_imported_by"] == reports[0]["probe_imported_by"] for r in reports), reports
+assert all(r["set_on_import"] == "by the server's import" for r in reports), reports
 print("worlds run")
 """
 
