@@ -4,10 +4,8 @@ torch.distributed.new_group creates them with, and the rendezvous before it."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +13,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch.distributed as dist
 
-from pycomm import _C
+from pycomm import _C, linux
 from pycomm.errors import CollectiveError, PycommError, RendezvousTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -161,18 +159,12 @@ _T = TypeVar("_T")
 # The name of the threads that run connects: the kernel lists it too (ps,
 # /proc/<pid>/task/*/comm), so a thread still ending is told from others.
 _CONNECT_THREAD = "pycomm-connect"
-_PR_SET_NAME = 15  # <linux/prctl.h>
 
 
 def _name_os_thread(name: str) -> None:
     """Names the calling thread for the kernel (Python 3.12 names only its
-    own Thread object); best effort, Linux only."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    own Thread object, and the kernel keeps 15 bytes); best effort."""
+    linux.prctl(linux.PR_SET_NAME, name.encode()[:15])
 
 
 def call_within(fn: Callable[[], _T], deadline: float) -> _T:

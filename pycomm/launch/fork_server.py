@@ -10,38 +10,31 @@ named, each on its own: one that fails to import is logged and left for the
 ranks to import, instead of ending the server, which would fail every world
 after it (multiprocessing's server catches ImportError only).
 
-Only the standard library is imported here: spawn.py uses the same helpers.
+Only the standard library and pycomm.linux are imported here: spawn.py
+uses the same helper for its ranks.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import logging
 import os
 import signal
-import sys
+
+from pycomm import linux
 
 logger = logging.getLogger(__name__)
 
 # Set by the parent only while it starts the server; the server removes them.
 MODULES_VARIABLE = "PYCOMM_FORK_SERVER_MODULES"
 PARENT_VARIABLE = "PYCOMM_FORK_SERVER_PARENT"
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def end_with_parent_process(parent_pid: int) -> bool:
     """Has the kernel SIGKILL this process when its parent's thread that
     created it ends, however it ends. Exits at once if the parent is already
     gone; False where the kernel offers no such signal (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        no_arg = ctypes.c_ulong(0)
-        armed = libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), no_arg, no_arg, no_arg) == 0
-    except (OSError, AttributeError):
-        return False
+    armed = linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if armed and os.getppid() != parent_pid:  # it ended before the signal was armed
         os._exit(1)
     return armed

@@ -120,11 +120,10 @@ def _rank_main(
     args: tuple[Any, ...],
     results: "mp.Queue[tuple[int, bool, Any]]",
     timeout_seconds: float,
-    server_environ: dict[str, str],
-    environ: dict[str, str],
+    environ_changes: tuple[dict[str, str], list[str]],
 ) -> None:
     _end_with_parent()
-    _take_environment(server_environ, environ)
+    _take_environment(*environ_changes)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         timeout = datetime.timedelta(seconds=timeout_seconds)
@@ -146,7 +145,14 @@ def _rank_main(
         results.put((rank, False, traceback.format_exc()))
 
 
-def _take_environment(server_environ: dict[str, str], environ: dict[str, str]) -> None:
+def _environment_changes(server_environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """What this process's environment set and removed since the fork
+    server started with `server_environ`: what a rank takes."""
+    changed = {name: value for name, value in os.environ.items() if server_environ.get(name) != value}
+    return changed, sorted(server_environ.keys() - os.environ.keys())
+
+
+def _take_environment(changed: dict[str, str], removed: list[str]) -> None:
     """The parent's environment when it started the world, not the fork
     server's from when that started: what the parent set or removed since (a
     test's PYCOMM_DEBUG, TORCH_DISTRIBUTED_DEBUG) is set or removed here, as
@@ -154,14 +160,10 @@ def _take_environment(server_environ: dict[str, str], environ: dict[str, str]) -
     stays. torch.distributed read its debug level when the server imported
     it, so it reads it again. Variables that a module reads when it is
     imported keep the server's values for the modules it preloaded."""
-    changed = False
-    for name in server_environ.keys() - environ.keys():
-        changed = os.environ.pop(name, None) is not None or changed
-    for name, value in environ.items():
-        if server_environ.get(name) != value:
-            os.environ[name] = value
-            changed = True
-    if changed:
+    for name in removed:
+        os.environ.pop(name, None)
+    os.environ.update(changed)
+    if changed or removed:
         dist.set_debug_level_from_env()
 
 
@@ -311,14 +313,14 @@ def run_world(
     after every rank has ended.
     """
     ctx = mp.get_context("forkserver")
-    server_environ = _start_fork_server(ctx)
+    environ_changes = _environment_changes(_start_fork_server(ctx))
     results: "mp.Queue[tuple[int, bool, Any]]" = ctx.Queue()
     store_host = _host_store(timeout_seconds)
     port = store_host.port
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, backend, args, results, timeout_seconds, server_environ, dict(os.environ)),
+            args=(fn, rank, world_size, port, backend, args, results, timeout_seconds, environ_changes),
             daemon=False,
         )
         for rank in range(world_size)
