@@ -182,7 +182,8 @@ void bindCuda(py::module_& m) {
                       bool tearDownOnError,
                       bool groupReducesFp8,
                       double stallTimeoutSeconds,
-                      std::optional<double> creationTimeoutSeconds) {
+                      std::optional<double> creationTimeoutSeconds,
+                      bool launchInProgramOrder) {
             pycomm::NcclLaneSpec spec;
             spec.comm.apis = pycomm::realGpuApis();
             spec.comm.device = device;
@@ -196,6 +197,7 @@ void bindCuda(py::module_& m) {
                   static_cast<int64_t>(*creationTimeoutSeconds * 1000.0));
             }
             spec.comm.label = label;
+            spec.comm.launchInProgramOrder = launchInProgramOrder;
             spec.role = role;
             spec.streamPriority = streamPriority;
             spec.tearDownOnError = tearDownOnError;
@@ -219,7 +221,8 @@ void bindCuda(py::module_& m) {
           py::arg("tear_down_on_error") = true,
           py::arg("group_reduces_fp8") = true,
           py::arg("stall_timeout_seconds") = 480.0,
-          py::arg("creation_timeout_seconds") = py::none())
+          py::arg("creation_timeout_seconds") = py::none(),
+          py::arg("launch_in_program_order") = true)
       .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
       .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
       .def_property_readonly(

@@ -23,6 +23,11 @@ import importlib.abc
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
+from pycomm.launch_order import adopt_implicit_launch_order
+
+# Before the process's first NCCL launch, which is when NCCL reads it.
+adopt_implicit_launch_order()
+
 __version__ = "0.1.0"
 
 

@@ -26,6 +26,16 @@ def nccl_env_overrides() -> dict[str, str]:
     return {name: os.environ[name] for name in NCCL_CONFIG_ENV if name in os.environ}
 
 
+def launch_order() -> str:
+    """What NCCL_LAUNCH_ORDER_IMPLICIT makes of the device's kernel order."""
+    from pycomm.launch_order import LAUNCH_ORDER_ENV, launch_in_program_order
+
+    value = os.environ.get(LAUNCH_ORDER_ENV)
+    if launch_in_program_order():
+        return f"{LAUNCH_ORDER_ENV}={value}: kernels start in program order"
+    return f"{LAUNCH_ORDER_ENV}={value}: no order across communicators of a device"
+
+
 def transports() -> list[str]:
     built = ["gloo"]
     if _C.cuda_built:
@@ -55,4 +65,5 @@ def build_info() -> dict[str, Any]:
         "nccl_loaded": _version_text(_C.nccl_loaded_version()) if cuda else None,
         "transports": transports(),
         "nccl_env_overrides": nccl_env_overrides(),
+        "launch_order": launch_order(),
     }

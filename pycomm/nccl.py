@@ -26,6 +26,7 @@ import torch.distributed as dist
 from pycomm import _C
 from pycomm.config import CTA_POLICIES, RoleConfig
 from pycomm.errors import ConfigError, RendezvousTimeoutError
+from pycomm.launch_order import launch_in_program_order
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ def create_lane(
         group_reduces_fp8=plan_agreed.reduces_fp8,
         stall_timeout_seconds=stall_timeout_seconds(),
         creation_timeout_seconds=time_left("creating the NCCL communicator"),
+        launch_in_program_order=launch_in_program_order(),
     )
     logger.debug(
         "%s: NCCL lane on cuda:%d (%s), stream priority %d",

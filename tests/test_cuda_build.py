@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -202,13 +203,19 @@ def test_members_learn_whether_every_gpu_reduces_fp8() -> None:
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("launch_order", [None, "1", "0"])
 def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, launch_order: str | None,
 ) -> None:
     """create_lane gives the plan and the communicator what time_left says,
     never the role's own timeout again. Only the GPU calls are stood in for
     (the extension's NcclLane and the capability query): the store and the
-    plan agreement are real."""
+    plan agreement are real. The lane launches in program order unless
+    NCCL_LAUNCH_ORDER_IMPLICIT is 0."""
+    if launch_order is None:
+        monkeypatch.delenv("NCCL_LAUNCH_ORDER_IMPLICIT", raising=False)
+    else:
+        monkeypatch.setenv("NCCL_LAUNCH_ORDER_IMPLICIT", launch_order)
     made: dict[str, object] = {}
 
     class LaneRecorder:
@@ -237,6 +244,30 @@ def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
     assert steps == ["agreeing on the NCCL communicator plan", "creating the NCCL communicator"]
     assert made["creation_timeout_seconds"] == 2.5
     assert made["timeout_seconds"] == 600.0  # the ops keep the role's timeout
+    assert made["launch_in_program_order"] is (launch_order != "0")
+
+
+def test_the_extensions_lane_takes_the_launch_order() -> None:
+    assert "launch_in_program_order: bool = True" in (pycomm._C.NcclLane.__init__.__doc__ or "")
+
+
+@pytest.mark.parametrize(("before", "after"), [(None, "1"), ("0", "0"), ("1", "1")])
+def test_importing_pycomm_orders_nccls_launches_unless_the_user_chose(
+    before: str | None, after: str,
+) -> None:
+    """NCCL reads NCCL_LAUNCH_ORDER_IMPLICIT at the process's first launch,
+    so `import pycomm` sets it, without importing torch, unless it is set."""
+    env = {k: v for k, v in os.environ.items() if k != "NCCL_LAUNCH_ORDER_IMPLICIT"}
+    if before is not None:
+        env["NCCL_LAUNCH_ORDER_IMPLICIT"] = before
+    probe = (
+        "import os, sys, pycomm; "
+        "print(os.environ.get('NCCL_LAUNCH_ORDER_IMPLICIT'), 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout.split()
+    assert out == [after, "False"]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")

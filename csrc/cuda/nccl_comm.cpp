@@ -11,10 +11,14 @@ namespace pycomm {
 namespace {
 std::atomic<int64_t> liveComms{0};
 
-// A group end on a connected communicator is taken within microseconds, so
-// a poll first yields the core; creation and first connections take
-// milliseconds to seconds, so it then sleeps, ever longer, up to a bound.
-constexpr auto kYieldFor = std::chrono::microseconds(50);
+// A group end on a connected communicator is taken within tens of
+// microseconds (NCCL's thread starts and launches), and issue() waits for
+// it, so a poll first yields the core: a sleep would wake late by Linux's
+// timer slack (50 us). On the simulated GPU, yielding for 500 us rather than
+// 50 us took issue()'s median from 93-111 to 78-80 us (docs/benchmarks.md).
+// Creation and first connections take milliseconds to seconds, so the poll
+// then sleeps, ever longer, up to a bound.
+constexpr auto kYieldFor = std::chrono::microseconds(500);
 constexpr auto kFirstSleep = std::chrono::microseconds(10);
 constexpr auto kLongestSleep = std::chrono::microseconds(1000);
 
@@ -251,6 +255,11 @@ void NcclComm::launch(
   std::lock_guard<std::mutex> lock(mutex_);
   DeviceScope device(*spec_.apis.cuda, spec_.device);
   if (callLocked(what, calls) == ncclInProgress) {
+    if (spec_.launchInProgramOrder) {
+      settleLocked(what); // throws if NCCL failed it or did not take it in time
+      onTaken();
+      return;
+    }
     pendingLaunch_ = PendingLaunch{what, std::move(onTaken)};
   } else {
     onTaken(); // a blocking communicator launched on this thread

@@ -44,6 +44,19 @@ struct NcclCommSpec {
   std::chrono::milliseconds creationBound() const {
     return creationTimeout.value_or(timeout);
   }
+  // Whether launch() returns only once NCCL took the launch (put its kernels
+  // on their streams). Then the process's NCCL launches on a device, torch's
+  // from the calling thread included, happen in program order, the order
+  // NCCL_LAUNCH_ORDER_IMPLICIT turns into the device's start order so that
+  // communicators on one device cannot deadlock each other (NCCL user guide,
+  // "Environment Variables": "Implicitly order NCCL operations from
+  // different communicators on the same device using the host program
+  // order"). Off: a nonblocking launch stays with NCCL's thread and the next
+  // call on the communicator settles it, which costs the caller less but
+  // lets launches of several communicators race, which NCCL 2.30.7 refuses
+  // under that variable (src/misc/strongstream.cc, "host threads racing to
+  // launch NCCL on same device").
+  bool launchInProgramOrder = true;
   // Only for measuring the host cost side by side (bench_issue_cost): NCCL
   // aborts blocking communicators safely only when no thread is inside a
   // call on them (user guide, "Fault Tolerance"), so lanes are nonblocking.
@@ -71,12 +84,14 @@ class NcclComm {
   void enqueue(
       const std::string& what,
       const std::function<ncclResult_t(ncclComm_t)>& calls);
-  // Runs `calls` under the lock without waiting for NCCL to take them: a
-  // nonblocking group end hands the launch to NCCL's own thread and answers
-  // ncclInProgress. `onTaken` runs, under the lock, once NCCL has taken
-  // them, by whoever sees that first: the next call on the communicator
-  // (NCCL refuses calls while one is in progress, so every call settles the
-  // last launch first), settle(), or tryAsyncError(). It never runs if the
+  // Runs `calls` under the lock; `onTaken` runs, under the lock, once NCCL
+  // has taken them (put the kernels on their streams). A nonblocking group
+  // end hands the launch to NCCL's own thread and answers ncclInProgress:
+  // with launchInProgramOrder (the default) launch() waits for it, as
+  // enqueue() does; without, it returns and whoever sees NCCL take them
+  // first runs `onTaken`: the next call on the communicator (NCCL refuses
+  // calls while one is in progress, so every call settles the last launch
+  // first), settle(), or tryAsyncError(). `onTaken` never runs if the
   // launch fails or the communicator is aborted first. Throws as enqueue().
   void launch(
       const std::string& what,

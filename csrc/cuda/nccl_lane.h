@@ -5,11 +5,14 @@
 // all-gather and a reduce-scatter run concurrently on the device.
 //
 // Ordering: issue() records an event on the caller's current stream and makes
-// the lane's stream wait on it, so the op sees everything queued before it,
-// and the host never waits: NCCL's own thread launches the op, and the end
-// event is recorded behind its kernels by whoever first sees NCCL take it
-// (the next issue, the watchdog, or wait()). Work.wait() makes the caller's
-// stream wait on the op's end event.
+// the lane's stream wait on it, so the op sees everything queued before it.
+// NCCL's own thread launches the op; by default (launchInProgramOrder)
+// issue() returns once NCCL has put its kernels on the stream, so the
+// device's NCCL launches, the other lanes' and torch's, keep the program's
+// order (nccl_comm.h). Without it, the end event is recorded behind the
+// kernels by whoever first sees NCCL take them (the next issue, the
+// watchdog, or wait()). Work.wait() makes the caller's stream wait on the
+// op's end event.
 //
 // Memory: the lane holds references to every tensor of an op until its
 // watchdog has seen the op's end event pass. That is the equivalent of

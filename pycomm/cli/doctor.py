@@ -76,6 +76,7 @@ def collect() -> list[Check]:
         ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
         ok=not overrides,
     ))
+    checks.append(Check("NCCL launch order", info["launch_order"], ok=info["launch_order"].endswith("program order")))
     megatron = _package_version("megatron-core")
     checks.append(Check("megatron-core", megatron or "not installed (pycomm.megatron unavailable)", ok=bool(megatron)))
     try:

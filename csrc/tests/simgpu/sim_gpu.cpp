@@ -6,6 +6,9 @@
 #include <cstring>
 #include <condition_variable>
 #include <deque>
+#include <map>
+#include <optional>
+#include <set>
 #include <stdexcept>
 #include <tuple>
 #include <unordered_map>
@@ -141,9 +144,42 @@ struct SimGpu::Impl {
   std::map<int, int> runningCollectives;
   std::map<int, std::deque<uint64_t>> slotQueue; // tickets in asking order, per device
   uint64_t nextTicket = 0;
+  // Kernels launched in launch order, and how many of them started, per
+  // device (launchCollective's inLaunchOrder).
+  std::map<int, uint64_t> launchedInOrder;
+  std::map<int, uint64_t> startedInOrder;
 
-  void takeSlot(int device) {
+  // Places of kernels that were never queued (their stream was gone).
+  std::map<int, std::set<uint64_t>> droppedInOrder;
+
+  uint64_t nextInLaunchOrder(int device) {
+    std::lock_guard<std::mutex> lock(slotMu);
+    return launchedInOrder[device]++;
+  }
+
+  // Under slotMu: a dropped kernel counts as started, so none waits for it.
+  void skipDroppedLocked(int device) {
+    auto& dropped = droppedInOrder[device];
+    while (dropped.erase(startedInOrder[device]) > 0) {
+      ++startedInOrder[device];
+    }
+  }
+
+  void dropInOrder(int device, uint64_t order) {
+    std::lock_guard<std::mutex> lock(slotMu);
+    droppedInOrder[device].insert(order);
+    skipDroppedLocked(device);
+    slotCv.notify_all();
+  }
+
+  // `order`: the kernel's place in its device's launch order, if it keeps
+  // one; it asks for a slot only once the kernel before it started, as a
+  // stream waiting on an event takes no place among the running kernels.
+  void takeSlot(int device, std::optional<uint64_t> order) {
     std::unique_lock<std::mutex> lock(slotMu);
+    if (order) {
+      slotCv.wait(lock, [&] { return startedInOrder[device] == *order; });
+    }
     const uint64_t ticket = nextTicket++;
     auto& queue = slotQueue[device];
     queue.push_back(ticket);
@@ -153,6 +189,10 @@ struct SimGpu::Impl {
     });
     queue.pop_front();
     ++runningCollectives[device];
+    if (order) {
+      ++startedInOrder[device];
+      skipDroppedLocked(device);
+    }
     slotCv.notify_all();
   }
 
@@ -333,7 +373,8 @@ struct SimGpu::Impl {
       std::function<void()> kernel,
       std::string label,
       uint64_t comm,
-      bool throwIfUnknown) {
+      bool throwIfUnknown,
+      bool inLaunchOrder = false) {
     std::shared_ptr<SimStream> s;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -346,15 +387,19 @@ struct SimGpu::Impl {
       return; // `kernel` is dropped here, outside every lock
     }
     const auto resolved = reinterpret_cast<cudaStream_t>(s.get());
+    std::optional<uint64_t> order;
+    if (inLaunchOrder) {
+      order = nextInLaunchOrder(s->device);
+    }
     StreamItem item{[this, kernel = std::move(kernel), label = std::move(label),
-                     device = s->device, resolved, comm] {
+                     device = s->device, resolved, comm, order] {
       KernelInterval interval;
       interval.label = label;
       interval.device = device;
       interval.stream = resolved;
       interval.comm = comm;
       if (comm != 0) {
-        takeSlot(device);
+        takeSlot(device, order);
       }
       interval.startUs = nowUs();
       kernel();
@@ -365,8 +410,13 @@ struct SimGpu::Impl {
       std::lock_guard<std::mutex> lock(timelineMu);
       timeline.push_back(std::move(interval));
     }};
-    if (enqueue(s, item) == 0 && throwIfUnknown) {
-      throw std::invalid_argument("SimGpu::launch: stream was destroyed");
+    if (enqueue(s, item) == 0) {
+      if (order) {
+        dropInOrder(s->device, *order);
+      }
+      if (throwIfUnknown) {
+        throw std::invalid_argument("SimGpu::launch: stream was destroyed");
+      }
     }
   }
 };
@@ -921,8 +971,13 @@ int SimGpu::currentDevice() const {
 }
 
 void SimGpu::launchCollective(
-    cudaStream_t stream, std::function<void()> kernel, std::string label, uint64_t comm) {
-  impl_->launch(stream, std::move(kernel), std::move(label), comm, /*throwIfUnknown=*/false);
+    cudaStream_t stream,
+    std::function<void()> kernel,
+    std::string label,
+    uint64_t comm,
+    bool inLaunchOrder) {
+  impl_->launch(
+      stream, std::move(kernel), std::move(label), comm, /*throwIfUnknown=*/false, inLaunchOrder);
 }
 
 void SimGpu::setConcurrentCollectives(int bound) {

@@ -178,8 +178,19 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   // created), whatever torch's target is.
   int currentDevice() const;
   // Queues a kernel of a communicator (see launch()); `comm` is its id.
+  // `inLaunchOrder`: the kernel starts only after the kernel launched in
+  // launch order before it on the same device has started, whatever their
+  // streams, as NCCL_LAUNCH_ORDER_IMPLICIT makes NCCL's launches (the
+  // launch stream waits on the device's launch-order stream, which the
+  // previous launch's launch-completion event advances: NCCL 2.30.7
+  // src/enqueue.cc, getImplicitOrder / ncclLaunchPrepare). Kernels still
+  // overlap; only their start order is fixed.
   void launchCollective(
-      cudaStream_t stream, std::function<void()> kernel, std::string label, uint64_t comm);
+      cudaStream_t stream,
+      std::function<void()> kernel,
+      std::string label,
+      uint64_t comm,
+      bool inLaunchOrder = false);
   // Whether `stream` is a live handle; resolves nullptr to the current
   // device's default stream.
   SimStream* resolve(cudaStream_t stream) const;

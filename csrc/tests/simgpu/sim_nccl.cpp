@@ -403,6 +403,7 @@ struct SimNccl::Impl {
   uintptr_t nextRegistration = 1;
   std::chrono::microseconds initDelay{0};
   std::optional<std::chrono::microseconds> groupEndDelay;
+  std::atomic<bool> launchOrderImplicit{false};
   std::chrono::microseconds collectiveDuration{0};
   int64_t creationBytes = SimNccl::kCommBytes;
   int64_t firstUseBytes = SimNccl::kFirstUseBytes;
@@ -637,7 +638,8 @@ struct SimNccl::Impl {
 
   void launchAll(std::vector<Launch>& launches) {
     for (auto& l : launches) {
-      gpu->launchCollective(l.stream, std::move(l.kernel), std::move(l.label), l.comm);
+      gpu->launchCollective(
+          l.stream, std::move(l.kernel), std::move(l.label), l.comm, launchOrderImplicit.load());
     }
     launches.clear();
   }
@@ -1584,6 +1586,10 @@ ncclResult_t SimNccl::redOpDestroy(ncclRedOp_t op, ncclComm_t comm) {
 void SimNccl::setInitDelay(std::chrono::microseconds delay) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   impl_->initDelay = delay;
+}
+
+void SimNccl::setLaunchOrderImplicit(bool implicit) {
+  impl_->launchOrderImplicit.store(implicit);
 }
 
 void SimNccl::setGroupEndDelay(std::chrono::microseconds delay) {

@@ -120,6 +120,12 @@ class SimNccl : public NcclApi {
   // How long a nonblocking creation or split stays in progress after its
   // last member arrived.
   void setInitDelay(std::chrono::microseconds delay);
+  // NCCL_LAUNCH_ORDER_IMPLICIT (off by default, as in NCCL): each
+  // collective kernel launched from now on starts only after the one
+  // launched before it on its device started (SimGpu::launchCollective).
+  // NCCL reads the variable once per process (NCCL_PARAM), so it is a
+  // setting here, not the environment.
+  void setLaunchOrderImplicit(bool implicit);
   // How long a nonblocking groupEnd stays in progress before its thread
   // puts the kernels on the stream (default: no delay beyond the thread's
   // start); the second form for one communicator only (a slow group end).

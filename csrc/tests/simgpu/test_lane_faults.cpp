@@ -89,6 +89,7 @@ TEST(LaneFaults, PeerThatNeverComesTimesOutByNameAndTearsDown) {
   SimWorld world(2);
   TearDownRecorder teardown;
   auto lanes = armedLanes(world, "ag", &teardown, 300ms);
+  connectLanes(world, lanes); // the op below hangs in its kernel, not in the connection
   // Rank 1 never issues the all-gather.
   auto op = allGather(at::ones({16}), at::empty({32}));
   const int64_t start = nowUs();
@@ -103,8 +104,7 @@ TEST(LaneFaults, PeerThatNeverComesTimesOutByNameAndTearsDown) {
   work->getFuture()->wait();
   EXPECT_TRUE(work->getFuture()->hasError());
   ASSERT_TRUE(eventually([&] { return teardown.count() == 1; }));
-  // The watchdog's timeout, or the wait() above seeing NCCL not take the op
-  // (the first op waits for the peer to connect), whichever came first.
+  // The watchdog's timeout.
   EXPECT_NE(teardown.calls[0].find("300 ms"), std::string::npos) << teardown.calls[0];
   // The lane is failed for good, with the same error.
   EXPECT_THROW(issue(*lanes[0], op), CollectiveTimeoutError);
@@ -138,6 +138,7 @@ TEST(LaneFaults, MismatchedOpsAcrossRanksTimeOutByName) {
 TEST(LaneFaults, AsyncErrorFailsOpsWithNcclsMessage) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "rs");
+  connectLanes(world, lanes); // the op below hangs in its kernel, not in the connection
   const auto comms = world.nccl->commsOn(SimWorld::deviceOf(0));
   ASSERT_EQ(comms.size(), 1u);
   // An op in flight (rank 1 is late), then NCCL meets an error: the
@@ -206,47 +207,161 @@ c10::intrusive_ptr<PooledBackend> pooled(
 TEST(LaneConnect, TheFirstOpWaitsForEveryPeersFirstOp) {
   // NCCL connects the peers at a communicator's first group end, on its own
   // thread for a nonblocking one, which stays in progress until every peer
-  // came; and it refuses the next call meanwhile. So the second issue()
-  // waits for the late peer, and both ops then run correctly.
-  SimWorld world(2);
-  auto lanes = makeLanes(world, "ag");
-  std::atomic<int64_t> secondIssueUs{0};
-  onRanks(2, [&](int r) {
-    if (r == 1) {
-      std::this_thread::sleep_for(300ms);
-    }
-    auto first = allGather(at::full({8}, float(r + 1)), at::zeros({16}));
-    auto firstWork = issue(*lanes[r], first);
-    auto second = allGather(at::full({8}, float(10 * (r + 1))), at::zeros({16}));
-    const int64_t start = nowUs();
-    auto secondWork = issue(*lanes[r], second);
-    if (r == 0) {
-      secondIssueUs = nowUs() - start;
-    }
-    ASSERT_TRUE(firstWork->wait());
-    ASSERT_TRUE(secondWork->wait());
-    ASSERT_TRUE(world.gpu->synchronize(world.gpu->legacyStreamOf(SimWorld::deviceOf(r)), 5000ms));
-    EXPECT_TRUE(at::equal(first.outputs[0], at::cat({at::full({8}, 1.0f), at::full({8}, 2.0f)})));
-    EXPECT_TRUE(at::equal(second.outputs[0], at::cat({at::full({8}, 10.0f), at::full({8}, 20.0f)})));
-  });
-  EXPECT_GE(secondIssueUs.load(), 200'000) << "the first op was launched before the peer connected";
-  closeAll(lanes);
+  // came. issue() returns once NCCL took the launch (launchInProgramOrder),
+  // so the first issue() waits for the late peer; left to NCCL's thread
+  // (launchInProgramOrder off), the second issue() does, since NCCL refuses
+  // a call while one is in progress. Both ops then run correctly.
+  for (const bool inProgramOrder : {true, false}) {
+    SCOPED_TRACE(inProgramOrder ? "program order" : "any order");
+    SimWorld world(2);
+    auto lanes = armedLanes(world, "ag", nullptr, 10s, [&](NcclLaneSpec& spec) {
+      spec.comm.launchInProgramOrder = inProgramOrder;
+    });
+    std::atomic<int64_t> firstIssueUs{0};
+    std::atomic<int64_t> secondIssueUs{0};
+    onRanks(2, [&](int r) {
+      if (r == 1) {
+        std::this_thread::sleep_for(300ms);
+      }
+      auto first = allGather(at::full({8}, float(r + 1)), at::zeros({16}));
+      int64_t start = nowUs();
+      auto firstWork = issue(*lanes[r], first);
+      if (r == 0) {
+        firstIssueUs = nowUs() - start;
+      }
+      auto second = allGather(at::full({8}, float(10 * (r + 1))), at::zeros({16}));
+      start = nowUs();
+      auto secondWork = issue(*lanes[r], second);
+      if (r == 0) {
+        secondIssueUs = nowUs() - start;
+      }
+      ASSERT_TRUE(firstWork->wait());
+      ASSERT_TRUE(secondWork->wait());
+      ASSERT_TRUE(world.gpu->synchronize(world.gpu->legacyStreamOf(SimWorld::deviceOf(r)), 5000ms));
+      EXPECT_TRUE(at::equal(first.outputs[0], at::cat({at::full({8}, 1.0f), at::full({8}, 2.0f)})));
+      EXPECT_TRUE(at::equal(second.outputs[0], at::cat({at::full({8}, 10.0f), at::full({8}, 20.0f)})));
+    });
+    const int64_t waitedUs = inProgramOrder ? firstIssueUs.load() : secondIssueUs.load();
+    EXPECT_GE(waitedUs, 200'000) << "the first op was launched before the peer connected";
+    closeAll(lanes);
+  }
 }
 
-TEST(LaneConnect, APeerThatNeverIssuesIsATimeoutForEveryCallThatWaitsForIt) {
+TEST(LaneConnect, APeerThatNeverIssuesIsATimeoutForTheCallThatWaitsForIt) {
   SimWorld world(2);
   TearDownRecorder teardown;
   auto lanes = armedLanes(world, "ag", &teardown, 300ms);
-  // Rank 1 never issues: rank 0's first op cannot connect, and its next
-  // issue() waits for the first to be launched, bounded by the timeout.
-  auto first = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
+  // Rank 1 never issues: rank 0's first op cannot connect, and issue()
+  // waits for NCCL to take it, bounded by the timeout.
   const int64_t start = nowUs();
   EXPECT_THROW(issue(*lanes[0], allGather(at::ones({16}), at::empty({32}))), CollectiveTimeoutError);
   EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
-  expectFailure<CollectiveTimeoutError>(first, 1000ms);
   ASSERT_TRUE(eventually([&] { return teardown.count() == 1; }));
   EXPECT_EQ(world.nccl->liveComms(), 1) << "rank 0's communicator was aborted";
+  EXPECT_THROW(issue(*lanes[0], allGather(at::ones({16}), at::empty({32}))), CollectiveTimeoutError);
   lanes[1]->abort();
+}
+
+// The AG lane, the RS lane and a blocking communicator standing for torch's
+// (it launches on the calling thread, as ProcessGroupNCCL does) on each of
+// 2 ranks, connected, one collective kernel per device at a time, under
+// NCCL_LAUNCH_ORDER_IMPLICIT. Every rank issues AG, RS, then torch's
+// all-reduce; NCCL's thread is slow to launch rank 0's all-gather and rank
+// 1's reduce-scatter. Returns each device's kernels in the order they
+// started, by label, and whether every op finished.
+struct LaunchOrderRun {
+  std::vector<std::vector<std::string>> started; // by rank
+  bool finished = true;
+};
+
+LaunchOrderRun runAgRsTorchWithSlowLaunches(bool launchInProgramOrder) {
+  SimWorld world(2);
+  TearDownRecorder teardown;
+  const auto timeout = 1500ms;
+  auto inOrder = [&](NcclLaneSpec& spec) { spec.comm.launchInProgramOrder = launchInProgramOrder; };
+  auto ag = armedLanes(world, "ag", &teardown, timeout, inOrder);
+  auto rs = armedLanes(world, "rs", &teardown, timeout, inOrder);
+  auto torch = armedLanes(world, "torch", &teardown, timeout, [](NcclLaneSpec& spec) {
+    spec.comm.blocking = true;
+  });
+  for (const auto* lanes : {&ag, &rs, &torch}) {
+    connectLanes(world, *lanes);
+  }
+  world.nccl->setLaunchOrderImplicit(true);
+  world.gpu->setConcurrentCollectives(1);
+  // commsOn lists the oldest first: AG, RS, torch.
+  world.nccl->setGroupEndDelay(world.nccl->commsOn(SimWorld::deviceOf(0))[0], 100ms);
+  world.nccl->setGroupEndDelay(world.nccl->commsOn(SimWorld::deviceOf(1))[1], 100ms);
+  LaunchOrderRun run;
+  std::atomic<bool> allFinished{true};
+  onRanks(2, [&](int r) {
+    auto gathered = allGather(at::full({4}, float(r + 1)), at::empty({8}));
+    auto scattered = reduceScatter(at::full({8}, float(r + 1)), at::empty({4}));
+    Collective reduced;
+    reduced.kind = CollectiveKind::AllReduce;
+    reduced.inputs = {at::full({4}, float(r + 1))};
+    reduced.outputs = reduced.inputs;
+    reduced.reduceOp = c10d::ReduceOp::SUM;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    try {
+      works.push_back(issue(*ag[r], gathered));
+      works.push_back(issue(*rs[r], scattered));
+      works.push_back(issue(*torch[r], reduced));
+      for (auto& work : works) {
+        if (!work->wait(3000ms)) {
+          allFinished = false;
+        }
+      }
+    } catch (const CollectiveTimeoutError&) {
+      allFinished = false;
+      return;
+    }
+    EXPECT_TRUE(at::equal(gathered.outputs[0], at::cat({at::ones({4}), at::full({4}, 2.0f)})));
+    EXPECT_TRUE(at::equal(scattered.outputs[0], at::full({4}, 3.0f)));
+    EXPECT_TRUE(at::equal(reduced.outputs[0], at::full({4}, 3.0f)));
+  });
+  run.finished = allFinished.load();
+  if (!run.finished) {
+    EXPECT_TRUE(eventually([&] { return teardown.count() > 0; })) << "the deadlock was not named";
+  }
+  for (const auto* lanes : {&ag, &rs, &torch}) {
+    for (auto& lane : *lanes) {
+      lane->abort(); // ends a deadlock's kernels
+    }
+  }
+  run.started.resize(2);
+  for (const auto& k : world.gpu->timeline()) {
+    if (k.comm != 0) {
+      run.started[k.device - 1].push_back(k.label);
+    }
+  }
+  world.gpu->setConcurrentCollectives(0);
+  return run;
+}
+
+TEST(LaneLaunchOrder, LanesAndTorchsCommunicatorStartInProgramOrderSoNoneDeadlocks) {
+  // issue() returns once NCCL's thread took the launch, so each device's
+  // NCCL launches, torch's on the calling thread included, are in program
+  // order, which NCCL_LAUNCH_ORDER_IMPLICIT keeps on the device.
+  const auto run = runAgRsTorchWithSlowLaunches(true);
+  EXPECT_TRUE(run.finished) << "the lanes' kernels deadlocked";
+  const std::vector<std::string> programOrder{"allgather", "reducescatter", "allreduce"};
+  EXPECT_EQ(run.started[0], programOrder);
+  EXPECT_EQ(run.started[1], programOrder);
+}
+
+TEST(LaneLaunchOrder, LaunchesLeftToNcclsThreadsRaceIntoADeadlockThatTheTimeoutNames) {
+  // The lanes' mode under NCCL_LAUNCH_ORDER_IMPLICIT=0 (launchInProgramOrder
+  // off), run here with the order implicit anyway to show why the two go
+  // together: rank 0 launches its all-gather last, rank 1 its
+  // reduce-scatter, and one kernel per device waits for a peer kernel that
+  // cannot start. Only the timeout ends it.
+  const auto run = runAgRsTorchWithSlowLaunches(false);
+  EXPECT_FALSE(run.finished);
+  ASSERT_FALSE(run.started[0].empty());
+  ASSERT_FALSE(run.started[1].empty());
+  EXPECT_NE(run.started[0].front(), "allgather") << "rank 0's all-gather was launched last";
+  EXPECT_NE(run.started[1].front(), "reducescatter");
 }
 
 TEST(LaneFaults, PoolAbortWithOpsHungOnBothLanesReturnsWithinASecond) {
@@ -291,6 +406,7 @@ TEST(LaneFaults, PoolAbortWithOpsHungOnBothLanesReturnsWithinASecond) {
 TEST(LaneFaults, WaitAfterAbortReportsTheFailureInsteadOfTheOutput) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "ag");
+  connectLanes(world, lanes); // the op below hangs in its kernel, not in the connection
   auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
   lanes[0]->abort();
   EXPECT_THROW(work->wait(), PoolClosedError); // the stream-ordered form too
@@ -400,35 +516,49 @@ TEST(LaneFaults, CreationIsBoundedByTheCreationTimeoutNotTheOpTimeout) {
   }
 }
 
-TEST(LaneFaults, SlowGroupEndIsNotWaitedForByIssueAndBoundedByTheTimeout) {
-  SimWorld world(2);
-  auto lanes = makeLanes(world, "ag", {}, 400ms);
-  const auto comms = world.nccl->commsOn(SimWorld::deviceOf(0));
-  ASSERT_EQ(comms.size(), 1u);
-  world.nccl->setGroupEndDelay(comms[0], 100ms);
-  onRanks(2, [&](int r) {
-    auto op = allGather(at::full({4}, float(r)), at::empty({8}));
+TEST(LaneFaults, SlowGroupEndIsWaitedForOnlyInProgramOrderAndBoundedByTheTimeout) {
+  for (const bool inProgramOrder : {true, false}) {
+    SCOPED_TRACE(inProgramOrder ? "program order" : "any order");
+    SimWorld world(2);
+    auto lanes = armedLanes(world, "ag", nullptr, 400ms, [&](NcclLaneSpec& spec) {
+      spec.comm.launchInProgramOrder = inProgramOrder;
+    });
+    const auto comms = world.nccl->commsOn(SimWorld::deviceOf(0));
+    ASSERT_EQ(comms.size(), 1u);
+    world.nccl->setGroupEndDelay(comms[0], 100ms);
+    onRanks(2, [&](int r) {
+      auto op = allGather(at::full({4}, float(r)), at::empty({8}));
+      const int64_t start = nowUs();
+      auto work = issue(*lanes[r], op);
+      // NCCL's thread takes the op 100 ms later. In program order issue()
+      // waits for it; otherwise wait() does (the caller's stream must wait
+      // behind the op's kernels).
+      if (r == 0 && inProgramOrder) {
+        EXPECT_GE(nowUs() - start, 100'000) << "issue() returned before NCCL took the op";
+      } else if (r == 0) {
+        EXPECT_LT(nowUs() - start, 50'000) << "issue() waited for NCCL's thread";
+      }
+      ASSERT_TRUE(work->wait());
+      if (r == 0) {
+        EXPECT_GE(nowUs() - start, 100'000) << "wait() returned before NCCL took the op";
+      }
+      ASSERT_TRUE(work->wait(5000ms));
+      EXPECT_TRUE(at::equal(op.outputs[0], at::cat({at::zeros({4}), at::ones({4})})));
+    });
+    // Longer than the timeout: a named error, not a hang.
+    world.nccl->setGroupEndDelay(comms[0], 2000ms);
     const int64_t start = nowUs();
-    auto work = issue(*lanes[r], op);
-    // NCCL's thread takes the op later; issue() does not wait for it, and
-    // wait() does (the caller's stream must wait behind the op's kernels).
-    EXPECT_LT(nowUs() - start, 50'000) << "issue() waited for NCCL's thread";
-    ASSERT_TRUE(work->wait());
-    if (r == 0) {
-      EXPECT_GE(nowUs() - start, 100'000) << "wait() returned before NCCL took the op";
+    if (inProgramOrder) {
+      EXPECT_THROW(issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))), CollectiveTimeoutError);
+    } else {
+      auto work = issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
+      expectFailure<CollectiveTimeoutError>(work, 5000ms);
     }
-    ASSERT_TRUE(work->wait(5000ms));
-    EXPECT_TRUE(at::equal(op.outputs[0], at::cat({at::zeros({4}), at::ones({4})})));
-  });
-  // Longer than the timeout: a named error, not a hang.
-  world.nccl->setGroupEndDelay(comms[0], 2000ms);
-  const int64_t start = nowUs();
-  auto work = issue(*lanes[0], allGather(at::ones({4}), at::empty({8})));
-  const std::string message = expectFailure<CollectiveTimeoutError>(work, 5000ms);
-  EXPECT_LT(nowUs() - start, 1'400'000) << "timeout + 1 s";
-  EXPECT_THROW(issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))), CollectiveTimeoutError);
-  lanes[0]->abort();
-  lanes[1]->abort();
+    EXPECT_LT(nowUs() - start, 1'400'000) << "timeout + 1 s";
+    EXPECT_THROW(issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))), CollectiveTimeoutError);
+    lanes[0]->abort();
+    lanes[1]->abort();
+  }
 }
 
 TEST(LaneFaults, RefusedOpsLeaveTheLaneUsable) {
@@ -596,6 +726,7 @@ TEST(LaneFaults, Fp8ReductionsAreRefusedWhenAnyRankPredatesHopper) {
 TEST(LaneFaults, WaitDuringAHungAbortRaisesInsteadOfOrderingTheStream) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "ag", {}, 20s);
+  connectLanes(world, lanes); // the op below hangs in its kernel, not in the connection
   // Rank 1 never joins; the abort of rank 0's communicator hangs a while.
   auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
   world.nccl->blockCalls(SimNccl::Call::CommAbort, 400ms);
@@ -621,6 +752,7 @@ TEST(LaneFaults, WatchdogQueriesEventsWhileAnotherThreadCapturesAGraph) {
   SimWorld world(2);
   TearDownRecorder teardown;
   auto lanes = armedLanes(world, "ag", &teardown);
+  connectLanes(world, lanes); // the op below hangs in its kernel, not in the connection
   auto op = allGather(at::full({8}, 1.0f), at::zeros({16}));
   auto work = issue(*lanes[0], op);
   // While rank 0's op waits for rank 1 (its watchdog querying the end
@@ -738,6 +870,7 @@ TEST(LaneFaults, WatchdogStuckInACudaCallFailsTheOpsByNameWithinTheStallBound) {
 TEST(LaneFaults, AbortReturnsWithinTheStallBoundWhenNcclsAbortHangs) {
   SimWorld world(2);
   auto lanes = stallLanes(world, nullptr);
+  connectLanes(world, lanes); // the op below hangs in its kernel, not in the connection
   auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
   world.nccl->blockCalls(SimNccl::Call::CommAbort, CallGate::kForever);
   EXPECT_TRUE(returnsWithin(800ms, [&] { lanes[0]->abort(); }, [&] {

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <deque>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -1070,49 +1071,113 @@ TEST(SimNccl, TheFirstGroupEndConnectsThePeersAndWaitsForThem) {
   tearDown(w, comms, streams);
 }
 
-TEST(SimNccl, BoundedConcurrencyDeadlocksCommunicatorsStartedInDifferentOrders) {
-  World w;
-  auto a = makeComms(w, 2);
-  auto b = makeComms(w, 2);
-  auto sa = makeStreams(w, 2);
-  auto sb = makeStreams(w, 2);
-  connect(w, a, sa);
-  connect(w, b, sb);
-  int32_t in[2] = {1, 2};
-  // Device 0 starts a's kernel first, device 1 b's: a gate holds the other
-  // stream until the first kernel has its slot.
-  std::vector<std::vector<int32_t>> outs(8, std::vector<int32_t>(2, -1)); // by round, comm, rank
-  Gate gates[2];
-  auto run = [&](int round, int bound) {
-    w.gpu->setConcurrentCollectives(bound);
-    Gate& gate = gates[round];
+// Two connected communicators, a and b, over 2 ranks, each on streams of
+// its own. launch() issues a's all-gather, then b's, on both ranks, with a
+// gate holding b's stream on device 0 and a's on device 1 for 50 ms: device
+// 0 has a's kernel ready first, device 1 b's.
+struct CrossedLaunches {
+  explicit CrossedLaunches(World& world)
+      : w(world), a(makeComms(w, 2)), b(makeComms(w, 2)), sa(makeStreams(w, 2)), sb(makeStreams(w, 2)) {
+    connect(w, a, sa);
+    connect(w, b, sb);
+  }
+
+  // Fills outs (a's on ranks 0 and 1, then b's); whether the kernels on
+  // both devices finished within `within` each.
+  bool launch(std::vector<std::vector<int32_t>>& outs, std::chrono::milliseconds within) {
+    outs.assign(4, std::vector<int32_t>(2, -1));
+    Gate& gate = gates.emplace_back();
     w.gpu->launch(sb[0], [&gate] { gate.wait(); }, "gate");
     w.gpu->launch(sa[1], [&gate] { gate.wait(); }, "gate");
     for (int r = 0; r < 2; ++r) {
       EXPECT_EQ(w.gpu->setDevice(r), cudaSuccess);
-      EXPECT_EQ(w.nccl->allGather(&in[r], outs[round * 4 + r].data(), 1, ncclInt32, a[r], sa[r]), ncclSuccess);
-      EXPECT_EQ(w.nccl->allGather(&in[r], outs[round * 4 + 2 + r].data(), 1, ncclInt32, b[r], sb[r]), ncclSuccess);
+      EXPECT_EQ(w.nccl->allGather(&in[r], outs[r].data(), 1, ncclInt32, a[r], sa[r]), ncclSuccess);
+      EXPECT_EQ(w.nccl->allGather(&in[r], outs[2 + r].data(), 1, ncclInt32, b[r], sb[r]), ncclSuccess);
     }
     std::this_thread::sleep_for(50ms);
     gate.open();
-    return w.gpu->synchronize(sa[0], 300ms) && w.gpu->synchronize(sb[1], 50ms);
-  };
-  EXPECT_TRUE(run(0, 2)) << "two kernels per device fit: no deadlock";
-  EXPECT_EQ(outs[0], (std::vector<int32_t>{1, 2}));
-  EXPECT_EQ(outs[3], (std::vector<int32_t>{1, 2}));
-
-  EXPECT_FALSE(run(1, 1)) << "one kernel per device, started in different orders: a deadlock";
-  // Only an abort ends it: a's kernels return, b's then meet.
-  EXPECT_EQ(w.nccl->commAbort(a[0]), ncclSuccess);
-  EXPECT_EQ(w.nccl->commAbort(a[1]), ncclSuccess);
-  for (int r = 0; r < 2; ++r) {
-    EXPECT_TRUE(w.gpu->synchronize(sb[r], 5000ms));
-    EXPECT_TRUE(w.gpu->synchronize(sa[r], 5000ms));
+    return w.gpu->synchronize(sa[0], within) && w.gpu->synchronize(sb[1], within);
   }
-  EXPECT_EQ(outs[6], (std::vector<int32_t>{1, 2}));
-  EXPECT_EQ(outs[7], (std::vector<int32_t>{1, 2}));
-  w.gpu->setConcurrentCollectives(0);
-  tearDown(w, b, {sa[0], sa[1], sb[0], sb[1]});
+
+  // Aborts a (the only end of a deadlock: a's kernels return, b's meet),
+  // waits for every stream.
+  void abortA() {
+    EXPECT_EQ(w.nccl->commAbort(a[0]), ncclSuccess);
+    EXPECT_EQ(w.nccl->commAbort(a[1]), ncclSuccess);
+    a = {nullptr, nullptr};
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_TRUE(w.gpu->synchronize(sb[r], 5000ms));
+      EXPECT_TRUE(w.gpu->synchronize(sa[r], 5000ms));
+    }
+  }
+
+  void tearDownAll() {
+    w.gpu->setConcurrentCollectives(0);
+    std::vector<ncclComm_t> comms = b;
+    comms.insert(comms.end(), a.begin(), a.end());
+    tearDown(w, comms, {sa[0], sa[1], sb[0], sb[1]});
+  }
+
+  World& w;
+  std::vector<ncclComm_t> a, b;
+  std::vector<cudaStream_t> sa, sb;
+  std::deque<Gate> gates; // a gate lives as long as the kernels waiting on it
+  int32_t in[2] = {1, 2};
+};
+
+TEST(SimNccl, BoundedConcurrencyDeadlocksCommunicatorsStartedInDifferentOrders) {
+  World w;
+  CrossedLaunches crossed(w);
+  const std::vector<int32_t> gathered{1, 2};
+  std::vector<std::vector<int32_t>> outs;
+  w.gpu->setConcurrentCollectives(2);
+  EXPECT_TRUE(crossed.launch(outs, 300ms)) << "two kernels per device fit: no deadlock";
+  EXPECT_EQ(outs[0], gathered);
+  EXPECT_EQ(outs[3], gathered);
+
+  w.gpu->setConcurrentCollectives(1);
+  EXPECT_FALSE(crossed.launch(outs, 300ms)) << "one kernel per device, started in different orders: a deadlock";
+  crossed.abortA();
+  EXPECT_EQ(outs[2], gathered);
+  EXPECT_EQ(outs[3], gathered);
+  crossed.tearDownAll();
+}
+
+TEST(SimNccl, ImplicitLaunchOrderStartsKernelsInLaunchOrderSoNoneDeadlocks) {
+  // The launches of the test above, one kernel per device, but under
+  // NCCL_LAUNCH_ORDER_IMPLICIT: b's kernel on device 1 is ready first, yet
+  // waits for a's (launched before it) to start, so both devices start a
+  // before b and nothing deadlocks.
+  World w;
+  CrossedLaunches crossed(w);
+  w.gpu->clearTimeline();
+  w.nccl->setLaunchOrderImplicit(true);
+  w.gpu->setConcurrentCollectives(1);
+  std::vector<std::vector<int32_t>> outs;
+  const uint64_t a0 = w.nccl->idOf(crossed.a[0]);
+  const uint64_t a1 = w.nccl->idOf(crossed.a[1]);
+  const uint64_t b0 = w.nccl->idOf(crossed.b[0]);
+  const uint64_t b1 = w.nccl->idOf(crossed.b[1]);
+  const bool finished = crossed.launch(outs, 2000ms);
+  EXPECT_TRUE(finished) << "kernels started out of launch order and deadlocked";
+  if (!finished) {
+    crossed.abortA();
+  }
+  for (const auto& out : outs) {
+    EXPECT_EQ(out, (std::vector<int32_t>{1, 2}));
+  }
+  const std::vector<std::vector<uint64_t>> launchOrder{{a0, b0}, {a1, b1}};
+  for (int device = 0; device < 2; ++device) {
+    std::vector<uint64_t> started;
+    for (const auto& k : w.gpu->timeline()) {
+      if (k.device == device && k.comm != 0) {
+        started.push_back(k.comm);
+      }
+    }
+    EXPECT_EQ(started, launchOrder[device]) << "device " << device;
+  }
+  w.nccl->setLaunchOrderImplicit(false);
+  crossed.tearDownAll();
 }
 
 TEST(SimNccl, KernelWithoutPeerRunsUntilAbort) {

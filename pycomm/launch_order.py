@@ -1,0 +1,50 @@
+"""The order in which a device starts the process's NCCL kernels.
+
+Several NCCL communicators on one device (the AG lane, the RS lane, torch's
+own) deadlock when their kernels start in different orders on different
+ranks and do not all fit on the device at once: each waits for a peer kernel
+that cannot start (NCCL user guide, "Using multiple NCCL communicators
+concurrently"; NVIDIA/nccl#195). NCCL >= 2.26 rules that out with
+`NCCL_LAUNCH_ORDER_IMPLICIT=1`: each NCCL kernel of a device starts only
+after the one launched before it, so the device keeps the host's launch order
+("This ensures the operations will not deadlock", NCCL's environment-variable
+docs). The host's order is the program's, the same on every rank, as long as
+every launch is made by the thread that asked for it: pycomm's lanes then
+wait in `issue()` until NCCL's thread has taken their launch
+(`launch_in_program_order`).
+
+NCCL reads the variable once per process, at its first launch, so pycomm sets
+it when it is imported, unless it is set already. Set it to 0 to opt out:
+lanes then leave their launches to NCCL's threads (less host time per op, no
+order across communicators), since launches racing on one device are what
+NCCL refuses under the variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+LAUNCH_ORDER_ENV = "NCCL_LAUNCH_ORDER_IMPLICIT"
+
+
+def adopt_implicit_launch_order() -> None:
+    """Sets NCCL_LAUNCH_ORDER_IMPLICIT=1 unless the environment has it."""
+    if LAUNCH_ORDER_ENV not in os.environ:
+        os.environ[LAUNCH_ORDER_ENV] = "1"
+
+
+def launch_in_program_order() -> bool:
+    """Whether NCCL lanes launch in program order: unless the variable is 0."""
+    value = os.environ.get(LAUNCH_ORDER_ENV, "1").strip()
+    if value == "0":
+        logger.info(
+            "%s=0: pooled NCCL lanes leave their launches to NCCL's threads, and "
+            "kernels of communicators sharing a device may start in different "
+            "orders on different ranks",
+            LAUNCH_ORDER_ENV,
+        )
+        return False
+    return True
