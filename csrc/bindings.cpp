@@ -323,6 +323,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<pycomm::PooledGroupSpec>(m, "PooledGroupSpec")
       .def(py::init<>())
       .def_readwrite("name", &pycomm::PooledGroupSpec::name)
+      .def_readwrite("description", &pycomm::PooledGroupSpec::description)
       .def_readwrite("base_group_name", &pycomm::PooledGroupSpec::baseGroupName)
       .def_readwrite("role", &pycomm::PooledGroupSpec::role)
       .def_readwrite("global_ranks", &pycomm::PooledGroupSpec::globalRanks)

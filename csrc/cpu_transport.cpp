@@ -200,6 +200,12 @@ c10::intrusive_ptr<c10d::Backend> CpuTransport::comm() const {
   return comm_;
 }
 
+void CpuTransport::setTimeout(std::chrono::milliseconds timeout) const {
+  if (auto communicator = comm()) {
+    communicator->setTimeout(timeout);
+  }
+}
+
 c10::intrusive_ptr<c10d::Backend> CpuTransport::release() {
   std::unique_ptr<Waiter> waiter;
   c10::intrusive_ptr<c10d::Backend> comm;

@@ -66,6 +66,9 @@ class CpuTransport {
   // workers) and stops the waiter thread. Later ops fail with
   // PoolClosedError.
   c10::intrusive_ptr<c10d::Backend> release();
+  // The communicator's timeout for ops started from now on; nothing once
+  // released.
+  void setTimeout(std::chrono::milliseconds timeout) const;
 
  private:
   c10::intrusive_ptr<c10d::Backend> comm() const;

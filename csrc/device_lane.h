@@ -7,6 +7,7 @@
 #include <c10/core/Device.h>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -25,9 +26,11 @@ class DeviceLane {
   // Issues `op` (validated, all tensors on device()) behind every op issued
   // before it, ordered after the work already queued on the caller's current
   // stream. Never blocks the host on the device.
+  // `seq` is the op's place among its group's ops.
   virtual c10::intrusive_ptr<c10d::Work> issue(
       const Collective& op,
       c10d::OpType type,
+      uint64_t seq,
       std::string description) = 0;
   // Where finished ops are counted; set once before the first issue().
   virtual void bindStats(std::shared_ptr<LaneStats> stats) = 0;
@@ -50,6 +53,8 @@ class DeviceLane {
   // Forgets a registration; memory that is not registered is ignored.
   virtual void deregisterMemory(void* buffer) = 0;
   virtual bool isRegistered(void* buffer) const = 0;
+  // The timeout of ops issued from now on (ops in flight keep theirs).
+  virtual void setTimeout(std::chrono::milliseconds timeout) = 0;
 };
 
 } // namespace pycomm

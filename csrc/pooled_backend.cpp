@@ -1,5 +1,7 @@
 #include "pooled_backend.h"
 
+#include <torch/csrc/distributed/c10d/ParamCommsUtils.hpp>
+
 #include <algorithm>
 #include <functional>
 #include <sstream>
@@ -14,6 +16,31 @@ namespace {
 // Waiting gives the transport's own timeout this long to report first, so its
 // more precise error wins over the generic one.
 constexpr auto kWaitGrace = std::chrono::seconds(2);
+// A shorter timeout could only ever fail (pycomm/config.py's floor).
+constexpr auto kShortestTimeout = std::chrono::milliseconds(100);
+
+int64_t elementsOf(const std::vector<at::Tensor>& tensors) {
+  int64_t n = 0;
+  for (const auto& t : tensors) {
+    n += t.numel();
+  }
+  return n;
+}
+
+// Global ranks as torch's records give them: the first, and the stride when
+// they are evenly spaced (-1 when not).
+std::pair<int, int> rankStartAndStride(const std::vector<int64_t>& ranks) {
+  if (ranks.empty()) {
+    return {-1, -1};
+  }
+  const int64_t stride = ranks.size() > 1 ? ranks[1] - ranks[0] : 1;
+  for (size_t i = 1; i < ranks.size(); ++i) {
+    if (ranks[i] - ranks[i - 1] != stride) {
+      return {static_cast<int>(ranks[0]), -1};
+    }
+  }
+  return {static_cast<int>(ranks[0]), static_cast<int>(stride)};
+}
 } // namespace
 
 std::string PooledGroupSpec::label() const {
@@ -45,7 +72,8 @@ PooledBackend::PooledBackend(
           static_cast<int>(spec.globalRanks.size())),
       spec_(std::move(spec)),
       label_(std::make_shared<const std::string>(spec_.label())),
-      context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)) {}
+      context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)),
+      timeout_(spec_.timeout) {}
 
 PooledBackend::~PooledBackend() {
   close(/*wait=*/false);
@@ -69,7 +97,36 @@ void PooledBackend::throwIfNotOpen() const {
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
     Collective op,
-    c10d::OpType type) {
+    c10d::OpType type,
+    const char* collective) {
+  if (!at::hasCallbacks()) {
+    return route(std::move(op), type); // no profiler listens: nothing to build
+  }
+  // What torch's NCCL backend records for torch.profiler (and the tools
+  // reading its traces: HTA, Chakra), under this group's own name, on the
+  // calling thread, whichever lane runs the op. The sequence number is the
+  // one the op takes unless another thread issues on the group meanwhile.
+  const auto [rankStart, rankStride] = rankStartAndStride(spec_.globalRanks);
+  const std::vector<at::Tensor>& outputs = op.outputs.empty() ? op.inputs : op.outputs;
+  RECORD_PARAM_COMMS_DATA(
+      std::make_tuple(static_cast<int64_t>(getSequenceNumberForGroup()), false),
+      std::make_tuple(spec_.name, spec_.description),
+      op.inputs,
+      outputs,
+      static_cast<int>(spec_.rank),
+      collective,
+      elementsOf(op.inputs),
+      elementsOf(outputs),
+      op.inputs.empty() ? at::kByte : op.inputs.front().scalar_type(),
+      std::vector<int64_t>(),
+      std::vector<int64_t>(),
+      rankStart,
+      rankStride,
+      static_cast<int>(spec_.globalRanks.size()));
+  return route(std::move(op), type);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::route(Collective op, c10d::OpType type) {
   if (auto lane = deviceLaneFor(op)) {
     // No staging here: torch's NCCL groups refuse non-contiguous tensors too.
     validate(op, size_);
@@ -98,7 +155,7 @@ std::pair<c10::intrusive_ptr<PooledWork>, uint64_t> PooledBackend::enqueue(
   throwIfNotOpen();
   const uint64_t seq = nextSeq_++;
   auto work = c10::make_intrusive<PooledWork>(
-      rank_, type, std::move(callers), label_, seq, spec_.timeout + kWaitGrace);
+      rank_, type, std::move(callers), label_, seq, timeout_ + kWaitGrace);
   {
     std::lock_guard<std::mutex> contextLock(context_->mutex);
     context_->unfinished.emplace(seq, work);
@@ -157,7 +214,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
     throwIfNotOpen();
     seq = nextSeq_++;
   }
-  return lane->issue(op, type, describeOp(*label_, op, seq));
+  return lane->issue(op, type, seq, describeOp(*label_, op, seq));
 }
 
 void PooledBackend::attachDeviceLane(std::shared_ptr<DeviceLane> lane) {
@@ -321,7 +378,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::_allgather_base(
   op.kind = CollectiveKind::AllGather;
   op.inputs = {input};
   op.outputs = {output};
-  return submit(std::move(op), c10d::OpType::_ALLGATHER_BASE);
+  return submit(std::move(op), c10d::OpType::_ALLGATHER_BASE, "_allgather_base");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::allgather_into_tensor_coalesced(
@@ -334,7 +391,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::allgather_into_tensor_coalesced(
   op.outputs = outputs;
   // OpType::COALESCED, not the per-kind values torch 2.14 added, so the
   // same source builds against torch 2.11 to 2.15.
-  return submit(std::move(op), c10d::OpType::COALESCED);
+  return submit(std::move(op), c10d::OpType::COALESCED, "allgather_into_tensor_coalesced");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::_reduce_scatter_base(
@@ -346,7 +403,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::_reduce_scatter_base(
   op.inputs = {input};
   op.outputs = {output};
   op.reduceOp = opts.reduceOp.op_;
-  return submit(std::move(op), c10d::OpType::_REDUCE_SCATTER_BASE);
+  return submit(std::move(op), c10d::OpType::_REDUCE_SCATTER_BASE, "_reduce_scatter_base");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter_tensor_coalesced(
@@ -358,7 +415,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter_tensor_coalesced(
   op.inputs = inputs;
   op.outputs = outputs;
   op.reduceOp = opts.reduceOp.op_;
-  return submit(std::move(op), c10d::OpType::COALESCED); // see above
+  return submit(std::move(op), c10d::OpType::COALESCED, "reduce_scatter_tensor_coalesced"); // see above
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce(
@@ -368,7 +425,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce(
   op.kind = CollectiveKind::AllReduce;
   op.inputs = tensors;
   op.reduceOp = opts.reduceOp.op_;
-  return submit(std::move(op), c10d::OpType::ALLREDUCE);
+  return submit(std::move(op), c10d::OpType::ALLREDUCE, "allreduce");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::broadcast(
@@ -378,14 +435,51 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::broadcast(
   op.kind = CollectiveKind::Broadcast;
   op.inputs = tensors;
   op.root = opts.rootRank;
-  return submit(std::move(op), c10d::OpType::BROADCAST);
+  return submit(std::move(op), c10d::OpType::BROADCAST, "broadcast");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::barrier(
     const c10d::BarrierOptions& /*opts*/) {
   Collective op;
   op.kind = CollectiveKind::Barrier;
-  return submit(std::move(op), c10d::OpType::BARRIER);
+  return submit(std::move(op), c10d::OpType::BARRIER, "barrier");
+}
+
+uint64_t PooledBackend::getSequenceNumberForGroup() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return nextSeq_;
+}
+
+c10::intrusive_ptr<c10d::Backend::Options> PooledBackend::getBackendOptions() {
+  auto options = c10::make_intrusive<Options>(getBackendName());
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    options->timeout = timeout_;
+  }
+  options->group_name = spec_.name;
+  options->group_desc = spec_.description;
+  options->global_ranks_in_group.assign(spec_.globalRanks.begin(), spec_.globalRanks.end());
+  return options;
+}
+
+void PooledBackend::setTimeout(std::chrono::milliseconds timeout) {
+  if (timeout < kShortestTimeout) {
+    throw ConfigError(
+        spec_.label() + ": set_timeout(" + std::to_string(timeout.count()) +
+        " ms): a pooled group's timeout is at least " +
+        std::to_string(kShortestTimeout.count()) + " ms");
+  }
+  std::shared_ptr<DeviceLane> lane;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    throwIfNotOpen();
+    timeout_ = timeout;
+    lane = deviceLane_;
+  }
+  context_->transport.setTimeout(timeout);
+  if (lane) {
+    lane->setTimeout(timeout);
+  }
 }
 
 void PooledBackend::abort() {

@@ -29,6 +29,7 @@ namespace pycomm {
 
 struct PooledGroupSpec {
   std::string name; // torch's name of the pooled group
+  std::string description; // torch's description of it (group_desc)
   std::string baseGroupName; // the group it duplicates
   std::string role; // "ag" or "rs"
   std::vector<int64_t> globalRanks; // sorted
@@ -73,6 +74,16 @@ class PooledBackend : public c10d::Backend {
       const c10d::BroadcastOptions& opts) override;
   c10::intrusive_ptr<c10d::Work> barrier(
       const c10d::BarrierOptions& opts) override;
+
+  // The number of ops this group has taken so far, the same on every member
+  // that issued the same ops: torch's DETAIL checks compare it across ranks.
+  uint64_t getSequenceNumberForGroup() override;
+  // As torch's backends give them: the timeout (set_timeout's once called),
+  // the group's name, description and global ranks.
+  c10::intrusive_ptr<Options> getBackendOptions() override;
+  // The timeout of ops issued from now on, on the CPU and device lanes
+  // (ops in flight keep theirs); ConfigError below 100 ms.
+  void setTimeout(std::chrono::milliseconds timeout) override;
 
   // Fails every op not yet finished with PoolClosedError and stops taking new
   // ones, without waiting for a peer (for a hung or dead peer). Idempotent.
@@ -134,7 +145,12 @@ class PooledBackend : public c10d::Backend {
   // cross-rank order (an op of the device lane, with PYCOMM_DEBUG=order).
   enum class Run { Op, OrderCheckOnly };
 
-  c10::intrusive_ptr<c10d::Work> submit(Collective op, c10d::OpType type);
+  // `collective` names the op in profiler records as torch's NCCL backend
+  // names it (the entry point called, not the transport's op).
+  c10::intrusive_ptr<c10d::Work> submit(
+      Collective op, c10d::OpType type, const char* collective);
+  // Hands `op` to the lane its tensors belong to.
+  c10::intrusive_ptr<c10d::Work> route(Collective op, c10d::OpType type);
   // Every member's `values` (the same count on each), by group rank,
   // all-gathered on the CPU lane; blocks until done.
   std::vector<int64_t> allGatherOnHost(const std::vector<int64_t>& values);
@@ -172,6 +188,7 @@ class PooledBackend : public c10d::Backend {
   mutable std::mutex mutex_;
   State state_ = State::Open;
   uint64_t nextSeq_ = 0;
+  std::chrono::milliseconds timeout_; // spec_.timeout until set_timeout()
   std::shared_ptr<DeviceLane> deviceLane_;
 };
 

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "work_result.h"
 #include "collective.h"
 
 namespace pycomm {
@@ -55,9 +56,17 @@ class PooledWork : public c10d::Work {
   bool wait(std::chrono::milliseconds timeout = kNoTimeout) override;
   std::vector<at::Tensor> result() override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
+  // The c10d::WorkResult the op ends with, as a future (work_result.h).
+  c10::intrusive_ptr<c10::ivalue::Future> getFutureResult() override {
+    return futureWorkResult(getFuture());
+  }
 
   // describeOp() of this Work's op.
   std::string description() const;
+  // The op's place among its group's ops (torch's Work._get_sequence_number).
+  uint64_t getSequencenumber() const override {
+    return seq_;
+  }
 
  private:
   std::shared_ptr<const Collective> op_;

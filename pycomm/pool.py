@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from pycomm import _C
-from pycomm.config import RoleConfig
+from pycomm.config import MAX_TIMEOUT_SECONDS, RoleConfig
 from pycomm.errors import (
     CollectiveError,
     ConfigError,
@@ -35,6 +36,7 @@ from pycomm.registration import (
     rendezvous,
 )
 from pycomm.torch_registry import group_name as _group_name
+from pycomm.torch_registry import group_timeout_seconds
 from pycomm.torch_registry import is_registered as _known_to_torch
 from pycomm.torch_registry import register_group, unregister_group
 
@@ -153,7 +155,7 @@ class CommPool:
                 f"(ranks {ranks}); only members may duplicate it"
             )
         key = (base_name, role)
-        resolved = self._default_config.merged(config)
+        resolved = _inherit_timeout(self._default_config.merged(config), group)
         self._release_gone()
         with self._lock:
             self._core.throw_if_closed()
@@ -196,6 +198,7 @@ class CommPool:
         spec = _C.PooledGroupSpec()
         spec.base_group_name = base_name
         spec.role = role
+        spec.description = f"pycomm_{role}_of_{base_name}"
         spec.global_ranks = ranks
         spec.rank = group_rank
         spec.timeout_seconds = config.timeout_seconds
@@ -227,7 +230,7 @@ class CommPool:
                     BACKEND_NAME,
                     request,
                     config.timeout_seconds,
-                    f"pycomm_{role}_of_{base_name}",
+                    spec.description,
                 )
             except BaseException:
                 if device_lane is not None:
@@ -304,7 +307,7 @@ class CommPool:
             group_size=len(spec.global_ranks),
             store=dist.PrefixStore(f"{prefix}/nccl/", store),
             label=spec.label(),
-            comm_name=f"pycomm_{role}_of_{base_name}",
+            comm_name=spec.description,
             time_left=lambda step: _remaining(deadline, spec.label(), step),
         )
 
@@ -545,3 +548,14 @@ def _weak(group: dist.ProcessGroup) -> Callable[[], dist.ProcessGroup | None]:
     except TypeError:  # a ProcessGroup type without weak references
         return lambda: group
 
+
+def _inherit_timeout(config: RoleConfig, base: dist.ProcessGroup) -> RoleConfig:
+    """`config`, with the base group's timeout (which torch gave it from the
+    world's unless new_group named one) when it names none, as a group made
+    by new_group inherits the world's."""
+    if config.timeout is not None:
+        return config
+    inherited = group_timeout_seconds(base)
+    if inherited is None:
+        return config
+    return dataclasses.replace(config, timeout=min(inherited, MAX_TIMEOUT_SECONDS))

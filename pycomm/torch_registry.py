@@ -80,3 +80,19 @@ def is_registered(group: dist.ProcessGroup | None) -> bool:
 
 def group_name(group: dist.ProcessGroup) -> str:
     return c10d._get_process_group_name(group)
+
+
+def group_timeout_seconds(group: dist.ProcessGroup) -> float | None:
+    """The timeout `group` was made with (the world's unless new_group was
+    given one), which torch keeps only in the backend's options; None when
+    no backend of the group says."""
+    import torch
+
+    for device in ("cuda", "cpu"):
+        try:
+            timeout = group._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError, ValueError):
+            continue
+        if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
+            return timeout.total_seconds()
+    return None

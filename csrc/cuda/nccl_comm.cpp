@@ -78,7 +78,7 @@ std::chrono::milliseconds timeLeft(std::chrono::steady_clock::time_point deadlin
 
 } // namespace
 
-NcclComm::NcclComm(NcclCommSpec spec) : spec_(std::move(spec)) {}
+NcclComm::NcclComm(NcclCommSpec spec) : spec_(std::move(spec)), timeoutMs_(spec_.timeout.count()) {}
 
 void NcclComm::adopt(
     ncclComm_t comm,
@@ -203,8 +203,8 @@ void NcclComm::requestAbort(const std::string& reason) {
 }
 
 void NcclComm::settleLocked(const std::string& what) {
-  const ncclResult_t state =
-      pollAsyncState(nccl(), comm_, spec_.timeout, &abortRequested_);
+  const auto bound = timeout();
+  const ncclResult_t state = pollAsyncState(nccl(), comm_, bound, &abortRequested_);
   if (state == ncclInProgress) {
     if (abortRequested_.load()) {
       throw PoolClosedError(
@@ -212,7 +212,7 @@ void NcclComm::settleLocked(const std::string& what) {
     }
     throw CollectiveTimeoutError(
         spec_.label + ": NCCL did not take " + what + " within " +
-        timeoutText(spec_.timeout) +
+        timeoutText(bound) +
         "; a peer may be gone or may not have issued the same call (NCCL "
         "connects the peers at a communicator's first op, which waits until "
         "every peer issued theirs)");

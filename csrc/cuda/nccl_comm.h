@@ -126,6 +126,13 @@ class NcclComm {
   const NcclCommSpec& spec() const {
     return spec_;
   }
+  // How long a wait for NCCL may take from now on (spec().timeout at first).
+  std::chrono::milliseconds timeout() const {
+    return std::chrono::milliseconds(timeoutMs_.load());
+  }
+  void setTimeout(std::chrono::milliseconds timeout) {
+    timeoutMs_.store(timeout.count());
+  }
   bool aborted() const {
     return abortRequested_.load();
   }
@@ -181,6 +188,7 @@ class NcclComm {
   std::map<void*, Registration> registrations_; // by buffer
   std::optional<PendingLaunch> pendingLaunch_; // NCCL's thread may not have taken it yet
   std::atomic<bool> abortRequested_{false};
+  std::atomic<int64_t> timeoutMs_; // set_timeout() may change it during a poll
   mutable std::mutex reasonMutex_; // not mutex_: set before a poll lets go of it
   std::string abortReason_;
 };

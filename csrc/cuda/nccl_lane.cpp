@@ -234,6 +234,7 @@ void NcclLane::launchCollective(
 c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     const Collective& op,
     c10d::OpType type,
+    uint64_t seq,
     std::string description) {
   const NcclTypes types = ncclTypesOf(op, description);
   if (spec_.comm.apis.nccl->torchGroupDepth() > 0) {
@@ -293,12 +294,13 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
         }
       },
       device_,
+      seq,
       std::move(description));
   bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     inFlight_.push_back(
-        InFlight{work, std::move(tensors), op.kind, op.bytes(), steadyUs()});
+        InFlight{work, std::move(tensors), op.kind, op.bytes(), steadyUs(), comm_->timeout()});
     wake = watchdogAsleep_;
   }
   if (wake) {
@@ -399,6 +401,7 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
   }
   auto work = inFlight_.front().work;
   const int64_t issuedUs = inFlight_.front().issuedUs;
+  const auto timeout = inFlight_.front().timeout;
   lock.unlock();
 
   std::exception_ptr error;
@@ -431,10 +434,10 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
   // Each op's timeout counts from when it could start: its issue, or the end
   // of the op before it, whichever is later.
   const int64_t startedUs = std::max(issuedUs, previousEndUs);
-  if (!passed && !error && now - startedUs > toUs(spec_.comm.timeout)) {
+  if (!passed && !error && now - startedUs > toUs(timeout)) {
     error = std::make_exception_ptr(CollectiveTimeoutError(
         work->description() + " did not finish within its timeout of " +
-        std::to_string(spec_.comm.timeout.count()) +
+        std::to_string(timeout.count()) +
         " ms; a peer may be gone or may not have issued the same op. The "
         "communicator was aborted"));
   }

@@ -105,6 +105,7 @@ class NcclLane : public DeviceLane,
   c10::intrusive_ptr<c10d::Work> issue(
       const Collective& op,
       c10d::OpType type,
+      uint64_t seq,
       std::string description) override;
   void bindStats(std::shared_ptr<LaneStats> stats) override;
   size_t pending() const override;
@@ -115,6 +116,10 @@ class NcclLane : public DeviceLane,
   void deregisterMemory(void* buffer) override;
   bool isRegistered(void* buffer) const override {
     return comm_->isRegistered(buffer);
+  }
+  // Ops issued from now on, and every wait for NCCL to take a call.
+  void setTimeout(std::chrono::milliseconds timeout) override {
+    comm_->setTimeout(timeout);
   }
   size_t registeredMemory() const {
     return comm_->registeredBuffers();
@@ -156,6 +161,7 @@ class NcclLane : public DeviceLane,
     CollectiveKind kind;
     int64_t bytes;
     int64_t issuedUs; // steady clock: deadlines must not move with the wall clock
+    std::chrono::milliseconds timeout; // the lane's when it was issued
   };
   enum class State { Open, Closing, Closed, Failed };
   // NCCL's type and reduce op for each tensor pair of an op.

@@ -22,6 +22,7 @@ NcclWork::NcclWork(
     std::shared_ptr<EndEvent> end,
     std::function<void()> settle,
     c10::Device device,
+    uint64_t seq,
     std::string description)
     : c10d::Work(rank, opType),
       cuda_(std::move(cuda)),
@@ -29,6 +30,7 @@ NcclWork::NcclWork(
       end_(std::move(end)),
       settle_(std::move(settle)),
       device_(device),
+      seq_(seq),
       description_(std::move(description)),
       future_(c10::make_intrusive<c10::ivalue::Future>(tensorListType())) {}
 

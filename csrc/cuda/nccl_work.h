@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "work_result.h"
 #include "cuda_resources.h"
 
 namespace pycomm {
@@ -40,6 +41,7 @@ class NcclWork : public c10d::Work {
       std::shared_ptr<EndEvent> end,
       std::function<void()> settle,
       c10::Device device,
+      uint64_t seq,
       std::string description);
 
   // Called by the watchdog; the first call wins. Returns whether it did.
@@ -52,9 +54,17 @@ class NcclWork : public c10d::Work {
   void synchronize() override;
   std::vector<at::Tensor> result() override;
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override;
+  // The c10d::WorkResult the op ends with, as a future (work_result.h).
+  c10::intrusive_ptr<c10::ivalue::Future> getFutureResult() override {
+    return futureWorkResult(getFuture());
+  }
 
   const std::string& description() const {
     return description_;
+  }
+  // The op's place among its group's ops (torch's Work._get_sequence_number).
+  uint64_t getSequencenumber() const override {
+    return seq_;
   }
 
  private:
@@ -68,6 +78,7 @@ class NcclWork : public c10d::Work {
   std::shared_ptr<EndEvent> end_;
   std::function<void()> settle_; // makes the lane see NCCL take its last launch
   c10::Device device_;
+  uint64_t seq_;
   std::string description_;
   std::atomic<bool> claimed_{false};
   c10::intrusive_ptr<c10::ivalue::Future> future_;

@@ -24,8 +24,6 @@ duplicates are created collectively by their members.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Sequence
@@ -97,30 +95,13 @@ def _duplicate(
     if not is_member(base):
         logger.debug("rank %d is in no %s group; no all-gather group made", dist.get_rank(), what)
         return None
-    if config.timeout is None:
-        inherited = _group_timeout_seconds(base)
-        if inherited is not None:
-            config = dataclasses.replace(config, timeout=inherited)
+    # The duplicate inherits the base group's timeout (Megatron's
+    # distributed_timeout_minutes) unless the config names one: pool.duplicate.
     group = pool.duplicate(base, AG_ROLE, config)
     logger.info(
         "%s all-gather group on ranks %s", what, dist.get_process_group_ranks(group)
     )
     return group
-
-
-def _group_timeout_seconds(group: dist.ProcessGroup) -> float | None:
-    """The timeout the trainer gave `group` (Megatron's
-    distributed_timeout_minutes), which the duplicate inherits when the
-    caller names none. torch keeps it only in the backend's options; None
-    when the backend does not say."""
-    for device in ("cuda", "cpu"):
-        try:
-            timeout = group._get_backend(torch.device(device)).options._timeout
-        except (RuntimeError, AttributeError, ValueError):
-            continue
-        if isinstance(timeout, datetime.timedelta) and timeout.total_seconds() > 0:
-            return timeout.total_seconds()
-    return None
 
 
 def _parallel_state() -> Any:

@@ -108,7 +108,7 @@ inline void connectLanes(SimWorld& world, const std::vector<std::shared_ptr<Nccl
     op.kind = CollectiveKind::AllGather;
     op.inputs = {at::ones({1})};
     op.outputs = {at::empty({static_cast<int64_t>(lanes.size())})};
-    auto work = lanes[r]->issue(op, c10d::OpType::UNKNOWN, lanes[r]->label() + ": connect");
+    auto work = lanes[r]->issue(op, c10d::OpType::UNKNOWN, 0, lanes[r]->label() + ": connect");
     ASSERT_TRUE(work->wait());
     ASSERT_TRUE(world.gpu->synchronize(world.gpu->legacyStreamOf(SimWorld::deviceOf(r)), std::chrono::seconds(10)));
   });
@@ -154,7 +154,7 @@ inline Collective reduceScatter(
 }
 
 inline c10::intrusive_ptr<c10d::Work> issue(NcclLane& lane, const Collective& op) {
-  return lane.issue(op, c10d::OpType::UNKNOWN, lane.label() + ": " + op.describe());
+  return lane.issue(op, c10d::OpType::UNKNOWN, 0, lane.label() + ": " + op.describe());
 }
 
 // A tensor in simulated device memory, allocated for `stream` (nullptr: the

@@ -114,6 +114,26 @@ TEST(LaneFaults, PeerThatNeverComesTimesOutByNameAndTearsDown) {
   EXPECT_EQ(world.nccl->liveComms(), 0);
 }
 
+TEST(LaneFaults, SetTimeoutBoundsTheOpsIssuedAfterIt) {
+  // torch's set_timeout on a pooled group: the lane made with 10 s gets
+  // 300 ms, and an op issued after it that rank 1 never joins fails by then.
+  SimWorld world(2);
+  TearDownRecorder teardown;
+  auto lanes = armedLanes(world, "ag", &teardown, 10s);
+  connectLanes(world, lanes);
+  lanes[0]->setTimeout(300ms);
+  const int64_t start = nowUs();
+  auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
+  const std::string message = expectFailure<CollectiveTimeoutError>(work, 5000ms);
+  EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
+  EXPECT_NE(message.find("300 ms"), std::string::npos) << message;
+  auto result = work->getFutureResult();
+  ASSERT_TRUE(result->completed());
+  EXPECT_EQ(result->value().toInt(), static_cast<int64_t>(c10d::WorkResult::TIMEOUT));
+  lanes[1]->abort();
+  lanes[0]->close();
+}
+
 TEST(LaneFaults, MismatchedOpsAcrossRanksTimeOutByName) {
   // NCCL reports nothing when ranks issue different ops at one place: they
   // hang. pycomm's timeout is the answer (PYCOMM_DEBUG=order names both ops

@@ -110,9 +110,12 @@ class CpuTensorLane : public DeviceLane {
     return c10::Device(c10::DeviceType::CPU);
   }
   c10::intrusive_ptr<c10d::Work> issue(
-      const Collective& op, c10d::OpType type, std::string description) override {
+      const Collective& op, c10d::OpType type, uint64_t seq, std::string description) override {
     issued += 1;
-    return lane_->issue(op, type, std::move(description));
+    return lane_->issue(op, type, seq, std::move(description));
+  }
+  void setTimeout(std::chrono::milliseconds timeout) override {
+    lane_->setTimeout(timeout);
   }
   void bindStats(std::shared_ptr<LaneStats> stats) override {
     lane_->bindStats(std::move(stats));

@@ -1,0 +1,169 @@
+"""What torch's own tools see of pooled groups, as of a ProcessGroupNCCL
+group: torch.profiler's collective records, TORCH_DISTRIBUTED_DEBUG=DETAIL's
+cross-rank checks, sequence numbers, and timeouts inherited from the base
+group and changed by set_timeout. Real torch, real gloo worlds."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pycomm
+from pycomm.launch import run_world
+from world_checks import expect_error
+
+# The world's timeout in these tests: distinct from torch's defaults and
+# pycomm's, so an inherited value cannot pass by chance.
+WORLD_TIMEOUT_SECONDS = 97.0
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _profiled_ag_and_rs(rank: int, world: int) -> dict:
+    _quiet()
+    pool = pycomm.CommPool()
+    ag = pool.duplicate(dist.group.WORLD, "ag")
+    rs = pool.duplicate(dist.group.WORLD, "rs")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            gathered = torch.empty(4 * world)
+            dist.all_gather_into_tensor(gathered, torch.full((4,), float(rank)), group=ag)
+        scattered = torch.empty(3, dtype=torch.bfloat16)
+        dist.reduce_scatter_tensor(scattered, torch.ones(3 * world, dtype=torch.bfloat16), group=rs)
+    path = os.path.join(tempfile.mkdtemp(), f"trace_{rank}.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    records = [e["args"] for e in events if e.get("name") == "record_param_comms"]
+    names = {
+        "ag": dist.distributed_c10d._get_process_group_name(ag),
+        "rs": dist.distributed_c10d._get_process_group_name(rs),
+    }
+    pool.destroy()
+    return {"records": records, "names": names}
+
+
+def test_profiler_records_pooled_all_gathers_and_reduce_scatters_under_their_own_groups() -> None:
+    """Each pooled op has torch's collective record, named by the op called
+    (not the transport's all-reduce), with its group's own name and
+    description, sizes, dtype, ranks and sequence number, which is what HTA
+    and Chakra read to tell the AG group's ops from the RS group's."""
+    world = 2
+    for rank, result in enumerate(run_world(_profiled_ag_and_rs, world)):
+        records = sorted(result["records"], key=lambda r: r["Ev Idx"])
+        assert [r["Collective name"] for r in records] == [
+            "_allgather_base", "_allgather_base", "_reduce_scatter_base"
+        ]
+        gathers, scatter = records[:2], records[2]
+        for seq, record in enumerate(gathers):
+            assert record["Process Group Name"] == result["names"]["ag"]
+            assert record["Process Group Description"] == "pycomm_ag_of_0"
+            assert (record["In msg nelems"], record["Out msg nelems"]) == (4, 4 * world)
+            assert record["dtype"] == "Float"
+            assert record["Seq"] == seq
+        assert scatter["Process Group Name"] == result["names"]["rs"]
+        assert scatter["Process Group Description"] == "pycomm_rs_of_0"
+        assert (scatter["In msg nelems"], scatter["Out msg nelems"]) == (3 * world, 3)
+        assert scatter["dtype"] == "BFloat16"
+        assert scatter["Seq"] == 0  # the RS group counts its own ops
+        for record in records:
+            assert record["Rank"] == rank
+            assert record["Group size"] == world
+            assert record["Process Group Ranks"] == "[0, 1]"
+            assert (record["Global rank start"], record["Global rank stride"]) == (0, 1)
+
+
+def _ops_under_detail(rank: int, world: int) -> dict:
+    _quiet()
+    pool = pycomm.CommPool()
+    ag = pool.duplicate(dist.group.WORLD, "ag")
+    out: dict = {"backend": type(ag._get_backend(torch.device("cpu"))).__name__}
+    gathered = torch.empty(2 * world)
+    work = dist.all_gather_into_tensor(gathered, torch.full((2,), float(rank)), group=ag, async_op=True)
+    work.wait()
+    out["gathered"] = gathered.tolist()
+    out["work_seq"] = work._get_sequence_number()
+    out["work_result"] = work.get_future_result().wait()
+    out["group_seq"] = ag._get_sequence_number_for_group()
+    count = 3 if rank == 0 else 2  # different shapes: the wrapper's check names them
+    out["mismatch"] = expect_error(
+        RuntimeError,
+        lambda: dist.all_gather_into_tensor(torch.empty(count * world), torch.ones(count), group=ag),
+    )
+    pool.abort()
+    return out
+
+
+def test_detail_debug_mode_runs_pooled_ops_and_names_ranks_that_disagree(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under TORCH_DISTRIBUTED_DEBUG=DETAIL torch wraps every group's backend
+    in its checking wrapper, which compares each op and its sequence number
+    across ranks before running it."""
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
+    results = run_world(_ops_under_detail, 2)
+    for result in results:
+        assert result["backend"] == "_ProcessGroupWrapper"
+        assert result["gathered"] == [0.0, 0.0, 1.0, 1.0]
+        assert result["work_seq"] == 0
+        assert result["work_result"] == 0  # c10d WorkResult::SUCCESS
+        assert result["group_seq"] == 1
+        assert "Detected mismatch between collectives on ranks" in result["mismatch"]
+        assert "SequenceNumber=1" in result["mismatch"]
+
+
+def _timeouts(rank: int, world: int) -> dict:
+    _quiet()
+    pool = pycomm.CommPool()
+    inherited = pool.duplicate(dist.group.WORLD, "ag")
+    named = pool.duplicate(dist.group.WORLD, "rs", pycomm.RoleConfig(timeout=42.0))
+    out: dict = {
+        "inherited": inherited._get_backend(torch.device("cpu")).options._timeout.total_seconds(),
+        "named": named._get_backend(torch.device("cpu")).options._timeout.total_seconds(),
+    }
+    options = inherited._get_backend(torch.device("cpu")).options
+    out["options"] = [options.group_name, list(options.global_ranks_in_group)]
+    out["name"] = dist.distributed_c10d._get_process_group_name(inherited)
+    backend = inherited._get_backend(torch.device("cpu"))
+    out["too_short"] = expect_error(
+        pycomm.ConfigError, lambda: backend.set_timeout(datetime.timedelta(milliseconds=50))
+    )
+    backend.set_timeout(datetime.timedelta(seconds=1.5))
+    out["after"] = backend.options._timeout.total_seconds()
+    if rank == 0:
+        # Rank 1 never joins: the op ends at the timeout just set, not the world's.
+        start = time.monotonic()
+        work = dist.all_gather_into_tensor(
+            torch.empty(2 * world), torch.ones(2), group=inherited, async_op=True
+        )
+        out["alone_result"] = work.get_future_result().wait()
+        out["alone"] = expect_error(pycomm.CollectiveTimeoutError, work.wait)
+        out["alone_seconds"] = time.monotonic() - start
+        dist.barrier()
+    else:
+        dist.barrier()
+    pool.abort()
+    return out
+
+
+def test_pooled_groups_inherit_the_base_groups_timeout_and_set_timeout_changes_it() -> None:
+    results = run_world(_timeouts, 2, timeout_seconds=WORLD_TIMEOUT_SECONDS)
+    for result in results:
+        assert result["inherited"] == WORLD_TIMEOUT_SECONDS
+        assert result["named"] == 42.0
+        assert result["options"] == [result["name"], [0, 1]]
+        assert "at least 100 ms" in result["too_short"]
+        assert result["after"] == 1.5
+    assert "1500ms" in results[0]["alone"]
+    assert results[0]["alone_result"] == 1  # c10d WorkResult::TIMEOUT
+    assert results[0]["alone_seconds"] < 1.5 + 3.0, results[0]
