@@ -183,7 +183,8 @@ void bindCuda(py::module_& m) {
                       bool groupReducesFp8,
                       double stallTimeoutSeconds,
                       std::optional<double> creationTimeoutSeconds,
-                      bool launchInProgramOrder) {
+                      bool launchInProgramOrder,
+                      int globalRank) {
             pycomm::NcclLaneSpec spec;
             spec.comm.apis = pycomm::realGpuApis();
             spec.comm.device = device;
@@ -198,6 +199,7 @@ void bindCuda(py::module_& m) {
             }
             spec.comm.label = label;
             spec.comm.launchInProgramOrder = launchInProgramOrder;
+            spec.globalRank = globalRank;
             spec.role = role;
             spec.streamPriority = streamPriority;
             spec.tearDownOnError = tearDownOnError;
@@ -222,7 +224,8 @@ void bindCuda(py::module_& m) {
           py::arg("group_reduces_fp8") = true,
           py::arg("stall_timeout_seconds") = 480.0,
           py::arg("creation_timeout_seconds") = py::none(),
-          py::arg("launch_in_program_order") = true)
+          py::arg("launch_in_program_order") = true,
+          py::arg("global_rank") = 0)
       .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
       .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
       .def_property_readonly(

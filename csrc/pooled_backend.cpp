@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "errors.h"
+#include "flight_recorder_dump.h"
 
 namespace pycomm {
 
@@ -18,6 +19,16 @@ namespace {
 constexpr auto kWaitGrace = std::chrono::seconds(2);
 // A shorter timeout could only ever fail (pycomm/config.py's floor).
 constexpr auto kShortestTimeout = std::chrono::milliseconds(100);
+
+bool isTimeout(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const CollectiveTimeoutError&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
 
 int64_t elementsOf(const std::vector<at::Tensor>& tensors) {
   int64_t n = 0;
@@ -62,7 +73,10 @@ PooledBackend::LaneContext::LaneContext(
           spec.rank,
           static_cast<int64_t>(spec.globalRanks.size())),
       lane("pycomm-" + spec.role),
-      checkOrder(spec.checkOrder) {}
+      checkOrder(spec.checkOrder),
+      globalRank(static_cast<int>(
+          static_cast<size_t>(spec.rank) < spec.globalRanks.size() ? spec.globalRanks[spec.rank]
+                                                                    : spec.rank)) {}
 
 PooledBackend::PooledBackend(
     PooledGroupSpec spec,
@@ -344,6 +358,9 @@ void PooledBackend::start(
       }
     }
     writeBack.clear(); // the copies go now; the caller's tensors stay with the Work
+    if (error && isTimeout(error) && !context->dumped.exchange(true)) {
+      dumpFlightRecorder(context->globalRank, work->description() + " timed out");
+    }
     if (run == Run::Op) { // the device lane counts the op it checked
       context->stats.record(OpRecord{kind, bytes, startUs, LaneStats::nowUs(), !error});
     }

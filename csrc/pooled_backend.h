@@ -9,6 +9,7 @@
 // them.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -137,6 +138,8 @@ class PooledBackend : public c10d::Backend {
     Lane lane;
     LaneStats stats;
     bool checkOrder;
+    int globalRank; // this process's, for the flight-recorder dump
+    std::atomic<bool> dumped{false}; // one dump per group: its first timeout
     std::mutex mutex;
     std::map<uint64_t, c10::intrusive_ptr<PooledWork>> unfinished;
   };

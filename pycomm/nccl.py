@@ -283,6 +283,7 @@ def create_lane(
         stall_timeout_seconds=stall_timeout_seconds(),
         creation_timeout_seconds=time_left("creating the NCCL communicator"),
         launch_in_program_order=launch_in_program_order(),
+        global_rank=dist.get_rank() if dist.is_initialized() else group_rank,
     )
     logger.debug(
         "%s: NCCL lane on cuda:%d (%s), stream priority %d",

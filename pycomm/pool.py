@@ -204,6 +204,7 @@ class CommPool:
         spec.timeout_seconds = config.timeout_seconds
         spec.check_order = self._check_order
         label = spec.label()
+        name = f"pycomm:{self._identity}:{base_name}:{role}:{generation}"
         with own_store_connection(config.timeout_seconds, label) as store:
             self._meet_members(store, prefix, base_name, role, group_rank, ranks, config, deadline, label)
             cpu_comm = connect_cpu_comm(
@@ -213,6 +214,8 @@ class CommPool:
                 len(ranks),
                 _remaining(deadline, label, "connecting the group's CPU communicator"),
                 label,
+                f"{name}/transport",
+                ranks,
             )
             device_lane = self._connect_device_lane(base, base_name, role, config, spec, store, prefix, deadline)
             request = CreateRequest(
@@ -224,7 +227,7 @@ class CommPool:
                 # Nothing in here waits for a peer: the creator only wraps what
                 # is connected.
                 pooled = register_group(
-                    f"pycomm:{self._identity}:{base_name}:{role}:{generation}",
+                    name,
                     ranks,
                     group_rank,
                     BACKEND_NAME,

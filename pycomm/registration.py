@@ -31,6 +31,24 @@ def gloo_comm(
     return dist.ProcessGroupGloo(store, rank, size, timeout)
 
 
+def _named_gloo_comm(
+    store: dist.Store,
+    rank: int,
+    size: int,
+    timeout: datetime.timedelta,
+    name: str,
+    global_ranks: list[int],
+) -> dist.Backend:
+    """gloo_comm, made under `name` with the group's global ranks, which is
+    how torch's flight recorder lists it (its pg_config) from the start."""
+    options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_default_device()]
+    options.group_name = name
+    options.global_ranks_in_group = global_ranks
+    return dist.ProcessGroupGloo(store, rank, size, options)
+
+
 @dataclass
 class CreateRequest:
     """What pool.duplicate() hands the backend creator through new_group's
@@ -312,12 +330,19 @@ def connect_cpu_comm(
     group_size: int,
     timeout_seconds: float,
     label: str,
+    name: str,
+    global_ranks: list[int],
 ) -> dist.Backend:
     """The pooled group's own CPU communicator (a collective over its
-    members); a failure to connect is a named error. The addresses it
+    members), named `name` where torch's records (the flight recorder's)
+    show it; a failure to connect is a named error. The addresses it
     published in the store are deleted once every member connected."""
     try:
-        comm = factory(store, group_rank, group_size, datetime.timedelta(seconds=timeout_seconds))
+        timeout = datetime.timedelta(seconds=timeout_seconds)
+        if factory is gloo_comm:
+            comm = _named_gloo_comm(store, group_rank, group_size, timeout, name, global_ranks)
+        else:
+            comm = factory(store, group_rank, group_size, timeout)
         _forget_published_address(comm, store, group_rank)
         return comm
     except PycommError:

@@ -19,13 +19,30 @@ caller's to avoid, as with torch alone.
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 from typing import Any
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import FlightRecorderHook
 from torch.distributed import distributed_c10d as c10d
 
 _lock = threading.Lock()
+
+# torch's variables for the flight recorder's ring buffer (the second is
+# ProcessGroupNCCL's older name); either one set above 0 turns it on.
+FLIGHT_RECORDER_ENV = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+# The flight-recorder hooks of registered pooled groups, by group name: a
+# hook records while its handle lives.
+_flight_recorder_hooks: dict[str, Any] = {}
+
+
+def flight_recorder_on() -> bool:
+    for name in FLIGHT_RECORDER_ENV:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value.isdigit() and int(value) > 0
+    return False
 
 
 def register_group(
@@ -55,6 +72,10 @@ def register_group(
             group_desc=description,
         )
         c10d._world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
+        if flight_recorder_on():
+            # torch attaches its backend-agnostic hook only to the groups
+            # it makes through torchcomms; ProcessGroupNCCL records natively.
+            _flight_recorder_hooks[name] = FlightRecorderHook.attach(group)
         return group
 
 
@@ -65,6 +86,9 @@ def unregister_group(group: dist.ProcessGroup) -> bool:
         if not is_registered(group):
             return False
         tag = c10d._world.pg_to_tag.get(group)
+        hook = _flight_recorder_hooks.pop(group_name(group), None)
+        if hook is not None:
+            hook.remove()
         dist.destroy_process_group(group)
         # torch leaves the tag's list behind, empty: one per group ever made.
         if tag is not None and not c10d._world.tags_to_pg.get(tag, True):

@@ -6,6 +6,7 @@
 #include <iterator>
 
 #include "errors.h"
+#include "flight_recorder_dump.h"
 #include "nccl_calls.h"
 
 namespace pycomm {
@@ -505,6 +506,11 @@ bool NcclLane::fail(std::exception_ptr error, State next) {
     }
     unfinished.swap(inFlight_);
     stats = stats_;
+  }
+  if (ended && (next == State::Failed || !unfinished.empty())) {
+    // Before anything is failed or torn down, as ProcessGroupNCCL's watchdog
+    // dumps first: the recorder still shows these ops as they were.
+    dumpFlightRecorder(spec_.globalRank, messageOf(error));
   }
   // The works fail before the communicator is aborted, which may take long
   // (or hang): a wait() meanwhile must raise, not let the caller's stream

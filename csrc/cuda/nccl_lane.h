@@ -83,6 +83,8 @@ struct NcclLaneSpec {
   // FP8 reductions against the lowest compute capability of the
   // communicator's ranks (comm->minCompCap), not this rank's.
   bool groupReducesFp8 = true;
+  // This process's rank in the world: the flight-recorder dump's file name.
+  int globalRank = 0;
 };
 
 class NcclLane : public DeviceLane,

@@ -3,6 +3,11 @@
 // an abort, a member that fails during a split, slow group ends, refused ops,
 // teardown, and create/use/destroy cycles that leave nothing behind.
 #include <dirent.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iterator>
 
 #include <atomic>
 #include <mutex>
@@ -130,6 +135,41 @@ TEST(LaneFaults, SetTimeoutBoundsTheOpsIssuedAfterIt) {
   auto result = work->getFutureResult();
   ASSERT_TRUE(result->completed());
   EXPECT_EQ(result->value().toInt(), static_cast<int64_t>(c10d::WorkResult::TIMEOUT));
+  lanes[1]->abort();
+  lanes[0]->close();
+}
+
+TEST(LaneFaults, ALaneTimeoutWritesTorchsFlightRecorderDumpBeforeTheTeardown) {
+  // As ProcessGroupNCCL's watchdog does with TORCH_FR_BUFFER_SIZE set: the
+  // dump (torch's writer, TORCH_FR_DUMP_TEMP_FILE + the global rank) is on
+  // disk when the teardown comes.
+  const std::string prefix = "/tmp/pycomm_fr_lane_" + std::to_string(::getpid()) + "_";
+  const std::string dump = prefix + "7";
+  ::setenv("TORCH_FR_BUFFER_SIZE", "100", 1);
+  ::setenv("TORCH_FR_DUMP_TEMP_FILE", prefix.c_str(), 1);
+  std::remove(dump.c_str());
+  SimWorld world(2);
+  std::atomic<int> teardowns{0};
+  std::atomic<bool> dumpedFirst{false};
+  auto lanes = armedLanes(world, "ag", nullptr, 300ms, [&](NcclLaneSpec& spec) {
+    spec.globalRank = 7 + spec.comm.rank;
+    spec.tearDownOnError = true;
+    spec.tearDown = [&](const std::string&) {
+      dumpedFirst = std::ifstream(dump).good();
+      ++teardowns;
+    };
+  });
+  connectLanes(world, lanes);
+  auto work = issue(*lanes[0], allGather(at::ones({16}), at::empty({32})));
+  expectFailure<CollectiveTimeoutError>(work, 5000ms);
+  ASSERT_TRUE(eventually([&] { return teardowns.load() == 1; }));
+  EXPECT_TRUE(dumpedFirst.load()) << "no dump at " << dump << " when the teardown came";
+  std::ifstream in(dump, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(bytes.find("pg_config"), std::string::npos) << "not torch's dump";
+  ::unsetenv("TORCH_FR_BUFFER_SIZE");
+  ::unsetenv("TORCH_FR_DUMP_TEMP_FILE");
+  std::remove(dump.c_str());
   lanes[1]->abort();
   lanes[0]->close();
 }
