@@ -32,11 +32,17 @@ logger = logging.getLogger(__name__)
 
 # "0" makes every pooled communicator a fresh one, never a split.
 SPLIT_ENV = "PYCOMM_NCCL_SPLIT"
-# "0": an NCCL error or timeout is reported at wait(), the future and later
-# ops only; by default the process is torn down, as torch's NCCL backend does
-# (TORCH_NCCL_ASYNC_ERROR_HANDLING), since a stream may already consume the
-# failed op's output.
+# What a lane does after an NCCL error or timeout, as torch's NCCL backend
+# reads TORCH_NCCL_ASYNC_ERROR_HANDLING: 1 (tear down) and 3 (tear down
+# without cleaning up; torch's default) end the process, since a stream may
+# already consume the failed op's output; 0 (no handling) and 2 (clean up
+# only) report the error at wait(), the future and later ops. The lane always
+# aborts its own communicator first (bounded by the stall timeout), so 1 and
+# 3 act alike, as do 0 and 2. pycomm's variable, when set, overrides torch's
+# for pooled lanes only.
 ASYNC_ERROR_HANDLING_ENV = "PYCOMM_NCCL_ASYNC_ERROR_HANDLING"
+TORCH_ASYNC_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+_TEARS_DOWN = {"0": False, "1": True, "2": False, "3": True}
 # How long one CUDA or NCCL call of a lane's watchdog (or an abort or destroy
 # of its communicator) may block before the lane is given up: torch's
 # variable for its NCCL watchdog's heartbeat, with torch's default.
@@ -156,7 +162,13 @@ def split_parent(core: "_C.CommPool", base_group_name: str, role: str, device: i
 
 
 def tear_down_on_error() -> bool:
-    return os.environ.get(ASYNC_ERROR_HANDLING_ENV, "1") != "0"
+    for name in (ASYNC_ERROR_HANDLING_ENV, TORCH_ASYNC_ERROR_HANDLING_ENV):
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            if raw not in _TEARS_DOWN:
+                raise ConfigError(f"{name} must be 0, 1, 2 or 3 (as torch reads it), got {raw!r}")
+            return _TEARS_DOWN[raw]
+    return True  # torch's default, 3
 
 
 def stall_timeout_seconds() -> float:

@@ -290,15 +290,25 @@ def test_cpu_variant_is_chosen_on_request(monkeypatch: pytest.MonkeyPatch) -> No
     assert any("csrc/cuda/nccl_lane.cpp" in s for s in pycomm_build.sources(ROOT, cuda=True))
 
 
-def test_errors_tear_down_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pycomm.nccl import ASYNC_ERROR_HANDLING_ENV, tear_down_on_error
+def test_errors_tear_down_as_torchs_async_error_handling_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pycomm.nccl import ASYNC_ERROR_HANDLING_ENV, TORCH_ASYNC_ERROR_HANDLING_ENV, tear_down_on_error
 
     monkeypatch.delenv(ASYNC_ERROR_HANDLING_ENV, raising=False)
-    assert tear_down_on_error() is True
+    monkeypatch.delenv(TORCH_ASYNC_ERROR_HANDLING_ENV, raising=False)
+    assert tear_down_on_error() is True  # torch's default, 3
+    for mode, tears_down in (("0", False), ("1", True), ("2", False), ("3", True)):
+        monkeypatch.setenv(TORCH_ASYNC_ERROR_HANDLING_ENV, mode)
+        assert tear_down_on_error() is tears_down, mode
+    # pycomm's own variable overrides torch's for pooled lanes
+    monkeypatch.setenv(TORCH_ASYNC_ERROR_HANDLING_ENV, "3")
     monkeypatch.setenv(ASYNC_ERROR_HANDLING_ENV, "0")
     assert tear_down_on_error() is False
     monkeypatch.setenv(ASYNC_ERROR_HANDLING_ENV, "1")
+    monkeypatch.setenv(TORCH_ASYNC_ERROR_HANDLING_ENV, "2")
     assert tear_down_on_error() is True
+    monkeypatch.setenv(ASYNC_ERROR_HANDLING_ENV, "yes")
+    with pytest.raises(ConfigError, match="0, 1, 2 or 3"):
+        tear_down_on_error()
 
 
 def test_stall_bound_follows_torchs_heartbeat_variable(monkeypatch: pytest.MonkeyPatch) -> None:

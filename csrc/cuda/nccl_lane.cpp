@@ -38,7 +38,7 @@ void abortProcess(const std::string& message) {
       stderr,
       "pycomm: %s\npycomm: tearing the process down, as torch's NCCL backend "
       "does: a stream may already consume the failed op's output "
-      "(PYCOMM_NCCL_ASYNC_ERROR_HANDLING=0 only reports the error)\n",
+      "(TORCH_NCCL_ASYNC_ERROR_HANDLING=0 or 2 only reports the error)\n",
       message.c_str());
   std::fflush(stderr);
   std::abort();

@@ -1163,13 +1163,21 @@ TEST(SimNccl, ImplicitLaunchOrderStartsKernelsInLaunchOrderSoNoneDeadlocks) {
   if (!finished) {
     crossed.abortA();
   }
+  for (int r = 0; r < 2; ++r) { // launch() waited for two of the four streams
+    EXPECT_TRUE(w.gpu->synchronize(crossed.sa[r], 5000ms));
+    EXPECT_TRUE(w.gpu->synchronize(crossed.sb[r], 5000ms));
+  }
   for (const auto& out : outs) {
     EXPECT_EQ(out, (std::vector<int32_t>{1, 2}));
   }
   const std::vector<std::vector<uint64_t>> launchOrder{{a0, b0}, {a1, b1}};
+  auto timeline = w.gpu->timeline(); // in the order kernels ended
+  std::stable_sort(timeline.begin(), timeline.end(), [](const auto& x, const auto& y) {
+    return x.startUs < y.startUs;
+  });
   for (int device = 0; device < 2; ++device) {
     std::vector<uint64_t> started;
-    for (const auto& k : w.gpu->timeline()) {
+    for (const auto& k : timeline) {
       if (k.device == device && k.comm != 0) {
         started.push_back(k.comm);
       }
