@@ -2,25 +2,47 @@
 
 #include <torch/csrc/distributed/c10d/FlightRecorder.hpp>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <mutex>
 
 namespace pycomm {
 
+namespace {
+// torch's FlightRecorder default when neither variable is set.
+constexpr long kTorchDefaultEntries = 2000;
+} // namespace
+
 bool flightRecorderOn() {
   for (const char* name : {"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}) {
-    if (const char* value = std::getenv(name); value != nullptr && *value != '\0') {
-      return std::atoi(value) > 0;
+    const char* value = std::getenv(name);
+    if (value == nullptr || *value == '\0') {
+      continue;
     }
+    char* end = nullptr;
+    errno = 0;
+    const long entries = std::strtol(value, &end, 10);
+    if (end == value || errno != 0) {
+      return kTorchDefaultEntries > 0; // not a number: torch keeps its default
+    }
+    return entries > 0;
   }
-  return false;
+  return kTorchDefaultEntries > 0;
 }
 
 bool dumpFlightRecorder(int globalRank, const std::string& why) noexcept {
+  static std::mutex mutex;
+  static bool dumped = false;
   if (!flightRecorderOn()) {
     return false;
   }
+  std::lock_guard<std::mutex> lock(mutex);
+  if (dumped) {
+    return false;
+  }
+  dumped = true;
   try {
     auto& writer = c10d::DebugInfoWriter::getWriter(globalRank);
     writer.write(c10d::dump_fr_trace(

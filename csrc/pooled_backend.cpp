@@ -486,6 +486,7 @@ void PooledBackend::setTimeout(std::chrono::milliseconds timeout) {
         " ms): a pooled group's timeout is at least " +
         std::to_string(kShortestTimeout.count()) + " ms");
   }
+  std::lock_guard<std::mutex> serial(setTimeoutMutex_);
   std::shared_ptr<DeviceLane> lane;
   {
     std::lock_guard<std::mutex> lock(mutex_);

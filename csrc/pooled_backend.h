@@ -192,6 +192,9 @@ class PooledBackend : public c10d::Backend {
   State state_ = State::Open;
   uint64_t nextSeq_ = 0;
   std::chrono::milliseconds timeout_; // spec_.timeout until set_timeout()
+  // One set_timeout() at a time, so the Works, the transport and the device
+  // lane end up with the same value.
+  std::mutex setTimeoutMutex_;
   std::shared_ptr<DeviceLane> deviceLane_;
 };
 

@@ -29,16 +29,29 @@ logger = logging.getLogger(__name__)
 
 LAUNCH_ORDER_ENV = "NCCL_LAUNCH_ORDER_IMPLICIT"
 
+# The value at `import pycomm`: NCCL latches the variable at the process's
+# first launch, so a later change of the environment changes nothing in
+# NCCL and must not change the lanes either.
+_value_at_import: str | None = None
+
 
 def adopt_implicit_launch_order() -> None:
-    """Sets NCCL_LAUNCH_ORDER_IMPLICIT=1 unless the environment has it."""
+    """Sets NCCL_LAUNCH_ORDER_IMPLICIT=1 unless the environment has it, and
+    keeps the value the lanes follow from now on."""
+    global _value_at_import
     if LAUNCH_ORDER_ENV not in os.environ:
         os.environ[LAUNCH_ORDER_ENV] = "1"
+    _value_at_import = os.environ[LAUNCH_ORDER_ENV]
 
 
-def launch_in_program_order() -> bool:
-    """Whether NCCL lanes launch in program order: unless the variable is 0."""
-    value = os.environ.get(LAUNCH_ORDER_ENV, "1").strip()
+def launch_in_program_order(config_orders: bool | None = None) -> bool:
+    """Whether an NCCL lane launches in program order: unless the variable
+    was 0 at import, or when its RoleConfig asks NCCL (>= 2.31) to order its
+    communicator's launches (`launch_order_implicit`), since NCCL refuses
+    racing launches then too."""
+    if config_orders:
+        return True
+    value = (_value_at_import if _value_at_import is not None else os.environ.get(LAUNCH_ORDER_ENV, "1")).strip()
     if value == "0":
         logger.info(
             "%s=0: pooled NCCL lanes leave their launches to NCCL's threads, and "

@@ -42,6 +42,7 @@ SPLIT_ENV = "PYCOMM_NCCL_SPLIT"
 # for pooled lanes only.
 ASYNC_ERROR_HANDLING_ENV = "PYCOMM_NCCL_ASYNC_ERROR_HANDLING"
 TORCH_ASYNC_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+_LEGACY_ASYNC_ERROR_HANDLING_ENV = "NCCL_ASYNC_ERROR_HANDLING"  # torch still reads it
 _TEARS_DOWN = {"0": False, "1": True, "2": False, "3": True}
 # How long one CUDA or NCCL call of a lane's watchdog (or an abort or destroy
 # of its communicator) may block before the lane is given up: torch's
@@ -162,7 +163,7 @@ def split_parent(core: "_C.CommPool", base_group_name: str, role: str, device: i
 
 
 def tear_down_on_error() -> bool:
-    for name in (ASYNC_ERROR_HANDLING_ENV, TORCH_ASYNC_ERROR_HANDLING_ENV):
+    for name in (ASYNC_ERROR_HANDLING_ENV, TORCH_ASYNC_ERROR_HANDLING_ENV, _LEGACY_ASYNC_ERROR_HANDLING_ENV):
         raw = os.environ.get(name, "").strip()
         if raw:
             if raw not in _TEARS_DOWN:
@@ -294,7 +295,7 @@ def create_lane(
         group_reduces_fp8=plan_agreed.reduces_fp8,
         stall_timeout_seconds=stall_timeout_seconds(),
         creation_timeout_seconds=time_left("creating the NCCL communicator"),
-        launch_in_program_order=launch_in_program_order(),
+        launch_in_program_order=launch_in_program_order(config.launch_order_implicit),
         global_rank=dist.get_rank() if dist.is_initialized() else group_rank,
     )
     logger.debug(

@@ -4,6 +4,7 @@ torch.distributed.new_group creates them with, and the rendezvous before it."""
 from __future__ import annotations
 
 import contextlib
+import os
 import datetime
 import logging
 import threading
@@ -31,6 +32,16 @@ def gloo_comm(
     return dist.ProcessGroupGloo(store, rank, size, timeout)
 
 
+def _gloo_devices() -> list[Any]:
+    """The devices torch's own gloo groups get (ProcessGroupGloo's
+    Options::create_default): one per interface GLOO_SOCKET_IFNAME names,
+    else the default one; TORCH_GLOO_LAZY_INIT is read by torch either way."""
+    interfaces = [i for i in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if i]
+    if interfaces:
+        return [dist.ProcessGroupGloo.create_device(interface=i) for i in interfaces]
+    return [dist.ProcessGroupGloo.create_default_device()]
+
+
 def _named_gloo_comm(
     store: dist.Store,
     rank: int,
@@ -43,7 +54,7 @@ def _named_gloo_comm(
     how torch's flight recorder lists it (its pg_config) from the start."""
     options = dist.ProcessGroupGloo._Options()
     options._timeout = timeout
-    options._devices = [dist.ProcessGroupGloo.create_default_device()]
+    options._devices = _gloo_devices()
     options.group_name = name
     options.global_ranks_in_group = global_ranks
     return dist.ProcessGroupGloo(store, rank, size, options)

@@ -30,8 +30,11 @@ from torch.distributed import distributed_c10d as c10d
 _lock = threading.Lock()
 
 # torch's variables for the flight recorder's ring buffer (the second is
-# ProcessGroupNCCL's older name); either one set above 0 turns it on.
+# ProcessGroupNCCL's older name), read as torch reads them: the first one set
+# gives the number of entries (0: off); unset or not a number, torch's
+# default of 2000, so the recorder is on unless turned off.
 FLIGHT_RECORDER_ENV = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+_TORCH_DEFAULT_ENTRIES = 2000
 # The flight-recorder hooks of registered pooled groups, by group name: a
 # hook records while its handle lives.
 _flight_recorder_hooks: dict[str, Any] = {}
@@ -39,10 +42,13 @@ _flight_recorder_hooks: dict[str, Any] = {}
 
 def flight_recorder_on() -> bool:
     for name in FLIGHT_RECORDER_ENV:
-        value = os.environ.get(name, "").strip()
+        value = os.environ.get(name, "")
         if value:
-            return value.isdigit() and int(value) > 0
-    return False
+            try:
+                return int(value.strip()) > 0
+            except ValueError:
+                break
+    return _TORCH_DEFAULT_ENTRIES > 0
 
 
 def register_group(
@@ -83,12 +89,13 @@ def unregister_group(group: dist.ProcessGroup) -> bool:
     """Removes `group` from every registry of torch's (as
     destroy_process_group does), if torch still knows it; whether it did."""
     with _lock:
+        # Also when torch destroyed the group first: the hook holds it.
+        hook = _flight_recorder_hooks.pop(group.group_name, None)
+        if hook is not None:
+            hook.remove()
         if not is_registered(group):
             return False
         tag = c10d._world.pg_to_tag.get(group)
-        hook = _flight_recorder_hooks.pop(group_name(group), None)
-        if hook is not None:
-            hook.remove()
         dist.destroy_process_group(group)
         # torch leaves the tag's list behind, empty: one per group ever made.
         if tag is not None and not c10d._world.tags_to_pg.get(tag, True):

@@ -203,19 +203,23 @@ def test_members_learn_whether_every_gpu_reduces_fp8() -> None:
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("launch_order", [None, "1", "0"])
+@pytest.mark.parametrize(
+    ("launch_order", "config_orders", "in_program_order"),
+    [("1", None, True), ("0", None, False), ("0", True, True)],
+)
 def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
-    monkeypatch: pytest.MonkeyPatch, launch_order: str | None,
+    monkeypatch: pytest.MonkeyPatch, launch_order: str, config_orders: bool | None, in_program_order: bool,
 ) -> None:
     """create_lane gives the plan and the communicator what time_left says,
     never the role's own timeout again. Only the GPU calls are stood in for
     (the extension's NcclLane and the capability query): the store and the
     plan agreement are real. The lane launches in program order unless
-    NCCL_LAUNCH_ORDER_IMPLICIT is 0."""
-    if launch_order is None:
-        monkeypatch.delenv("NCCL_LAUNCH_ORDER_IMPLICIT", raising=False)
-    else:
-        monkeypatch.setenv("NCCL_LAUNCH_ORDER_IMPLICIT", launch_order)
+    NCCL_LAUNCH_ORDER_IMPLICIT was 0 when pycomm was imported (NCCL latches
+    it) and its RoleConfig does not ask NCCL >= 2.31 to order launches."""
+    import pycomm.launch_order
+
+    monkeypatch.setattr(pycomm.launch_order, "_value_at_import", launch_order)
+    monkeypatch.setenv("NCCL_LAUNCH_ORDER_IMPLICIT", "1" if launch_order == "0" else "0")  # ignored
     made: dict[str, object] = {}
 
     class LaneRecorder:
@@ -238,15 +242,17 @@ def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
         return 2.5
 
     pycomm.nccl.create_lane(
-        device=0, parent=None, role="ag", config=RoleConfig(timeout=600.0), group_rank=0,
+        device=0, parent=None, role="ag",
+        config=RoleConfig(timeout=600.0, launch_order_implicit=config_orders), group_rank=0,
         group_size=1, store=dist.HashStore(), label="test", comm_name="pycomm_ag_of_test", time_left=time_left,
     )
     assert steps == ["agreeing on the NCCL communicator plan", "creating the NCCL communicator"]
     assert made["creation_timeout_seconds"] == 2.5
     assert made["timeout_seconds"] == 600.0  # the ops keep the role's timeout
-    assert made["launch_in_program_order"] is (launch_order != "0")
+    assert made["launch_in_program_order"] is in_program_order
 
 
+@needs_cuda_build
 def test_the_extensions_lane_takes_the_launch_order() -> None:
     assert "launch_in_program_order: bool = True" in (pycomm._C.NcclLane.__init__.__doc__ or "")
 

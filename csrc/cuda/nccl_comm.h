@@ -188,7 +188,7 @@ class NcclComm {
   std::map<void*, Registration> registrations_; // by buffer
   std::optional<PendingLaunch> pendingLaunch_; // NCCL's thread may not have taken it yet
   std::atomic<bool> abortRequested_{false};
-  std::atomic<int64_t> timeoutMs_; // set_timeout() may change it during a poll
+  std::atomic<int64_t> timeoutMs_; // set_timeout() may change it; a poll reads it once
   mutable std::mutex reasonMutex_; // not mutex_: set before a poll lets go of it
   std::string abortReason_;
 };

@@ -8,9 +8,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <mutex>
+#include <optional>
 
 #include "comm_pool.h"
 #include "errors.h"
@@ -21,6 +23,34 @@ using namespace std::chrono_literals;
 
 namespace pycomm::sim {
 namespace {
+
+// torch's flight recorder is on by default and a process dumps once, at its
+// first failure: off here unless the caller's environment says otherwise,
+// so that the failures these tests make on purpose leave no dumps and the
+// test of the dump is the one to write it.
+const bool kFlightRecorderOffByDefault = ::setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/0) == 0;
+
+// Sets an environment variable for one test and puts it back after.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* old = std::getenv(name)) {
+      old_ = old;
+    }
+    ::setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (old_) {
+      ::setenv(name_, old_->c_str(), 1);
+    } else {
+      ::unsetenv(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
 
 int threadCount() {
   int n = 0;
@@ -145,8 +175,9 @@ TEST(LaneFaults, ALaneTimeoutWritesTorchsFlightRecorderDumpBeforeTheTeardown) {
   // disk when the teardown comes.
   const std::string prefix = "/tmp/pycomm_fr_lane_" + std::to_string(::getpid()) + "_";
   const std::string dump = prefix + "7";
-  ::setenv("TORCH_FR_BUFFER_SIZE", "100", 1);
-  ::setenv("TORCH_FR_DUMP_TEMP_FILE", prefix.c_str(), 1);
+  ASSERT_TRUE(kFlightRecorderOffByDefault);
+  ScopedEnv entries("TORCH_FR_BUFFER_SIZE", "100");
+  ScopedEnv where("TORCH_FR_DUMP_TEMP_FILE", prefix);
   std::remove(dump.c_str());
   SimWorld world(2);
   std::atomic<int> teardowns{0};
@@ -167,8 +198,6 @@ TEST(LaneFaults, ALaneTimeoutWritesTorchsFlightRecorderDumpBeforeTheTeardown) {
   std::ifstream in(dump, std::ios::binary);
   const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_NE(bytes.find("pg_config"), std::string::npos) << "not torch's dump";
-  ::unsetenv("TORCH_FR_BUFFER_SIZE");
-  ::unsetenv("TORCH_FR_DUMP_TEMP_FILE");
   std::remove(dump.c_str());
   lanes[1]->abort();
   lanes[0]->close();
