@@ -7,6 +7,7 @@
 
 #include "comm_pool.h"
 #include "errors.h"
+#include "flight_recorder_dump.h"
 #include "layout.h"
 #include "nccl_fields.h"
 #include "pooled_backend.h"
@@ -273,6 +274,11 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
+  m.def(
+      "flight_recorder_on",
+      &pycomm::flightRecorderOn,
+      "Whether torch's flight recorder records: TORCH_FR_BUFFER_SIZE (or "
+      "TORCH_NCCL_TRACE_BUFFER_SIZE) read as torch reads it");
   m.def(
       "premul_sum_factor",
       [](const c10d::ReduceOp& op) -> std::optional<double> {

@@ -195,24 +195,45 @@ CpuTransport::CpuTransport(
   }
 }
 
-c10::intrusive_ptr<c10d::Backend> CpuTransport::comm() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return comm_;
+void CpuTransport::setTimeout(std::chrono::milliseconds timeout) const {
+  CommInUse guard(*this);
+  if (guard.comm) {
+    guard.comm->setTimeout(timeout);
+  }
 }
 
-void CpuTransport::setTimeout(std::chrono::milliseconds timeout) const {
-  if (auto communicator = comm()) {
-    communicator->setTimeout(timeout);
+CpuTransport::CommInUse::CommInUse(const CpuTransport& transport)
+    : transport_(transport) {
+  std::lock_guard<std::mutex> lock(transport_.mutex_);
+  comm = transport_.comm_;
+  if (comm) {
+    ++transport_.commUsers_;
   }
+}
+
+CpuTransport::CommInUse::~CommInUse() {
+  if (!comm) {
+    return;
+  }
+  // Dropped before the count: release() returns only once this reference
+  // is gone.
+  comm.reset();
+  {
+    std::lock_guard<std::mutex> lock(transport_.mutex_);
+    --transport_.commUsers_;
+  }
+  transport_.commUsersGone_.notify_all();
 }
 
 c10::intrusive_ptr<c10d::Backend> CpuTransport::release() {
   std::unique_ptr<Waiter> waiter;
   c10::intrusive_ptr<c10d::Backend> comm;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
     comm.swap(comm_);
     waiter.swap(waiter_);
+    // Issuing never waits for peers (gloo queues the op), so this is short.
+    commUsersGone_.wait(lock, [this] { return commUsers_ == 0; });
   }
   // The waiter is destroyed outside the lock: it joins its thread when
   // nothing is watched.
@@ -250,19 +271,36 @@ void CpuTransport::startNamed(
     std::shared_ptr<Collective> op,
     OpName name,
     OnDone onDone) const {
-  auto comm = this->comm();
-  if (!comm) {
+  std::vector<Issued> issued;
+  std::exception_ptr issueError;
+  bool released = false;
+  {
+    // This thread is often a gloo worker (the lane starts an op from the
+    // completion of the one before). Its reference to the communicator ends
+    // with this block, before any callback runs, and release() waits for
+    // the block to end: gloo's last reference is then never dropped here,
+    // where ~ProcessGroupGloo would join this very thread and abort the
+    // process ("Resource deadlock avoided").
+    CommInUse guard(*this);
+    if (!guard.comm) {
+      released = true;
+    } else {
+      try {
+        issued = issue(*guard.comm, *op, rank_);
+      } catch (...) {
+        // Some of the op's parts may be in flight; they finish on their own.
+        issueError = std::current_exception();
+      }
+    }
+  }
+  if (released) {
     onDone(std::make_exception_ptr(PoolClosedError(
         label_ + ": " + name.text() +
         " was issued after the communicator was released")));
     return;
   }
-  std::vector<Issued> issued;
-  try {
-    issued = issue(*comm, *op, rank_);
-  } catch (...) {
-    // Some of the op's parts may be in flight; they finish on their own.
-    onDone(describedError(name, std::current_exception()));
+  if (issueError) {
+    onDone(describedError(name, issueError));
     return;
   }
   // The closures below die on a gloo worker after the op completed. They

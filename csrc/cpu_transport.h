@@ -18,6 +18,7 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <atomic>
+#include <condition_variable>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -63,7 +64,8 @@ class CpuTransport {
 
   // Hands back the communicator (for the caller to drop on a thread of its
   // choosing: gloo's destructor waits for its ops in flight and joins its
-  // workers) and stops the waiter thread. Later ops fail with
+  // workers) once no thread is issuing an op through it, so the reference
+  // handed back is the transport's last, and stops the waiter thread. Later ops fail with
   // PoolClosedError.
   c10::intrusive_ptr<c10d::Backend> release();
   // The communicator's timeout for ops started from now on; nothing once
@@ -71,7 +73,6 @@ class CpuTransport {
   void setTimeout(std::chrono::milliseconds timeout) const;
 
  private:
-  c10::intrusive_ptr<c10d::Backend> comm() const;
   // How errors name an op, built only when one is raised: `prefix`, the
   // description of `op` (while it is alive), `suffix`.
   struct OpName {
@@ -93,7 +94,22 @@ class CpuTransport {
       CollectiveKind kind,
       std::function<void(std::exception_ptr)> onEnd) const;
 
+  // The communicator while a thread uses it (issuing an op, setting the
+  // timeout). The count of these lets release() wait until no such thread
+  // holds a reference, so the reference it hands back is the last one.
+  struct CommInUse {
+    explicit CommInUse(const CpuTransport& transport);
+    ~CommInUse();
+    CommInUse(const CommInUse&) = delete;
+    CommInUse& operator=(const CommInUse&) = delete;
+    c10::intrusive_ptr<c10d::Backend> comm; // null once released
+   private:
+    const CpuTransport& transport_;
+  };
+
   mutable std::mutex mutex_;
+  mutable std::condition_variable commUsersGone_;
+  mutable int commUsers_ = 0;
   c10::intrusive_ptr<c10d::Backend> comm_;
   // Kinds whose gloo Work was seen without a future; asking again would cost
   // a thrown c10::Error per op.

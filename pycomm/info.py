@@ -28,9 +28,9 @@ def nccl_env_overrides() -> dict[str, str]:
 
 def launch_order() -> str:
     """What NCCL_LAUNCH_ORDER_IMPLICIT makes of the device's kernel order."""
-    from pycomm.launch_order import LAUNCH_ORDER_ENV, launch_in_program_order
+    from pycomm.launch_order import LAUNCH_ORDER_ENV, launch_in_program_order, value_at_import
 
-    value = os.environ.get(LAUNCH_ORDER_ENV)
+    value = value_at_import()
     if launch_in_program_order():
         return f"{LAUNCH_ORDER_ENV}={value}: kernels start in program order"
     return f"{LAUNCH_ORDER_ENV}={value}: no order across communicators of a device"

@@ -37,11 +37,29 @@ _value_at_import: str | None = None
 
 def adopt_implicit_launch_order() -> None:
     """Sets NCCL_LAUNCH_ORDER_IMPLICIT=1 unless the environment has it, and
-    keeps the value the lanes follow from now on."""
+    keeps the value the lanes follow from now on; an opt-out is logged once,
+    here."""
     global _value_at_import
     if LAUNCH_ORDER_ENV not in os.environ:
         os.environ[LAUNCH_ORDER_ENV] = "1"
     _value_at_import = os.environ[LAUNCH_ORDER_ENV]
+    if not _ordered_by_variable():
+        logger.info(
+            "%s=%s: pooled NCCL lanes leave their launches to NCCL's threads, and "
+            "kernels of communicators sharing a device may start in different "
+            "orders on different ranks",
+            LAUNCH_ORDER_ENV,
+            _value_at_import,
+        )
+
+
+def value_at_import() -> str:
+    """The variable's value the lanes follow: as it was at `import pycomm`."""
+    return _value_at_import if _value_at_import is not None else os.environ.get(LAUNCH_ORDER_ENV, "1")
+
+
+def _ordered_by_variable() -> bool:
+    return value_at_import().strip() != "0"
 
 
 def launch_in_program_order(config_orders: bool | None = None) -> bool:
@@ -49,15 +67,4 @@ def launch_in_program_order(config_orders: bool | None = None) -> bool:
     was 0 at import, or when its RoleConfig asks NCCL (>= 2.31) to order its
     communicator's launches (`launch_order_implicit`), since NCCL refuses
     racing launches then too."""
-    if config_orders:
-        return True
-    value = (_value_at_import if _value_at_import is not None else os.environ.get(LAUNCH_ORDER_ENV, "1")).strip()
-    if value == "0":
-        logger.info(
-            "%s=0: pooled NCCL lanes leave their launches to NCCL's threads, and "
-            "kernels of communicators sharing a device may start in different "
-            "orders on different ranks",
-            LAUNCH_ORDER_ENV,
-        )
-        return False
-    return True
+    return bool(config_orders) or _ordered_by_variable()

@@ -19,7 +19,6 @@ caller's to avoid, as with torch alone.
 from __future__ import annotations
 
 import datetime
-import os
 import threading
 from typing import Any
 
@@ -27,28 +26,13 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import FlightRecorderHook
 from torch.distributed import distributed_c10d as c10d
 
+from pycomm import _C
+
 _lock = threading.Lock()
 
-# torch's variables for the flight recorder's ring buffer (the second is
-# ProcessGroupNCCL's older name), read as torch reads them: the first one set
-# gives the number of entries (0: off); unset or not a number, torch's
-# default of 2000, so the recorder is on unless turned off.
-FLIGHT_RECORDER_ENV = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
-_TORCH_DEFAULT_ENTRIES = 2000
 # The flight-recorder hooks of registered pooled groups, by group name: a
 # hook records while its handle lives.
 _flight_recorder_hooks: dict[str, Any] = {}
-
-
-def flight_recorder_on() -> bool:
-    for name in FLIGHT_RECORDER_ENV:
-        value = os.environ.get(name, "")
-        if value:
-            try:
-                return int(value.strip()) > 0
-            except ValueError:
-                break
-    return _TORCH_DEFAULT_ENTRIES > 0
 
 
 def register_group(
@@ -78,7 +62,7 @@ def register_group(
             group_desc=description,
         )
         c10d._world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
-        if flight_recorder_on():
+        if _C.flight_recorder_on():
             # torch attaches its backend-agnostic hook only to the groups
             # it makes through torchcomms; ProcessGroupNCCL records natively.
             _flight_recorder_hooks[name] = FlightRecorderHook.attach(group)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import pycomm
+import pycomm.info
 import pycomm.nccl
 from pycomm import ConfigError, RoleConfig, _C
 from pycomm.launch import run_world
@@ -250,6 +251,8 @@ def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
     assert made["creation_timeout_seconds"] == 2.5
     assert made["timeout_seconds"] == 600.0  # the ops keep the role's timeout
     assert made["launch_in_program_order"] is in_program_order
+    # doctor reports the value NCCL latched, not the one set since
+    assert pycomm.info.launch_order().startswith(f"NCCL_LAUNCH_ORDER_IMPLICIT={launch_order}: ")
 
 
 @needs_cuda_build

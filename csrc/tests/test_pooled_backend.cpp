@@ -8,11 +8,13 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <future>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include "comm_pool.h"
+#include "cpu_transport.h"
 #include "errors.h"
 #include "pooled_backend.h"
 
@@ -104,6 +106,20 @@ class LoopbackBackend : public c10d::Backend {
   std::vector<c10::intrusive_ptr<GatedWork>> held_;
 };
 
+// A loopback communicator that notes the thread its destructor ran on:
+// gloo's joins its workers there, which aborts the process when that thread
+// is one of them.
+class DestroyedOnBackend : public LoopbackBackend {
+ public:
+  explicit DestroyedOnBackend(std::promise<std::thread::id>& destroyedOn)
+      : destroyedOn_(destroyedOn) {}
+  ~DestroyedOnBackend() override {
+    destroyedOn_.set_value(std::this_thread::get_id());
+  }
+
+ private:
+  std::promise<std::thread::id>& destroyedOn_;
+};
 
 pycomm::PooledGroupSpec specFor(
     const std::string& role,
@@ -241,4 +257,36 @@ TEST(CommPool, RolesAndLifecycle) {
   EXPECT_EQ(pool.closedReason(), "destroyed");
   auto rs = c10::make_intrusive<pycomm::PooledBackend>(specFor("rs"), comm);
   EXPECT_THROW(pool.add(rs), pycomm::PoolClosedError);
+}
+
+// The lane starts an op from the completion of the one before, on a gloo
+// worker; the user may see that op end and release the pool while the
+// worker is still inside start(). The transport's reference there must be
+// gone by then, or the worker drops gloo's last one and gloo joins itself.
+TEST(CpuTransport, ReleaseHandsBackTheLastReferenceWhileAnotherThreadIsStartingAnOp) {
+  std::promise<std::thread::id> destroyedOn;
+  auto destroyed = destroyedOn.get_future();
+  pycomm::CpuTransport transport(
+      c10::make_intrusive<DestroyedOnBackend>(destroyedOn), "test", 0, 1);
+  auto op = std::make_shared<pycomm::Collective>();
+  op->kind = pycomm::CollectiveKind::Barrier;
+
+  std::promise<void> opEnded;
+  std::promise<void> released;
+  auto releasedFuture = released.get_future().share();
+  std::thread worker([&] {
+    transport.start(op, [&](std::exception_ptr error) {
+      EXPECT_FALSE(error);
+      opEnded.set_value();
+      // Still inside start() on this thread: the user releases meanwhile.
+      EXPECT_EQ(releasedFuture.wait_for(5s), std::future_status::ready);
+    });
+  });
+  opEnded.get_future().wait();
+  transport.release(); // the returned reference is dropped on this thread
+  released.set_value();
+  worker.join();
+  ASSERT_EQ(destroyed.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(destroyed.get(), std::this_thread::get_id())
+      << "the communicator was destroyed on the thread that started the op";
 }
