@@ -9,11 +9,13 @@ import threading
 import time
 import weakref
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 import torch.distributed as dist
 
 from pycomm import _C
+from pycomm.chrome_trace import write_chrome_trace
 from pycomm.config import MAX_TIMEOUT_SECONDS, RoleConfig
 from pycomm.errors import (
     CollectiveError,
@@ -24,6 +26,7 @@ from pycomm.errors import (
     RendezvousTimeoutError,
 )
 from pycomm.nccl import DeviceChoice, check_device_choice, resolve_device
+from pycomm.overlap import lane_overlap
 from pycomm.registration import (
     BACKEND_NAME,
     CpuCommFactory,
@@ -393,10 +396,17 @@ class CommPool:
         communicator was split from the base group's, and the device memory
         its communicator took (bytes at creation, and at its first op: None
         until that ended; measured as the device's free memory fell, so other
-        allocations at the same time count too)."""
+        allocations at the same time count too).
+
+        The AG and RS groups of one base group also get "overlap"
+        (pycomm.overlap.lane_overlap over the ops in their traces, the last
+        16,384 of each): each lane's busy seconds, the seconds both were
+        busy, and the fraction of the RS lane's busy time overlapped by the
+        AG lane, with "with" naming the other group."""
         self._release_gone()
         rows = []
-        for backend in self._core.entries():
+        backends = self._core.entries()
+        for backend in backends:
             spec = backend.spec
             row: dict[str, Any] = {
                 "name": spec.name,
@@ -417,27 +427,25 @@ class CommPool:
                     "pending": lane.pending(),
                 }
             rows.append(row)
+        _add_overlap(rows, {b.spec.name: b for b in backends})
         return sorted(rows, key=lambda r: (r["base_group"], r["role"]))
 
     def trace(self) -> list[dict[str, Any]]:
-        """Recent ops of every pooled group: role, base group, kind, bytes,
-        start/end (microseconds of the system clock), ok."""
-        events = []
-        for backend in self._core.entries():
-            spec = backend.spec
-            for kind, nbytes, start_us, end_us, ok in backend.trace():
-                events.append(
-                    {
-                        "role": spec.role,
-                        "base_group": spec.base_group_name,
-                        "kind": kind,
-                        "bytes": nbytes,
-                        "start_us": start_us,
-                        "end_us": end_us,
-                        "ok": ok,
-                    }
-                )
+        """Recent ops of every pooled group: group name, role, base group,
+        kind, bytes, start/end (microseconds of the system clock), ok."""
+        events = [e for backend in self._core.entries() for e in _trace_rows(backend)]
         return sorted(events, key=lambda e: e["start_us"])
+
+    def write_chrome_trace(self, path: str | os.PathLike[str], profiler_trace: str | os.PathLike[str] | None = None) -> Path:
+        """Writes this rank's lanes as a Chrome/Perfetto trace at `path`: one
+        track per pooled group, an interval per op (op kind, bytes, ok). With
+        `profiler_trace` (a torch.profiler Chrome trace of the same process),
+        the lanes' tracks are added to a copy of it, on its time base, so
+        they open beside the profiler's own rows."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return write_chrome_trace(
+            Path(path), {rank: self.trace()}, Path(profiler_trace) if profiler_trace is not None else None
+        )
 
     def _forget_groups(self, unregister: bool) -> None:
         """Empties the pool and gives its name back; `unregister`: takes its
@@ -562,3 +570,39 @@ def _inherit_timeout(config: RoleConfig, base: dist.ProcessGroup) -> RoleConfig:
     if inherited is None:
         return config
     return dataclasses.replace(config, timeout=min(inherited, MAX_TIMEOUT_SECONDS))
+
+
+def _trace_rows(backend: Any) -> list[dict[str, Any]]:
+    spec = backend.spec
+    return [
+        {
+            "group": spec.name,
+            "role": spec.role,
+            "base_group": spec.base_group_name,
+            "kind": kind,
+            "bytes": nbytes,
+            "start_us": start_us,
+            "end_us": end_us,
+            "ok": ok,
+        }
+        for kind, nbytes, start_us, end_us, ok in backend.trace()
+    ]
+
+
+def _add_overlap(rows: list[dict[str, Any]], backends: dict[str, Any]) -> None:
+    """Gives the AG and RS rows of each base group that has both their
+    lanes' overlap."""
+    by_base: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_base.setdefault(row["base_group"], {})[row["role"]] = row
+    for roles in by_base.values():
+        ag, rs = roles.get("ag"), roles.get("rs")
+        if ag is None or rs is None:
+            continue
+        spans = {
+            role: [(e["start_us"], e["end_us"]) for e in _trace_rows(backends[row["name"]])]
+            for role, row in (("ag", ag), ("rs", rs))
+        }
+        overlap = lane_overlap(spans["ag"], spans["rs"])
+        ag["overlap"] = {"with": rs["name"], **overlap}
+        rs["overlap"] = {"with": ag["name"], **overlap}

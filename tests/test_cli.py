@@ -135,6 +135,24 @@ def test_demo_trains_on_the_pool_and_writes_its_outputs(tmp_path: Path, ranks: i
     assert all(lane["ops_by_kind"]["reduce_scatter"] > 0 and lane["ops_by_kind"]["all_gather"] == 0 for lane in rs)
     assert (tmp_path / "timeline.png").stat().st_size > 1000
     assert "pycomm lanes after training" in result.stdout
+    # The AG lane's overlap with the RS lane, per rank, from the same
+    # intervals as each lane's busy time; the Chrome trace holds them too.
+    overlap = {row["rank"]: row for row in summary["overlap"]}
+    assert sorted(overlap) == list(range(ranks))
+    events = [e for e in json.loads((tmp_path / "lanes.trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    for r in rs:
+        row = overlap[r["rank"]]
+        ag_lane = next(lane for lane in ag if lane["rank"] == r["rank"])
+        assert row["with"] == ag_lane["name"] and row["base_group"] == r["base_group"]
+        assert row["rs_busy_seconds"] == pytest.approx(r["busy_seconds"], abs=1e-5)
+        assert row["ag_busy_seconds"] == pytest.approx(ag_lane["busy_seconds"], abs=1e-5)
+        assert 0.0 <= row["both_busy_seconds"] <= min(row["rs_busy_seconds"], row["ag_busy_seconds"])
+        assert row["rs_fraction_overlapped"] == pytest.approx(row["both_busy_seconds"] / row["rs_busy_seconds"])
+        for lane in (r, ag_lane):
+            mine = [e for e in events if e["args"]["group"] == lane["name"] and e["pid"] % (1 << 30) == lane["rank"]]
+            assert len(mine) == lane["ops"]
+            assert sum(e["dur"] for e in mine) / 1e6 == pytest.approx(lane["busy_seconds"], abs=1e-5)
+    assert "RS overlapped" in result.stdout
     # No rank imports torch's extension build tooling (its CUDA toolkit guess
     # warns on a machine without a GPU).
     assert "No CUDA runtime is found" not in result.stderr
@@ -149,7 +167,7 @@ def test_demo_under_torchrun_joins_its_world(tmp_path: Path) -> None:
     assert summary["groups"] == {
         str(rank): {"dp_cp": [0, 1], "dp_cp_ag": [0, 1], "expt_dp_ag": None} for rank in (0, 1)
     }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "timeline.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "lanes.trace.json", "timeline.png"]
     assert json.loads((tmp_path / "demo.json").read_text())["ranks"] == 2
 
 

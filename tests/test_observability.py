@@ -219,3 +219,93 @@ def test_a_timed_out_pooled_op_writes_torchs_flight_recorder_dump_naming_it(
     assert (stuck["input_sizes"], stuck["output_sizes"]) == ([[6]], [[3]])
     # Each group's own transport is listed under its name, not as "".
     assert f"{rs_name}/transport" in dump["pg_config"]
+
+
+def _ag_and_rs_issued_together(rank: int, world: int) -> dict:
+    """Large AG and RS issued together, so their lanes run at once, inside
+    a torch.profiler run; the lanes' Chrome trace is added to its trace."""
+    _quiet()
+    pool = pycomm.CommPool()
+    ag = pool.duplicate(dist.group.WORLD, "ag")
+    rs = pool.duplicate(dist.group.WORLD, "rs")
+    elements = 1 << 21  # 8 MiB per rank: gloo takes milliseconds
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            works = [
+                dist.all_gather_into_tensor(torch.empty(elements * world), torch.ones(elements), group=ag, async_op=True),
+                dist.reduce_scatter_tensor(torch.empty(elements), torch.ones(elements * world), group=rs, async_op=True),
+            ]
+            for work in works:
+                work.wait()
+    folder = tempfile.mkdtemp()
+    profiler_path = os.path.join(folder, "profiler.json")
+    prof.export_chrome_trace(profiler_path)
+    combined = pool.write_chrome_trace(os.path.join(folder, "combined.json"), profiler_trace=profiler_path)
+    alone = pool.write_chrome_trace(os.path.join(folder, "lanes.json"))
+    out = {
+        "stats": pool.stats(),
+        "combined": json.loads(combined.read_text()),
+        "alone": json.loads(alone.read_text()),
+    }
+    pool.destroy()
+    return out
+
+
+def test_stats_report_how_much_the_ag_lane_overlapped_the_rs_lane_and_the_chrome_trace_shows_the_same_intervals() -> None:
+    results = run_world(_ag_and_rs_issued_together, 2, timeout_seconds=120)
+    for rank, result in enumerate(results):
+        rows = {row["role"]: row for row in result["stats"]}
+        ag, rs = rows["ag"], rows["rs"]
+        assert ag["overlap"] == {**rs["overlap"], "with": rs["name"]}
+        assert rs["overlap"]["with"] == ag["name"]
+        overlap = rs["overlap"]
+        # One op at a time per lane: the busy union is the lane's busy time.
+        assert overlap["rs_busy_seconds"] == pytest.approx(rs["busy_seconds"], abs=1e-5)
+        assert overlap["ag_busy_seconds"] == pytest.approx(ag["busy_seconds"], abs=1e-5)
+        # Issued together, the lanes ran at the same time.
+        assert 0.0 < overlap["both_busy_seconds"] <= min(overlap["rs_busy_seconds"], overlap["ag_busy_seconds"])
+        assert overlap["rs_fraction_overlapped"] == pytest.approx(overlap["both_busy_seconds"] / overlap["rs_busy_seconds"])
+
+        lanes = [e for e in result["alone"]["traceEvents"] if e["ph"] == "X"]
+        tracks = {(e["pid"], e["tid"]): e["args"]["group"] for e in lanes}
+        assert sorted(tracks.values()) == sorted([ag["name"], rs["name"]])  # one track per lane
+        assert {pid for pid, _ in tracks} == {(1 << 30) + rank}
+        base_us = result["alone"]["baseTimeNanoseconds"] // 1000
+        spans = {
+            role: [(base_us + e["ts"], base_us + e["ts"] + e["dur"]) for e in lanes if e["args"]["role"] == role]
+            for role in ("ag", "rs")
+        }
+        assert len(spans["ag"]) == 3 and len(spans["rs"]) == 3
+        from pycomm.overlap import lane_overlap
+
+        assert lane_overlap(spans["ag"], spans["rs"]) == {k: v for k, v in overlap.items() if k != "with"}
+
+        # Beside torch.profiler's rows: each lane interval starts after its
+        # op's collective record (the call that issued it) and within a
+        # second of it, on the profiler's time base.
+        events = result["combined"]["traceEvents"]
+        issued = sorted(
+            e["ts"] for e in events if e.get("name") == "record_param_comms" and e["pid"] < (1 << 30)
+        )
+        started = sorted(e["ts"] for e in events if e.get("cat") == "pycomm_lane")
+        assert len(issued) == len(started) == 6
+        for call, start in zip(issued, started):
+            assert call <= start < call + 1e6, (call, start)
+
+
+@pytest.mark.parametrize(
+    ("ag", "rs", "both", "fraction"),
+    [
+        ([(0, 10)], [(5, 15)], 5, 0.5),
+        ([(0, 10), (20, 30)], [(5, 25)], 10, 0.5),
+        ([(0, 4), (2, 8)], [(0, 8)], 8, 1.0),  # overlapping spans of one lane count once
+        ([(10, 20)], [(0, 5), (25, 30)], 0, 0.0),
+        ([(0, 5)], [], 0, None),
+    ],
+)
+def test_lane_overlap_measures_the_time_both_lanes_were_busy(ag: list, rs: list, both: int, fraction: float | None) -> None:
+    from pycomm.overlap import lane_overlap
+
+    result = lane_overlap(ag, rs)
+    assert result["both_busy_seconds"] == both / 1e6
+    assert result["rs_fraction_overlapped"] == fraction

@@ -2,8 +2,10 @@
 describes in the environment, initializes Megatron parallel state
 with data and expert parallelism, builds the all-gather and reduce-scatter
 groups through pycomm.megatron and the pool, trains a small FSDP2 model on
-them with a progress bar, then prints a table per lane and writes a JSON
-summary and a PNG timeline of the lanes' activity."""
+them with a progress bar, then prints a table per lane and the overlap of
+each all-gather lane with its reduce-scatter lane, and writes a JSON
+summary, a PNG timeline of the lanes' activity and the same intervals as a
+Chrome/Perfetto trace."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pycomm.cli.common import (
     usage_error,
 )
 
-DEMO_FILES = ("demo.json", "timeline.png")
+DEMO_FILES = ("demo.json", "timeline.png", "lanes.trace.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pycomm.demo import demo_rank
     from pycomm.launch import preload_in_ranks
+    from pycomm.chrome_trace import write_chrome_trace
     from pycomm.timeline import plot_timeline
 
     preload_in_ranks("pycomm.megatron.quiet_import")
@@ -88,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
         for r in results
         for row in r["stats"]
     ]
+    overlap = [
+        {"rank": lane["rank"], "base_group": lane["base_group"], **lane["overlap"]}
+        for lane in lanes
+        if lane["role"] == "rs" and "overlap" in lane
+    ]
     summary = {
         "ranks": ranks,
         "ep": ep,
@@ -96,10 +104,12 @@ def run(args: argparse.Namespace) -> int:
         "losses_rank0": results[0]["losses"],
         "groups": {r["rank"]: r["groups"] for r in results},
         "lanes": lanes,
+        "overlap": overlap,
     }
     json_path = out_dir / "demo.json"
     json_path.write_text(json.dumps(summary, indent=2))
     png_path = plot_timeline(((r["rank"], r["trace"]) for r in results), out_dir / "timeline.png")
+    trace_path = write_chrome_trace(out_dir / "lanes.trace.json", {r["rank"]: r["trace"] for r in results})
     if args.json:
         print_json(summary)
         return 0
@@ -114,7 +124,24 @@ def run(args: argparse.Namespace) -> int:
             f"{lane['bytes'] / 2**20:.2f}", f"{lane['busy_seconds'] * 1e3:.1f}",
         )
     console.print(table)
+    console.print(_overlap_table(overlap))
     losses = results[0]["losses"]
     console.print(f"loss (rank 0): {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps; {elapsed:.1f} s")
-    console.print(f"wrote {json_path} and {png_path}")
+    console.print(f"wrote {json_path}, {png_path} and {trace_path} (open it in ui.perfetto.dev)")
     return 0
+
+
+def _overlap_table(overlap: list[dict]) -> "Table":
+    from rich.table import Table
+
+    table = Table(title="all-gather lane busy while the reduce-scatter lane was (per rank)")
+    for column in ("rank", "base group", "RS busy ms", "AG busy ms", "both ms", "RS overlapped"):
+        table.add_column(column, justify="right")
+    for row in overlap:
+        fraction = row["rs_fraction_overlapped"]
+        table.add_row(
+            str(row["rank"]), row["base_group"], f"{row['rs_busy_seconds'] * 1e3:.1f}",
+            f"{row['ag_busy_seconds'] * 1e3:.1f}", f"{row['both_busy_seconds'] * 1e3:.1f}",
+            "-" if fraction is None else f"{fraction:.0%}",
+        )
+    return table
