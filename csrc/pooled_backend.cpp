@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "errors.h"
+#include "op_timing.h"
 #include "flight_recorder_dump.h"
 
 namespace pycomm {
@@ -87,7 +88,8 @@ PooledBackend::PooledBackend(
       spec_(std::move(spec)),
       label_(std::make_shared<const std::string>(spec_.label())),
       context_(std::make_shared<LaneContext>(std::move(cpuComm), spec_)),
-      timeout_(spec_.timeout) {}
+      timeout_(spec_.timeout),
+      timed_(opTimingRequested()) {}
 
 PooledBackend::~PooledBackend() {
   close(/*wait=*/false);
@@ -169,7 +171,7 @@ std::pair<c10::intrusive_ptr<PooledWork>, uint64_t> PooledBackend::enqueue(
   throwIfNotOpen();
   const uint64_t seq = nextSeq_++;
   auto work = c10::make_intrusive<PooledWork>(
-      rank_, type, std::move(callers), label_, seq, timeout_ + kWaitGrace);
+      rank_, type, std::move(callers), label_, seq, timeout_ + kWaitGrace, timed_);
   {
     std::lock_guard<std::mutex> contextLock(context_->mutex);
     context_->unfinished.emplace(seq, work);

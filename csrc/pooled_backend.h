@@ -192,6 +192,7 @@ class PooledBackend : public c10d::Backend {
   State state_ = State::Open;
   uint64_t nextSeq_ = 0;
   std::chrono::milliseconds timeout_; // spec_.timeout until set_timeout()
+  const bool timed_; // TORCH_NCCL_ENABLE_TIMING when the group was made
   // One set_timeout() at a time, so the Works, the transport and the device
   // lane end up with the same value.
   std::mutex setTimeoutMutex_;

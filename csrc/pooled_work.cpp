@@ -3,12 +3,13 @@
 #include <ATen/core/jit_type.h>
 
 #include "errors.h"
+#include "op_timing.h"
 
 namespace pycomm {
 
 namespace {
-int64_t steadyNowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
+int64_t steadyNowUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
@@ -23,12 +24,14 @@ PooledWork::PooledWork(
     std::shared_ptr<const Collective> op,
     std::shared_ptr<const std::string> label,
     uint64_t seq,
-    std::chrono::milliseconds timeout)
+    std::chrono::milliseconds timeout,
+    bool timed)
     : c10d::Work(rank, opType),
       op_(std::move(op)),
       label_(std::move(label)),
       seq_(seq),
-      timeout_(timeout) {}
+      timeout_(timeout),
+      timed_(timed) {}
 
 std::string describeOp(const std::string& label, const Collective& op, uint64_t seq) {
   return label + ": " + op.describe() + " (op #" + std::to_string(seq) + ")";
@@ -39,13 +42,28 @@ std::string PooledWork::description() const {
 }
 
 void PooledWork::markStarted() {
-  startedAtMs_.store(steadyNowMs());
+  startedAtUs_.store(steadyNowUs());
+}
+
+float PooledWork::getDuration() const {
+  if (!timed_) {
+    throw ConfigError(opTimingOffMessage(description()));
+  }
+  const int64_t started = startedAtUs_.load();
+  const int64_t ended = endedAtUs_.load();
+  if (started < 0 || ended < 0) {
+    throw PycommError(
+        description() + ": Work._get_duration() is known once the op ran " +
+        (started < 0 ? "(it has not started)" : "and ended (it has not ended)"));
+  }
+  return static_cast<float>(ended - started) / 1000.0f;
 }
 
 bool PooledWork::complete(std::exception_ptr error) {
   if (claimed_.exchange(true)) {
     return false;
   }
+  endedAtUs_.store(steadyNowUs()); // before any waiter can ask for the duration
   // finish() takes mutex_ itself and wakes every waiter.
   finish(error);
   c10::intrusive_ptr<c10::ivalue::Future> future;
@@ -80,8 +98,8 @@ bool PooledWork::wait(std::chrono::milliseconds timeout) {
     }
   } else {
     while (!cv_.wait_for(lock, kWaitSlice, [&] { return completed_; })) {
-      const int64_t started = startedAtMs_.load();
-      if (started >= 0 && steadyNowMs() - started > timeout_.count()) {
+      const int64_t started = startedAtUs_.load();
+      if (started >= 0 && steadyNowUs() - started > timeout_.count() * 1000) {
         throw CollectiveTimeoutError(
             description() + " did not finish within its timeout of " +
             std::to_string(timeout_.count()) +

@@ -35,14 +35,16 @@ std::string describeOp(const std::string& label, const Collective& op, uint64_t 
 class PooledWork : public c10d::Work {
  public:
   // `label` names the group ("role 'ag' of group '3' (ranks 0,2)"), `seq`
-  // the op's place on its lane.
+  // the op's place on its lane; `timed`: getDuration() answers
+  // (op_timing.h).
   PooledWork(
       int rank,
       c10d::OpType opType,
       std::shared_ptr<const Collective> op,
       std::shared_ptr<const std::string> label,
       uint64_t seq,
-      std::chrono::milliseconds timeout);
+      std::chrono::milliseconds timeout,
+      bool timed);
 
   // The lane began running the op; its timeout counts from here, not from the
   // time spent queued behind earlier ops of the lane.
@@ -61,6 +63,11 @@ class PooledWork : public c10d::Work {
     return futureWorkResult(getFuture());
   }
 
+  // Milliseconds from the op's start on its lane to its end (torch's
+  // Work._get_duration()): ConfigError when the group was made with timing
+  // off, PycommError before the op ended.
+  float getDuration() const override;
+
   // describeOp() of this Work's op.
   std::string description() const;
   // The op's place among its group's ops (torch's Work._get_sequence_number).
@@ -73,7 +80,10 @@ class PooledWork : public c10d::Work {
   std::shared_ptr<const std::string> label_;
   uint64_t seq_;
   std::chrono::milliseconds timeout_;
-  std::atomic<int64_t> startedAtMs_{-1};
+  bool timed_;
+  // Steady-clock microseconds; -1 until then.
+  std::atomic<int64_t> startedAtUs_{-1};
+  std::atomic<int64_t> endedAtUs_{-1};
   std::atomic<bool> claimed_{false};
 
   // Marks `future` with the op's result or error_; called once per Work.

@@ -309,3 +309,36 @@ def test_lane_overlap_measures_the_time_both_lanes_were_busy(ag: list, rs: list,
     result = lane_overlap(ag, rs)
     assert result["both_busy_seconds"] == both / 1e6
     assert result["rs_fraction_overlapped"] == fraction
+
+
+def _durations(rank: int, world: int) -> dict:
+    _quiet()
+    pool = pycomm.CommPool()
+    untimed = pool.duplicate(dist.group.WORLD, "rs")
+    os.environ["TORCH_NCCL_ENABLE_TIMING"] = "1"  # read when a group is made, as torch reads it
+    timed = pool.duplicate(dist.group.WORLD, "ag")
+    out: dict = {}
+    if rank == 1:
+        time.sleep(0.3)  # rank 0's op waits for this rank's
+    began = time.perf_counter()
+    work = dist.all_gather_into_tensor(torch.empty(4 * world), torch.ones(4), group=timed, async_op=True)
+    if rank == 0:
+        out["before_end"] = expect_error(pycomm.PycommError, work._get_duration)
+    work.wait()
+    out["wall_ms"] = (time.perf_counter() - began) * 1e3
+    out["duration_ms"] = work._get_duration()
+    plain = dist.reduce_scatter_tensor(torch.empty(4), torch.ones(4 * world), group=untimed, async_op=True)
+    plain.wait()
+    out["untimed"] = expect_error(pycomm.ConfigError, plain._get_duration)
+    pool.destroy()
+    return out
+
+
+def test_work_get_duration_times_pooled_ops_when_torch_nccl_enable_timing_is_on() -> None:
+    results = run_world(_durations, 2, timeout_seconds=120)
+    for result in results:
+        assert 0.0 < result["duration_ms"] <= result["wall_ms"] + 1.0, result
+        assert "TORCH_NCCL_ENABLE_TIMING=1" in result["untimed"]
+    # Rank 0's op started at once and waited for rank 1's, issued 300 ms later.
+    assert results[0]["duration_ms"] >= 200.0, results[0]
+    assert "known once the op ran and ended" in results[0]["before_end"]

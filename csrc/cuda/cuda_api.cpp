@@ -88,6 +88,9 @@ class RuntimeCudaApi final : public CudaApi {
   cudaError_t eventQuery(cudaEvent_t event) override {
     return cudaEventQuery(event);
   }
+  cudaError_t eventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) override {
+    return cudaEventElapsedTime(ms, start, end);
+  }
   const char* getErrorName(cudaError_t error) override {
     return cudaGetErrorName(error);
   }

@@ -55,6 +55,8 @@ class CudaApi {
   virtual cudaError_t eventRecord(cudaEvent_t event, cudaStream_t stream) = 0;
   // cudaSuccess once the recorded work is done, cudaErrorNotReady before.
   virtual cudaError_t eventQuery(cudaEvent_t event) = 0;
+  // Milliseconds between two passed events, both made with timing.
+  virtual cudaError_t eventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) = 0;
 
   virtual const char* getErrorName(cudaError_t error) = 0;
   virtual const char* getErrorString(cudaError_t error) = 0;

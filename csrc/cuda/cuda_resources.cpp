@@ -63,10 +63,10 @@ int CudaStream::priority() const {
   return priority;
 }
 
-CudaEvent::CudaEvent(std::shared_ptr<CudaApi> api) : api_(std::move(api)) {
+CudaEvent::CudaEvent(std::shared_ptr<CudaApi> api, bool timed) : api_(std::move(api)) {
   checkCuda(
       *api_,
-      api_->eventCreateWithFlags(&event_, cudaEventDisableTiming),
+      api_->eventCreateWithFlags(&event_, timed ? cudaEventDefault : cudaEventDisableTiming),
       "cudaEventCreateWithFlags");
 }
 
@@ -80,6 +80,12 @@ void CudaEvent::record(cudaStream_t stream) {
 
 void CudaEvent::block(cudaStream_t stream) const {
   checkCuda(*api_, api_->streamWaitEvent(stream, event_, 0), "cudaStreamWaitEvent");
+}
+
+float CudaEvent::millisecondsSince(const CudaEvent& start) const {
+  float ms = 0.0f;
+  checkCuda(*api_, api_->eventElapsedTime(&ms, start.event_, event_), "cudaEventElapsedTime");
+  return ms;
 }
 
 bool CudaEvent::query() const {
@@ -101,7 +107,7 @@ std::shared_ptr<EndEvent> EndEventPool::take() {
     }
   }
   if (!event) {
-    event = std::make_unique<EndEvent>(api_);
+    event = std::make_unique<EndEvent>(api_, timed_);
   }
   event->reset();
   std::weak_ptr<EndEventPool> pool = weak_from_this();

@@ -65,11 +65,12 @@ class CudaStream {
   cudaStream_t stream_ = nullptr;
 };
 
-// An event without timing (cheaper to record and wait on), on the current
-// device, destroyed with it; CUDA releases it once pending work is done.
+// An event on the current device, destroyed with it; CUDA releases it once
+// pending work is done. Without timing unless asked (cheaper to record and
+// wait on).
 class CudaEvent {
  public:
-  explicit CudaEvent(std::shared_ptr<CudaApi> api);
+  explicit CudaEvent(std::shared_ptr<CudaApi> api, bool timed = false);
   ~CudaEvent();
   CudaEvent(const CudaEvent&) = delete;
   CudaEvent& operator=(const CudaEvent&) = delete;
@@ -79,6 +80,8 @@ class CudaEvent {
   void block(cudaStream_t stream) const;
   // True once the recorded work is done; throws on a device error.
   bool query() const;
+  // Milliseconds from `start` to this event, both timed and passed.
+  float millisecondsSince(const CudaEvent& start) const;
 
  private:
   std::shared_ptr<CudaApi> api_;
@@ -91,7 +94,8 @@ class CudaEvent {
 // not passed (an event never recorded would count as passed in CUDA).
 class EndEvent {
  public:
-  explicit EndEvent(std::shared_ptr<CudaApi> api) : event_(std::move(api)) {}
+  explicit EndEvent(std::shared_ptr<CudaApi> api, bool timed = false)
+      : event_(std::move(api), timed) {}
   void record(cudaStream_t stream) {
     event_.record(stream);
     recorded_.store(true, std::memory_order_release);
@@ -105,6 +109,10 @@ class EndEvent {
   }
   void block(cudaStream_t stream) const {
     event_.block(stream);
+  }
+  // Milliseconds from `start` to this event (both timed and passed).
+  float millisecondsSince(const EndEvent& start) const {
+    return event_.millisecondsSince(start.event_);
   }
   // For reuse by the next op.
   void reset() {
@@ -122,13 +130,16 @@ class EndEvent {
 // already queued on it keeps the state it had, so reuse is safe.
 class EndEventPool : public std::enable_shared_from_this<EndEventPool> {
  public:
-  explicit EndEventPool(std::shared_ptr<CudaApi> api) : api_(std::move(api)) {}
+  // `timed`: its events can time the span between two of them.
+  EndEventPool(std::shared_ptr<CudaApi> api, bool timed)
+      : api_(std::move(api)), timed_(timed) {}
   std::shared_ptr<EndEvent> take();
 
  private:
   void giveBack(EndEvent* event);
   static constexpr size_t kKept = 64;
   std::shared_ptr<CudaApi> api_;
+  bool timed_;
   std::mutex mutex_;
   std::vector<std::unique_ptr<EndEvent>> free_;
 };

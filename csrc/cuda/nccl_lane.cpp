@@ -8,6 +8,7 @@
 #include "errors.h"
 #include "flight_recorder_dump.h"
 #include "nccl_calls.h"
+#include "op_timing.h"
 
 namespace pycomm {
 
@@ -101,7 +102,13 @@ NcclLane::NcclLane(
     stream_ = std::make_unique<CudaStream>(spec_.comm.apis.cuda, priority);
     callerReady_ = std::make_unique<CudaEvent>(spec_.comm.apis.cuda);
   }
-  endEvents_ = std::make_shared<EndEventPool>(spec_.comm.apis.cuda);
+  // Timing needs timed end events and a start event per op, as torch's NCCL
+  // backend records them only under TORCH_NCCL_ENABLE_TIMING.
+  const bool timed = opTimingRequested();
+  endEvents_ = std::make_shared<EndEventPool>(spec_.comm.apis.cuda, timed);
+  if (timed) {
+    startEvents_ = std::make_shared<EndEventPool>(spec_.comm.apis.cuda, true);
+  }
   const int64_t freeBefore = freeDeviceMemory();
   comm_ = parent != nullptr ? NcclComm::split(spec_.comm, *parent->comm_)
                             : NcclComm::initRank(spec_.comm, uniqueId);
@@ -263,10 +270,17 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     // would otherwise be counted in.
     freeBeforeFirstUse_ = freeDeviceMemory();
   }
+  std::shared_ptr<EndEvent> start;
   std::shared_ptr<EndEvent> end;
   try {
     callerReady_->record(caller);
     callerReady_->block(stream_->get());
+    if (startEvents_) {
+      // Behind what the op waits for, ahead of the kernels NCCL's thread
+      // appends: it passes when the op can start.
+      start = startEvents_->take();
+      start->record(stream_->get());
+    }
     end = endEvents_->take();
     launchCollective(op, types, description, end);
   } catch (...) {
@@ -288,6 +302,7 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
       static_cast<int>(spec_.comm.rank),
       type,
       op.results(),
+      std::move(start),
       std::move(end),
       [lane = weak_from_this()] {
         if (auto self = lane.lock()) {

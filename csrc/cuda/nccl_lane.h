@@ -243,6 +243,7 @@ class NcclLane : public DeviceLane,
   // wait takes the event's state when it is queued, so one event serves all.
   std::unique_ptr<CudaEvent> callerReady_;
   std::shared_ptr<EndEventPool> endEvents_;
+  std::shared_ptr<EndEventPool> startEvents_; // only with timing (op_timing.h)
 
   std::mutex issueMutex_; // one issue at a time, in order; state changes too
   mutable std::mutex mutex_; // guards everything below

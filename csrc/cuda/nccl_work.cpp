@@ -3,6 +3,7 @@
 #include <ATen/core/jit_type.h>
 
 #include "errors.h"
+#include "op_timing.h"
 
 namespace pycomm {
 
@@ -19,6 +20,7 @@ NcclWork::NcclWork(
     int rank,
     c10d::OpType opType,
     std::vector<at::Tensor> outputs,
+    std::shared_ptr<EndEvent> start,
     std::shared_ptr<EndEvent> end,
     std::function<void()> settle,
     c10::Device device,
@@ -27,12 +29,25 @@ NcclWork::NcclWork(
     : c10d::Work(rank, opType),
       cuda_(std::move(cuda)),
       outputs_(std::move(outputs)),
+      start_(std::move(start)),
       end_(std::move(end)),
       settle_(std::move(settle)),
       device_(device),
       seq_(seq),
       description_(std::move(description)),
       future_(c10::make_intrusive<c10::ivalue::Future>(tensorListType())) {}
+
+float NcclWork::getDuration() const {
+  if (!start_) {
+    throw ConfigError(opTimingOffMessage(description_));
+  }
+  DeviceScope device(*cuda_, device_.index());
+  if (!end_->passed()) {
+    throw PycommError(
+        description_ + ": Work._get_duration() is known once the op ended on the device");
+  }
+  return end_->millisecondsSince(*start_);
+}
 
 bool NcclWork::complete(std::exception_ptr error) {
   if (claimed_.exchange(true)) {

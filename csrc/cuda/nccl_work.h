@@ -38,6 +38,7 @@ class NcclWork : public c10d::Work {
       int rank,
       c10d::OpType opType,
       std::vector<at::Tensor> outputs,
+      std::shared_ptr<EndEvent> start,
       std::shared_ptr<EndEvent> end,
       std::function<void()> settle,
       c10::Device device,
@@ -59,6 +60,11 @@ class NcclWork : public c10d::Work {
     return futureWorkResult(getFuture());
   }
 
+  // Milliseconds between the op's start and end events on the device
+  // (torch's Work._get_duration()): ConfigError when the lane was made with
+  // timing off (no start event), PycommError before the end event passed.
+  float getDuration() const override;
+
   const std::string& description() const {
     return description_;
   }
@@ -75,6 +81,7 @@ class NcclWork : public c10d::Work {
 
   std::shared_ptr<CudaApi> cuda_;
   std::vector<at::Tensor> outputs_;
+  std::shared_ptr<EndEvent> start_; // null without timing
   std::shared_ptr<EndEvent> end_;
   std::function<void()> settle_; // makes the lane see NCCL take its last launch
   c10::Device device_;

@@ -86,8 +86,13 @@ struct SimStream {
 // Guarded by SimGpu::Impl::mu.
 struct SimEvent {
   int device = 0;
+  bool timed = true; // created without cudaEventDisableTiming
   std::shared_ptr<SimStream> stream; // where it was last recorded; null if never
   uint64_t seq = 0; // completes when stream->completed reaches this
+  // When its stream passed the last record (steady-clock ns), written by
+  // the stream's worker before it counts the record completed; one per
+  // record, so recording again never changes an earlier record's time.
+  std::shared_ptr<std::atomic<int64_t>> passedAtNs;
 };
 
 // A block of simulated device memory, owned by SimGpu::Impl until the SimGpu
@@ -708,11 +713,12 @@ cudaError_t SimGpu::threadExchangeStreamCaptureMode(cudaStreamCaptureMode* mode)
   return cudaSuccess;
 }
 
-cudaError_t SimGpu::eventCreateWithFlags(cudaEvent_t* event, unsigned int /*flags*/) {
+cudaError_t SimGpu::eventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
   if (event == nullptr) {
     return cudaErrorInvalidValue;
   }
   auto e = std::make_shared<SimEvent>();
+  e->timed = (flags & cudaEventDisableTiming) == 0;
   std::lock_guard<std::mutex> lock(impl_->mu);
   e->device = impl_->self().device;
   impl_->ensureContextLocked(e->device);
@@ -745,14 +751,48 @@ cudaError_t SimGpu::eventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (s->device != e.device) {
     return cudaErrorInvalidResourceHandle; // as CUDA: the event belongs to another device
   }
-  // A no-op marker: the event completes when the worker has passed it.
-  StreamItem marker{[] {}};
+  // A marker that notes when the worker passed it: the event completes then.
+  auto passedAt = std::make_shared<std::atomic<int64_t>>(-1);
+  StreamItem marker{[passedAt] {
+    passedAt->store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now().time_since_epoch())
+                        .count());
+  }};
   const uint64_t seq = impl_->enqueue(s, marker);
   if (seq == 0) {
     return cudaErrorInvalidResourceHandle;
   }
   e.stream = s;
   e.seq = seq;
+  e.passedAtNs = std::move(passedAt);
+  return cudaSuccess;
+}
+
+cudaError_t SimGpu::eventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  if (ms == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  auto first = impl_->events.find(reinterpret_cast<SimEvent*>(start));
+  auto last = impl_->events.find(reinterpret_cast<SimEvent*>(end));
+  if (first == impl_->events.end() || last == impl_->events.end()) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  const SimEvent& a = *first->second;
+  const SimEvent& b = *last->second;
+  // CUDA runtime API, cudaEventElapsedTime: "If cudaEventRecord() has not
+  // been called on either event, then cudaErrorInvalidResourceHandle is
+  // returned. If cudaEventRecord() has been called on both events but one
+  // or both of them has not yet been completed ..., cudaErrorNotReady is
+  // returned. If either event was created with the cudaEventDisableTiming
+  // flag, then this function will return cudaErrorInvalidResourceHandle."
+  if (!a.timed || !b.timed || !a.stream || !b.stream) {
+    return cudaErrorInvalidResourceHandle;
+  }
+  if (!Impl::reached(*a.stream, a.seq) || !Impl::reached(*b.stream, b.seq)) {
+    return cudaErrorNotReady;
+  }
+  *ms = static_cast<float>(b.passedAtNs->load() - a.passedAtNs->load()) / 1e6f;
   return cudaSuccess;
 }
 

@@ -84,6 +84,7 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   cudaError_t eventDestroy(cudaEvent_t event) override;
   cudaError_t eventRecord(cudaEvent_t event, cudaStream_t stream) override;
   cudaError_t eventQuery(cudaEvent_t event) override;
+  cudaError_t eventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) override;
   const char* getErrorName(cudaError_t error) override;
   const char* getErrorString(cudaError_t error) override;
   // torch's current stream: the one set with setCurrentStream(), else the

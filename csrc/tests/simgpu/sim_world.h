@@ -8,9 +8,11 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -81,6 +83,42 @@ inline void onRanks(int ranks, const std::function<void(int)>& fn) {
     }
   }
 }
+
+// Waits until `done()` or `timeout`; whether it came true.
+inline bool eventually(
+    const std::function<bool()>& done,
+    std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  for (auto deadline = std::chrono::steady_clock::now() + timeout;
+       std::chrono::steady_clock::now() < deadline;
+       std::this_thread::sleep_for(std::chrono::milliseconds(2))) {
+    if (done()) {
+      return true;
+    }
+  }
+  return done();
+}
+
+// Sets an environment variable for one test and puts it back after.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* old = std::getenv(name)) {
+      old_ = old;
+    }
+    ::setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (old_) {
+      ::setenv(name_, old_->c_str(), 1);
+    } else {
+      ::unsetenv(name_);
+    }
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
 
 // The lanes of one role on every rank, made collectively: from a unique id,
 // or split from `parents` (one per rank) when given.

@@ -30,28 +30,6 @@ namespace {
 // test of the dump is the one to write it.
 const bool kFlightRecorderOffByDefault = ::setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/0) == 0;
 
-// Sets an environment variable for one test and puts it back after.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const std::string& value) : name_(name) {
-    if (const char* old = std::getenv(name)) {
-      old_ = old;
-    }
-    ::setenv(name, value.c_str(), 1);
-  }
-  ~ScopedEnv() {
-    if (old_) {
-      ::setenv(name_, old_->c_str(), 1);
-    } else {
-      ::unsetenv(name_);
-    }
-  }
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
-
 int threadCount() {
   int n = 0;
   if (DIR* dir = opendir("/proc/self/task")) {
@@ -61,18 +39,6 @@ int threadCount() {
     closedir(dir);
   }
   return n;
-}
-
-// Waits until `done()` or 5 s; whether it came true.
-bool eventually(const std::function<bool()>& done) {
-  for (auto deadline = std::chrono::steady_clock::now() + 5s;
-       std::chrono::steady_clock::now() < deadline;
-       std::this_thread::sleep_for(2ms)) {
-    if (done()) {
-      return true;
-    }
-  }
-  return done();
 }
 
 template <typename Error>

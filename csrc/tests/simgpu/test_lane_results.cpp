@@ -3,6 +3,7 @@
 // and on one split from it; ordering against the caller's stream; overlap
 // across lanes and none within one.
 #include <cstring>
+#include <future>
 
 #include "errors.h"
 #include "sim_world.h"
@@ -534,6 +535,64 @@ TEST(LaneOverlap, OpsOnOneLaneRunInIssueOrder) {
     }
   }
   EXPECT_EQ(kernels, 6);
+  closeAll(lanes);
+}
+
+// Work._get_duration() under TORCH_NCCL_ENABLE_TIMING: the time between
+// the op's start and end events on the lane's stream, which hold its kernel.
+TEST(LaneTiming, DurationSpansTheOpsKernelWhenTimingIsOn) {
+  ScopedEnv timing("TORCH_NCCL_ENABLE_TIMING", "1");
+  SimWorld world(2);
+  world.nccl->setCollectiveDuration(40ms);
+  auto lanes = makeLanes(world, "ag");
+  connectLanes(world, lanes); // a first op waits in issue() for every peer's
+  std::vector<float> durations(2, -1.0f);
+  std::promise<void> rank0Asked;
+  auto asked = rank0Asked.get_future();
+  onRanks(2, [&](int r) {
+    if (r == 1) {
+      // The op cannot end before rank 1 issues it.
+      ASSERT_EQ(asked.wait_for(10s), std::future_status::ready);
+    }
+    auto op = allGather(at::ones({64}), at::empty({128}));
+    auto work = issue(*lanes[r], op);
+    if (r == 0) {
+      EXPECT_NE(
+          thrownText<PycommError>([&] { work->getDuration(); }).find("known once the op ended"),
+          std::string::npos);
+      rank0Asked.set_value();
+    }
+    ASSERT_TRUE(eventually([&] { return work->isCompleted(); }, 10s));
+    durations[r] = work->getDuration();
+  });
+  for (int r = 0; r < 2; ++r) {
+    const KernelInterval* kernel = nullptr;
+    for (const auto& k : world.gpu->timeline()) {
+      if (k.device == SimWorld::deviceOf(r) && k.comm != 0) {
+        kernel = &k;
+      }
+    }
+    ASSERT_NE(kernel, nullptr);
+    const float kernelMs = static_cast<float>(kernel->endUs - kernel->startUs) / 1000.0f;
+    EXPECT_GE(kernelMs, 40.0f);
+    EXPECT_GE(durations[r], kernelMs - 0.5f) << "rank " << r;
+    EXPECT_LT(durations[r], kernelMs + 5000.0f) << "rank " << r;
+  }
+  closeAll(lanes);
+}
+
+TEST(LaneTiming, DurationNeedsTimingOnWhenTheLaneIsMade) {
+  ScopedEnv timing("TORCH_NCCL_ENABLE_TIMING", "0");
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "rs");
+  onRanks(2, [&](int r) {
+    auto op = allGather(at::ones({4}), at::empty({8}));
+    auto work = issue(*lanes[r], op);
+    ASSERT_TRUE(eventually([&] { return work->isCompleted(); }, 10s));
+    EXPECT_NE(
+        thrownText<ConfigError>([&] { work->getDuration(); }).find("TORCH_NCCL_ENABLE_TIMING=1"),
+        std::string::npos);
+  });
   closeAll(lanes);
 }
 

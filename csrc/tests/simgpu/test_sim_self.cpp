@@ -279,6 +279,42 @@ TEST(SimGpu, EventsAndCrossStreamWaits) {
   tearDown(w, {}, {a, b, c, other});
 }
 
+// cudaEventElapsedTime as the CUDA runtime documents it: both events timed,
+// recorded and passed, else InvalidResourceHandle / NotReady.
+TEST(SimGpu, ElapsedTimeNeedsTwoTimedEventsThatPassed) {
+  World w;
+  ASSERT_EQ(w.gpu->setDevice(0), cudaSuccess);
+  cudaStream_t s = w.gpu->createStream(0);
+  cudaEvent_t start = nullptr, end = nullptr, untimed = nullptr;
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&start, cudaEventDefault), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&end, cudaEventDefault), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&untimed, cudaEventDisableTiming), cudaSuccess);
+  float ms = -1.0f;
+  EXPECT_EQ(w.gpu->eventElapsedTime(&ms, start, end), cudaErrorInvalidResourceHandle); // never recorded
+
+  Gate gate;
+  ASSERT_EQ(w.gpu->eventRecord(start, s), cudaSuccess);
+  w.gpu->launch(s, [&] {
+    gate.wait();
+    std::this_thread::sleep_for(20ms);
+  });
+  ASSERT_EQ(w.gpu->eventRecord(end, s), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventRecord(untimed, s), cudaSuccess);
+  EXPECT_EQ(w.gpu->eventElapsedTime(&ms, start, end), cudaErrorNotReady);
+  gate.open();
+  ASSERT_TRUE(w.gpu->synchronize(s, 10s));
+  ASSERT_EQ(w.gpu->eventElapsedTime(&ms, start, end), cudaSuccess);
+  EXPECT_GE(ms, 20.0f);
+  EXPECT_LT(ms, 5000.0f);
+  EXPECT_EQ(w.gpu->eventElapsedTime(&ms, start, untimed), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(w.gpu->eventElapsedTime(nullptr, start, end), cudaErrorInvalidValue);
+
+  for (cudaEvent_t e : {start, end, untimed}) {
+    EXPECT_EQ(w.gpu->eventDestroy(e), cudaSuccess);
+  }
+  tearDown(w, {}, {s});
+}
+
 TEST(SimGpu, ContextAccounting) {
   World w;
   EXPECT_TRUE(w.gpu->devicesWithContext().empty());
