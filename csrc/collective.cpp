@@ -298,4 +298,8 @@ void validate(const Collective& op, int64_t groupSize) {
   }
 }
 
+std::string Collective::profilingTitle(const char* transport) const {
+  return std::string(transport) + ":" + (spanName != nullptr ? spanName : "unknown");
+}
+
 } // namespace pycomm

@@ -32,6 +32,12 @@ struct Collective {
   std::vector<at::Tensor> outputs;
   c10d::ReduceOp::RedOpType reduceOp = c10d::ReduceOp::SUM;
   int64_t root = 0;
+  // The name torch's NCCL backend gives the span of the entry point the
+  // user called ("_reduce_scatter_base"), set only while a profiler
+  // listens: the op's Work then spans it as "<transport>:<name>"
+  // ("nccl:_reduce_scatter_base", the names HTA and Chakra's converter
+  // know). A string literal.
+  const char* spanName = nullptr;
 
   // Bytes the op moves as nccl-tests counts them: the full gathered size for
   // all-gather, the full input size for reduce-scatter, the buffer size for
@@ -49,6 +55,8 @@ struct Collective {
   // A number equal on all ranks exactly when they issue the same op with the
   // same shapes and dtypes, for the order check.
   uint64_t fingerprint() const;
+  // "<transport>:<spanName>", the title of the op's profiler span.
+  std::string profilingTitle(const char* transport) const;
 };
 
 // A tensor of the caller's that an op runs on a contiguous copy of: the copy

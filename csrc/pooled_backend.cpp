@@ -114,7 +114,8 @@ void PooledBackend::throwIfNotOpen() const {
 c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
     Collective op,
     c10d::OpType type,
-    const char* collective) {
+    const char* collective,
+    const char* spanName) {
   if (!at::hasCallbacks()) {
     return route(std::move(op), type); // no profiler listens: nothing to build
   }
@@ -139,6 +140,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
       rankStart,
       rankStride,
       static_cast<int>(spec_.globalRanks.size()));
+  op.spanName = spanName;
   return route(std::move(op), type);
 }
 
@@ -397,7 +399,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::_allgather_base(
   op.kind = CollectiveKind::AllGather;
   op.inputs = {input};
   op.outputs = {output};
-  return submit(std::move(op), c10d::OpType::_ALLGATHER_BASE, "_allgather_base");
+  return submit(std::move(op), c10d::OpType::_ALLGATHER_BASE, "_allgather_base", "_all_gather_base");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::allgather_into_tensor_coalesced(
@@ -410,7 +412,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::allgather_into_tensor_coalesced(
   op.outputs = outputs;
   // OpType::COALESCED, not the per-kind values torch 2.14 added, so the
   // same source builds against torch 2.11 to 2.15.
-  return submit(std::move(op), c10d::OpType::COALESCED, "allgather_into_tensor_coalesced");
+  return submit(std::move(op), c10d::OpType::COALESCED, "allgather_into_tensor_coalesced", "all_gather_into_tensor_coalesced");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::_reduce_scatter_base(
@@ -422,7 +424,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::_reduce_scatter_base(
   op.inputs = {input};
   op.outputs = {output};
   op.reduceOp = opts.reduceOp.op_;
-  return submit(std::move(op), c10d::OpType::_REDUCE_SCATTER_BASE, "_reduce_scatter_base");
+  return submit(std::move(op), c10d::OpType::_REDUCE_SCATTER_BASE, "_reduce_scatter_base", "_reduce_scatter_base");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter_tensor_coalesced(
@@ -434,7 +436,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter_tensor_coalesced(
   op.inputs = inputs;
   op.outputs = outputs;
   op.reduceOp = opts.reduceOp.op_;
-  return submit(std::move(op), c10d::OpType::COALESCED, "reduce_scatter_tensor_coalesced"); // see above
+  return submit(std::move(op), c10d::OpType::COALESCED, "reduce_scatter_tensor_coalesced", "reduce_scatter_tensor_coalesced"); // see above
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce(
@@ -444,7 +446,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce(
   op.kind = CollectiveKind::AllReduce;
   op.inputs = tensors;
   op.reduceOp = opts.reduceOp.op_;
-  return submit(std::move(op), c10d::OpType::ALLREDUCE, "allreduce");
+  return submit(std::move(op), c10d::OpType::ALLREDUCE, "allreduce", "all_reduce");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::broadcast(
@@ -454,14 +456,14 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::broadcast(
   op.kind = CollectiveKind::Broadcast;
   op.inputs = tensors;
   op.root = opts.rootRank;
-  return submit(std::move(op), c10d::OpType::BROADCAST, "broadcast");
+  return submit(std::move(op), c10d::OpType::BROADCAST, "broadcast", "broadcast");
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::barrier(
     const c10d::BarrierOptions& /*opts*/) {
   Collective op;
   op.kind = CollectiveKind::Barrier;
-  return submit(std::move(op), c10d::OpType::BARRIER, "barrier");
+  return submit(std::move(op), c10d::OpType::BARRIER, "barrier", "barrier");
 }
 
 uint64_t PooledBackend::getSequenceNumberForGroup() {

@@ -148,10 +148,11 @@ class PooledBackend : public c10d::Backend {
   // cross-rank order (an op of the device lane, with PYCOMM_DEBUG=order).
   enum class Run { Op, OrderCheckOnly };
 
-  // `collective` names the op in profiler records as torch's NCCL backend
-  // names it (the entry point called, not the transport's op).
+  // `collective` names the op in profiler records, `spanName` its span
+  // (Collective::spanName), as torch's NCCL backend names them (the entry
+  // point called, not the transport's op).
   c10::intrusive_ptr<c10d::Work> submit(
-      Collective op, c10d::OpType type, const char* collective);
+      Collective op, c10d::OpType type, const char* collective, const char* spanName);
   // Hands `op` to the lane its tensors belong to.
   c10::intrusive_ptr<c10d::Work> route(Collective op, c10d::OpType type);
   // Every member's `values` (the same count on each), by group rank,

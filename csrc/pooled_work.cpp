@@ -26,7 +26,14 @@ PooledWork::PooledWork(
     uint64_t seq,
     std::chrono::milliseconds timeout,
     bool timed)
-    : c10d::Work(rank, opType),
+    // torch's Work opens the span when given a title, and finish() closes it.
+    // "pycomm:", not "gloo:": gloo's own spans of the ops it runs for this
+    // one are there too, under gloo's names.
+    : c10d::Work(
+          rank,
+          opType,
+          op->spanName != nullptr ? op->profilingTitle("pycomm").c_str() : nullptr,
+          op->spanName != nullptr ? std::optional(op->inputs) : std::nullopt),
       op_(std::move(op)),
       label_(std::move(label)),
       seq_(seq),

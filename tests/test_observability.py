@@ -35,7 +35,7 @@ def _profiled_ag_and_rs(rank: int, world: int) -> dict:
     pool = pycomm.CommPool()
     ag = pool.duplicate(dist.group.WORLD, "ag")
     rs = pool.duplicate(dist.group.WORLD, "rs")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(2):
             gathered = torch.empty(4 * world)
             dist.all_gather_into_tensor(gathered, torch.full((4,), float(rank)), group=ag)
@@ -46,12 +46,17 @@ def _profiled_ag_and_rs(rank: int, world: int) -> dict:
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     records = [e["args"] for e in events if e.get("name") == "record_param_comms"]
+    spans = [
+        {"name": e["name"], "ts": e["ts"], "dur": e["dur"], "input_dims": e.get("args", {}).get("Input Dims")}
+        for e in events
+        if e.get("name", "").startswith("pycomm:") and e.get("ph") == "X"
+    ]
     names = {
         "ag": dist.distributed_c10d._get_process_group_name(ag),
         "rs": dist.distributed_c10d._get_process_group_name(rs),
     }
     pool.destroy()
-    return {"records": records, "names": names}
+    return {"records": records, "spans": spans, "names": names}
 
 
 def test_profiler_records_pooled_all_gathers_and_reduce_scatters_under_their_own_groups() -> None:
@@ -82,6 +87,15 @@ def test_profiler_records_pooled_all_gathers_and_reduce_scatters_under_their_own
             assert record["Group size"] == world
             assert record["Process Group Ranks"] == "[0, 1]"
             assert (record["Global rank start"], record["Global rank stride"]) == (0, 1)
+        # Each op's span from issue to completion, named as torch's NCCL
+        # backend names its own ("nccl:_all_gather_base"); gloo's spans of
+        # the ops it ran for them keep gloo's names.
+        spans = result["spans"]
+        assert [s["name"] for s in sorted(spans, key=lambda s: s["ts"])] == [
+            "pycomm:_all_gather_base", "pycomm:_all_gather_base", "pycomm:_reduce_scatter_base"
+        ]
+        assert all(s["dur"] > 0 for s in spans)
+        assert sorted(s["input_dims"] for s in spans) == [[[4]], [[4]], [[6]]]
 
 
 def _ops_under_detail(rank: int, world: int) -> dict:
@@ -96,6 +110,10 @@ def _ops_under_detail(rank: int, world: int) -> dict:
     out["work_seq"] = work._get_sequence_number()
     out["work_result"] = work.get_future_result().wait()
     out["group_seq"] = ag._get_sequence_number_for_group()
+    # pycomm's own methods, through the wrapper as for a ProcessGroupNCCL group
+    unwrapped = ag._get_backend(torch.device("cpu")).wrapped_pg
+    out["unwrapped"] = type(unwrapped).__name__
+    out["unwrapped_ops"] = unwrapped.stats()["ops"]
     count = 3 if rank == 0 else 2  # different shapes: the wrapper's check names them
     out["mismatch"] = expect_error(
         RuntimeError,
@@ -119,6 +137,8 @@ def test_detail_debug_mode_runs_pooled_ops_and_names_ranks_that_disagree(
         assert result["work_seq"] == 0
         assert result["work_result"] == 0  # c10d WorkResult::SUCCESS
         assert result["group_seq"] == 1
+        assert result["unwrapped"] == "PooledBackend"
+        assert result["unwrapped_ops"] == 1
         assert "Detected mismatch between collectives on ranks" in result["mismatch"]
         assert "SequenceNumber=1" in result["mismatch"]
 

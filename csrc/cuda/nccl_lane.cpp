@@ -297,10 +297,13 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
 
   std::vector<at::Tensor> tensors = op.inputs;
   tensors.insert(tensors.end(), op.outputs.begin(), op.outputs.end());
+  const std::string title = op.spanName != nullptr ? op.profilingTitle("nccl") : "";
   auto work = c10::make_intrusive<NcclWork>(
       spec_.comm.apis.cuda,
       static_cast<int>(spec_.comm.rank),
       type,
+      op.spanName != nullptr ? title.c_str() : nullptr,
+      op.inputs,
       op.results(),
       std::move(start),
       std::move(end),

@@ -19,6 +19,8 @@ NcclWork::NcclWork(
     std::shared_ptr<CudaApi> cuda,
     int rank,
     c10d::OpType opType,
+    const char* profilingTitle,
+    const std::vector<at::Tensor>& inputs,
     std::vector<at::Tensor> outputs,
     std::shared_ptr<EndEvent> start,
     std::shared_ptr<EndEvent> end,
@@ -26,7 +28,11 @@ NcclWork::NcclWork(
     c10::Device device,
     uint64_t seq,
     std::string description)
-    : c10d::Work(rank, opType),
+    : c10d::Work(
+          rank,
+          opType,
+          profilingTitle,
+          profilingTitle != nullptr ? std::optional(inputs) : std::nullopt),
       cuda_(std::move(cuda)),
       outputs_(std::move(outputs)),
       start_(std::move(start)),

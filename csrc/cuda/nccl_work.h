@@ -33,10 +33,14 @@ namespace pycomm {
 
 class NcclWork : public c10d::Work {
  public:
+  // `profilingTitle` (null when no profiler listens) opens the op's span
+  // over `inputs` until the work completes, as ProcessGroupNCCL's Works do.
   NcclWork(
       std::shared_ptr<CudaApi> cuda,
       int rank,
       c10d::OpType opType,
+      const char* profilingTitle,
+      const std::vector<at::Tensor>& inputs,
       std::vector<at::Tensor> outputs,
       std::shared_ptr<EndEvent> start,
       std::shared_ptr<EndEvent> end,

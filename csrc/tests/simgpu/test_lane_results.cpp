@@ -2,8 +2,12 @@
 // reduce op it supports against a reference, on a lane made from a unique id
 // and on one split from it; ordering against the caller's stream; overlap
 // across lanes and none within one.
+#include <algorithm>
 #include <cstring>
 #include <future>
+#include <mutex>
+
+#include <ATen/record_function.h>
 
 #include "errors.h"
 #include "sim_world.h"
@@ -593,6 +597,54 @@ TEST(LaneTiming, DurationNeedsTimingOnWhenTheLaneIsMade) {
         thrownText<ConfigError>([&] { work->getDuration(); }).find("TORCH_NCCL_ENABLE_TIMING=1"),
         std::string::npos);
   });
+  closeAll(lanes);
+}
+
+// What torch.profiler's RecordFunction callbacks see of the lane's ops.
+std::mutex gSpansMutex;
+std::vector<std::string> gSpanEvents; // "begin <name> <inputs>" / "end <name>"
+
+TEST(LaneProfiling, EachOpIsSpannedAsTorchsNcclBackendNamesItUntilItEnds) {
+  auto callback = at::addGlobalCallback(
+      at::RecordFunctionCallback(
+          [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+            const std::string name = fn.name();
+            if (name.rfind("nccl:", 0) == 0) {
+              std::lock_guard<std::mutex> lock(gSpansMutex);
+              gSpanEvents.push_back("begin " + name + " " + std::to_string(fn.inputs().size()));
+            }
+            return nullptr;
+          },
+          [](const at::RecordFunction& fn, at::ObserverContext*) {
+            const std::string name = fn.name();
+            if (name.rfind("nccl:", 0) == 0) {
+              std::lock_guard<std::mutex> lock(gSpansMutex);
+              gSpanEvents.push_back("end " + name);
+            }
+          })
+          .needsInputs(true));
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "rs");
+  connectLanes(world, lanes); // unnamed: no span
+  {
+    std::lock_guard<std::mutex> lock(gSpansMutex);
+    EXPECT_TRUE(gSpanEvents.empty());
+  }
+  onRanks(2, [&](int r) {
+    auto op = reduceScatter(at::ones({8}), at::empty({4}));
+    op.spanName = "_reduce_scatter_base";
+    auto work = issue(*lanes[r], op);
+    ASSERT_TRUE(eventually([&] { return work->isCompleted(); }, 10s));
+  });
+  at::removeCallback(callback);
+  std::lock_guard<std::mutex> lock(gSpansMutex);
+  std::vector<std::string> events = gSpanEvents;
+  std::sort(events.begin(), events.end());
+  EXPECT_EQ(
+      events,
+      (std::vector<std::string>{
+          "begin nccl:_reduce_scatter_base 1", "begin nccl:_reduce_scatter_base 1",
+          "end nccl:_reduce_scatter_base", "end nccl:_reduce_scatter_base"}));
   closeAll(lanes);
 }
 
