@@ -280,26 +280,6 @@ PYBIND11_MODULE(_C, m) {
       "Whether torch's flight recorder records: TORCH_FR_BUFFER_SIZE (or "
       "TORCH_NCCL_TRACE_BUFFER_SIZE) read as torch reads it");
   m.def(
-      "premul_sum_factor",
-      [](const c10d::ReduceOp& op) -> std::optional<double> {
-        // torch 2.11's Python ReduceOp does not expose the factor that
-        // _make_nccl_premul_sum() stores; every version keeps it here.
-        if (op.op_ != c10d::ReduceOp::PREMUL_SUM || !op.supplement_) {
-          return std::nullopt;
-        }
-        const auto* supplement =
-            dynamic_cast<const c10d::NCCLPreMulSumSupplement*>(op.supplement_.get());
-        if (supplement == nullptr) {
-          return std::nullopt;
-        }
-        if (supplement->tensor_factor.defined()) {
-          return supplement->tensor_factor.item<double>();
-        }
-        return supplement->double_factor;
-      },
-      py::arg("op"),
-      "The factor of a PREMUL_SUM ReduceOp, or None");
-  m.def(
       "nccl_config_plan",
       [](const py::dict& settings, int version) {
         return planToDict(pycomm::planNcclFields(settingsFromDict(settings), version));

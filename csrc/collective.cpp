@@ -79,6 +79,29 @@ void checkReduceOp(const Collective& op) {
         }
       }
       return;
+    case c10d::ReduceOp::PREMUL_SUM:
+      // The types ProcessGroupNCCL takes a PREMUL_SUM for (getNcclReduceOp:
+      // "PreMulSum Data type must be half, float, bfloat16 or double").
+      for (const auto& t : op.inputs) {
+        const auto type = t.scalar_type();
+        if (type != at::kHalf && type != at::kFloat && type != at::kBFloat16 &&
+            type != at::kDouble) {
+          throw UnsupportedOpError(
+              std::string(kindName(op.kind)) + " with PREMUL_SUM needs a half, "
+              "float, bfloat16 or double tensor, got " + shapeOf(t));
+        }
+        const at::Tensor& factor = op.premulTensor;
+        if (factor.defined() &&
+            (factor.numel() != 1 || factor.scalar_type() != type ||
+             factor.device() != t.device())) {
+          throw UnsupportedOpError(
+              std::string(kindName(op.kind)) + " with PREMUL_SUM: its factor "
+              "tensor must have one element of the input's type on its device, "
+              "got " + shapeOf(factor) + " on " + factor.device().str() + " for " +
+              shapeOf(t) + " on " + t.device().str());
+        }
+      }
+      return;
     case c10d::ReduceOp::AVG:
       for (const auto& t : op.inputs) {
         // An integer average would need a rounding rule torch does not
@@ -96,7 +119,7 @@ void checkReduceOp(const Collective& op) {
       throw UnsupportedOpError(
           std::string(kindName(op.kind)) + " does not support reduce op " +
           reduceOpName(op.reduceOp) +
-          "; supported: SUM, AVG, PRODUCT, MIN, MAX");
+          "; supported: SUM, AVG, PRODUCT, MIN, MAX, PREMUL_SUM");
   }
 }
 
@@ -295,6 +318,25 @@ void validate(const Collective& op, int64_t groupSize) {
         "broadcast: root " + std::to_string(op.root) +
         " is not a rank of this group (0.." + std::to_string(groupSize - 1) +
         ")");
+  }
+}
+
+void setReduceOp(Collective& op, const c10d::ReduceOp& reduceOp) {
+  op.reduceOp = reduceOp.op_;
+  if (reduceOp.op_ != c10d::ReduceOp::PREMUL_SUM) {
+    return;
+  }
+  const auto* factor =
+      dynamic_cast<const c10d::PreMulSumSupplement*>(reduceOp.supplement_.get());
+  if (factor == nullptr) {
+    throw UnsupportedOpError(
+        std::string(kindName(op.kind)) + " with PREMUL_SUM needs its factor: "
+        "make the op with torch.distributed._make_nccl_premul_sum(factor)");
+  }
+  if (factor->tensor_factor.defined()) {
+    op.premulTensor = factor->tensor_factor;
+  } else {
+    op.premulScalar = factor->double_factor;
   }
 }
 

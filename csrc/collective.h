@@ -31,6 +31,12 @@ struct Collective {
   std::vector<at::Tensor> inputs;
   std::vector<at::Tensor> outputs;
   c10d::ReduceOp::RedOpType reduceOp = c10d::ReduceOp::SUM;
+  // PREMUL_SUM's factor: each rank's input is multiplied by it, then the
+  // products are summed (NCCL's ncclRedOpCreatePreMulSum). A number, or a
+  // one-element tensor of the inputs' type on their device, read when the
+  // op runs (NCCL's ncclScalarDevice).
+  double premulScalar = 1.0;
+  at::Tensor premulTensor;
   int64_t root = 0;
   // The name torch's NCCL backend gives the span of the entry point the
   // user called ("_reduce_scatter_base"), set only while a profiler
@@ -58,6 +64,10 @@ struct Collective {
   // "<transport>:<spanName>", the title of the op's profiler span.
   std::string profilingTitle(const char* transport) const;
 };
+
+// Sets `op`'s reduce op from torch's, with PREMUL_SUM's factor (torch's
+// PreMulSumSupplement); UnsupportedOpError for a PREMUL_SUM without one.
+void setReduceOp(Collective& op, const c10d::ReduceOp& reduceOp);
 
 // A tensor of the caller's that an op runs on a contiguous copy of: the copy
 // is written back to it when the op succeeds.

@@ -30,6 +30,23 @@ struct Issued {
   std::function<void()> finish;
 };
 
+// gloo has no PREMUL_SUM: it is run as NCCL defines it, each rank's input
+// multiplied by the factor (premultiply()), then a SUM.
+c10d::ReduceOp::RedOpType reduceOpForGloo(const Collective& op) {
+  return op.reduceOp == c10d::ReduceOp::PREMUL_SUM ? c10d::ReduceOp::SUM : op.reduceOp;
+}
+
+void premultiply(at::Tensor& tensor, const Collective& op) {
+  if (op.reduceOp != c10d::ReduceOp::PREMUL_SUM) {
+    return;
+  }
+  if (op.premulTensor.defined()) {
+    tensor.mul_(op.premulTensor);
+  } else {
+    tensor.mul_(op.premulScalar);
+  }
+}
+
 // A reduce-scatter issued the way gloo runs its own (an all-reduce of a copy
 // of the input, then this rank's slice), but as gloo's all-reduce, whose Work
 // completes through a future on gloo's worker: gloo's reduce-scatter Work has
@@ -41,16 +58,17 @@ Issued issueReduceScatter(
     c10d::Backend& comm,
     const at::Tensor& input,
     const at::Tensor& output,
-    c10d::ReduceOp::RedOpType reduceOp,
+    const Collective& op,
     int64_t rank) {
   at::Tensor buffer = at::empty({input.numel()}, input.options());
   const size_t inputBytes = input.nbytes();
   if (inputBytes > 0) {
     std::memcpy(buffer.data_ptr(), input.const_data_ptr(), inputBytes);
   }
+  premultiply(buffer, op); // the copy: the caller's input stays as it was
   std::vector<at::Tensor> buffers = {buffer};
   c10d::AllreduceOptions opts;
-  opts.reduceOp = c10d::ReduceOp(reduceOp);
+  opts.reduceOp = c10d::ReduceOp(reduceOpForGloo(op));
   Issued issued{comm.allreduce(buffers, opts), nullptr};
   issued.finish = [reduced = std::move(buffer), output, rank]() mutable {
     const size_t sliceBytes = output.nbytes();
@@ -95,13 +113,15 @@ std::vector<Issued> issue(c10d::Backend& comm, Collective& op, int64_t rank) {
       break;
     case CollectiveKind::ReduceScatter:
       for (size_t i = 0; i < op.inputs.size(); ++i) {
-        issued.push_back(issueReduceScatter(
-            comm, op.inputs[i], op.outputs[i], op.reduceOp, rank));
+        issued.push_back(issueReduceScatter(comm, op.inputs[i], op.outputs[i], op, rank));
       }
       break;
     case CollectiveKind::AllReduce: {
+      for (auto& tensor : op.inputs) {
+        premultiply(tensor, op); // in place: the all-reduce's result replaces it
+      }
       c10d::AllreduceOptions opts;
-      opts.reduceOp = c10d::ReduceOp(op.reduceOp);
+      opts.reduceOp = c10d::ReduceOp(reduceOpForGloo(op));
       issued.push_back({comm.allreduce(op.inputs, opts), nullptr});
       break;
     }

@@ -423,7 +423,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::_reduce_scatter_base(
   op.kind = CollectiveKind::ReduceScatter;
   op.inputs = {input};
   op.outputs = {output};
-  op.reduceOp = opts.reduceOp.op_;
+  setReduceOp(op, opts.reduceOp);
   return submit(std::move(op), c10d::OpType::_REDUCE_SCATTER_BASE, "_reduce_scatter_base", "_reduce_scatter_base");
 }
 
@@ -435,7 +435,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter_tensor_coalesced(
   op.kind = CollectiveKind::ReduceScatter;
   op.inputs = inputs;
   op.outputs = outputs;
-  op.reduceOp = opts.reduceOp.op_;
+  setReduceOp(op, opts.reduceOp);
   return submit(std::move(op), c10d::OpType::COALESCED, "reduce_scatter_tensor_coalesced", "reduce_scatter_tensor_coalesced"); // see above
 }
 
@@ -445,7 +445,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce(
   Collective op;
   op.kind = CollectiveKind::AllReduce;
   op.inputs = tensors;
-  op.reduceOp = opts.reduceOp.op_;
+  setReduceOp(op, opts.reduceOp);
   return submit(std::move(op), c10d::OpType::ALLREDUCE, "allreduce", "all_reduce");
 }
 

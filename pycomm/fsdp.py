@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pycomm import _C
 from pycomm.errors import (
     LayoutError,
     NotAMemberError,
@@ -163,28 +162,9 @@ class _PooledReduceScatter(_RoutedComm, _ReduceScatterBase):  # type: ignore[mis
         async_op: bool = False,
     ) -> dist.Work | None:
         pooled = self._route(group)
-        op = _premultiply(op, input_tensor)
         return _reduce_scatter_single(
             output_tensor, input_tensor, op=op, group=pooled, async_op=async_op
         )
-
-
-def _premultiply(op: Any, input_tensor: torch.Tensor) -> Any:
-    """FSDP2 passes PREMUL_SUM(1/f) after set_gradient_divide_factor(f) with
-    f != shard size (fp32/bf16 gradients). Pooled groups reduce with SUM, AVG,
-    MIN, MAX and PRODUCT only, so this does what NCCL's PREMUL_SUM does:
-    scale every rank's input, then SUM. FSDP does not read the input after
-    the reduce-scatter (it pre-divides the same buffer in place itself)."""
-    if op != dist.ReduceOp.PREMUL_SUM:
-        return op
-    factor = _C.premul_sum_factor(op) if isinstance(op, dist.ReduceOp) else None
-    if factor is None:
-        raise UnsupportedOpError(
-            "reduce-scatter with PREMUL_SUM but no factor; pass "
-            "ReduceOp.PREMUL_SUM(factor)"
-        )
-    input_tensor.mul_(factor)
-    return dist.ReduceOp.SUM
 
 
 def _fsdp_modules(module: nn.Module) -> list[tuple[str, Any]]:

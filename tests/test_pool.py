@@ -427,7 +427,7 @@ def registration_world(rank: int, world: int) -> dict:
     errors["premul"] = expect_error(
         pycomm.UnsupportedOpError,
         lambda: dist.all_reduce(
-            torch.ones(2), op=dist._make_nccl_premul_sum(2.0), group=ag
+            torch.ones(2, dtype=torch.int64), op=dist._make_nccl_premul_sum(2.0), group=ag
         ),
     )
     errors["sparse"] = expect_error(
@@ -483,7 +483,7 @@ def test_registration_membership_and_bad_input() -> None:
         assert "dtype" in e["dtype"]
         assert "reduce_scatter" in e["rs_size"]
         assert "BXOR" in e["op"] and "SUM, AVG, PRODUCT, MIN, MAX" in e["op"]
-        assert "PREMUL_SUM" in e["premul"]
+        assert "PREMUL_SUM needs a half, float, bfloat16 or double tensor" in e["premul"], e["premul"]
         assert "sparse" in e["sparse"], e["sparse"]
         assert "reduce_scatter with MAX does not support complex tensors" in e["complex_max"], e
         assert r["zero_dim_gather"] == [0.5, 1.5]
@@ -530,3 +530,45 @@ def test_unknown_role_needs_no_world() -> None:
 def test_duplicate_before_init_is_a_named_error() -> None:
     with pytest.raises(pycomm.NotInitializedError):
         pycomm.CommPool().duplicate(None, role="ag")
+
+
+def premul_world(rank: int, world: int) -> dict:
+    """PREMUL_SUM (what Megatron-FSDP's gradient_reduce_div_fusion and
+    FSDP2's gradient divide factor pass) against what it means on a plain
+    gloo group, which refuses it: each rank's input times the factor, then
+    SUM."""
+    _quiet()
+    plain = dist.new_group(list(range(world)))
+    out: dict = {"equal": [], "inputs_kept": []}
+    with pycomm.CommPool() as pool:
+        rs = pool.duplicate(plain, role="rs")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            grads = (torch.arange(8 * world, dtype=torch.float32) / 7 + rank).to(dtype)
+            for factor in (0.125, torch.tensor([1 / 3], dtype=dtype)):
+                op = dist._make_nccl_premul_sum(factor)
+                pooled_out = torch.empty(8, dtype=dtype)
+                sent = grads.clone()
+                dist.reduce_scatter_tensor(pooled_out, sent, op=op, group=rs)
+                plain_out = torch.empty(8, dtype=dtype)
+                dist.reduce_scatter_tensor(plain_out, grads * factor, op=dist.ReduceOp.SUM, group=plain)
+                out["equal"].append(torch.equal(pooled_out, plain_out))
+                out["inputs_kept"].append(torch.equal(sent, grads))
+                reduced = grads.clone()
+                dist.all_reduce(reduced, op=op, group=rs)
+                expected = grads * factor
+                dist.all_reduce(expected, op=dist.ReduceOp.SUM, group=plain)
+                out["equal"].append(torch.equal(reduced, expected))
+        out["untyped_factor"] = expect_error(
+            pycomm.UnsupportedOpError,
+            lambda: dist.all_reduce(
+                torch.ones(2), op=dist._make_nccl_premul_sum(torch.tensor([2.0], dtype=torch.float64)), group=rs
+            ),
+        )
+    return out
+
+
+def test_premul_sum_scales_each_ranks_input_then_sums_bitwise_as_defined() -> None:
+    for r in run_world(premul_world, 2):
+        assert r["equal"] == [True] * 16  # 4 dtypes x 2 factors x (RS, AR)
+        assert r["inputs_kept"] == [True] * 8  # the reduce-scatter's input is left as it was
+        assert "factor tensor must have one element of the input's type" in r["untyped_factor"]

@@ -69,8 +69,10 @@ class NcclApi {
   virtual ncclResult_t broadcast(
       const void* input, void* output, size_t count, ncclDataType_t type,
       int root, ncclComm_t comm, cudaStream_t stream) = 0;
-  // A reduce op that multiplies each input by `*scalar` (of `type`, read on
-  // the host at this call) before summing; destroyed with redOpDestroy.
+  // A reduce op that multiplies each input by `*scalar` (of `type`: read on
+  // the host at this call with ncclScalarHostImmediate, by the kernel from
+  // device memory with ncclScalarDevice) before summing; destroyed with
+  // redOpDestroy.
   virtual ncclResult_t redOpCreatePreMulSum(
       ncclRedOp_t* op, void* scalar, ncclDataType_t type,
       ncclScalarResidence_t residence, ncclComm_t comm) = 0;

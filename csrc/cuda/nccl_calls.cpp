@@ -196,4 +196,33 @@ ncclRedOp_t reduceOp(
   }
 }
 
+PreMulFactor preMulFactor(double scalar, const at::Tensor& tensor, at::ScalarType type) {
+  PreMulFactor factor;
+  if (tensor.defined()) {
+    factor.deviceAddress = const_cast<void*>(tensor.const_data_ptr());
+    return factor;
+  }
+  // The value in the data type NCCL reads it as, as ProcessGroupNCCL's
+  // unpackPreMulSum converts the factor.
+  auto put = [&](auto value) {
+    static_assert(sizeof(value) <= sizeof(factor.value));
+    std::memcpy(factor.value.data(), &value, sizeof(value));
+  };
+  switch (type) {
+    case at::kHalf:
+      put(static_cast<at::Half>(scalar));
+      break;
+    case at::kBFloat16:
+      put(static_cast<at::BFloat16>(scalar));
+      break;
+    case at::kFloat:
+      put(static_cast<float>(scalar));
+      break;
+    default:
+      put(scalar);
+      break;
+  }
+  return factor;
+}
+
 } // namespace pycomm::nccl

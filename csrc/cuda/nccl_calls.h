@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 
+#include <array>
 #include <string>
 
 #include "nccl_api.h"
@@ -61,5 +62,22 @@ ncclRedOp_t reduceOp(
     int computeMajor,
     const std::string& context,
     bool groupReducesFp8 = true);
+
+// A PREMUL_SUM factor as ncclRedOpCreatePreMulSum takes it, for inputs of
+// `type` (half, float, bfloat16 or double: collective.cpp checked): the
+// number converted to `type` (host-immediate), or the address of the
+// one-element factor tensor (device residence; the caller keeps it alive
+// until the op ended, as the kernel reads it).
+struct PreMulFactor {
+  std::array<unsigned char, 8> value{};
+  void* deviceAddress = nullptr;
+  void* scalar() {
+    return deviceAddress != nullptr ? deviceAddress : value.data();
+  }
+  ncclScalarResidence_t residence() const {
+    return deviceAddress != nullptr ? ncclScalarDevice : ncclScalarHostImmediate;
+  }
+};
+PreMulFactor preMulFactor(double scalar, const at::Tensor& tensor, at::ScalarType type);
 
 } // namespace pycomm::nccl

@@ -178,9 +178,12 @@ NcclLane::NcclTypes NcclLane::ncclTypesOf(
   NcclTypes out;
   const bool reduces = op.kind == CollectiveKind::ReduceScatter ||
       op.kind == CollectiveKind::AllReduce;
+  const bool premul = reduces && op.reduceOp == c10d::ReduceOp::PREMUL_SUM;
   for (const auto& in : op.inputs) {
     out.types.push_back(nccl::dataType(in.scalar_type(), loadedVersion_, what));
-    if (reduces) {
+    if (premul) {
+      out.premul.push_back(nccl::preMulFactor(op.premulScalar, op.premulTensor, in.scalar_type()));
+    } else if (reduces) {
       out.reduces.push_back(
           nccl::reduceOp(op.reduceOp, in.scalar_type(), computeMajor_, what, spec_.groupReducesFp8));
     }
@@ -190,7 +193,7 @@ NcclLane::NcclTypes NcclLane::ncclTypesOf(
 
 void NcclLane::launchCollective(
     const Collective& op,
-    const NcclTypes& nccl,
+    NcclTypes& nccl,
     const std::string& what,
     const std::shared_ptr<EndEvent>& end) {
   const cudaStream_t stream = stream_->get();
@@ -200,6 +203,15 @@ void NcclLane::launchCollective(
     ncclResult_t result = ncclSuccess;
     for (size_t i = 0; i < op.inputs.size(); ++i) {
       const at::Tensor& in = op.inputs[i];
+      const bool premul = !nccl.premul.empty();
+      ncclRedOp_t red = premul || nccl.reduces.empty() ? ncclSum : nccl.reduces[i];
+      if (premul) {
+        result = api.redOpCreatePreMulSum(
+            &red, nccl.premul[i].scalar(), nccl.types[i], nccl.premul[i].residence(), comm);
+        if (result != ncclSuccess) {
+          break;
+        }
+      }
       switch (op.kind) {
         case CollectiveKind::AllGather:
           result = api.allGather(
@@ -209,12 +221,11 @@ void NcclLane::launchCollective(
         case CollectiveKind::ReduceScatter:
           result = api.reduceScatter(
               in.data_ptr(), op.outputs[i].data_ptr(), op.outputs[i].numel(),
-              nccl.types[i], nccl.reduces[i], comm, stream);
+              nccl.types[i], red, comm, stream);
           break;
         case CollectiveKind::AllReduce:
           result = api.allReduce(
-              in.data_ptr(), in.data_ptr(), in.numel(), nccl.types[i],
-              nccl.reduces[i], comm, stream);
+              in.data_ptr(), in.data_ptr(), in.numel(), nccl.types[i], red, comm, stream);
           break;
         case CollectiveKind::Broadcast:
           result = api.broadcast(
@@ -223,6 +234,14 @@ void NcclLane::launchCollective(
           break;
         case CollectiveKind::Barrier:
           break; // barriers go through the CPU lane
+      }
+      if (premul) {
+        // "An operator may be destroyed as soon as the last NCCL function
+        // which is given that operator returns" (NCCL API, ncclRedOpDestroy).
+        const ncclResult_t destroyed = api.redOpDestroy(red, comm);
+        if (destroyed != ncclSuccess && (result == ncclSuccess || result == ncclInProgress)) {
+          result = destroyed;
+        }
       }
       if (result != ncclSuccess && result != ncclInProgress) {
         break;
@@ -244,7 +263,7 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     c10d::OpType type,
     uint64_t seq,
     std::string description) {
-  const NcclTypes types = ncclTypesOf(op, description);
+  NcclTypes types = ncclTypesOf(op, description);
   if (spec_.comm.apis.nccl->torchGroupDepth() > 0) {
     throw UnsupportedOpError(
         description + ": issued inside an NCCL group torch has open on this "
@@ -297,6 +316,9 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
 
   std::vector<at::Tensor> tensors = op.inputs;
   tensors.insert(tensors.end(), op.outputs.begin(), op.outputs.end());
+  if (op.premulTensor.defined()) {
+    tensors.push_back(op.premulTensor); // the kernel reads the factor there
+  }
   const std::string title = op.spanName != nullptr ? op.profilingTitle("nccl") : "";
   auto work = c10::make_intrusive<NcclWork>(
       spec_.comm.apis.cuda,

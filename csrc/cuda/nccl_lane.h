@@ -56,6 +56,7 @@
 
 #include "cuda_resources.h"
 #include "device_lane.h"
+#include "nccl_calls.h"
 #include "nccl_comm.h"
 #include "nccl_work.h"
 #include "watchdog_monitor.h"
@@ -170,6 +171,9 @@ class NcclLane : public DeviceLane,
   struct NcclTypes {
     std::vector<ncclDataType_t> types;
     std::vector<ncclRedOp_t> reduces;
+    // PREMUL_SUM's factor per input: the op itself belongs to the
+    // communicator, so it is made (and destroyed) around each call.
+    std::vector<nccl::PreMulFactor> premul;
   };
 
   CudaApi& cuda() const {
@@ -182,7 +186,7 @@ class NcclLane : public DeviceLane,
   // error here leaves the communicator unusable.
   void launchCollective(
       const Collective& op,
-      const NcclTypes& types,
+      NcclTypes& types,
       const std::string& what,
       const std::shared_ptr<EndEvent>& end);
   void watch();

@@ -1656,6 +1656,15 @@ int SimNccl::liveRegistrations() const {
   return static_cast<int>(impl_->registrations.size());
 }
 
+int SimNccl::liveReduceOps() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  size_t ops = 0;
+  for (const auto& [handle, comm] : impl_->live) {
+    ops += comm->redOps.size();
+  }
+  return static_cast<int>(ops);
+}
+
 int SimNccl::leakedComms() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   return impl_->leaked;

@@ -174,6 +174,8 @@ class SimNccl : public NcclApi {
   // --- accounting ---
   int liveComms() const;
   int liveRegistrations() const;
+  // Premul-sum reduce ops made and not yet destroyed, on live communicators.
+  int liveReduceOps() const;
   // Communicators freed by ~SimNccl because nobody destroyed or aborted them.
   int leakedComms() const;
   // Kernels of one communicator that ran at the same time (must stay 0).

@@ -265,6 +265,47 @@ void expectSignedness(const std::vector<std::shared_ptr<NcclLane>>& lanes, at::S
   }
 }
 
+// PREMUL_SUM as ProcessGroupNCCL runs it: each rank's input times the
+// factor (a number, or a one-element tensor the kernel reads), then a sum;
+// the reduce op made for each call is destroyed after it.
+TEST(LaneResults, PreMulSumScalesEachRanksInputThenSums) {
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "rs");
+  for (at::ScalarType type : {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}) {
+    std::vector<at::Tensor> fulls = {rankData(0, kCount * 2, type), rankData(1, kCount * 2, type)};
+    // Small integers times 0.5 and 0.25 are exact in every type.
+    const auto halved = reduceReference({fulls[0] * 0.5, fulls[1] * 0.5}, c10d::ReduceOp::SUM, type);
+    const auto quartered = reduceReference({fulls[0] * 0.25, fulls[1] * 0.25}, c10d::ReduceOp::SUM, type);
+    const std::string where = std::string(" ") + c10::toString(type);
+    runOnLanes(
+        lanes,
+        [&](int r) {
+          auto op = reduceScatter(fulls[r].clone(), at::empty({kCount}, type), c10d::ReduceOp::PREMUL_SUM);
+          op.premulScalar = 0.5;
+          return op;
+        },
+        [&](int r, const Collective& op) {
+          expectEqual(op.outputs[0], halved.narrow(0, r * kCount, kCount), "reduce_scatter PREMUL_SUM(0.5)" + where);
+          expectEqual(op.inputs[0], fulls[r], "the input of reduce_scatter PREMUL_SUM" + where);
+        });
+    runOnLanes(
+        lanes,
+        [&](int r) {
+          Collective op;
+          op.kind = CollectiveKind::AllReduce;
+          op.inputs = {fulls[r].clone()};
+          op.reduceOp = c10d::ReduceOp::PREMUL_SUM;
+          op.premulTensor = at::full({1}, 0.25, type);
+          return op;
+        },
+        [&](int, const Collective& op) {
+          expectEqual(op.inputs[0], quartered, "all_reduce PREMUL_SUM(tensor 0.25)" + where);
+        });
+  }
+  EXPECT_EQ(world.nccl->liveReduceOps(), 0);
+  closeAll(lanes);
+}
+
 TEST(LaneTypes, SignedAndUnsignedTypesReduceByTheirOwnSign) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "rs");
