@@ -205,6 +205,27 @@ def _sharded_group(mesh_info: Any) -> dist.ProcessGroup | None:
     return group
 
 
+_ALLOCATION_REFUSED = (
+    "FSDP2's set_allocate_memory_from_process_group_for_comm(True) allocates its "
+    "buffers with the group's allocator (ProcessGroupNCCL's ncclMemAlloc); pooled "
+    "groups have no allocator of their own yet, so their buffers stay plain tensors."
+)
+
+
+def _allocates_from_group(param_group: Any) -> bool:
+    """Whether FSDP2 was told to allocate this group's buffers from its
+    process group (its all-gather comm is then torch's ProcessGroupAlloc one)."""
+    comm = getattr(param_group, "_all_gather_comm", None)
+    return type(comm).__name__ == "ProcessGroupAllocAllGather"
+
+
+def _refuse_group_allocation(enable: bool) -> None:
+    """Stands for FSDPModule.set_allocate_memory_from_process_group_for_comm
+    on a module routed through the pool."""
+    if enable:
+        raise UnsupportedOpError(f"{_ALLOCATION_REFUSED} This module's comms are pooled.")
+
+
 def _label(name: str) -> str:
     return repr(name) if name else "<root>"
 
@@ -262,6 +283,12 @@ def use_pool(
             f"ShardPlacementResult with another mesh): {', '.join(refused)}. "
             "Give those parameters a fully_shard() call of their own, one mesh each."
         )
+    allocating = [_label(name) for name, _, param_group in plan if _allocates_from_group(param_group)]
+    if allocating:
+        raise UnsupportedOpError(
+            f"{_ALLOCATION_REFUSED} It is on for {', '.join(allocating)}: call "
+            "set_allocate_memory_from_process_group_for_comm(False) on them before use_pool()."
+        )
     if group is not None and not _is_member(group):
         raise NotAMemberError(
             f"rank {dist.get_rank()} is not a member of the group passed to use_pool()"
@@ -298,6 +325,8 @@ def use_pool(
             ag_route.add(post_group, post_group)
         fsdp_module.set_custom_all_gather(all_gather)
         fsdp_module.set_custom_reduce_scatter(reduce_scatter)
+        # FSDP2 would fail this call with an AssertionError on custom comms.
+        fsdp_module.set_allocate_memory_from_process_group_for_comm = _refuse_group_allocation
         routed.append(name)
         logger.info(
             "FSDP module %s: all-gather and reduce-scatter on pooled duplicates of "

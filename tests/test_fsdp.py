@@ -184,6 +184,24 @@ def errors_worker(rank: int, world_size: int) -> dict[str, str]:
     )
     assert pool.stats() == [], pool.stats()
 
+    # FSDP2 told to allocate its buffers from the process group: refused by
+    # name before anything is routed, and after routing instead of FSDP2's
+    # AssertionError on custom comms.
+    allocating = _model(mesh, True)
+    for fsdp_module in _fsdp_modules(allocating):
+        fsdp_module.set_allocate_memory_from_process_group_for_comm(True)
+    messages["allocating_before"] = expect_error(
+        pycomm.UnsupportedOpError, lambda: pf.use_pool(allocating, pool)
+    )
+    assert pool.stats() == [], pool.stats()
+    routed = _model(mesh, True)
+    pf.use_pool(routed, pool)
+    messages["allocating_after"] = expect_error(
+        pycomm.UnsupportedOpError,
+        lambda: routed.set_allocate_memory_from_process_group_for_comm(True),
+    )
+    routed.set_allocate_memory_from_process_group_for_comm(False)  # what it has: fine
+
     pool.destroy()
     messages["closed_pool"] = expect_error(
         pycomm.PoolClosedError, lambda: pf.use_pool(model, pool)
@@ -371,6 +389,9 @@ def test_use_pool_refusals() -> None:
             assert "multiple param groups" in messages["fsdp_refuses"]
         assert "ranks [0, 1]" in messages["wrong_group"]
         assert "not a member" in messages["not_member"]
+        assert "set_allocate_memory_from_process_group_for_comm(True)" in messages["allocating_before"]
+        assert "It is on for <root>, '" in messages["allocating_before"], messages["allocating_before"]
+        assert "This module's comms are pooled" in messages["allocating_after"]
         assert "destroyed" in messages["closed_pool"] or "closed" in messages["closed_pool"]
 
 
