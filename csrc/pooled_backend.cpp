@@ -596,4 +596,62 @@ bool PooledBackend::isOpenOrClosed() const {
   return state_ != State::Aborted;
 }
 
+void PooledBackend::refuse(const char* op) const {
+  throw UnsupportedOpError(
+      spec_.label() + ": " + op + " is not supported on pooled groups yet; they run "
+      "all_gather_into_tensor, reduce_scatter_tensor (and their coalesced forms), "
+      "all_reduce and broadcast with one tensor each, and barrier. Issue it on "
+      "the base group");
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::allgather(
+    std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&, const c10d::AllgatherOptions&) {
+  refuse("all_gather (the list form)");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::allgather_coalesced(
+    std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&, const c10d::AllgatherOptions&) {
+  refuse("all_gather_coalesced");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce_coalesced(
+    std::vector<at::Tensor>&, const c10d::AllreduceCoalescedOptions&) {
+  refuse("all_reduce_coalesced");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce_sparse(
+    std::vector<at::Tensor>&, const c10d::AllreduceOptions&) {
+  refuse("a sparse all_reduce");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::reduce(
+    std::vector<at::Tensor>&, const c10d::ReduceOptions&) {
+  refuse("reduce");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter(
+    std::vector<at::Tensor>&, std::vector<std::vector<at::Tensor>>&, const c10d::ReduceScatterOptions&) {
+  refuse("reduce_scatter (the list form)");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::gather(
+    std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&, const c10d::GatherOptions&) {
+  refuse("gather");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::scatter(
+    std::vector<at::Tensor>&, std::vector<std::vector<at::Tensor>>&, const c10d::ScatterOptions&) {
+  refuse("scatter");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::alltoall(
+    std::vector<at::Tensor>&, std::vector<at::Tensor>&, const c10d::AllToAllOptions&) {
+  refuse("all_to_all");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::alltoall_base(
+    at::Tensor&, at::Tensor&, std::vector<int64_t>&, std::vector<int64_t>&, const c10d::AllToAllOptions&) {
+  refuse("all_to_all_single");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::send(std::vector<at::Tensor>&, int, int) {
+  refuse("send");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::recv(std::vector<at::Tensor>&, int, int) {
+  refuse("recv");
+}
+c10::intrusive_ptr<c10d::Work> PooledBackend::recvAnysource(std::vector<at::Tensor>&, int) {
+  refuse("recv from any source");
+}
+
 } // namespace pycomm

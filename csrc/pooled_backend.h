@@ -76,6 +76,39 @@ class PooledBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> barrier(
       const c10d::BarrierOptions& opts) override;
 
+  // The rest of c10d's collectives and point-to-point ops: UnsupportedOpError
+  // naming the group and the op (torch's default is a bare RuntimeError).
+  c10::intrusive_ptr<c10d::Work> allgather(
+      std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&,
+      const c10d::AllgatherOptions&) override;
+  c10::intrusive_ptr<c10d::Work> allgather_coalesced(
+      std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&,
+      const c10d::AllgatherOptions&) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
+      std::vector<at::Tensor>&, const c10d::AllreduceCoalescedOptions&) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_sparse(
+      std::vector<at::Tensor>&, const c10d::AllreduceOptions&) override;
+  c10::intrusive_ptr<c10d::Work> reduce(
+      std::vector<at::Tensor>&, const c10d::ReduceOptions&) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter(
+      std::vector<at::Tensor>&, std::vector<std::vector<at::Tensor>>&,
+      const c10d::ReduceScatterOptions&) override;
+  c10::intrusive_ptr<c10d::Work> gather(
+      std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&,
+      const c10d::GatherOptions&) override;
+  c10::intrusive_ptr<c10d::Work> scatter(
+      std::vector<at::Tensor>&, std::vector<std::vector<at::Tensor>>&,
+      const c10d::ScatterOptions&) override;
+  c10::intrusive_ptr<c10d::Work> alltoall(
+      std::vector<at::Tensor>&, std::vector<at::Tensor>&,
+      const c10d::AllToAllOptions&) override;
+  c10::intrusive_ptr<c10d::Work> alltoall_base(
+      at::Tensor&, at::Tensor&, std::vector<int64_t>&, std::vector<int64_t>&,
+      const c10d::AllToAllOptions&) override;
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>&, int, int) override;
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>&, int, int) override;
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>&, int) override;
+
   // The number of ops this group has taken so far, the same on every member
   // that issued the same ops: torch's DETAIL checks compare it across ranks.
   uint64_t getSequenceNumberForGroup() override;
@@ -183,6 +216,7 @@ class PooledBackend : public c10d::Backend {
       const c10::intrusive_ptr<PooledWork>& work,
       Run run);
   void throwIfNotOpen() const;
+  [[noreturn]] void refuse(const char* op) const;
   bool isOpenOrClosed() const;
 
   PooledGroupSpec spec_;
