@@ -610,9 +610,10 @@ TEST(LaneTiming, DurationSpansTheOpsKernelWhenTimingIsOn) {
     ASSERT_TRUE(eventually([&] { return work->isCompleted(); }, 10s));
     durations[r] = work->getDuration();
   });
+  const auto timeline = world.gpu->timeline();
   for (int r = 0; r < 2; ++r) {
     const KernelInterval* kernel = nullptr;
-    for (const auto& k : world.gpu->timeline()) {
+    for (const auto& k : timeline) {
       if (k.device == SimWorld::deviceOf(r) && k.comm != 0) {
         kernel = &k;
       }
