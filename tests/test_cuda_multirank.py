@@ -107,6 +107,36 @@ def test_results_equal_torch_nccl(world: int) -> None:
         assert r["checked"] > 100
 
 
+def _premul_and_timing_rank(rank: int, world: int) -> dict[str, Any]:
+    """PREMUL_SUM (scalar and device-tensor factor) against torch's own NCCL
+    group, and Work._get_duration() of a lane made under
+    TORCH_NCCL_ENABLE_TIMING, next to torch's."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    os.environ["TORCH_NCCL_ENABLE_TIMING"] = "1"
+    equal = []
+    with pycomm.CommPool() as pool:
+        rs = pool.duplicate(dist.group.WORLD, "rs")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            full = _rank_data(rank, 1024 * world, dtype, device)
+            for factor in (0.5, torch.tensor([0.25], dtype=dtype, device=device)):
+                got, want = torch.empty(1024, dtype=dtype, device=device), torch.empty(1024, dtype=dtype, device=device)
+                dist.reduce_scatter_tensor(got, full, op=dist._make_nccl_premul_sum(factor), group=rs)
+                dist.reduce_scatter_tensor(want, full, op=dist._make_nccl_premul_sum(factor))
+                equal.append(torch.equal(got, want))
+        work = dist.all_reduce(torch.ones(1 << 20, device=device), group=rs, async_op=True)
+        work.wait()
+        torch.cuda.synchronize()
+        duration = work._get_duration()
+    return {"equal": equal, "duration_ms": duration}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_premul_sum_equals_torch_nccl_and_ops_are_timed(world: int) -> None:
+    for r in run_world(_premul_and_timing_rank, world, backend=BACKEND, timeout_seconds=300):
+        assert r["equal"] == [True] * 8
+        assert 0.0 < r["duration_ms"] < 10_000.0
+
+
 def _overlap_rank(rank: int, world: int) -> dict[str, Any]:
     device = torch.device("cuda", torch.cuda.current_device())
     with pycomm.CommPool() as pool:
