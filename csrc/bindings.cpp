@@ -105,6 +105,12 @@ pycomm::NcclSettings settingsFromDict(const py::dict& values) {
       s.ctaPolicy = py::cast<int>(value);
     } else if (name == "launch_order_implicit") {
       s.launchOrderImplicit = py::cast<bool>(value) ? 1 : 0;
+    } else if (name == "nvls_ctas") {
+      s.nvlsCtas = py::cast<int>(value);
+    } else if (name == "collnet_enable") {
+      s.collnetEnable = py::cast<bool>(value) ? 1 : 0;
+    } else if (name == "max_p2p_peers") {
+      s.maxP2pPeers = py::cast<int>(value);
     } else if (name == "comm_name") {
       s.commName = py::cast<std::string>(value);
     } else {

@@ -20,6 +20,12 @@ const char* ncclFieldName(NcclField field) {
       return "CTAPolicy";
     case NcclField::LaunchOrderImplicit:
       return "launchOrderImplicit";
+    case NcclField::NvlsCtas:
+      return "nvlsCTAs";
+    case NcclField::CollnetEnable:
+      return "collnetEnable";
+    case NcclField::MaxP2pPeers:
+      return "maxP2pPeers";
   }
   return "?";
 }
@@ -33,9 +39,15 @@ int ncclFieldMinVersion(NcclField field) {
       return ncclVersionCode(2, 17, 0);
     case NcclField::TrafficClass:
       return ncclVersionCode(2, 26, 0);
+    // NCCL 2.30.7 src/init.cc, parseCommConfig: a config of an older
+    // version gets NCCL's default for each field newer than it.
     case NcclField::CommName:
     case NcclField::CtaPolicy:
+    case NcclField::NvlsCtas:
+    case NcclField::CollnetEnable:
       return ncclVersionCode(2, 27, 0);
+    case NcclField::MaxP2pPeers:
+      return ncclVersionCode(2, 30, 0);
     case NcclField::LaunchOrderImplicit:
       return ncclVersionCode(2, 31, 0);
   }
@@ -67,6 +79,15 @@ std::vector<NcclField> fieldsSet(const NcclSettings& s) {
   }
   if (s.launchOrderImplicit) {
     set.push_back(NcclField::LaunchOrderImplicit);
+  }
+  if (s.nvlsCtas) {
+    set.push_back(NcclField::NvlsCtas);
+  }
+  if (s.collnetEnable) {
+    set.push_back(NcclField::CollnetEnable);
+  }
+  if (s.maxP2pPeers) {
+    set.push_back(NcclField::MaxP2pPeers);
   }
   return set;
 }

@@ -29,6 +29,12 @@ struct NcclSettings {
   // cannot deadlock two communicators (NCCL 2.31; NCCL_LAUNCH_ORDER_IMPLICIT=1
   // does it for every communicator from 2.26).
   std::optional<int> launchOrderImplicit;
+  // CTAs for NVLS (NVLink SHARP) algorithms; NCCL picks when unset.
+  std::optional<int> nvlsCtas;
+  // 1: CollNet (in-network reduction) may be used by this communicator.
+  std::optional<int> collnetEnable;
+  // The most peers a rank keeps point-to-point connections with.
+  std::optional<int> maxP2pPeers;
 };
 
 enum class NcclField {
@@ -40,6 +46,9 @@ enum class NcclField {
   CommName,
   CtaPolicy,
   LaunchOrderImplicit,
+  NvlsCtas,
+  CollnetEnable,
+  MaxP2pPeers,
 };
 
 // ncclConfig_t's own spelling of the field ("cgaClusterSize", "CTAPolicy").

@@ -75,8 +75,12 @@ class RoleConfig:
         this communicator's kernels may launch in any order relative to
         other communicators', so ranks that issue AG and RS in different
         orders cannot deadlock; for NCCL 2.26 to 2.30 set
-        NCCL_LAUNCH_ORDER_IMPLICIT=1 in the environment instead). None
-        leaves NCCL's default.
+        NCCL_LAUNCH_ORDER_IMPLICIT=1 in the environment instead);
+        nvls_ctas (>= 2.27, CTAs of NVLink SHARP algorithms, >= 1),
+        collnet_enable (>= 2.27, in-network reduction), max_p2p_peers
+        (>= 2.30, >= 1). A field newer than the loaded NCCL is skipped and
+        reported (`python -m pycomm doctor` lists them). None leaves NCCL's
+        default.
     timeout: seconds a collective or the creation rendezvous may take before
         it fails with a named error (None: DEFAULT_TIMEOUT_SECONDS).
     """
@@ -90,6 +94,9 @@ class RoleConfig:
     traffic_class: int | None = None
     cta_policy: str | None = None
     launch_order_implicit: bool | None = None
+    nvls_ctas: int | None = None
+    collnet_enable: bool | None = None
+    max_p2p_peers: int | None = None
     timeout: float | None = None
 
     def __post_init__(self) -> None:
@@ -115,11 +122,16 @@ class RoleConfig:
             not _is_int(self.traffic_class) or self.traffic_class < 0
         ):
             raise ConfigError(f"traffic_class must be an integer >= 0, got {self.traffic_class!r}")
+        for name in ("nvls_ctas", "max_p2p_peers"):
+            # NCCL refuses 0 and negatives (parseCommConfig: ncclInvalidArgument).
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if self.stream_priority is not None and not _is_int(self.stream_priority):
             raise ConfigError(f"stream_priority must be an integer, got {self.stream_priority!r}")
         if self.net_name is not None and (not isinstance(self.net_name, str) or not self.net_name):
             raise ConfigError(f"net_name must be a non-empty string, got {self.net_name!r}")
-        for name in ("launch_order_implicit", "is_high_priority_stream"):
+        for name in ("launch_order_implicit", "is_high_priority_stream", "collnet_enable"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")

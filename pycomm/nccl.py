@@ -128,8 +128,23 @@ def nccl_settings(config: RoleConfig, comm_name: str) -> dict[str, Any]:
         "traffic_class": config.traffic_class,
         "cta_policy": CTA_POLICIES[config.cta_policy] if config.cta_policy else None,
         "launch_order_implicit": config.launch_order_implicit,
+        "nvls_ctas": config.nvls_ctas,
+        "collnet_enable": config.collnet_enable,
+        "max_p2p_peers": config.max_p2p_peers,
         "comm_name": comm_name,
     }
+
+
+def config_fields_support() -> tuple[list[str], list[tuple[str, str]]]:
+    """The ncclConfig_t fields a RoleConfig can set that the loaded NCCL
+    takes, and those it is too old for with the version each needs."""
+    every = {
+        "cga_cluster_size": 1, "min_ctas": 1, "max_ctas": 1, "net_name": "x", "traffic_class": 0,
+        "cta_policy": 0, "launch_order_implicit": True, "nvls_ctas": 1, "collnet_enable": True,
+        "max_p2p_peers": 1, "comm_name": "x",
+    }
+    plan = _C.nccl_config_plan(every, _C.nccl_usable_version())
+    return list(plan["applied"]), [tuple(entry) for entry in plan["skipped"]]
 
 
 def _version_code(version: tuple[int, ...]) -> int:

@@ -40,6 +40,9 @@ from pycomm.config import (
         ({"timeout": 1e13}, "to 31536000 (a year)"),
         ({"timeout": 1e10}, "to 31536000 (a year)"),
         ({"is_high_priority_stream": 1}, "is_high_priority_stream must be true or false"),
+        ({"nvls_ctas": 0}, "nvls_ctas must be an integer >= 1, got 0"),
+        ({"max_p2p_peers": -2}, "max_p2p_peers must be an integer >= 1, got -2"),
+        ({"collnet_enable": "yes"}, "collnet_enable must be true or false"),
     ],
 )
 def test_bad_values_are_named(kwargs: dict, message: str) -> None:

@@ -369,3 +369,24 @@ def test_mem_pool_registration_needs_an_nccl_lane() -> None:
         assert len(errors) == 2
         assert all("needs an NCCL lane" in e for e in errors), errors
         assert "register_mem_pool" in errors[0] and "deregister_mem_pool" in errors[1]
+
+
+def test_nvls_collnet_and_p2p_fields_reach_the_plan_by_version() -> None:
+    """NCCL 2.30.7 src/init.cc (parseCommConfig): nvlsCTAs and collnetEnable
+    from 2.27, maxP2pPeers from 2.30; `doctor` lists what the loaded NCCL
+    takes."""
+    settings = nccl_settings(RoleConfig(nvls_ctas=16, collnet_enable=True, max_p2p_peers=8), "x")
+    assert (settings["nvls_ctas"], settings["collnet_enable"], settings["max_p2p_peers"]) == (16, True, 8)
+    assert _C.nccl_config_plan(settings, 23007) == {
+        "applied": ["commName", "nvlsCTAs", "collnetEnable", "maxP2pPeers"], "skipped": [],
+    }
+    assert _C.nccl_config_plan(settings, 22907)["skipped"] == [("maxP2pPeers", "2.30.0")]
+    assert _C.nccl_config_plan(settings, 22605)["skipped"] == [
+        ("commName", "2.27.0"), ("nvlsCTAs", "2.27.0"), ("collnetEnable", "2.27.0"), ("maxP2pPeers", "2.30.0"),
+    ]
+    if _C.cuda_built:
+        from pycomm.nccl import config_fields_support
+
+        taken, too_new = config_fields_support()
+        assert {"nvlsCTAs", "collnetEnable", "maxP2pPeers", "CTAPolicy"} <= set(taken)  # NCCL 2.30.7 here
+        assert too_new == [("launchOrderImplicit", "2.31.0")]

@@ -101,6 +101,17 @@ ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion) {
       case NcclField::CtaPolicy:
         config.CTAPolicy = *settings.ctaPolicy;
         break;
+      case NcclField::NvlsCtas:
+        config.nvlsCTAs = *settings.nvlsCtas;
+        break;
+      case NcclField::CollnetEnable:
+        config.collnetEnable = *settings.collnetEnable;
+        break;
+#endif
+#if NCCL_VERSION_CODE >= 23000
+      case NcclField::MaxP2pPeers:
+        config.maxP2pPeers = *settings.maxP2pPeers;
+        break;
 #endif
 #if NCCL_VERSION_CODE >= 23100
       case NcclField::LaunchOrderImplicit:

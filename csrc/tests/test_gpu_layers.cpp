@@ -139,6 +139,9 @@ TEST(NcclCalls, ConfigTakesEverySettingTheVersionKnows) {
   s.ctaPolicy = 1;
   s.commName = "pycomm_ag_of_0";
   s.launchOrderImplicit = 1;
+  s.nvlsCtas = 16;
+  s.collnetEnable = 1;
+  s.maxP2pPeers = 8;
   ncclConfig_t config = nccl::makeConfig(s, 23007);
   EXPECT_EQ(config.blocking, 0);
   EXPECT_EQ(config.splitShare, 0);
@@ -149,12 +152,19 @@ TEST(NcclCalls, ConfigTakesEverySettingTheVersionKnows) {
   EXPECT_EQ(config.trafficClass, 106);
   EXPECT_EQ(config.CTAPolicy, 1);
   EXPECT_STREQ(config.commName, "pycomm_ag_of_0");
+  EXPECT_EQ(config.nvlsCTAs, 16);
+  EXPECT_EQ(config.collnetEnable, 1);
+  EXPECT_EQ(config.maxP2pPeers, 8);
   // An older NCCL: the newer fields keep NCCL's defaults.
   const ncclConfig_t defaults = NCCL_CONFIG_INITIALIZER;
   config = nccl::makeConfig(s, 21800);
   EXPECT_EQ(config.minCTAs, 4);
   EXPECT_EQ(config.trafficClass, defaults.trafficClass);
   EXPECT_EQ(config.commName, defaults.commName);
+  EXPECT_EQ(config.nvlsCTAs, defaults.nvlsCTAs);
+  config = nccl::makeConfig(s, 22907);
+  EXPECT_EQ(config.collnetEnable, 1);
+  EXPECT_EQ(config.maxP2pPeers, defaults.maxP2pPeers);
 }
 
 TEST(NcclCalls, TypesAndReduceOps) {

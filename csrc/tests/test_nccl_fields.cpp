@@ -18,17 +18,20 @@ NcclSettings everyField() {
   s.ctaPolicy = 1;
   s.commName = "pycomm_ag_of_0";
   s.launchOrderImplicit = 1;
+  s.nvlsCtas = 16;
+  s.collnetEnable = 1;
+  s.maxP2pPeers = 8;
   return s;
 }
 } // namespace
 
 TEST(NcclFields, NewestVersionTakesEveryField) {
   auto plan = planNcclFields(everyField(), ncclVersionCode(2, 31, 0));
-  EXPECT_EQ(plan.applied.size(), 8u);
+  EXPECT_EQ(plan.applied.size(), 11u);
   EXPECT_TRUE(plan.skipped.empty());
   // 2.30 has everything but the per-communicator launch order.
   plan = planNcclFields(everyField(), ncclVersionCode(2, 30, 7));
-  EXPECT_EQ(plan.applied.size(), 7u);
+  EXPECT_EQ(plan.applied.size(), 10u);
   ASSERT_EQ(plan.skipped.size(), 1u);
   EXPECT_EQ(plan.skipped[0], NcclField::LaunchOrderImplicit);
   EXPECT_STREQ(pycomm::ncclFieldName(plan.skipped[0]), "launchOrderImplicit");
@@ -37,9 +40,17 @@ TEST(NcclFields, NewestVersionTakesEveryField) {
 TEST(NcclFields, SkipsFieldsNewerThanTheVersion) {
   auto plan = planNcclFields(everyField(), ncclVersionCode(2, 26, 5));
   EXPECT_EQ(plan.applied.size(), 5u); // the 2.17 four and trafficClass
-  ASSERT_EQ(plan.skipped.size(), 3u);
+  ASSERT_EQ(plan.skipped.size(), 6u);
   EXPECT_EQ(plan.skipped[0], NcclField::CommName);
   EXPECT_EQ(plan.skipped[1], NcclField::CtaPolicy);
+
+  // NCCL 2.30.7 src/init.cc: nvlsCTAs and collnetEnable from 2.27,
+  // maxP2pPeers from 2.30.
+  plan = planNcclFields(everyField(), ncclVersionCode(2, 29, 2));
+  ASSERT_EQ(plan.skipped.size(), 2u);
+  EXPECT_EQ(plan.skipped[0], NcclField::LaunchOrderImplicit);
+  EXPECT_EQ(plan.skipped[1], NcclField::MaxP2pPeers);
+  EXPECT_STREQ(pycomm::ncclFieldName(plan.skipped[1]), "maxP2pPeers");
 
   plan = planNcclFields(everyField(), ncclVersionCode(2, 18, 1));
   EXPECT_EQ(plan.applied.size(), 4u);
@@ -47,7 +58,7 @@ TEST(NcclFields, SkipsFieldsNewerThanTheVersion) {
 
   plan = planNcclFields(everyField(), ncclVersionCode(2, 16, 0));
   EXPECT_TRUE(plan.applied.empty());
-  EXPECT_EQ(plan.skipped.size(), 8u);
+  EXPECT_EQ(plan.skipped.size(), 11u);
 }
 
 TEST(NcclFields, UnsetFieldsAreNeitherAppliedNorSkipped) {

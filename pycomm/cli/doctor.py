@@ -77,6 +77,14 @@ def collect() -> list[Check]:
         ok=not overrides,
     ))
     checks.append(Check("NCCL launch order", info["launch_order"], ok=info["launch_order"].endswith("program order")))
+    if info["cuda"]:
+        from pycomm.nccl import config_fields_support
+
+        taken, too_new = config_fields_support()
+        checks.append(Check(
+            "ncclConfig_t fields",
+            ", ".join(taken) + "".join(f"; {field} needs NCCL {needs}" for field, needs in too_new),
+        ))
     megatron = _package_version("megatron-core")
     checks.append(Check("megatron-core", megatron or "not installed (pycomm.megatron unavailable)", ok=bool(megatron)))
     try:
