@@ -38,7 +38,7 @@ int ncclFieldMinVersion(NcclField field) {
     case NcclField::NetName:
       return ncclVersionCode(2, 17, 0);
     case NcclField::TrafficClass:
-      return ncclVersionCode(2, 26, 0);
+      return ncclVersionCode(2, 25, 0);
     // NCCL 2.30.7 src/init.cc, parseCommConfig: a config of an older
     // version gets NCCL's default for each field newer than it.
     case NcclField::CommName:

@@ -70,7 +70,7 @@ class RoleConfig:
         priority; false, CUDA's default (0); None: the highest for 'ag',
         the lowest for 'rs'. stream_priority wins when both are set.
     min_ctas / max_ctas / cga_cluster_size / net_name: ncclConfig_t fields
-        (NCCL >= 2.17); traffic_class (>= 2.26); cta_policy (>= 2.27, one of
+        (NCCL >= 2.17); traffic_class (>= 2.25); cta_policy (>= 2.27, one of
         'default', 'efficiency', 'zero'); launch_order_implicit (>= 2.31:
         this communicator's kernels may launch in any order relative to
         other communicators', so ranks that issue AG and RS in different

@@ -89,7 +89,7 @@ ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion) {
         config.netName = settings.netName->c_str();
         break;
 #endif
-#if NCCL_VERSION_CODE >= 22600
+#if NCCL_VERSION_CODE >= 22500
       case NcclField::TrafficClass:
         config.trafficClass = *settings.trafficClass;
         break;

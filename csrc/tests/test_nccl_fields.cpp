@@ -52,6 +52,13 @@ TEST(NcclFields, SkipsFieldsNewerThanTheVersion) {
   EXPECT_EQ(plan.skipped[1], NcclField::MaxP2pPeers);
   EXPECT_STREQ(pycomm::ncclFieldName(plan.skipped[1]), "maxP2pPeers");
 
+  // trafficClass from 2.25 (parseCommConfig resets it below 2.25).
+  plan = planNcclFields(everyField(), ncclVersionCode(2, 25, 1));
+  EXPECT_EQ(plan.applied.size(), 5u);
+  EXPECT_EQ(plan.applied.back(), NcclField::TrafficClass);
+  plan = planNcclFields(everyField(), ncclVersionCode(2, 24, 3));
+  EXPECT_EQ(plan.skipped.front(), NcclField::TrafficClass);
+
   plan = planNcclFields(everyField(), ncclVersionCode(2, 18, 1));
   EXPECT_EQ(plan.applied.size(), 4u);
   EXPECT_EQ(plan.skipped.front(), NcclField::TrafficClass);
