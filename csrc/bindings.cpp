@@ -280,6 +280,7 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
+  m.attr("LANE_TRACE_CAPACITY") = pycomm::LaneStats::kTraceCapacity;
   m.def(
       "flight_recorder_on",
       &pycomm::flightRecorderOn,

@@ -238,10 +238,10 @@ CpuTransport::CommInUse::~CommInUse() {
   // Dropped before the count: release() returns only once this reference
   // is gone.
   comm.reset();
-  {
-    std::lock_guard<std::mutex> lock(transport_.mutex_);
-    --transport_.commUsers_;
-  }
+  // Notified under the lock: once release() sees the count at 0 it may
+  // return and the transport go.
+  std::lock_guard<std::mutex> lock(transport_.mutex_);
+  --transport_.commUsers_;
   transport_.commUsersGone_.notify_all();
 }
 

@@ -224,6 +224,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
     // OrderMismatchError here instead of two NCCL kernels waiting on each
     // other forever. Costs one CPU round trip per op (a debug mode).
     auto shared = std::make_shared<Collective>(op);
+    shared->spanName = nullptr; // the device lane's Work spans the op
     auto [check, checkSeq] = enqueue(shared, shared, type, {}, Run::OrderCheckOnly);
     check->wait(); // throws the mismatch, a timeout or PoolClosedError
     seq = checkSeq;

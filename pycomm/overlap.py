@@ -45,6 +45,21 @@ def _intersection_us(a: Sequence[Interval], b: Sequence[Interval]) -> int:
     return total
 
 
+def since_both_traced(ag_spans: list[Interval], rs_spans: list[Interval], capacity: int) -> tuple[list[Interval], list[Interval]]:
+    """Both lanes' spans from the moment both traces cover: a trace that
+    holds `capacity` ops has dropped older ones, and time the other lane
+    was busy before its first kept op would count as not overlapped."""
+    full = [spans for spans in (ag_spans, rs_spans) if len(spans) >= capacity]
+    if not full:
+        return ag_spans, rs_spans
+    since = max(min(start for start, _ in spans) for spans in full)
+
+    def clip(spans: list[Interval]) -> list[Interval]:
+        return [(max(start, since), end) for start, end in spans if end > since]
+
+    return clip(ag_spans), clip(rs_spans)
+
+
 def lane_overlap(ag_spans: Iterable[Interval], rs_spans: Iterable[Interval]) -> dict[str, float | None]:
     """Busy seconds of each lane, the seconds both were busy, and the
     fraction of the reduce-scatter lane's busy time during which the

@@ -26,7 +26,7 @@ from pycomm.errors import (
     RendezvousTimeoutError,
 )
 from pycomm.nccl import DeviceChoice, check_device_choice, resolve_device
-from pycomm.overlap import lane_overlap
+from pycomm.overlap import lane_overlap, since_both_traced
 from pycomm.registration import (
     BACKEND_NAME,
     CpuCommFactory,
@@ -400,7 +400,7 @@ class CommPool:
 
         The AG and RS groups of one base group also get "overlap"
         (pycomm.overlap.lane_overlap over the ops in their traces, the last
-        16,384 of each): each lane's busy seconds, the seconds both were
+        16,384 of each, from the moment both traces cover): each lane's busy seconds, the seconds both were
         busy, and the fraction of the RS lane's busy time overlapped by the
         AG lane, with "with" naming the other group."""
         self._release_gone()
@@ -603,6 +603,6 @@ def _add_overlap(rows: list[dict[str, Any]], backends: dict[str, Any]) -> None:
             role: [(e["start_us"], e["end_us"]) for e in _trace_rows(backends[row["name"]])]
             for role, row in (("ag", ag), ("rs", rs))
         }
-        overlap = lane_overlap(spans["ag"], spans["rs"])
+        overlap = lane_overlap(*since_both_traced(spans["ag"], spans["rs"], _C.LANE_TRACE_CAPACITY))
         ag["overlap"] = {"with": rs["name"], **overlap}
         rs["overlap"] = {"with": ag["name"], **overlap}

@@ -313,6 +313,20 @@ def test_stats_report_how_much_the_ag_lane_overlapped_the_rs_lane_and_the_chrome
             assert call <= start < call + 1e6, (call, start)
 
 
+def test_overlap_counts_only_the_time_both_traces_cover() -> None:
+    """A full trace (capacity 3 here) has dropped its oldest ops: the other
+    lane's earlier busy time is left out, not counted as not overlapped."""
+    from pycomm.overlap import lane_overlap, since_both_traced
+
+    ag = [(100, 110), (120, 130), (140, 150)]  # full: ops before 100 are gone
+    rs = [(0, 50), (105, 125)]
+    clipped = since_both_traced(ag, rs, capacity=3)
+    assert clipped == (ag, [(105, 125)])
+    assert lane_overlap(*clipped)["rs_fraction_overlapped"] == 0.5  # 10 of 20 us
+    assert lane_overlap(ag, rs)["rs_fraction_overlapped"] == 10 / 70  # what the dropped ops would skew
+    assert since_both_traced(ag, rs, capacity=4) == (ag, rs)  # nothing dropped
+
+
 @pytest.mark.parametrize(
     ("ag", "rs", "both", "fraction"),
     [

@@ -201,17 +201,31 @@ void NcclLane::launchCollective(
   auto calls = [&](ncclComm_t comm) -> ncclResult_t {
     nccl::check(api, api.groupStart(), what + ": ncclGroupStart", comm);
     ncclResult_t result = ncclSuccess;
-    for (size_t i = 0; i < op.inputs.size(); ++i) {
-      const at::Tensor& in = op.inputs[i];
-      const bool premul = !nccl.premul.empty();
-      ncclRedOp_t red = premul || nccl.reduces.empty() ? ncclSum : nccl.reduces[i];
-      if (premul) {
-        result = api.redOpCreatePreMulSum(
-            &red, nccl.premul[i].scalar(), nccl.types[i], nccl.premul[i].residence(), comm);
-        if (result != ncclSuccess) {
-          break;
+    const bool premul = !nccl.premul.empty();
+    // PREMUL_SUM's ops are all made before any collective call: a failed
+    // creation does not fail the open group, which would otherwise launch
+    // the calls made before it on this rank alone.
+    std::vector<ncclRedOp_t> premulOps;
+    for (size_t i = 0; premul && i < op.inputs.size(); ++i) {
+      ncclRedOp_t made = ncclSum;
+      result = api.redOpCreatePreMulSum(
+          &made, nccl.premul[i].scalar(), nccl.types[i], nccl.premul[i].residence(), comm);
+      if (result != ncclSuccess) {
+        for (ncclRedOp_t done : premulOps) {
+          (void)api.redOpDestroy(done, comm); // the creation's error is the one reported
         }
+        premulOps.clear();
+        break;
       }
+      premulOps.push_back(made);
+    }
+    size_t premulDestroyed = 0; // premulOps[0, premulDestroyed) are gone
+    for (size_t i = 0; result == ncclSuccess || result == ncclInProgress; ++i) {
+      if (i == op.inputs.size()) {
+        break;
+      }
+      const at::Tensor& in = op.inputs[i];
+      const ncclRedOp_t red = premul ? premulOps[i] : (nccl.reduces.empty() ? ncclSum : nccl.reduces[i]);
       switch (op.kind) {
         case CollectiveKind::AllGather:
           result = api.allGather(
@@ -239,6 +253,7 @@ void NcclLane::launchCollective(
         // "An operator may be destroyed as soon as the last NCCL function
         // which is given that operator returns" (NCCL API, ncclRedOpDestroy).
         const ncclResult_t destroyed = api.redOpDestroy(red, comm);
+        ++premulDestroyed;
         if (destroyed != ncclSuccess && (result == ncclSuccess || result == ncclInProgress)) {
           result = destroyed;
         }
@@ -246,6 +261,9 @@ void NcclLane::launchCollective(
       if (result != ncclSuccess && result != ncclInProgress) {
         break;
       }
+    }
+    for (size_t j = premulDestroyed; j < premulOps.size(); ++j) {
+      (void)api.redOpDestroy(premulOps[j], comm); // calls skipped after a failure: its error is reported
     }
     // The group is always closed, also after a failed call, so the thread
     // is not left inside an NCCL group.
@@ -296,7 +314,10 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     callerReady_->block(stream_->get());
     if (startEvents_) {
       // Behind what the op waits for, ahead of the kernels NCCL's thread
-      // appends: it passes when the op can start.
+      // appends: it passes when the op can start. The previous op's launch
+      // is settled first (it is already, in program order), or its kernels
+      // could land behind this event and count in this op's time.
+      comm_->settle();
       start = startEvents_->take();
       start->record(stream_->get());
     }

@@ -627,6 +627,39 @@ TEST(LaneTiming, DurationSpansTheOpsKernelWhenTimingIsOn) {
   closeAll(lanes);
 }
 
+// Launches left to NCCL's thread (NCCL_LAUNCH_ORDER_IMPLICIT=0): the op
+// before may not be on the stream yet when the next op is issued; its
+// kernels must not land between the next op's start event and its own.
+TEST(LaneTiming, AnOpsDurationLeavesOutTheOpBeforeItWhenNcclsThreadLaunches) {
+  ScopedEnv timing("TORCH_NCCL_ENABLE_TIMING", "1");
+  SimWorld world(2);
+  std::vector<std::shared_ptr<NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  onRanks(2, [&](int r) {
+    auto spec = world.spec(r, "ag", std::chrono::seconds(10));
+    spec.comm.launchInProgramOrder = false;
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  connectLanes(world, lanes);
+  world.nccl->setCollectiveDuration(100ms);
+  world.nccl->setGroupEndDelay(20ms); // the first op's launch is still pending at the second issue
+  std::vector<float> second(2, -1.0f);
+  onRanks(2, [&](int r) {
+    auto op1 = allGather(at::ones({4}), at::empty({8}));
+    auto op2 = allGather(at::ones({4}), at::empty({8}));
+    auto w1 = issue(*lanes[r], op1);
+    auto w2 = issue(*lanes[r], op2);
+    ASSERT_TRUE(eventually([&] { return w1->isCompleted() && w2->isCompleted(); }, 10s));
+    second[r] = w2->getDuration();
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_GE(second[r], 99.0f) << "rank " << r;
+    // Counting the first op too would give about 200 ms.
+    EXPECT_LT(second[r], 170.0f) << "rank " << r << ": the first op's kernels were timed";
+  }
+  closeAll(lanes);
+}
+
 TEST(LaneTiming, DurationNeedsTimingOnWhenTheLaneIsMade) {
   ScopedEnv timing("TORCH_NCCL_ENABLE_TIMING", "0");
   SimWorld world(2);
