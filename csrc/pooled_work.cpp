@@ -70,7 +70,9 @@ bool PooledWork::complete(std::exception_ptr error) {
   if (claimed_.exchange(true)) {
     return false;
   }
-  endedAtUs_.store(steadyNowUs()); // before any waiter can ask for the duration
+  if (timed_) {
+    endedAtUs_.store(steadyNowUs()); // before any waiter can ask for the duration
+  }
   // finish() takes mutex_ itself and wakes every waiter.
   finish(error);
   c10::intrusive_ptr<c10::ivalue::Future> future;

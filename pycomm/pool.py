@@ -400,9 +400,10 @@ class CommPool:
 
         The AG and RS groups of one base group also get "overlap"
         (pycomm.overlap.lane_overlap over the ops in their traces, the last
-        16,384 of each, from the moment both traces cover): each lane's busy seconds, the seconds both were
-        busy, and the fraction of the RS lane's busy time overlapped by the
-        AG lane, with "with" naming the other group."""
+        16,384 of each, from the moment both traces cover): each lane's busy
+        seconds, the seconds both were busy, and the fraction of the RS
+        lane's busy time overlapped by the AG lane, with "with" naming the
+        other group."""
         self._release_gone()
         rows = []
         backends = self._core.entries()
@@ -600,7 +601,7 @@ def _add_overlap(rows: list[dict[str, Any]], backends: dict[str, Any]) -> None:
         if ag is None or rs is None:
             continue
         spans = {
-            role: [(e["start_us"], e["end_us"]) for e in _trace_rows(backends[row["name"]])]
+            role: [(start_us, end_us) for _, _, start_us, end_us, _ in backends[row["name"]].trace()]
             for role, row in (("ag", ag), ("rs", rs))
         }
         overlap = lane_overlap(*since_both_traced(spans["ag"], spans["rs"], _C.LANE_TRACE_CAPACITY))

@@ -71,8 +71,9 @@ ncclRedOp_t reduceOp(
 struct PreMulFactor {
   std::array<unsigned char, 8> value{};
   void* deviceAddress = nullptr;
-  void* scalar() {
-    return deviceAddress != nullptr ? deviceAddress : value.data();
+  // NCCL takes the scalar as void* but only reads it.
+  void* scalar() const {
+    return deviceAddress != nullptr ? deviceAddress : const_cast<unsigned char*>(value.data());
   }
   ncclScalarResidence_t residence() const {
     return deviceAddress != nullptr ? ncclScalarDevice : ncclScalarHostImmediate;

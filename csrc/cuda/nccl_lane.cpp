@@ -193,7 +193,7 @@ NcclLane::NcclTypes NcclLane::ncclTypesOf(
 
 void NcclLane::launchCollective(
     const Collective& op,
-    NcclTypes& nccl,
+    const NcclTypes& nccl,
     const std::string& what,
     const std::shared_ptr<EndEvent>& end) {
   const cudaStream_t stream = stream_->get();
@@ -220,10 +220,7 @@ void NcclLane::launchCollective(
       premulOps.push_back(made);
     }
     size_t premulDestroyed = 0; // premulOps[0, premulDestroyed) are gone
-    for (size_t i = 0; result == ncclSuccess || result == ncclInProgress; ++i) {
-      if (i == op.inputs.size()) {
-        break;
-      }
+    for (size_t i = 0; i < op.inputs.size() && (result == ncclSuccess || result == ncclInProgress); ++i) {
       const at::Tensor& in = op.inputs[i];
       const ncclRedOp_t red = premul ? premulOps[i] : (nccl.reduces.empty() ? ncclSum : nccl.reduces[i]);
       switch (op.kind) {
@@ -258,9 +255,6 @@ void NcclLane::launchCollective(
           result = destroyed;
         }
       }
-      if (result != ncclSuccess && result != ncclInProgress) {
-        break;
-      }
     }
     for (size_t j = premulDestroyed; j < premulOps.size(); ++j) {
       (void)api.redOpDestroy(premulOps[j], comm); // calls skipped after a failure: its error is reported
@@ -281,7 +275,7 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     c10d::OpType type,
     uint64_t seq,
     std::string description) {
-  NcclTypes types = ncclTypesOf(op, description);
+  const NcclTypes types = ncclTypesOf(op, description);
   if (spec_.comm.apis.nccl->torchGroupDepth() > 0) {
     throw UnsupportedOpError(
         description + ": issued inside an NCCL group torch has open on this "

@@ -186,7 +186,7 @@ class NcclLane : public DeviceLane,
   // error here leaves the communicator unusable.
   void launchCollective(
       const Collective& op,
-      NcclTypes& types,
+      const NcclTypes& types,
       const std::string& what,
       const std::shared_ptr<EndEvent>& end);
   void watch();
