@@ -18,8 +18,35 @@ const char* kindName(CollectiveKind kind) {
       return "broadcast";
     case CollectiveKind::Barrier:
       return "barrier";
+    case CollectiveKind::AllGatherList:
+      return "all_gather_list";
+    case CollectiveKind::ReduceScatterList:
+      return "reduce_scatter_list";
+    case CollectiveKind::Reduce:
+      return "reduce";
+    case CollectiveKind::Gather:
+      return "gather";
+    case CollectiveKind::Scatter:
+      return "scatter";
+    case CollectiveKind::AllToAll:
+      return "all_to_all_single";
+    case CollectiveKind::AllToAllList:
+      return "all_to_all";
+    case CollectiveKind::Send:
+      return "send";
+    case CollectiveKind::Recv:
+      return "recv";
   }
   return "unknown";
+}
+
+bool isPointToPoint(CollectiveKind kind) {
+  return kind == CollectiveKind::Send || kind == CollectiveKind::Recv;
+}
+
+bool isReducing(CollectiveKind kind) {
+  return kind == CollectiveKind::ReduceScatter || kind == CollectiveKind::AllReduce ||
+      kind == CollectiveKind::ReduceScatterList || kind == CollectiveKind::Reduce;
 }
 
 const char* reduceOpName(c10d::ReduceOp::RedOpType op) {
@@ -53,11 +80,6 @@ std::string shapeOf(const at::Tensor& t) {
   std::ostringstream out;
   out << c10::toString(t.scalar_type()) << "[" << t.numel() << "]";
   return out.str();
-}
-
-bool isReducing(CollectiveKind kind) {
-  return kind == CollectiveKind::ReduceScatter ||
-      kind == CollectiveKind::AllReduce;
 }
 
 void checkReduceOp(const Collective& op) {
@@ -99,6 +121,19 @@ void checkReduceOp(const Collective& op) {
               "tensor must have one element of the input's type on its device, "
               "got " + shapeOf(factor) + " on " + factor.device().str() + " for " +
               shapeOf(t) + " on " + t.device().str());
+        }
+      }
+      return;
+    case c10d::ReduceOp::BAND:
+    case c10d::ReduceOp::BOR:
+    case c10d::ReduceOp::BXOR:
+      // gloo's bitwise reductions exist for integer types only (and bool);
+      // NCCL has none, and the NCCL lane names that.
+      for (const auto& t : op.inputs) {
+        if (!at::isIntegralType(t.scalar_type(), /*includeBool=*/true)) {
+          throw UnsupportedOpError(
+              std::string(kindName(op.kind)) + " with " + reduceOpName(op.reduceOp) +
+              " needs an integer or bool tensor, got " + shapeOf(t));
         }
       }
       return;
@@ -158,17 +193,50 @@ void checkSameKind(const Collective& op, const at::Tensor& a, const at::Tensor& 
 
 } // namespace
 
+namespace {
+bool hasOutputs(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::AllGather:
+    case CollectiveKind::ReduceScatter:
+    case CollectiveKind::AllGatherList:
+    case CollectiveKind::ReduceScatterList:
+    case CollectiveKind::Gather:
+    case CollectiveKind::Scatter:
+    case CollectiveKind::AllToAll:
+    case CollectiveKind::AllToAllList:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool hasRoot(CollectiveKind kind) {
+  return kind == CollectiveKind::Broadcast || kind == CollectiveKind::Reduce ||
+      kind == CollectiveKind::Gather || kind == CollectiveKind::Scatter;
+}
+} // namespace
+
 const std::vector<at::Tensor>& Collective::results() const {
-  return kind == CollectiveKind::AllGather || kind == CollectiveKind::ReduceScatter
-      ? outputs
-      : inputs;
+  return hasOutputs(kind) ? outputs : inputs;
+}
+
+const std::vector<at::Tensor>& Collective::matchedTensors() const {
+  return kind == CollectiveKind::Scatter ? outputs : inputs;
+}
+
+const at::Tensor& Collective::firstTensor() const {
+  static const at::Tensor kNone;
+  if (!inputs.empty()) {
+    return inputs.front();
+  }
+  return outputs.empty() ? kNone : outputs.front();
 }
 
 int64_t Collective::bytes() const {
   int64_t total = 0;
-  const auto& counted =
-      kind == CollectiveKind::AllGather ? outputs : inputs;
-  for (const auto& t : counted) {
+  const bool countsOutputs = kind == CollectiveKind::AllGather ||
+      kind == CollectiveKind::AllGatherList || kind == CollectiveKind::Scatter;
+  for (const auto& t : countsOutputs ? outputs : inputs) {
     total += t.numel() * t.element_size();
   }
   return total;
@@ -177,17 +245,27 @@ int64_t Collective::bytes() const {
 std::string Collective::describe() const {
   std::ostringstream out;
   out << kindName(kind) << "(";
+  const bool pairs = kind == CollectiveKind::AllGather || kind == CollectiveKind::ReduceScatter;
   for (size_t i = 0; i < inputs.size(); ++i) {
     out << (i ? ", " : "") << shapeOf(inputs[i]);
-    if (i < outputs.size()) {
+    if (pairs && i < outputs.size()) {
       out << "->[" << outputs[i].numel() << "]";
     }
   }
-  if (isReducing(kind)) {
-    out << (inputs.empty() ? "" : ", ") << reduceOpName(reduceOp);
+  if (!pairs && !outputs.empty()) {
+    out << (inputs.empty() ? "-> " : " -> ");
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      out << (i ? ", " : "") << shapeOf(outputs[i]);
+    }
   }
-  if (kind == CollectiveKind::Broadcast) {
+  if (isReducing(kind)) {
+    out << ", " << reduceOpName(reduceOp);
+  }
+  if (hasRoot(kind)) {
     out << ", root=" << root;
+  }
+  if (isPointToPoint(kind)) {
+    out << (kind == CollectiveKind::Send ? ", to=" : ", from=") << peer << ", tag=" << tag;
   }
   out << ")";
   return out.str();
@@ -212,7 +290,8 @@ bool Collective::allContiguous() const {
 }
 
 c10::DeviceType Collective::deviceType() const {
-  return inputs.empty() ? c10::DeviceType::CPU : inputs.front().device().type();
+  const at::Tensor& first = firstTensor();
+  return first.defined() ? first.device().type() : c10::DeviceType::CPU;
 }
 
 uint64_t Collective::fingerprint() const {
@@ -227,9 +306,11 @@ uint64_t Collective::fingerprint() const {
   mix(static_cast<uint64_t>(kind));
   mix(static_cast<uint64_t>(reduceOp));
   mix(static_cast<uint64_t>(root));
-  for (const auto& t : inputs) {
+  // An all-to-all's sizes differ by rank when its splits do.
+  const bool sizesAgree = kind != CollectiveKind::AllToAll && kind != CollectiveKind::AllToAllList;
+  for (const auto& t : matchedTensors()) {
     mix(static_cast<uint64_t>(t.scalar_type()));
-    mix(static_cast<uint64_t>(t.numel()));
+    mix(static_cast<uint64_t>(sizesAgree ? t.numel() : 0));
   }
   return h;
 }
@@ -243,8 +324,7 @@ std::vector<StagedTensor> stageNonContiguous(Collective& op) {
     }
     return false;
   };
-  const bool inPlace = op.kind == CollectiveKind::AllReduce ||
-      op.kind == CollectiveKind::Broadcast;
+  const bool inPlace = !hasOutputs(op.kind);
   for (auto& t : op.inputs) {
     at::Tensor callers = t;
     if (stage(t) && inPlace) {
@@ -260,48 +340,87 @@ std::vector<StagedTensor> stageNonContiguous(Collective& op) {
   return writeBack;
 }
 
-void validate(const Collective& op, int64_t groupSize) {
-  if (op.kind == CollectiveKind::Barrier) {
+namespace {
+
+std::string opName(const Collective& op) {
+  return kindName(op.kind);
+}
+
+void expectCount(const Collective& op, const std::vector<at::Tensor>& tensors, size_t count, const char* what) {
+  if (tensors.size() != count) {
+    throw TensorMismatchError(
+        opName(op) + " takes " + std::to_string(count) + " " + what + " tensor" +
+        (count == 1 ? "" : "s") + " here, got " + std::to_string(tensors.size()));
+  }
+}
+
+// Every tensor of `list` has `model`'s type and element count.
+void expectLike(const Collective& op, const std::vector<at::Tensor>& list, const at::Tensor& model, const char* what) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    checkSameKind(op, model, list[i]);
+    if (list[i].numel() != model.numel()) {
+      throw TensorMismatchError(
+          opName(op) + ": " + what + " " + std::to_string(i) + " has " +
+          std::to_string(list[i].numel()) + " elements, expected " +
+          std::to_string(model.numel()) + "; every tensor of the list has the size of the other side's");
+    }
+  }
+}
+
+void checkRank(const Collective& op, int64_t value, int64_t groupSize, const char* what) {
+  if (value < 0 || value >= groupSize) {
+    throw TensorMismatchError(
+        opName(op) + ": " + what + " " + std::to_string(value) +
+        " is not a rank of this group (0.." + std::to_string(groupSize - 1) + ")");
+  }
+}
+
+void checkSplits(const Collective& op, const std::vector<int64_t>& splits, const at::Tensor& t, int64_t groupSize, const char* what) {
+  const int64_t rows = t.dim() == 0 ? 1 : t.size(0);
+  if (splits.empty()) {
+    if (rows % groupSize != 0) {
+      throw TensorMismatchError(
+          opName(op) + ": the " + what + " has " + std::to_string(rows) +
+          " rows, which the " + std::to_string(groupSize) +
+          " ranks cannot share evenly; give split sizes");
+    }
     return;
   }
-  if (op.inputs.empty()) {
-    throw TensorMismatchError(
-        std::string(kindName(op.kind)) + " needs at least one tensor");
+  int64_t total = 0;
+  for (int64_t rowsOfRank : splits) {
+    if (rowsOfRank < 0) {
+      throw TensorMismatchError(opName(op) + ": a " + what + " split size is negative");
+    }
+    total += rowsOfRank;
   }
-  const bool gathersOrScatters = op.kind == CollectiveKind::AllGather ||
-      op.kind == CollectiveKind::ReduceScatter;
-  if (gathersOrScatters && op.inputs.size() != op.outputs.size()) {
+  if (static_cast<int64_t>(splits.size()) != groupSize || total != rows) {
     throw TensorMismatchError(
-        std::string(kindName(op.kind)) + " got " +
-        std::to_string(op.inputs.size()) + " inputs and " +
+        opName(op) + ": " + std::to_string(splits.size()) + " " + what +
+        " split sizes summing to " + std::to_string(total) + ", expected " +
+        std::to_string(groupSize) + " summing to the " + what + "'s " +
+        std::to_string(rows) + " rows");
+  }
+}
+
+void checkPairs(const Collective& op, int64_t groupSize) {
+  if (op.inputs.size() != op.outputs.size()) {
+    throw TensorMismatchError(
+        opName(op) + " got " + std::to_string(op.inputs.size()) + " inputs and " +
         std::to_string(op.outputs.size()) +
         " outputs; the coalesced form needs one output per input");
   }
-  const auto device = op.inputs.front().device();
   for (size_t i = 0; i < op.inputs.size(); ++i) {
     const auto& in = op.inputs[i];
-    checkTensor(op, in, "input");
-    if (in.device() != device) {
-      throw TensorMismatchError(
-          std::string(kindName(op.kind)) + ": tensors on " + device.str() +
-          " and " + in.device().str() + "; one op takes one device");
-    }
-    if (!gathersOrScatters) {
-      continue;
-    }
     const auto& out = op.outputs[i];
-    checkTensor(op, out, "output");
     checkSameKind(op, in, out);
-    const bool gather = op.kind == CollectiveKind::AllGather;
-    const int64_t expectedOut = gather ? in.numel() * groupSize : -1;
-    if (gather && out.numel() != expectedOut) {
+    if (op.kind == CollectiveKind::AllGather && out.numel() != in.numel() * groupSize) {
       throw TensorMismatchError(
           "all_gather: output has " + std::to_string(out.numel()) +
           " elements, expected input size " + std::to_string(in.numel()) +
           " x group size " + std::to_string(groupSize) + " = " +
-          std::to_string(expectedOut));
+          std::to_string(in.numel() * groupSize));
     }
-    if (!gather && in.numel() != out.numel() * groupSize) {
+    if (op.kind == CollectiveKind::ReduceScatter && in.numel() != out.numel() * groupSize) {
       throw TensorMismatchError(
           "reduce_scatter: input has " + std::to_string(in.numel()) +
           " elements, expected output size " + std::to_string(out.numel()) +
@@ -309,15 +428,94 @@ void validate(const Collective& op, int64_t groupSize) {
           std::to_string(out.numel() * groupSize));
     }
   }
+}
+
+} // namespace
+
+void validate(const Collective& op, int64_t groupSize, int64_t rank) {
+  if (op.kind == CollectiveKind::Barrier) {
+    return;
+  }
+  const at::Tensor& first = op.firstTensor();
+  if (!first.defined() && op.inputs.empty() && op.outputs.empty()) {
+    throw TensorMismatchError(opName(op) + " needs at least one tensor");
+  }
+  for (const auto* tensors : {&op.inputs, &op.outputs}) {
+    const char* what = tensors == &op.inputs ? "input" : "output";
+    for (const auto& t : *tensors) {
+      checkTensor(op, t, what);
+      if (t.device() != first.device()) {
+        throw TensorMismatchError(
+            opName(op) + ": tensors on " + first.device().str() + " and " +
+            t.device().str() + "; one op takes one device");
+      }
+    }
+  }
+  const bool isRoot = op.root == rank;
+  const size_t ranks = static_cast<size_t>(groupSize);
+  switch (op.kind) {
+    case CollectiveKind::AllGather:
+    case CollectiveKind::ReduceScatter:
+      checkPairs(op, groupSize);
+      break;
+    case CollectiveKind::AllReduce:
+    case CollectiveKind::Broadcast:
+      expectCount(op, op.outputs, 0, "output");
+      break;
+    case CollectiveKind::Reduce:
+    case CollectiveKind::Send:
+    case CollectiveKind::Recv:
+      expectCount(op, op.inputs, 1, "input");
+      expectCount(op, op.outputs, 0, "output");
+      break;
+    case CollectiveKind::AllGatherList:
+      expectCount(op, op.inputs, 1, "input");
+      expectCount(op, op.outputs, ranks, "output");
+      expectLike(op, op.outputs, op.inputs[0], "output");
+      break;
+    case CollectiveKind::ReduceScatterList:
+      expectCount(op, op.outputs, 1, "output");
+      expectCount(op, op.inputs, ranks, "input");
+      expectLike(op, op.inputs, op.outputs[0], "input");
+      break;
+    case CollectiveKind::Gather:
+      expectCount(op, op.inputs, 1, "input");
+      checkRank(op, op.root, groupSize, "root");
+      expectCount(op, op.outputs, isRoot ? ranks : 0, isRoot ? "output" : "output (not the root)");
+      expectLike(op, op.outputs, op.inputs[0], "output");
+      break;
+    case CollectiveKind::Scatter:
+      expectCount(op, op.outputs, 1, "output");
+      checkRank(op, op.root, groupSize, "root");
+      expectCount(op, op.inputs, isRoot ? ranks : 0, isRoot ? "input" : "input (not the root)");
+      expectLike(op, op.inputs, op.outputs[0], "input");
+      break;
+    case CollectiveKind::AllToAll:
+      expectCount(op, op.inputs, 1, "input");
+      expectCount(op, op.outputs, 1, "output");
+      checkSameKind(op, op.inputs[0], op.outputs[0]);
+      checkSplits(op, op.inputSplits, op.inputs[0], groupSize, "input");
+      checkSplits(op, op.outputSplits, op.outputs[0], groupSize, "output");
+      break;
+    case CollectiveKind::AllToAllList:
+      expectCount(op, op.inputs, ranks, "input");
+      expectCount(op, op.outputs, ranks, "output");
+      for (size_t i = 0; i < ranks; ++i) {
+        checkSameKind(op, op.inputs[0], op.inputs[i]);
+        checkSameKind(op, op.inputs[0], op.outputs[i]);
+      }
+      break;
+    case CollectiveKind::Barrier:
+      break;
+  }
+  if (hasRoot(op.kind)) {
+    checkRank(op, op.root, groupSize, "root");
+  }
+  if (isPointToPoint(op.kind)) {
+    checkRank(op, op.peer, groupSize, op.kind == CollectiveKind::Send ? "destination" : "source");
+  }
   if (isReducing(op.kind)) {
     checkReduceOp(op);
-  }
-  if (op.kind == CollectiveKind::Broadcast &&
-      (op.root < 0 || op.root >= groupSize)) {
-    throw TensorMismatchError(
-        "broadcast: root " + std::to_string(op.root) +
-        " is not a rank of this group (0.." + std::to_string(groupSize - 1) +
-        ")");
   }
 }
 

@@ -19,9 +19,26 @@ enum class CollectiveKind : uint8_t {
   AllReduce = 2, // in place on inputs
   Broadcast = 3, // in place on inputs, from `root`
   Barrier = 4,
+  // The rest of c10d's ops. Tensors, by kind ("list": one per group rank,
+  // in group-rank order):
+  AllGatherList = 5, // inputs {t}, outputs the list
+  ReduceScatterList = 6, // inputs the list, outputs {t}
+  Reduce = 7, // in place on inputs {t}; the result on `root` only
+  Gather = 8, // inputs {t}; outputs the list on `root`, none elsewhere
+  Scatter = 9, // inputs the list on `root`, none elsewhere; outputs {t}
+  AllToAll = 10, // inputs {in}, outputs {out}, split by the splits (none: evenly)
+  AllToAllList = 11, // inputs the list sent, outputs the list received
+  Send = 12, // inputs {t} to group rank `peer`, matched by `tag`
+  Recv = 13, // inputs {t}, written from group rank `peer`
 };
+constexpr size_t kCollectiveKindCount = 14;
 
 const char* kindName(CollectiveKind kind);
+// Send and Recv: a lane issues them and goes on, as torch's backends do, so
+// that two ranks' isend/irecv pairs meet whatever order each issued them in.
+bool isPointToPoint(CollectiveKind kind);
+// Whether the kind takes a reduce op.
+bool isReducing(CollectiveKind kind);
 const char* reduceOpName(c10d::ReduceOp::RedOpType op);
 
 struct Collective {
@@ -38,6 +55,12 @@ struct Collective {
   double premulScalar = 1.0;
   at::Tensor premulTensor;
   int64_t root = 0;
+  // Send and Recv: the other rank (a group rank) and the tag both sides give.
+  int64_t peer = -1;
+  int64_t tag = 0;
+  // AllToAll: dim-0 rows sent to / received from each rank; empty: evenly.
+  std::vector<int64_t> inputSplits;
+  std::vector<int64_t> outputSplits;
   // The name torch's NCCL backend gives the span of the entry point the
   // user called ("_reduce_scatter_base"), set only while a profiler
   // listens: the op's Work then spans it as "<transport>:<name>"
@@ -51,13 +74,19 @@ struct Collective {
   int64_t bytes() const;
   // "all_gather(2 x float32[1024] -> [4096])", for errors and traces.
   std::string describe() const;
-  // What the op's Work returns: the outputs of an all-gather or
-  // reduce-scatter, the (in-place) inputs otherwise.
+  // What the op's Work returns: the outputs of a kind that has them, the
+  // (in-place) inputs otherwise.
   const std::vector<at::Tensor>& results() const;
+  // The tensors whose count, types and sizes every rank gives alike (a
+  // scatter's root alone has inputs), for the order check.
+  const std::vector<at::Tensor>& matchedTensors() const;
   // Whether no dense tensor of the op needs staging (stageNonContiguous).
   bool allContiguous() const;
   // The device type every tensor is on (CPU for a barrier).
   c10::DeviceType deviceType() const;
+  // The first tensor of the op (a scatter's non-root ranks have only an
+  // output); undefined for a barrier.
+  const at::Tensor& firstTensor() const;
   // A number equal on all ranks exactly when they issue the same op with the
   // same shapes and dtypes, for the order check.
   uint64_t fingerprint() const;
@@ -83,7 +112,8 @@ struct StagedTensor {
 std::vector<StagedTensor> stageNonContiguous(Collective& op);
 
 // Throws TensorMismatchError or UnsupportedOpError, naming what was wrong and
-// what is allowed. `groupSize` is the number of ranks in the group.
-void validate(const Collective& op, int64_t groupSize);
+// what is allowed. `groupSize` is the number of ranks in the group, `rank`
+// this process's among them (a gather's or scatter's root has the list).
+void validate(const Collective& op, int64_t groupSize, int64_t rank);
 
 } // namespace pycomm

@@ -102,7 +102,58 @@ Issued issueAllGather(c10d::Backend& comm, at::Tensor& input, at::Tensor& output
   return {comm._allgather_base(flatOutput, flatInput), nullptr};
 }
 
+// A reduce issued on a premultiplied copy of the tensor (PREMUL_SUM, which
+// gloo lacks): the root's tensor takes the result, the others stay as they
+// were, as with NCCL's out-of-place reduce.
+Issued issuePremulReduce(c10d::Backend& comm, const Collective& op, int64_t rank) {
+  const at::Tensor& tensor = op.inputs.front();
+  at::Tensor buffer = tensor.clone();
+  premultiply(buffer, op);
+  std::vector<at::Tensor> buffers = {buffer};
+  c10d::ReduceOptions opts;
+  opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+  opts.rootRank = op.root;
+  Issued issued{comm.reduce(buffers, opts), nullptr};
+  if (rank == op.root) {
+    issued.finish = [reduced = std::move(buffer), tensor]() mutable { tensor.copy_(reduced); };
+  }
+  return issued;
+}
+
+// A list all-to-all as gloo's split all-to-all of the lists laid end to end:
+// gloo's own list form takes only tensors of one size, torch's NCCL backend
+// any sizes. Only bytes move, so the result is the same.
+Issued issueAllToAllList(c10d::Backend& comm, const Collective& op) {
+  std::vector<at::Tensor> flatInputs;
+  std::vector<int64_t> inputSplits;
+  std::vector<int64_t> outputSplits;
+  for (const auto& t : op.inputs) {
+    flatInputs.push_back(t.reshape({-1}));
+    inputSplits.push_back(t.numel());
+  }
+  int64_t received = 0;
+  for (const auto& t : op.outputs) {
+    outputSplits.push_back(t.numel());
+    received += t.numel();
+  }
+  at::Tensor input = at::cat(flatInputs);
+  at::Tensor output = at::empty({received}, input.options());
+  Issued issued{
+      comm.alltoall_base(output, input, outputSplits, inputSplits, c10d::AllToAllOptions()),
+      nullptr};
+  issued.finish = [output, outputs = op.outputs]() mutable {
+    int64_t offset = 0;
+    for (auto& t : outputs) {
+      t.view({-1}).copy_(output.narrow(0, offset, t.numel()));
+      offset += t.numel();
+    }
+  };
+  return issued;
+}
+
 // Issues the gloo ops that make up `op` (several for the coalesced forms).
+// Group ranks (roots, peers) are the gloo communicator's own ranks: it spans
+// exactly the pooled group.
 std::vector<Issued> issue(c10d::Backend& comm, Collective& op, int64_t rank) {
   std::vector<Issued> issued;
   switch (op.kind) {
@@ -120,6 +171,14 @@ std::vector<Issued> issue(c10d::Backend& comm, Collective& op, int64_t rank) {
       for (auto& tensor : op.inputs) {
         premultiply(tensor, op); // in place: the all-reduce's result replaces it
       }
+      if (op.inputs.size() > 1) {
+        // gloo's all-reduce of several tensors sums them together (one per
+        // device); the coalesced form reduces each across ranks.
+        c10d::AllreduceCoalescedOptions opts;
+        opts.reduceOp = c10d::ReduceOp(reduceOpForGloo(op));
+        issued.push_back({comm.allreduce_coalesced(op.inputs, opts), nullptr});
+        break;
+      }
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp(reduceOpForGloo(op));
       issued.push_back({comm.allreduce(op.inputs, opts), nullptr});
@@ -133,6 +192,76 @@ std::vector<Issued> issue(c10d::Backend& comm, Collective& op, int64_t rank) {
     }
     case CollectiveKind::Barrier:
       issued.push_back({comm.barrier(c10d::BarrierOptions()), nullptr});
+      break;
+    case CollectiveKind::AllGatherList: {
+      std::vector<std::vector<at::Tensor>> outputs = {op.outputs};
+      issued.push_back({comm.allgather(outputs, op.inputs, c10d::AllgatherOptions()), nullptr});
+      break;
+    }
+    case CollectiveKind::ReduceScatterList: {
+      // gloo's own list reduce-scatter (its sum order, so results equal a
+      // plain group's bit for bit), on premultiplied copies for PREMUL_SUM.
+      std::vector<at::Tensor> inputs = op.inputs;
+      if (op.reduceOp == c10d::ReduceOp::PREMUL_SUM) {
+        for (auto& t : inputs) {
+          t = t.clone();
+          premultiply(t, op);
+        }
+      }
+      std::vector<std::vector<at::Tensor>> lists = {inputs};
+      c10d::ReduceScatterOptions opts;
+      opts.reduceOp = c10d::ReduceOp(reduceOpForGloo(op));
+      issued.push_back({comm.reduce_scatter(op.outputs, lists, opts), nullptr});
+      break;
+    }
+    case CollectiveKind::Reduce: {
+      if (op.reduceOp == c10d::ReduceOp::PREMUL_SUM) {
+        issued.push_back(issuePremulReduce(comm, op, rank));
+        break;
+      }
+      c10d::ReduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp(op.reduceOp);
+      opts.rootRank = op.root;
+      issued.push_back({comm.reduce(op.inputs, opts), nullptr});
+      break;
+    }
+    case CollectiveKind::Gather: {
+      c10d::GatherOptions opts;
+      opts.rootRank = op.root;
+      std::vector<std::vector<at::Tensor>> outputs;
+      if (rank == op.root) {
+        outputs.push_back(op.outputs);
+      }
+      issued.push_back({comm.gather(outputs, op.inputs, opts), nullptr});
+      break;
+    }
+    case CollectiveKind::Scatter: {
+      c10d::ScatterOptions opts;
+      opts.rootRank = op.root;
+      std::vector<std::vector<at::Tensor>> inputs;
+      if (rank == op.root) {
+        inputs.push_back(op.inputs);
+      }
+      issued.push_back({comm.scatter(op.outputs, inputs, opts), nullptr});
+      break;
+    }
+    case CollectiveKind::AllToAll:
+      issued.push_back(
+          {comm.alltoall_base(
+               op.outputs.front(), op.inputs.front(), op.outputSplits, op.inputSplits,
+               c10d::AllToAllOptions()),
+           nullptr});
+      break;
+    case CollectiveKind::AllToAllList:
+      issued.push_back(issueAllToAllList(comm, op));
+      break;
+    case CollectiveKind::Send:
+      issued.push_back(
+          {comm.send(op.inputs, static_cast<int>(op.peer), static_cast<int>(op.tag)), nullptr});
+      break;
+    case CollectiveKind::Recv:
+      issued.push_back(
+          {comm.recv(op.inputs, static_cast<int>(op.peer), static_cast<int>(op.tag)), nullptr});
       break;
   }
   return issued;
@@ -193,12 +322,12 @@ at::Tensor orderFields(const Collective& op, uint64_t seq) {
   f[kFingerprint] = static_cast<int64_t>(op.fingerprint());
   f[kKind] = static_cast<int64_t>(op.kind);
   f[kReduceOp] = static_cast<int64_t>(op.reduceOp);
-  f[kDtype] = static_cast<int64_t>(
-      op.inputs.empty() ? at::kLong : op.inputs.front().scalar_type());
-  for (const auto& t : op.inputs) {
+  const auto& matched = op.matchedTensors();
+  f[kDtype] = static_cast<int64_t>(matched.empty() ? at::kLong : matched.front().scalar_type());
+  for (const auto& t : matched) {
     f[kNumel] += t.numel();
   }
-  f[kTensorCount] = static_cast<int64_t>(op.inputs.size());
+  f[kTensorCount] = static_cast<int64_t>(matched.size());
   return mine;
 }
 
@@ -247,15 +376,17 @@ CpuTransport::CommInUse::~CommInUse() {
 
 c10::intrusive_ptr<c10d::Backend> CpuTransport::release() {
   std::unique_ptr<Waiter> waiter;
+  std::vector<std::unique_ptr<Waiter>> pointToPointWaiters;
   c10::intrusive_ptr<c10d::Backend> comm;
   {
     std::unique_lock<std::mutex> lock(mutex_);
     comm.swap(comm_);
     waiter.swap(waiter_);
+    pointToPointWaiters.swap(pointToPointWaiters_);
     // Issuing never waits for peers (gloo queues the op), so this is short.
     commUsersGone_.wait(lock, [this] { return commUsers_ == 0; });
   }
-  // The waiter is destroyed outside the lock: it joins its thread when
+  // The waiters are destroyed outside the lock: each joins its thread when
   // nothing is watched.
   return comm;
 }
@@ -370,13 +501,26 @@ void CpuTransport::whenDone(
       return;
     }
   }
-  Waiter* waiter;
+  Waiter* waiter = nullptr;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!waiter_) {
-      waiter_ = std::make_unique<Waiter>("pycomm-wait");
+    if (isPointToPoint(kind)) {
+      for (const auto& candidate : pointToPointWaiters_) {
+        if (candidate->idle()) {
+          waiter = candidate.get(); // the lane issues one op at a time: nobody else takes it
+          break;
+        }
+      }
+      if (waiter == nullptr) {
+        pointToPointWaiters_.push_back(std::make_unique<Waiter>("pycomm-p2p"));
+        waiter = pointToPointWaiters_.back().get();
+      }
+    } else {
+      if (!waiter_) {
+        waiter_ = std::make_unique<Waiter>("pycomm-wait");
+      }
+      waiter = waiter_.get();
     }
-    waiter = waiter_.get();
   }
   waiter->watch(work, std::move(onEnd));
 }

@@ -4,17 +4,18 @@
 // the communicator is made through torch's Python API and reaches C++ as a
 // plain c10d::Backend; only its virtual interface is used here.
 //
-// Every op completes through its gloo Work's future, on the gloo worker that
-// ran it, so a pooled op wakes no thread beyond gloo's own. gloo's
-// reduce-scatter Work has no future; a reduce-scatter is issued as what gloo
-// runs for one (an all-reduce of a copy of the input, then this rank's
-// slice), through gloo's all-reduce, whose Work has one. Only a communicator
-// whose Works have no future (not gloo's) needs the waiter thread.
+// The hot ops complete through their gloo Work's future, on the gloo worker
+// that ran them, so they wake no thread beyond gloo's own. gloo's tensor
+// reduce-scatter Work has no future; it is issued as what gloo runs for one
+// (an all-reduce of a copy of the input, then this rank's slice), through
+// gloo's all-reduce, whose Work has one. Works without a future (gloo's list
+// reduce-scatter, send, recv) are watched by the waiter thread.
 //
 // Thread-safety: start() and release() may be called from any thread; the
-// lane calls start() for one op at a time, which keeps the issue order equal
-// on every rank (gloo matches ops by that order). The wrapped gloo backend is
-// thread-safe.
+// lane calls start() for one op at a time (a send or recv frees it once
+// issued), which keeps the issue order equal on every rank (gloo matches
+// collectives by that order, point-to-point ops by peer and tag). The
+// wrapped gloo backend is thread-safe.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 
 #include <atomic>
@@ -24,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "collective.h"
 #include "waiter.h"
@@ -115,6 +117,11 @@ class CpuTransport {
   // a thrown c10::Error per op.
   mutable std::atomic<uint32_t> kindsWithoutFuture_{0};
   mutable std::unique_ptr<Waiter> waiter_;
+  // Sends and receives without a future, each waited for on an idle waiter
+  // of these (one made when none is idle): a recv waited for on the one
+  // waiter thread would hold back the report of a send behind it, which
+  // its peer may need before it sends what the recv waits for.
+  mutable std::vector<std::unique_ptr<Waiter>> pointToPointWaiters_;
   std::string label_;
   int64_t rank_;
   int64_t size_;

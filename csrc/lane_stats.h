@@ -28,7 +28,7 @@ struct StatsSnapshot {
   int64_t bytes = 0;
   int64_t errors = 0;
   double busySeconds = 0.0;
-  std::array<int64_t, 5> opsByKind{}; // indexed by CollectiveKind
+  std::array<int64_t, kCollectiveKindCount> opsByKind{}; // indexed by CollectiveKind
 };
 
 class LaneStats {

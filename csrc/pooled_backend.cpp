@@ -134,7 +134,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
       collective,
       elementsOf(op.inputs),
       elementsOf(outputs),
-      op.inputs.empty() ? at::kByte : op.inputs.front().scalar_type(),
+      op.firstTensor().defined() ? op.firstTensor().scalar_type() : at::kByte,
       std::vector<int64_t>(),
       std::vector<int64_t>(),
       rankStart,
@@ -147,7 +147,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
 c10::intrusive_ptr<c10d::Work> PooledBackend::route(Collective op, c10d::OpType type) {
   if (auto lane = deviceLaneFor(op)) {
     // No staging here: torch's NCCL groups refuse non-contiguous tensors too.
-    validate(op, size_);
+    validate(op, size_, rank_);
     return submitToDevice(std::move(op), type, std::move(lane));
   }
   // The Work holds (and returns) the caller's tensors; the transport may
@@ -159,7 +159,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::route(Collective op, c10d::OpType 
     running = std::make_shared<Collective>(*callers);
     writeBack = stageNonContiguous(*running);
   }
-  validate(*running, size_);
+  validate(*running, size_, rank_);
   return enqueue(callers, running, type, std::move(writeBack), Run::Op).first;
 }
 
@@ -187,10 +187,10 @@ std::pair<c10::intrusive_ptr<PooledWork>, uint64_t> PooledBackend::enqueue(
 }
 
 std::shared_ptr<DeviceLane> PooledBackend::deviceLaneFor(const Collective& op) const {
-  if (op.inputs.empty()) {
+  if (!op.firstTensor().defined()) {
     return nullptr; // a barrier: the CPU lane (see the README)
   }
-  const auto device = op.inputs.front().device();
+  const auto device = op.firstTensor().device();
   std::lock_guard<std::mutex> lock(mutex_);
   if (deviceLane_ && deviceLane_->device() == device) {
     return deviceLane_;
@@ -218,7 +218,7 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submitToDevice(
     c10d::OpType type,
     std::shared_ptr<DeviceLane> lane) {
   uint64_t seq = 0;
-  if (context_->checkOrder) {
+  if (context_->checkOrder && !isPointToPoint(op.kind)) {
     // The fingerprints meet on the CPU lane, in order with its other ops;
     // the op reaches NCCL only once every rank agreed, so a mismatch is an
     // OrderMismatchError here instead of two NCCL kernels waiting on each
@@ -344,7 +344,12 @@ void PooledBackend::start(
     Run run) {
   work->markStarted();
   const int64_t startUs = LaneStats::nowUs();
+  // A send or recv frees the lane once issued, not once ended: two ranks
+  // that each isend then irecv (a ring exchange, batch_isend_irecv) would
+  // otherwise each wait for the other's recv behind its own send.
+  const bool freesLaneAtIssue = isPointToPoint(op->kind);
   auto onDone = [context,
+                 freesLaneAtIssue,
                  kind = op->kind,
                  bytes = op->bytes(),
                  writeBack = std::move(writeBack),
@@ -377,18 +382,25 @@ void PooledBackend::start(
     // Let go of the Work (and the tensors it holds) before starting the next
     // op: its caller, woken just now, is then the one to drop it.
     work.reset();
-    context->lane.done(); // may start the next op on this thread
+    if (!freesLaneAtIssue) {
+      context->lane.done(); // may start the next op on this thread
+    }
   };
   try {
     if (run == Run::OrderCheckOnly) {
       context->transport.checkOrder(op, seq, onDone);
-    } else if (context->checkOrder) {
+    } else if (context->checkOrder && !freesLaneAtIssue) {
+      // Point-to-point ops are not checked: ranks issue different ones
+      // (a send here, its recv there) at the same place.
       context->transport.startChecked(op, seq, onDone);
     } else {
       context->transport.start(op, onDone);
     }
   } catch (...) {
     onDone(std::current_exception()); // the transport reports through onDone; this is a bug guard
+  }
+  if (freesLaneAtIssue) {
+    context->lane.done();
   }
 }
 
@@ -597,62 +609,164 @@ bool PooledBackend::isOpenOrClosed() const {
   return state_ != State::Aborted;
 }
 
-void PooledBackend::refuse(const char* op) const {
-  throw UnsupportedOpError(
-      spec_.label() + ": " + op + " is not supported on pooled groups yet; they run "
-      "all_gather_into_tensor, reduce_scatter_tensor (and their coalesced forms), "
-      "all_reduce and broadcast with one tensor each, and barrier. Issue it on "
-      "the base group");
+void PooledBackend::refuse(const char* op, const char* instead) const {
+  throw UnsupportedOpError(spec_.label() + ": " + op + " is not supported on pooled groups; " + instead);
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::allgather(
-    std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&, const c10d::AllgatherOptions&) {
-  refuse("all_gather (the list form)");
+    std::vector<std::vector<at::Tensor>>& outputs,
+    std::vector<at::Tensor>& inputs,
+    const c10d::AllgatherOptions& /*opts*/) {
+  if (outputs.size() != 1 || inputs.size() != 1) {
+    throw TensorMismatchError(
+        spec_.label() + ": all_gather takes one input and one list of outputs, got " +
+        std::to_string(inputs.size()) + " inputs and " + std::to_string(outputs.size()) + " lists");
+  }
+  Collective op;
+  op.kind = CollectiveKind::AllGatherList;
+  op.inputs = inputs;
+  op.outputs = outputs.front();
+  return submit(std::move(op), c10d::OpType::ALLGATHER, "all_gather", "all_gather");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::allgather_coalesced(
     std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&, const c10d::AllgatherOptions&) {
-  refuse("all_gather_coalesced");
+  refuse(
+      "all_gather_coalesced (deprecated by torch)",
+      "use all_gather_into_tensor in _coalescing_manager, or the base group");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce_coalesced(
-    std::vector<at::Tensor>&, const c10d::AllreduceCoalescedOptions&) {
-  refuse("all_reduce_coalesced");
+    std::vector<at::Tensor>& tensors,
+    const c10d::AllreduceCoalescedOptions& opts) {
+  Collective op;
+  op.kind = CollectiveKind::AllReduce;
+  op.inputs = tensors;
+  setReduceOp(op, opts.reduceOp);
+  return submit(std::move(op), c10d::OpType::ALLREDUCE_COALESCED, "allreduce_coalesced", "all_reduce_coalesced");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::allreduce_sparse(
     std::vector<at::Tensor>&, const c10d::AllreduceOptions&) {
-  refuse("a sparse all_reduce");
+  refuse("a sparse all_reduce", "they take dense tensors; issue it on the base group");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::reduce(
-    std::vector<at::Tensor>&, const c10d::ReduceOptions&) {
-  refuse("reduce");
+    std::vector<at::Tensor>& tensors,
+    const c10d::ReduceOptions& opts) {
+  Collective op;
+  op.kind = CollectiveKind::Reduce;
+  op.inputs = tensors;
+  op.root = opts.rootRank;
+  setReduceOp(op, opts.reduceOp);
+  return submit(std::move(op), c10d::OpType::REDUCE, "reduce", "reduce");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter(
-    std::vector<at::Tensor>&, std::vector<std::vector<at::Tensor>>&, const c10d::ReduceScatterOptions&) {
-  refuse("reduce_scatter (the list form)");
+    std::vector<at::Tensor>& outputs,
+    std::vector<std::vector<at::Tensor>>& inputs,
+    const c10d::ReduceScatterOptions& opts) {
+  if (outputs.size() != 1 || inputs.size() != 1) {
+    throw TensorMismatchError(
+        spec_.label() + ": reduce_scatter takes one output and one list of inputs, got " +
+        std::to_string(outputs.size()) + " outputs and " + std::to_string(inputs.size()) + " lists");
+  }
+  Collective op;
+  op.kind = CollectiveKind::ReduceScatterList;
+  op.inputs = inputs.front();
+  op.outputs = outputs;
+  setReduceOp(op, opts.reduceOp);
+  return submit(std::move(op), c10d::OpType::REDUCE_SCATTER, "reduce_scatter", "reduce_scatter");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::gather(
-    std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&, const c10d::GatherOptions&) {
-  refuse("gather");
+    std::vector<std::vector<at::Tensor>>& outputs,
+    std::vector<at::Tensor>& inputs,
+    const c10d::GatherOptions& opts) {
+  if (outputs.size() > 1) {
+    throw TensorMismatchError(
+        spec_.label() + ": gather takes one list of outputs (on the root), got " +
+        std::to_string(outputs.size()));
+  }
+  Collective op;
+  op.kind = CollectiveKind::Gather;
+  op.inputs = inputs;
+  if (!outputs.empty()) {
+    op.outputs = outputs.front();
+  }
+  op.root = opts.rootRank;
+  return submit(std::move(op), c10d::OpType::GATHER, "gather", "gather");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::scatter(
-    std::vector<at::Tensor>&, std::vector<std::vector<at::Tensor>>&, const c10d::ScatterOptions&) {
-  refuse("scatter");
+    std::vector<at::Tensor>& outputs,
+    std::vector<std::vector<at::Tensor>>& inputs,
+    const c10d::ScatterOptions& opts) {
+  if (inputs.size() > 1) {
+    throw TensorMismatchError(
+        spec_.label() + ": scatter takes one list of inputs (on the root), got " +
+        std::to_string(inputs.size()));
+  }
+  Collective op;
+  op.kind = CollectiveKind::Scatter;
+  if (!inputs.empty()) {
+    op.inputs = inputs.front();
+  }
+  op.outputs = outputs;
+  op.root = opts.rootRank;
+  return submit(std::move(op), c10d::OpType::SCATTER, "scatter", "scatter");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::alltoall(
-    std::vector<at::Tensor>&, std::vector<at::Tensor>&, const c10d::AllToAllOptions&) {
-  refuse("all_to_all");
+    std::vector<at::Tensor>& outputs,
+    std::vector<at::Tensor>& inputs,
+    const c10d::AllToAllOptions& /*opts*/) {
+  Collective op;
+  op.kind = CollectiveKind::AllToAllList;
+  op.inputs = inputs;
+  op.outputs = outputs;
+  return submit(std::move(op), c10d::OpType::ALLTOALL, "all_to_all", "all_to_all");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::alltoall_base(
-    at::Tensor&, at::Tensor&, std::vector<int64_t>&, std::vector<int64_t>&, const c10d::AllToAllOptions&) {
-  refuse("all_to_all_single");
+    at::Tensor& output,
+    at::Tensor& input,
+    std::vector<int64_t>& outputSplits,
+    std::vector<int64_t>& inputSplits,
+    const c10d::AllToAllOptions& /*opts*/) {
+  Collective op;
+  op.kind = CollectiveKind::AllToAll;
+  op.inputs = {input};
+  op.outputs = {output};
+  op.inputSplits = inputSplits;
+  op.outputSplits = outputSplits;
+  // torch's NCCL backend's names: "all_to_allv" when splits are given.
+  const bool even = inputSplits.empty() && outputSplits.empty();
+  return submit(
+      std::move(op), c10d::OpType::ALLTOALL_BASE, even ? "all_to_all" : "all_to_allv",
+      even ? "all_to_all" : "all_to_allv");
 }
-c10::intrusive_ptr<c10d::Work> PooledBackend::send(std::vector<at::Tensor>&, int, int) {
-  refuse("send");
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::send(std::vector<at::Tensor>& tensors, int dstRank, int tag) {
+  Collective op;
+  op.kind = CollectiveKind::Send;
+  op.inputs = tensors;
+  op.peer = dstRank;
+  op.tag = tag;
+  return submit(std::move(op), c10d::OpType::SEND, "send", "send");
 }
-c10::intrusive_ptr<c10d::Work> PooledBackend::recv(std::vector<at::Tensor>&, int, int) {
-  refuse("recv");
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::recv(std::vector<at::Tensor>& tensors, int srcRank, int tag) {
+  Collective op;
+  op.kind = CollectiveKind::Recv;
+  op.inputs = tensors;
+  op.peer = srcRank;
+  op.tag = tag;
+  return submit(std::move(op), c10d::OpType::RECV, "recv", "recv");
 }
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::recvAnysource(std::vector<at::Tensor>&, int) {
-  refuse("recv from any source");
+  refuse("recv from any source", "give recv its source (src= or group_src=)");
 }
 
 } // namespace pycomm

@@ -76,8 +76,10 @@ class PooledBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> barrier(
       const c10d::BarrierOptions& opts) override;
 
-  // The rest of c10d's collectives and point-to-point ops: UnsupportedOpError
-  // naming the group and the op (torch's default is a bare RuntimeError).
+  // The rest of c10d's collectives and point-to-point ops, on the lane of
+  // their tensors' device. all_gather_coalesced (deprecated by torch), sparse
+  // all-reduce and recv from any source raise UnsupportedOpError naming the
+  // group and what to use instead (torch's default is a bare RuntimeError).
   c10::intrusive_ptr<c10d::Work> allgather(
       std::vector<std::vector<at::Tensor>>&, std::vector<at::Tensor>&,
       const c10d::AllgatherOptions&) override;
@@ -216,7 +218,7 @@ class PooledBackend : public c10d::Backend {
       const c10::intrusive_ptr<PooledWork>& work,
       Run run);
   void throwIfNotOpen() const;
-  [[noreturn]] void refuse(const char* op) const;
+  [[noreturn]] void refuse(const char* op, const char* instead) const;
   bool isOpenOrClosed() const;
 
   PooledGroupSpec spec_;

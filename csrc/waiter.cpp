@@ -41,6 +41,11 @@ void Waiter::watch(c10::intrusive_ptr<c10d::Work> work, Callback callback) {
   state_->wake.notify_all();
 }
 
+bool Waiter::idle() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->queue.empty();
+}
+
 void Waiter::run(std::shared_ptr<State> state, std::string name) {
   pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
   std::unique_lock<std::mutex> lock(state->mutex);

@@ -1,8 +1,7 @@
 #pragma once
 // A thread that waits for Works which cannot report their completion
-// themselves (no future: a CPU communicator other than gloo may hand out such
-// Works), and then calls their callback. Ops whose Work has a future, every
-// op on gloo, never come here.
+// themselves (no future: gloo's list reduce-scatter, send and recv), and then
+// calls their callback. Ops whose Work has a future never come here.
 //
 // Thread-safety: watch() may be called from any thread; callbacks run on the
 // waiter's thread, one at a time, in watch() order.
@@ -31,6 +30,8 @@ class Waiter {
   Waiter& operator=(const Waiter&) = delete;
 
   void watch(c10::intrusive_ptr<c10d::Work> work, Callback callback);
+  // Nothing queued and nothing being waited for.
+  bool idle() const;
 
  private:
   struct Item {
@@ -40,7 +41,7 @@ class Waiter {
   struct State {
     std::mutex mutex;
     std::condition_variable wake;
-    std::deque<Item> queue;
+    std::deque<Item> queue; // an item leaves once its callback returned
     bool stopping = false;
   };
   static void run(std::shared_ptr<State> state, std::string name);

@@ -112,6 +112,11 @@ class LibraryNcclApi final : public NcclApi {
       int root, ncclComm_t comm, cudaStream_t stream) override {
     return ncclBroadcast(input, output, count, type, root, comm, stream);
   }
+  ncclResult_t reduce(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream) override {
+    return ncclReduce(input, output, count, type, op, root, comm, stream);
+  }
   ncclResult_t redOpCreatePreMulSum(
       ncclRedOp_t* op, void* scalar, ncclDataType_t type,
       ncclScalarResidence_t residence, ncclComm_t comm) override {

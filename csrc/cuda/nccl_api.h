@@ -69,6 +69,10 @@ class NcclApi {
   virtual ncclResult_t broadcast(
       const void* input, void* output, size_t count, ncclDataType_t type,
       int root, ncclComm_t comm, cudaStream_t stream) = 0;
+  // `output` is written on `root` only (and may be null elsewhere).
+  virtual ncclResult_t reduce(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream) = 0;
   // A reduce op that multiplies each input by `*scalar` (of `type`: read on
   // the host at this call with ncclScalarHostImmediate, by the kernel from
   // device memory with ncclScalarDevice) before summing; destroyed with

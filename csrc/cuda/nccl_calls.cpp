@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "collective.h"
 #include "errors.h"
 
 namespace pycomm::nccl {
@@ -202,8 +203,9 @@ ncclRedOp_t reduceOp(
       return ncclAvg;
     default:
       throw UnsupportedOpError(
-          context + ": reduce op " + std::to_string(static_cast<int>(op)) +
-          " is not supported by the NCCL lane (SUM, AVG, MIN, MAX, PRODUCT)");
+          context + ": reduce op " + reduceOpName(op) +
+          " is not supported by the NCCL lane: NCCL has no bitwise reductions (SUM, AVG, MIN, MAX, "
+          "PRODUCT, PREMUL_SUM run); reduce CPU tensors for BAND, BOR, BXOR");
   }
 }
 

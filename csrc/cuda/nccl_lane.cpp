@@ -13,6 +13,22 @@
 namespace pycomm {
 
 namespace {
+
+// The kinds the lane issues to NCCL.
+bool runsOnNccl(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::AllGather:
+    case CollectiveKind::ReduceScatter:
+    case CollectiveKind::AllReduce:
+    case CollectiveKind::Broadcast:
+    case CollectiveKind::Reduce:
+    case CollectiveKind::AllGatherList:
+    case CollectiveKind::ReduceScatterList:
+      return true;
+    default:
+      return false; // gather, scatter, all-to-all, send, recv: NCCL's point-to-point calls
+  }
+}
 // How often the watchdog looks at the oldest op while ops are in flight. It
 // only releases tensors and completes futures: the caller's stream never
 // waits for it.
@@ -176,8 +192,7 @@ NcclLane::NcclTypes NcclLane::ncclTypesOf(
     const Collective& op, const std::string& what) const {
   // Each tensor pair has its own type: a coalesced op may mix them.
   NcclTypes out;
-  const bool reduces = op.kind == CollectiveKind::ReduceScatter ||
-      op.kind == CollectiveKind::AllReduce;
+  const bool reduces = isReducing(op.kind);
   const bool premul = reduces && op.reduceOp == c10d::ReduceOp::PREMUL_SUM;
   for (const auto& in : op.inputs) {
     out.types.push_back(nccl::dataType(in.scalar_type(), loadedVersion_, what));
@@ -220,8 +235,13 @@ void NcclLane::launchCollective(
       premulOps.push_back(made);
     }
     size_t premulDestroyed = 0; // premulOps[0, premulDestroyed) are gone
-    for (size_t i = 0; i < op.inputs.size() && (result == ncclSuccess || result == ncclInProgress); ++i) {
-      const at::Tensor& in = op.inputs[i];
+    // One NCCL call per input; a list all-gather makes one per output, a
+    // broadcast from each rank in turn (its one input's type).
+    const bool perOutput = op.kind == CollectiveKind::AllGatherList;
+    const size_t callCount = perOutput ? op.outputs.size() : op.inputs.size();
+    for (size_t i = 0; i < callCount && (result == ncclSuccess || result == ncclInProgress); ++i) {
+      const at::Tensor& in = op.inputs[perOutput ? 0 : i];
+      const ncclDataType_t type = nccl.types[perOutput ? 0 : i];
       const ncclRedOp_t red = premul ? premulOps[i] : (nccl.reduces.empty() ? ncclSum : nccl.reduces[i]);
       switch (op.kind) {
         case CollectiveKind::AllGather:
@@ -243,8 +263,24 @@ void NcclLane::launchCollective(
               in.data_ptr(), in.data_ptr(), in.numel(), nccl.types[i],
               static_cast<int>(op.root), comm, stream);
           break;
-        case CollectiveKind::Barrier:
-          break; // barriers go through the CPU lane
+        case CollectiveKind::Reduce:
+          result = api.reduce(
+              in.data_ptr(), in.data_ptr(), in.numel(), type, red, static_cast<int>(op.root), comm, stream);
+          break;
+        case CollectiveKind::ReduceScatterList:
+          // Input i reduced onto rank i's output: its reduce-scatter, with
+          // inputs that need not be one buffer.
+          result = api.reduce(
+              in.data_ptr(), op.outputs[0].data_ptr(), in.numel(), type, red, static_cast<int>(i), comm, stream);
+          break;
+        case CollectiveKind::AllGatherList:
+          // Rank i's input broadcast into everyone's output i (NCCL reads
+          // the send buffer on the root only).
+          result = api.broadcast(
+              in.data_ptr(), op.outputs[i].data_ptr(), in.numel(), type, static_cast<int>(i), comm, stream);
+          break;
+        default:
+          break; // barriers go through the CPU lane; issue() refused the rest
       }
       if (premul) {
         // "An operator may be destroyed as soon as the last NCCL function
@@ -275,6 +311,11 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     c10d::OpType type,
     uint64_t seq,
     std::string description) {
+  if (!runsOnNccl(op.kind)) {
+    throw UnsupportedOpError(
+        description + ": " + kindName(op.kind) + " does not run on pooled NCCL lanes yet; "
+        "issue it on CPU tensors or on the base group");
+  }
   const NcclTypes types = ncclTypesOf(op, description);
   if (spec_.comm.apis.nccl->torchGroupDepth() > 0) {
     throw UnsupportedOpError(

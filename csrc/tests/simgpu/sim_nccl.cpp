@@ -29,7 +29,7 @@ std::atomic<uint64_t> nextInstanceSerial{1};
 std::atomic<uint64_t> nextUniqueId{1};
 std::atomic<uint64_t> nextCommId{1};
 
-enum class Kind { AllGather, ReduceScatter, AllReduce, Broadcast };
+enum class Kind { AllGather, ReduceScatter, AllReduce, Broadcast, Reduce };
 
 const char* labelOf(Kind kind) {
   switch (kind) {
@@ -37,6 +37,7 @@ const char* labelOf(Kind kind) {
     case Kind::ReduceScatter: return "reducescatter";
     case Kind::AllReduce: return "allreduce";
     case Kind::Broadcast: return "broadcast";
+    case Kind::Reduce: return "reduce";
   }
   return "?";
 }
@@ -698,7 +699,11 @@ struct SimNccl::Impl {
           }
           break;
         case Kind::AllReduce:
-        case Kind::ReduceScatter: {
+        case Kind::ReduceScatter:
+        case Kind::Reduce: {
+          if (op.kind == Kind::Reduce && rank != op.root) {
+            break; // nothing written off the root
+          }
           dst.resize(bytes);
           const size_t offset = op.kind == Kind::ReduceScatter ? rank * bytes : 0;
           std::vector<const unsigned char*> sources(n);
@@ -1047,11 +1052,13 @@ struct SimNccl::Impl {
             what + ": a stream of device " + std::to_string(streamDevice) +
                 " for a communicator of device " + std::to_string(c->device));
       }
-      if (op.kind == Kind::Broadcast && (op.root < 0 || op.root >= c->nranks)) {
+      if ((op.kind == Kind::Broadcast || op.kind == Kind::Reduce) && (op.root < 0 || op.root >= c->nranks)) {
         return failLocked(cp, ncclInvalidArgument, what + ": invalid root " + std::to_string(op.root));
       }
       const size_t inElems = op.kind == Kind::ReduceScatter ? op.count * c->nranks : op.count;
-      const size_t outElems = op.kind == Kind::AllGather ? op.count * c->nranks : op.count;
+      const size_t outElems = op.kind == Kind::AllGather ? op.count * c->nranks
+          : op.kind == Kind::Reduce && op.root != c->rank ? 0 // "may be NULL" off the root
+          : op.count;
       const bool readsInput = op.kind != Kind::Broadcast || op.root == c->rank;
       if ((inElems > 0 && readsInput && op.input == nullptr) ||
           (outElems > 0 && op.output == nullptr)) {
@@ -1541,6 +1548,19 @@ ncclResult_t SimNccl::broadcast(
   op.type = type;
   op.root = root;
   return impl_->collective(op, std::nullopt, comm, stream, "ncclBroadcast");
+}
+
+ncclResult_t SimNccl::reduce(
+    const void* input, void* output, size_t count, ncclDataType_t type, ncclRedOp_t red,
+    int root, ncclComm_t comm, cudaStream_t stream) {
+  Op op;
+  op.kind = Kind::Reduce;
+  op.input = input;
+  op.output = output;
+  op.count = count;
+  op.type = type;
+  op.root = root;
+  return impl_->collective(op, red, comm, stream, "ncclReduce");
 }
 
 ncclResult_t SimNccl::redOpCreatePreMulSum(

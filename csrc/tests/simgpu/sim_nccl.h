@@ -21,7 +21,7 @@
 // - A communicator's first group end connects its peers and launches only
 //   once every peer made its own (NCCL_RUNTIME_CONNECT): a blocking one
 //   waits in the call, a nonblocking one stays in progress.
-// - Collectives (allGather, reduceScatter, allReduce, broadcast; every op of
+// - Collectives (allGather, reduceScatter, allReduce, broadcast, reduce; every op of
 //   one group on one communicator runs as one kernel, as NCCL coalesces them)
 //   are kernels on the given stream. A kernel waits until every rank of the
 //   communicator reached its kernel of the same sequence number, moves the
@@ -111,6 +111,11 @@ class SimNccl : public NcclApi {
   ncclResult_t broadcast(
       const void* input, void* output, size_t count, ncclDataType_t type,
       int root, ncclComm_t comm, cudaStream_t stream) override;
+  // Writes `output` on `root` only: "recvbuff may be NULL on all calls
+  // except for root device" (NCCL API, ncclReduce).
+  ncclResult_t reduce(
+      const void* input, void* output, size_t count, ncclDataType_t type,
+      ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream) override;
   ncclResult_t redOpCreatePreMulSum(
       ncclRedOp_t* op, void* scalar, ncclDataType_t type,
       ncclScalarResidence_t residence, ncclComm_t comm) override;

@@ -659,6 +659,30 @@ TEST(LaneFaults, RefusedOpsLeaveTheLaneUsable) {
     EXPECT_NE(std::string(e.what()).find("_coalescing_manager"), std::string::npos) << e.what();
   }
   ASSERT_EQ(world.nccl->groupEnd(), ncclSuccess);
+  // Bitwise reductions: NCCL has none (ncclRedOp_t), as torch's NCCL
+  // backend says too.
+  try {
+    Collective band;
+    band.kind = CollectiveKind::AllReduce;
+    band.reduceOp = c10d::ReduceOp::BAND;
+    band.inputs = {at::ones({4}, at::kLong)};
+    issue(*lanes[0], band);
+    ADD_FAILURE() << "BAND was handed to NCCL";
+  } catch (const UnsupportedOpError& e) {
+    EXPECT_NE(std::string(e.what()).find("BAND"), std::string::npos) << e.what();
+  }
+  // The kinds the lane does not issue to NCCL yet are named, not launched.
+  try {
+    Collective toPeer;
+    toPeer.kind = CollectiveKind::Send;
+    toPeer.inputs = {at::ones({4})};
+    toPeer.peer = 1;
+    issue(*lanes[0], toPeer);
+    ADD_FAILURE() << "send was handed to NCCL";
+  } catch (const UnsupportedOpError& e) {
+    EXPECT_NE(std::string(e.what()).find("send does not run on pooled NCCL lanes yet"), std::string::npos)
+        << e.what();
+  }
   // uint32/uint64 map to NCCL's own types, and the lane still works.
   onRanks(2, [&](int r) {
     auto op = reduceScatter(

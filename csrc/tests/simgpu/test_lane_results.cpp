@@ -139,6 +139,25 @@ void checkEveryOp(const std::vector<std::shared_ptr<NcclLane>>& lanes, const std
                 op.inputs[0], reduceReference(shards, reduce, type),
                 std::string("all_reduce ") + reduceOpName(reduce) + " " + where);
           });
+      // The coalesced form (_coalescing_manager's allreduce_coalesced):
+      // tensors of two sizes, each reduced across the ranks on its own.
+      runOnLanes(
+          lanes,
+          [&](int r) {
+            Collective op;
+            op.kind = CollectiveKind::AllReduce;
+            op.inputs = {shards[r].clone(), fulls[r].clone()};
+            op.reduceOp = reduce;
+            return op;
+          },
+          [&](int, const Collective& op) {
+            expectEqual(
+                op.inputs[0], reduceReference(shards, reduce, type),
+                std::string("all_reduce coalesced ") + reduceOpName(reduce) + " " + where);
+            expectEqual(
+                op.inputs[1], reduceReference(fulls, reduce, type),
+                std::string("all_reduce coalesced ") + reduceOpName(reduce) + " " + where);
+          });
     }
 
     const int root = n - 1;
@@ -154,6 +173,62 @@ void checkEveryOp(const std::vector<std::shared_ptr<NcclLane>>& lanes, const std
         [&](int, const Collective& op) {
           expectEqual(op.inputs[0], shards[root], "broadcast " + where);
         });
+
+    // The list forms and reduce, as torch's list all_gather, list
+    // reduce_scatter and reduce give them.
+    runOnLanes(
+        lanes,
+        [&](int r) {
+          Collective op;
+          op.kind = CollectiveKind::AllGatherList;
+          op.inputs = {shards[r].clone()};
+          for (int q = 0; q < n; ++q) {
+            op.outputs.push_back(at::empty({kCount}, type));
+          }
+          return op;
+        },
+        [&](int, const Collective& op) {
+          for (int q = 0; q < n; ++q) {
+            expectEqual(op.outputs[q], shards[q], "all_gather list, from rank " + std::to_string(q) + " " + where);
+          }
+        });
+    for (auto reduce : reduceOpsFor(type)) {
+      const auto reduced = reduceReference(fulls, reduce, type);
+      runOnLanes(
+          lanes,
+          [&](int r) {
+            Collective op;
+            op.kind = CollectiveKind::ReduceScatterList;
+            op.reduceOp = reduce;
+            for (int q = 0; q < n; ++q) {
+              op.inputs.push_back(fulls[r].narrow(0, q * kCount, kCount).clone());
+            }
+            op.outputs = {at::empty({kCount}, type)};
+            return op;
+          },
+          [&](int r, const Collective& op) {
+            expectEqual(
+                op.outputs[0], reduced.narrow(0, r * kCount, kCount),
+                std::string("reduce_scatter list ") + reduceOpName(reduce) + " " + where);
+          });
+      runOnLanes(
+          lanes,
+          [&](int r) {
+            Collective op;
+            op.kind = CollectiveKind::Reduce;
+            op.reduceOp = reduce;
+            op.root = root;
+            op.inputs = {shards[r].clone()};
+            return op;
+          },
+          [&](int r, const Collective& op) {
+            // The root holds the result; the others keep their input, as
+            // NCCL writes the output on the root only.
+            expectEqual(
+                op.inputs[0], r == root ? reduceReference(shards, reduce, type) : shards[r],
+                std::string("reduce ") + reduceOpName(reduce) + " " + where);
+          });
+    }
   }
 
   // The coalesced forms: several tensor pairs, of several types, as one unit.
