@@ -402,6 +402,23 @@ void checkSplits(const Collective& op, const std::vector<int64_t>& splits, const
   }
 }
 
+// A gather's or scatter's sides: `one` tensor on every rank, and `list`,
+// which only the root holds (`listCount` tensors here).
+void checkRootedList(
+    const Collective& op,
+    const std::vector<at::Tensor>& one,
+    const char* oneName,
+    const std::vector<at::Tensor>& list,
+    const char* listName,
+    size_t listCount,
+    int64_t groupSize) {
+  expectCount(op, one, 1, oneName);
+  checkRank(op, op.root, groupSize, "root");
+  const std::string what = std::string(listName) + (listCount == 0 ? " (not the root)" : "");
+  expectCount(op, list, listCount, what.c_str());
+  expectLike(op, list, one[0], listName);
+}
+
 void checkPairs(const Collective& op, int64_t groupSize) {
   if (op.inputs.size() != op.outputs.size()) {
     throw TensorMismatchError(
@@ -479,16 +496,10 @@ void validate(const Collective& op, int64_t groupSize, int64_t rank) {
       expectLike(op, op.inputs, op.outputs[0], "input");
       break;
     case CollectiveKind::Gather:
-      expectCount(op, op.inputs, 1, "input");
-      checkRank(op, op.root, groupSize, "root");
-      expectCount(op, op.outputs, isRoot ? ranks : 0, isRoot ? "output" : "output (not the root)");
-      expectLike(op, op.outputs, op.inputs[0], "output");
+      checkRootedList(op, op.inputs, "input", op.outputs, "output", isRoot ? ranks : 0, groupSize);
       break;
     case CollectiveKind::Scatter:
-      expectCount(op, op.outputs, 1, "output");
-      checkRank(op, op.root, groupSize, "root");
-      expectCount(op, op.inputs, isRoot ? ranks : 0, isRoot ? "input" : "input (not the root)");
-      expectLike(op, op.inputs, op.outputs[0], "input");
+      checkRootedList(op, op.outputs, "output", op.inputs, "input", isRoot ? ranks : 0, groupSize);
       break;
     case CollectiveKind::AllToAll:
       expectCount(op, op.inputs, 1, "input");

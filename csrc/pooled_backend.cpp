@@ -679,21 +679,26 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::reduce_scatter(
   return submit(std::move(op), c10d::OpType::REDUCE_SCATTER, "reduce_scatter", "reduce_scatter");
 }
 
+std::vector<at::Tensor> PooledBackend::rootsList(
+    const std::vector<std::vector<at::Tensor>>& lists,
+    const char* op,
+    const char* what) const {
+  if (lists.size() > 1) {
+    throw TensorMismatchError(
+        spec_.label() + ": " + op + " takes one list of " + what + " (on the root), got " +
+        std::to_string(lists.size()));
+  }
+  return lists.empty() ? std::vector<at::Tensor>() : lists.front();
+}
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::gather(
     std::vector<std::vector<at::Tensor>>& outputs,
     std::vector<at::Tensor>& inputs,
     const c10d::GatherOptions& opts) {
-  if (outputs.size() > 1) {
-    throw TensorMismatchError(
-        spec_.label() + ": gather takes one list of outputs (on the root), got " +
-        std::to_string(outputs.size()));
-  }
   Collective op;
   op.kind = CollectiveKind::Gather;
   op.inputs = inputs;
-  if (!outputs.empty()) {
-    op.outputs = outputs.front();
-  }
+  op.outputs = rootsList(outputs, "gather", "outputs");
   op.root = opts.rootRank;
   return submit(std::move(op), c10d::OpType::GATHER, "gather", "gather");
 }
@@ -702,16 +707,9 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::scatter(
     std::vector<at::Tensor>& outputs,
     std::vector<std::vector<at::Tensor>>& inputs,
     const c10d::ScatterOptions& opts) {
-  if (inputs.size() > 1) {
-    throw TensorMismatchError(
-        spec_.label() + ": scatter takes one list of inputs (on the root), got " +
-        std::to_string(inputs.size()));
-  }
   Collective op;
   op.kind = CollectiveKind::Scatter;
-  if (!inputs.empty()) {
-    op.inputs = inputs.front();
-  }
+  op.inputs = rootsList(inputs, "scatter", "inputs");
   op.outputs = outputs;
   op.root = opts.rootRank;
   return submit(std::move(op), c10d::OpType::SCATTER, "scatter", "scatter");

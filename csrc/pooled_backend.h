@@ -219,6 +219,10 @@ class PooledBackend : public c10d::Backend {
       Run run);
   void throwIfNotOpen() const;
   [[noreturn]] void refuse(const char* op, const char* instead) const;
+  // The one list torch gives a gather's root (outputs) or a scatter's
+  // (inputs); none elsewhere.
+  std::vector<at::Tensor> rootsList(
+      const std::vector<std::vector<at::Tensor>>& lists, const char* op, const char* what) const;
   bool isOpenOrClosed() const;
 
   PooledGroupSpec spec_;
