@@ -1168,6 +1168,9 @@ TEST(SimNccl, BoundedConcurrencyDeadlocksCommunicatorsStartedInDifferentOrders) 
   std::vector<std::vector<int32_t>> outs;
   w.gpu->setConcurrentCollectives(2);
   EXPECT_TRUE(crossed.launch(outs, 300ms)) << "two kernels per device fit: no deadlock";
+  // launch() waited for a's kernel on device 0 and b's on device 1 only; the
+  // other two still write `outs`, which the next launch() refills.
+  EXPECT_TRUE(w.gpu->synchronize(crossed.sb[0], 1000ms) && w.gpu->synchronize(crossed.sa[1], 1000ms));
   EXPECT_EQ(outs[0], gathered);
   EXPECT_EQ(outs[3], gathered);
 
