@@ -46,6 +46,8 @@ void translate(std::exception_ptr error) {
     raise("UnsupportedOpError", e.what());
   } catch (const pycomm::LayoutError& e) {
     raise("LayoutError", e.what());
+  } catch (const pycomm::NcclVersionError& e) {
+    raise("NcclVersionError", e.what());
   } catch (const pycomm::ConfigError& e) {
     raise("ConfigError", e.what());
   } catch (const pycomm::CollectiveTimeoutError& e) {
@@ -113,6 +115,18 @@ pycomm::NcclSettings settingsFromDict(const py::dict& values) {
       s.maxP2pPeers = py::cast<int>(value);
     } else if (name == "comm_name") {
       s.commName = py::cast<std::string>(value);
+    } else if (name == "split_share") {
+      s.splitShare = py::cast<bool>(value) ? 1 : 0;
+    } else if (name == "n_channels_per_net_peer") {
+      s.nChannelsPerNetPeer = py::cast<int>(value);
+    } else if (name == "nvlink_centric_sched") {
+      s.nvlinkCentricSched = py::cast<bool>(value) ? 1 : 0;
+    } else if (name == "graph_usage_mode") {
+      s.graphUsageMode = py::cast<int>(value);
+    } else if (name == "num_rma_ctx") {
+      s.numRmaCtx = py::cast<int>(value);
+    } else if (name == "graph_stream_ordering") {
+      s.graphStreamOrdering = py::cast<bool>(value) ? 1 : 0;
     } else {
       throw pycomm::ConfigError("unknown ncclConfig_t setting '" + name + "'");
     }
@@ -137,15 +151,15 @@ py::dict planToDict(const pycomm::NcclFieldPlan& plan) {
   for (auto field : plan.applied) {
     applied.append(pycomm::ncclFieldName(field));
   }
-  py::list skipped;
-  for (auto field : plan.skipped) {
-    skipped.append(py::make_tuple(
+  py::list tooNew;
+  for (auto field : plan.tooNew) {
+    tooNew.append(py::make_tuple(
         pycomm::ncclFieldName(field),
         pycomm::ncclVersionText(pycomm::ncclFieldMinVersion(field))));
   }
   py::dict d;
   d["applied"] = applied;
-  d["skipped"] = skipped;
+  d["too_new"] = tooNew;
   return d;
 }
 
@@ -294,8 +308,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("settings"),
       py::arg("version"),
       "Which ncclConfig_t fields `settings` sets that NCCL `version` (e.g. "
-      "23007) takes ('applied') and which it is too old for ('skipped', with "
+      "23007) takes ('applied') and which it is too old for ('too_new', with "
       "the version each needs)");
+  m.def(
+      "nccl_require_config",
+      [](const py::dict& settings, int version, const std::string& context) {
+        return planToDict(pycomm::requireNcclFields(settingsFromDict(settings), version, context));
+      },
+      py::arg("settings"),
+      py::arg("version"),
+      py::arg("context"),
+      "nccl_config_plan, or NcclVersionError naming every field `version` is "
+      "too old for");
 
   py::class_<pycomm::DeviceLane, std::shared_ptr<pycomm::DeviceLane>>(m, "DeviceLane")
       .def("pending", &pycomm::DeviceLane::pending)

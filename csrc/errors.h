@@ -54,6 +54,12 @@ class ConfigError : public PycommError {
   using PycommError::PycommError;
 };
 
+// A setting the NCCL in use is too old to take.
+class NcclVersionError : public ConfigError {
+ public:
+  using ConfigError::ConfigError;
+};
+
 // A collective did not finish within its timeout.
 class CollectiveTimeoutError : public PycommError {
  public:

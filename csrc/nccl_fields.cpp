@@ -1,5 +1,7 @@
 #include "nccl_fields.h"
 
+#include "errors.h"
+
 namespace pycomm {
 
 const char* ncclFieldName(NcclField field) {
@@ -26,6 +28,18 @@ const char* ncclFieldName(NcclField field) {
       return "collnetEnable";
     case NcclField::MaxP2pPeers:
       return "maxP2pPeers";
+    case NcclField::SplitShare:
+      return "splitShare";
+    case NcclField::NChannelsPerNetPeer:
+      return "nChannelsPerNetPeer";
+    case NcclField::NvlinkCentricSched:
+      return "nvlinkCentricSched";
+    case NcclField::GraphUsageMode:
+      return "graphUsageMode";
+    case NcclField::NumRmaCtx:
+      return "numRmaCtx";
+    case NcclField::GraphStreamOrdering:
+      return "graphStreamOrdering";
   }
   return "?";
 }
@@ -37,6 +51,8 @@ int ncclFieldMinVersion(NcclField field) {
     case NcclField::MaxCtas:
     case NcclField::NetName:
       return ncclVersionCode(2, 17, 0);
+    case NcclField::SplitShare:
+      return ncclVersionCode(2, 18, 0);
     case NcclField::TrafficClass:
       return ncclVersionCode(2, 25, 0);
     // NCCL 2.30.7 src/init.cc, parseCommConfig: a config of an older
@@ -46,8 +62,16 @@ int ncclFieldMinVersion(NcclField field) {
     case NcclField::NvlsCtas:
     case NcclField::CollnetEnable:
       return ncclVersionCode(2, 27, 0);
+    case NcclField::NChannelsPerNetPeer:
+    case NcclField::NvlinkCentricSched:
+      return ncclVersionCode(2, 28, 0);
+    case NcclField::GraphUsageMode:
+    case NcclField::NumRmaCtx:
+      return ncclVersionCode(2, 29, 0);
     case NcclField::MaxP2pPeers:
       return ncclVersionCode(2, 30, 0);
+    case NcclField::GraphStreamOrdering:
+      return ncclVersionCode(2, 30, 5);
     case NcclField::LaunchOrderImplicit:
       return ncclVersionCode(2, 31, 0);
   }
@@ -89,14 +113,47 @@ std::vector<NcclField> fieldsSet(const NcclSettings& s) {
   if (s.maxP2pPeers) {
     set.push_back(NcclField::MaxP2pPeers);
   }
+  if (s.splitShare) {
+    set.push_back(NcclField::SplitShare);
+  }
+  if (s.nChannelsPerNetPeer) {
+    set.push_back(NcclField::NChannelsPerNetPeer);
+  }
+  if (s.nvlinkCentricSched) {
+    set.push_back(NcclField::NvlinkCentricSched);
+  }
+  if (s.graphUsageMode) {
+    set.push_back(NcclField::GraphUsageMode);
+  }
+  if (s.numRmaCtx) {
+    set.push_back(NcclField::NumRmaCtx);
+  }
+  if (s.graphStreamOrdering) {
+    set.push_back(NcclField::GraphStreamOrdering);
+  }
   return set;
 }
 
 NcclFieldPlan planNcclFields(const NcclSettings& settings, int version) {
   NcclFieldPlan plan;
   for (NcclField field : fieldsSet(settings)) {
-    (version >= ncclFieldMinVersion(field) ? plan.applied : plan.skipped)
+    (version >= ncclFieldMinVersion(field) ? plan.applied : plan.tooNew)
         .push_back(field);
+  }
+  return plan;
+}
+
+NcclFieldPlan requireNcclFields(const NcclSettings& settings, int version, const std::string& context) {
+  NcclFieldPlan plan = planNcclFields(settings, version);
+  if (!plan.tooNew.empty()) {
+    std::string fields;
+    for (NcclField field : plan.tooNew) {
+      fields += (fields.empty() ? "" : ", ") + std::string("ncclConfig_t.") + ncclFieldName(field) +
+          " needs NCCL " + ncclVersionText(ncclFieldMinVersion(field));
+    }
+    throw NcclVersionError(
+        context + ": " + fields + "; the NCCL in use is " + ncclVersionText(version) +
+        " (unset the setting, or use a newer NCCL)");
   }
   return plan;
 }

@@ -35,6 +35,23 @@ struct NcclSettings {
   std::optional<int> collnetEnable;
   // The most peers a rank keeps point-to-point connections with.
   std::optional<int> maxP2pPeers;
+  // 1: communicators split from this one share its resources (NCCL's default
+  // is 0). Shared resources include the device stream, so lanes split from a
+  // sharing lane no longer overlap with it.
+  std::optional<int> splitShare;
+  // Network channels per peer for point-to-point traffic (NCCL rounds up to a
+  // power of two).
+  std::optional<int> nChannelsPerNetPeer;
+  // 1: NVLink-utilization-centric scheduling of collectives.
+  std::optional<int> nvlinkCentricSched;
+  // 0: no CUDA graphs, 1: one graph, 2: several graphs or graphs mixed with
+  // eager launches (NCCL's default).
+  std::optional<int> graphUsageMode;
+  // One-sided RMA contexts the communicator provisions.
+  std::optional<int> numRmaCtx;
+  // 0: captured kernels go straight onto the capturing stream, with no
+  // capture-time serialization by NCCL (needs graphUsageMode 0 or 1).
+  std::optional<int> graphStreamOrdering;
 };
 
 enum class NcclField {
@@ -49,6 +66,12 @@ enum class NcclField {
   NvlsCtas,
   CollnetEnable,
   MaxP2pPeers,
+  SplitShare,
+  NChannelsPerNetPeer,
+  NvlinkCentricSched,
+  GraphUsageMode,
+  NumRmaCtx,
+  GraphStreamOrdering,
 };
 
 // ncclConfig_t's own spelling of the field ("cgaClusterSize", "CTAPolicy").
@@ -60,13 +83,18 @@ std::vector<NcclField> fieldsSet(const NcclSettings& settings);
 
 struct NcclFieldPlan {
   std::vector<NcclField> applied; // set and understood by `version`
-  std::vector<NcclField> skipped; // set but newer than `version`
+  std::vector<NcclField> tooNew; // set but newer than `version`
 };
 
 // Which of the fields `settings` sets NCCL `version` can take. A field newer
-// than the NCCL in use is skipped (and reported), never written into a struct
-// that version does not have.
+// than the NCCL in use is never written into a struct that version does not
+// have: NCCL would silently use its default for it (parseCommConfig resets
+// each field newer than the config's version).
 NcclFieldPlan planNcclFields(const NcclSettings& settings, int version);
+
+// The fields of `settings` NCCL `version` cannot take, or an NcclVersionError
+// naming each with the version it needs: asked-for tuning is never dropped.
+NcclFieldPlan requireNcclFields(const NcclSettings& settings, int version, const std::string& context);
 
 // "2.30.7" for 23007.
 std::string ncclVersionText(int version);

@@ -59,6 +59,9 @@ MEGATRON_GROUP_KEYS = {
 
 CTA_POLICIES = {"default": 0, "efficiency": 1, "zero": 2}
 
+# ncclConfig_t.graphUsageMode: no graphs, one graph, several or mixed.
+GRAPH_USAGE_MODES = (0, 1, 2)
+
 
 @dataclass(frozen=True)
 class RoleConfig:
@@ -78,9 +81,20 @@ class RoleConfig:
         NCCL_LAUNCH_ORDER_IMPLICIT=1 in the environment instead);
         nvls_ctas (>= 2.27, CTAs of NVLink SHARP algorithms, >= 1),
         collnet_enable (>= 2.27, in-network reduction), max_p2p_peers
-        (>= 2.30, >= 1). A field newer than the loaded NCCL is skipped and
-        reported (`python -m pycomm doctor` lists them). None leaves NCCL's
-        default.
+        (>= 2.30, >= 1); split_share (>= 2.18: communicators split from this
+        role's share its resources, device stream included, so lanes split
+        from it no longer overlap with it); n_channels_per_net_peer (>= 2.28,
+        network channels per point-to-point peer, >= 1),
+        nvlink_centric_sched (>= 2.28); graph_usage_mode (>= 2.29: 0 no CUDA
+        graphs, 1 one graph, 2 several graphs or graphs mixed with eager
+        launches, NCCL's default); num_rma_ctx (>= 2.29, one-sided RMA
+        contexts, >= 0); graph_stream_ordering (>= 2.30.5; false puts
+        captured kernels straight on the capturing stream, which NCCL takes
+        only with graph_usage_mode 0 or 1); comm_name (>= 2.27, the name NCCL
+        logs and profiles the communicator by; pycomm names it after the
+        pooled group otherwise). A field newer than the loaded NCCL raises
+        NcclVersionError when the lane is created (`python -m pycomm doctor`
+        lists what the loaded NCCL takes). None leaves NCCL's default.
     timeout: seconds a collective or the creation rendezvous may take before
         it fails with a named error (None: DEFAULT_TIMEOUT_SECONDS).
     """
@@ -97,6 +111,13 @@ class RoleConfig:
     nvls_ctas: int | None = None
     collnet_enable: bool | None = None
     max_p2p_peers: int | None = None
+    split_share: bool | None = None
+    n_channels_per_net_peer: int | None = None
+    nvlink_centric_sched: bool | None = None
+    graph_usage_mode: int | None = None
+    num_rma_ctx: int | None = None
+    graph_stream_ordering: bool | None = None
+    comm_name: str | None = None
     timeout: float | None = None
 
     def __post_init__(self) -> None:
@@ -122,19 +143,41 @@ class RoleConfig:
             not _is_int(self.traffic_class) or self.traffic_class < 0
         ):
             raise ConfigError(f"traffic_class must be an integer >= 0, got {self.traffic_class!r}")
-        for name in ("nvls_ctas", "max_p2p_peers"):
+        for name in ("nvls_ctas", "max_p2p_peers", "n_channels_per_net_peer"):
             # NCCL refuses 0 and negatives (parseCommConfig: ncclInvalidArgument).
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if self.stream_priority is not None and not _is_int(self.stream_priority):
             raise ConfigError(f"stream_priority must be an integer, got {self.stream_priority!r}")
-        if self.net_name is not None and (not isinstance(self.net_name, str) or not self.net_name):
-            raise ConfigError(f"net_name must be a non-empty string, got {self.net_name!r}")
-        for name in ("launch_order_implicit", "is_high_priority_stream", "collnet_enable"):
+        for name in ("net_name", "comm_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+        if self.graph_usage_mode is not None and (
+            not _is_int(self.graph_usage_mode) or self.graph_usage_mode not in GRAPH_USAGE_MODES
+        ):
+            raise ConfigError(
+                f"graph_usage_mode must be 0 (no CUDA graphs), 1 (one graph) or 2 (several, "
+                f"or mixed with eager launches), got {self.graph_usage_mode!r}"
+            )
+        if self.num_rma_ctx is not None and (not _is_int(self.num_rma_ctx) or self.num_rma_ctx < 0):
+            raise ConfigError(f"num_rma_ctx must be an integer >= 0, got {self.num_rma_ctx!r}")
+        for name in (
+            "launch_order_implicit", "is_high_priority_stream", "collnet_enable", "split_share",
+            "nvlink_centric_sched", "graph_stream_ordering",
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
+        if self.graph_stream_ordering is False and self.graph_usage_mode not in (0, 1):
+            # NCCL 2.30.7 src/init.cc, parseCommConfig: ordering 0 with graph
+            # mixing (graphUsageMode 2, the default) is not supported, and NCCL
+            # falls back to ordering 1 with only a log line.
+            raise ConfigError(
+                "graph_stream_ordering: false needs graph_usage_mode 0 or 1 (NCCL ignores it "
+                f"with graph mixing, mode 2, its default), got graph_usage_mode {self.graph_usage_mode!r}"
+            )
         if self.cta_policy is not None and self.cta_policy not in CTA_POLICIES:
             raise ConfigError(
                 f"cta_policy must be one of {sorted(CTA_POLICIES)}, got {self.cta_policy!r}"

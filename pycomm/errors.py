@@ -35,6 +35,11 @@ class ConfigError(PycommError, ValueError):
     """A bad per-role setting or configuration file."""
 
 
+class NcclVersionError(ConfigError):
+    """A RoleConfig setting the loaded NCCL is too old to take (NCCL would
+    silently use its default instead)."""
+
+
 class RendezvousTimeoutError(PycommError, TimeoutError):
     """Members of a group did not all arrive to create a pooled group in time."""
 

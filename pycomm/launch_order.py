@@ -43,7 +43,7 @@ def adopt_implicit_launch_order() -> None:
     if LAUNCH_ORDER_ENV not in os.environ:
         os.environ[LAUNCH_ORDER_ENV] = "1"
     _value_at_import = os.environ[LAUNCH_ORDER_ENV]
-    if not _ordered_by_variable():
+    if not ordered_by_variable():
         logger.info(
             "%s=%s: pooled NCCL lanes leave their launches to NCCL's threads, and "
             "kernels of communicators sharing a device may start in different "
@@ -58,7 +58,7 @@ def value_at_import() -> str:
     return _value_at_import if _value_at_import is not None else os.environ.get(LAUNCH_ORDER_ENV, "1")
 
 
-def _ordered_by_variable() -> bool:
+def ordered_by_variable() -> bool:
     return value_at_import().strip() != "0"
 
 
@@ -67,4 +67,4 @@ def launch_in_program_order(config_orders: bool | None = None) -> bool:
     was 0 at import, or when its RoleConfig asks NCCL (>= 2.31) to order its
     communicator's launches (`launch_order_implicit`), since NCCL refuses
     racing launches then too."""
-    return bool(config_orders) or _ordered_by_variable()
+    return bool(config_orders) or ordered_by_variable()

@@ -26,7 +26,12 @@ import torch.distributed as dist
 from pycomm import _C
 from pycomm.config import CTA_POLICIES, RoleConfig
 from pycomm.errors import ConfigError, RendezvousTimeoutError
-from pycomm.launch_order import launch_in_program_order
+from pycomm.launch_order import (
+    LAUNCH_ORDER_ENV,
+    ordered_by_variable,
+    launch_in_program_order,
+    value_at_import,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +124,8 @@ def resolve_device(choice: DeviceChoice, base_group: dist.ProcessGroup | None) -
 
 
 def nccl_settings(config: RoleConfig, comm_name: str) -> dict[str, Any]:
-    """The ncclConfig_t fields `config` sets, as _C.NcclLane takes them."""
+    """The ncclConfig_t fields `config` sets, as _C.NcclLane takes them;
+    `comm_name` names the communicator unless `config.comm_name` does."""
     return {
         "cga_cluster_size": config.cga_cluster_size,
         "min_ctas": config.min_ctas,
@@ -131,8 +137,44 @@ def nccl_settings(config: RoleConfig, comm_name: str) -> dict[str, Any]:
         "nvls_ctas": config.nvls_ctas,
         "collnet_enable": config.collnet_enable,
         "max_p2p_peers": config.max_p2p_peers,
-        "comm_name": comm_name,
+        "split_share": config.split_share,
+        "n_channels_per_net_peer": config.n_channels_per_net_peer,
+        "nvlink_centric_sched": config.nvlink_centric_sched,
+        "graph_usage_mode": config.graph_usage_mode,
+        "num_rma_ctx": config.num_rma_ctx,
+        "graph_stream_ordering": config.graph_stream_ordering,
+        "comm_name": config.comm_name or comm_name,
     }
+
+
+# NCCL_LAUNCH_ORDER_IMPLICIT orders every communicator's launches from 2.26;
+# ncclConfig_t.commName exists from 2.27.
+_LAUNCH_ORDER_VARIABLE_VERSION = 22600
+_COMM_NAME_VERSION = 22700
+
+
+def lane_settings(config: RoleConfig, comm_name: str, version: int, label: str) -> dict[str, Any]:
+    """nccl_settings for a lane on NCCL `version`: NcclVersionError naming each
+    field `config` sets that this NCCL cannot take (NCCL would silently use
+    its default), ConfigError when NCCL_LAUNCH_ORDER_IMPLICIT overrides what
+    `config` asks for. pycomm's own name for the communicator is dropped on
+    an NCCL without commName."""
+    settings = nccl_settings(config, comm_name)
+    if config.comm_name is None and version < _COMM_NAME_VERSION:
+        settings["comm_name"] = None
+    if config.launch_order_implicit is not None and ordered_by_variable():
+        # NCCL's docs (launchOrderImplicit): the variable, when set, overrides
+        # the field before initialization.
+        if not config.launch_order_implicit:
+            raise ConfigError(
+                f"{label}: launch_order_implicit: false has no effect while "
+                f"{LAUNCH_ORDER_ENV}={value_at_import()} (NCCL's variable overrides the field); "
+                f"set {LAUNCH_ORDER_ENV}=0 before importing pycomm"
+            )
+        if version >= _LAUNCH_ORDER_VARIABLE_VERSION:
+            settings["launch_order_implicit"] = None  # the variable does it
+    _C.nccl_require_config(settings, version, label)
+    return settings
 
 
 def config_fields_support() -> tuple[list[str], list[tuple[str, str]]]:
@@ -141,10 +183,12 @@ def config_fields_support() -> tuple[list[str], list[tuple[str, str]]]:
     every = {
         "cga_cluster_size": 1, "min_ctas": 1, "max_ctas": 1, "net_name": "x", "traffic_class": 0,
         "cta_policy": 0, "launch_order_implicit": True, "nvls_ctas": 1, "collnet_enable": True,
-        "max_p2p_peers": 1, "comm_name": "x",
+        "max_p2p_peers": 1, "split_share": False, "n_channels_per_net_peer": 1,
+        "nvlink_centric_sched": False, "graph_usage_mode": 2, "num_rma_ctx": 1,
+        "graph_stream_ordering": True, "comm_name": "x",
     }
     plan = _C.nccl_config_plan(every, _C.nccl_usable_version())
-    return list(plan["applied"]), [tuple(entry) for entry in plan["skipped"]]
+    return list(plan["applied"]), [tuple(entry) for entry in plan["too_new"]]
 
 
 def _version_code(version: tuple[int, ...]) -> int:
@@ -277,11 +321,11 @@ def create_lane(
     its members. `time_left(step)` is what the creation's deadline leaves for
     the next step (it raises once nothing is left): the plan and the
     communicator get that, not the role's timeout again."""
-    settings = nccl_settings(config, comm_name)
-    plan = _C.nccl_config_plan(settings, _C.nccl_usable_version())
-    for field, needs in plan["skipped"]:
+    settings = lane_settings(config, comm_name, _C.nccl_usable_version(), label)
+    if config.split_share:
         logger.warning(
-            "%s: ncclConfig_t.%s needs NCCL %s; the NCCL in use ignores it", label, field, needs
+            "%s: split_share: lanes split from this one share its NCCL resources and stream, "
+            "and no longer overlap with it", label,
         )
     # Everything that can fail on one rank alone fails before the collective
     # part, so the peers do not wait for this rank until their timeout.

@@ -113,3 +113,39 @@ def test_megatrons_high_priority_key_is_read(tmp_path: Path) -> None:
     configs = load_group_configs(path)
     assert configs["dp_cp"] == RoleConfig(is_high_priority_stream=True, max_ctas=8)
     assert configs["expt_dp_rs"] == RoleConfig(is_high_priority_stream=False)
+
+
+def test_the_rest_of_ncclconfig_t_as_role_settings_and_yaml_keys() -> None:
+    document = {
+        "dp_cp_ag": {
+            "split_share": False, "n_channels_per_net_peer": 8, "nvlink_centric_sched": True,
+            "graph_usage_mode": 1, "num_rma_ctx": 0, "graph_stream_ordering": False,
+            "comm_name": "dp_cp_ag",
+        },
+    }
+    ag = parse_group_configs(document)["dp_cp_ag"]
+    assert (ag.n_channels_per_net_peer, ag.graph_usage_mode, ag.num_rma_ctx, ag.comm_name) == (8, 1, 0, "dp_cp_ag")
+    assert (ag.split_share, ag.nvlink_centric_sched, ag.graph_stream_ordering) == (False, True, False)
+    bad = {
+        "n_channels_per_net_peer": (0, "n_channels_per_net_peer must be an integer >= 1"),
+        "graph_usage_mode": (3, "graph_usage_mode must be 0 .no CUDA graphs., 1 .one graph. or 2"),
+        "num_rma_ctx": (-1, "num_rma_ctx must be an integer >= 0"),
+        "split_share": (1, "split_share must be true or false"),
+        "nvlink_centric_sched": ("yes", "nvlink_centric_sched must be true or false"),
+        "comm_name": ("", "comm_name must be a non-empty string"),
+    }
+    for key, (value, message) in bad.items():
+        with pytest.raises(ConfigError, match=f"dp_cp_rs: {message}"):
+            parse_group_configs({"dp_cp_rs": {key: value}})
+    with pytest.raises(ConfigError, match="graph_usage_mode must be"):
+        RoleConfig(graph_usage_mode=True)
+
+
+def test_graph_stream_ordering_off_needs_graphs_unmixed() -> None:
+    """NCCL ignores graphStreamOrdering 0 with graph mixing (graphUsageMode
+    2, its default), logging only: refused here by name."""
+    for mode in (None, 2):
+        with pytest.raises(ConfigError, match="graph_stream_ordering: false needs graph_usage_mode 0 or 1"):
+            RoleConfig(graph_stream_ordering=False, graph_usage_mode=mode)
+    assert RoleConfig(graph_stream_ordering=False, graph_usage_mode=0).graph_stream_ordering is False
+    assert RoleConfig(graph_stream_ordering=True).graph_usage_mode is None

@@ -20,11 +20,12 @@ import torch.distributed as dist
 import pycomm
 import pycomm.info
 import pycomm.nccl
-from pycomm import ConfigError, RoleConfig, _C
+from pycomm import ConfigError, NcclVersionError, RoleConfig, _C, launch_order
 from pycomm.launch import run_world
 from pycomm.nccl import (
     LanePlan,
     _agree_on_plan,
+    lane_settings,
     nccl_settings,
     resolve_device,
     torch_nccl_runtime_version,
@@ -114,30 +115,90 @@ def test_config_fields_are_guarded_by_nccl_version() -> None:
         "cgaClusterSize", "minCTAs", "maxCTAs", "netName", "trafficClass", "commName",
         "CTAPolicy", "launchOrderImplicit",
     ]
-    assert newest["skipped"] == []
+    assert newest["too_new"] == []
     at_2_30 = _C.nccl_config_plan(settings, 23007)
-    assert at_2_30["skipped"] == [("launchOrderImplicit", "2.31.0")]
+    assert at_2_30["too_new"] == [("launchOrderImplicit", "2.31.0")]
     at_2_26 = _C.nccl_config_plan(settings, 22605)
-    assert at_2_26["skipped"] == [
+    assert at_2_26["too_new"] == [
         ("commName", "2.27.0"), ("CTAPolicy", "2.27.0"), ("launchOrderImplicit", "2.31.0"),
     ]
     at_2_18 = _C.nccl_config_plan(settings, 21803)
     assert at_2_18["applied"] == ["cgaClusterSize", "minCTAs", "maxCTAs", "netName"]
-    assert [f for f, _ in at_2_18["skipped"]] == [
+    assert [f for f, _ in at_2_18["too_new"]] == [
         "trafficClass", "commName", "CTAPolicy", "launchOrderImplicit",
     ]
     at_2_16 = _C.nccl_config_plan(settings, 21600)
     assert at_2_16["applied"] == []
-    assert ("netName", "2.17.0") in at_2_16["skipped"]
+    assert ("netName", "2.17.0") in at_2_16["too_new"]
 
 
 def test_unset_fields_and_cta_policy_values() -> None:
     assert nccl_settings(RoleConfig(), "x")["cta_policy"] is None
     assert nccl_settings(RoleConfig(cta_policy="zero"), "x")["cta_policy"] == 2
     plan = _C.nccl_config_plan(nccl_settings(RoleConfig(), "x"), 23007)
-    assert plan == {"applied": ["commName"], "skipped": []}
+    assert plan == {"applied": ["commName"], "too_new": []}
     with pytest.raises(ConfigError, match="unknown ncclConfig_t setting 'max_ctaz'"):
         _C.nccl_config_plan({"max_ctaz": 3}, 23007)
+
+
+def test_every_ncclconfig_field_of_nccl_2_30_reaches_the_plan() -> None:
+    """NCCL 2.30.7's ncclConfig_t, field by field (splitShare from 2.18,
+    nChannelsPerNetPeer and nvlinkCentricSched from 2.28, graphUsageMode and
+    numRmaCtx from 2.29, graphStreamOrdering from 2.30.5: parseCommConfig
+    gives NCCL's default below those)."""
+    config = RoleConfig(
+        split_share=True, n_channels_per_net_peer=4, nvlink_centric_sched=True,
+        graph_usage_mode=1, num_rma_ctx=2, graph_stream_ordering=False, comm_name="dp_ag",
+    )
+    settings = nccl_settings(config, "pycomm-made name")
+    assert settings["comm_name"] == "dp_ag"
+    assert _C.nccl_config_plan(settings, 23007) == {
+        "applied": [
+            "commName", "splitShare", "nChannelsPerNetPeer", "nvlinkCentricSched",
+            "graphUsageMode", "numRmaCtx", "graphStreamOrdering",
+        ],
+        "too_new": [],
+    }
+    assert _C.nccl_config_plan(settings, 23004)["too_new"] == [("graphStreamOrdering", "2.30.5")]
+    assert [f for f, _ in _C.nccl_config_plan(settings, 22807)["too_new"]] == [
+        "graphUsageMode", "numRmaCtx", "graphStreamOrdering",
+    ]
+    assert [f for f, _ in _C.nccl_config_plan(settings, 22703)["too_new"]] == [
+        "nChannelsPerNetPeer", "nvlinkCentricSched", "graphUsageMode", "numRmaCtx", "graphStreamOrdering",
+    ]
+
+
+def test_a_field_the_nccl_in_use_is_too_old_for_is_a_named_error() -> None:
+    """Nothing a RoleConfig asks for is dropped: NCCL would give its default
+    for a field newer than the config's version, so the lane refuses it by
+    name before any peer waits for it."""
+    config = RoleConfig(max_p2p_peers=8, graph_usage_mode=1, graph_stream_ordering=False)
+    assert lane_settings(config, "x", 23007, "pooled ag")["max_p2p_peers"] == 8
+    with pytest.raises(NcclVersionError) as raised:
+        lane_settings(config, "x", 22907, "pooled ag of dp")
+    assert str(raised.value) == (
+        "pooled ag of dp: ncclConfig_t.maxP2pPeers needs NCCL 2.30.0, ncclConfig_t.graphStreamOrdering "
+        "needs NCCL 2.30.5; the NCCL in use is 2.29.7 (unset the setting, or use a newer NCCL)"
+    )
+    assert isinstance(raised.value, ConfigError)
+    # pycomm's own communicator name is not something the user asked for.
+    assert lane_settings(RoleConfig(), "x", 22605, "g")["comm_name"] is None
+    with pytest.raises(NcclVersionError, match="commName needs NCCL 2.27.0"):
+        lane_settings(RoleConfig(comm_name="mine"), "x", 22605, "g")
+
+
+def test_launch_order_field_and_the_variable_that_overrides_it() -> None:
+    """NCCL_LAUNCH_ORDER_IMPLICIT (set to 1 by pycomm at import unless set)
+    overrides ncclConfig_t.launchOrderImplicit (NCCL's docs): asking for it
+    is what the variable already does on NCCL 2.26 to 2.30, and asking
+    against it is a named error."""
+    assert launch_order.value_at_import() == "1"
+    on = RoleConfig(launch_order_implicit=True)
+    assert lane_settings(on, "x", 23007, "g")["launch_order_implicit"] is None
+    with pytest.raises(NcclVersionError, match="launchOrderImplicit needs NCCL 2.31.0"):
+        lane_settings(on, "x", 22507, "g")
+    with pytest.raises(ConfigError, match="launch_order_implicit: false has no effect while NCCL_LAUNCH_ORDER_IMPLICIT=1"):
+        lane_settings(RoleConfig(launch_order_implicit=False), "x", 23100, "g")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without a GPU")
@@ -205,18 +266,20 @@ def test_members_learn_whether_every_gpu_reduces_fp8() -> None:
 
 @needs_cuda_build
 @pytest.mark.parametrize(
-    ("launch_order", "config_orders", "in_program_order"),
-    [("1", None, True), ("0", None, False), ("0", True, True)],
+    ("launch_order", "config_orders", "nccl_version", "in_program_order"),
+    [("1", None, 23007, True), ("0", None, 23007, False), ("0", True, 23100, True), ("0", True, 23007, None)],
 )
 def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
-    monkeypatch: pytest.MonkeyPatch, launch_order: str, config_orders: bool | None, in_program_order: bool,
+    monkeypatch: pytest.MonkeyPatch, launch_order: str, config_orders: bool | None, nccl_version: int,
+    in_program_order: bool | None,
 ) -> None:
     """create_lane gives the plan and the communicator what time_left says,
     never the role's own timeout again. Only the GPU calls are stood in for
     (the extension's NcclLane and the capability query): the store and the
     plan agreement are real. The lane launches in program order unless
     NCCL_LAUNCH_ORDER_IMPLICIT was 0 when pycomm was imported (NCCL latches
-    it) and its RoleConfig does not ask NCCL >= 2.31 to order launches."""
+    it) and its RoleConfig does not ask NCCL >= 2.31 to order launches; an
+    older NCCL cannot, and the lane is refused by name before the plan."""
     import pycomm.launch_order
 
     monkeypatch.setattr(pycomm.launch_order, "_value_at_import", launch_order)
@@ -235,6 +298,7 @@ def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
             return 0
 
     monkeypatch.setattr(pycomm.nccl._C, "NcclLane", LaneRecorder)
+    monkeypatch.setattr(pycomm.nccl._C, "nccl_usable_version", lambda: nccl_version)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     steps: list[str] = []
 
@@ -242,11 +306,20 @@ def test_an_nccl_lane_is_created_within_what_the_duplications_deadline_left(
         steps.append(step)
         return 2.5
 
-    pycomm.nccl.create_lane(
-        device=0, parent=None, role="ag",
-        config=RoleConfig(timeout=600.0, launch_order_implicit=config_orders), group_rank=0,
-        group_size=1, store=dist.HashStore(), label="test", comm_name="pycomm_ag_of_test", time_left=time_left,
-    )
+    def create() -> None:
+        pycomm.nccl.create_lane(
+            device=0, parent=None, role="ag",
+            config=RoleConfig(timeout=600.0, launch_order_implicit=config_orders), group_rank=0,
+            group_size=1, store=dist.HashStore(), label="test", comm_name="pycomm_ag_of_test", time_left=time_left,
+        )
+
+    if in_program_order is None:
+        with pytest.raises(NcclVersionError, match="test: ncclConfig_t.launchOrderImplicit needs NCCL 2.31.0; "
+                           "the NCCL in use is 2.30.7"):
+            create()
+        assert steps == [] and made == {}
+        return
+    create()
     assert steps == ["agreeing on the NCCL communicator plan", "creating the NCCL communicator"]
     assert made["creation_timeout_seconds"] == 2.5
     assert made["timeout_seconds"] == 600.0  # the ops keep the role's timeout
@@ -378,15 +451,16 @@ def test_nvls_collnet_and_p2p_fields_reach_the_plan_by_version() -> None:
     settings = nccl_settings(RoleConfig(nvls_ctas=16, collnet_enable=True, max_p2p_peers=8), "x")
     assert (settings["nvls_ctas"], settings["collnet_enable"], settings["max_p2p_peers"]) == (16, True, 8)
     assert _C.nccl_config_plan(settings, 23007) == {
-        "applied": ["commName", "nvlsCTAs", "collnetEnable", "maxP2pPeers"], "skipped": [],
+        "applied": ["commName", "nvlsCTAs", "collnetEnable", "maxP2pPeers"], "too_new": [],
     }
-    assert _C.nccl_config_plan(settings, 22907)["skipped"] == [("maxP2pPeers", "2.30.0")]
-    assert _C.nccl_config_plan(settings, 22605)["skipped"] == [
+    assert _C.nccl_config_plan(settings, 22907)["too_new"] == [("maxP2pPeers", "2.30.0")]
+    assert _C.nccl_config_plan(settings, 22605)["too_new"] == [
         ("commName", "2.27.0"), ("nvlsCTAs", "2.27.0"), ("collnetEnable", "2.27.0"), ("maxP2pPeers", "2.30.0"),
     ]
     if _C.cuda_built:
         from pycomm.nccl import config_fields_support
 
         taken, too_new = config_fields_support()
-        assert {"nvlsCTAs", "collnetEnable", "maxP2pPeers", "CTAPolicy"} <= set(taken)  # NCCL 2.30.7 here
+        assert {"nvlsCTAs", "collnetEnable", "maxP2pPeers", "CTAPolicy", "graphStreamOrdering"} <= set(taken)
+        assert len(taken) == 17 - 1  # NCCL 2.30.7 here: all but launchOrderImplicit
         assert too_new == [("launchOrderImplicit", "2.31.0")]

@@ -61,19 +61,20 @@ ncclResult_t check(NcclApi& api, ncclResult_t result, const std::string& what, n
   throw CollectiveError(message);
 }
 
-ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion) {
+ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion, const std::string& context) {
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   // Nonblocking: creation, finalize and group ends return at once, so a hung
   // peer is noticed by our polling (bounded by the timeout), never by a
   // thread stuck inside NCCL.
   config.blocking = 0;
 #if NCCL_VERSION_CODE >= 21800
-  // Children sharing resources share a stream, and the AG and RS duplicates
-  // would serialize again. NCCL reads splitShare from the parent when
-  // splitting, so every communicator pycomm splits from must have it off.
+  // Children sharing resources share the device stream, and the AG and RS
+  // duplicates would serialize again. NCCL reads splitShare from the parent
+  // when splitting, so unless a role asks for sharing every communicator
+  // pycomm splits from has it off.
   config.splitShare = 0;
 #endif
-  const auto plan = planNcclFields(settings, usableVersion);
+  const auto plan = requireNcclFields(settings, usableVersion, context);
   for (NcclField field : plan.applied) {
     switch (field) {
 #if NCCL_VERSION_CODE >= 21700
@@ -88,6 +89,11 @@ ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion) {
         break;
       case NcclField::NetName:
         config.netName = settings.netName->c_str();
+        break;
+#endif
+#if NCCL_VERSION_CODE >= 21800
+      case NcclField::SplitShare:
+        config.splitShare = *settings.splitShare;
         break;
 #endif
 #if NCCL_VERSION_CODE >= 22500
@@ -109,9 +115,30 @@ ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion) {
         config.collnetEnable = *settings.collnetEnable;
         break;
 #endif
+#if NCCL_VERSION_CODE >= 22800
+      case NcclField::NChannelsPerNetPeer:
+        config.nChannelsPerNetPeer = *settings.nChannelsPerNetPeer;
+        break;
+      case NcclField::NvlinkCentricSched:
+        config.nvlinkCentricSched = *settings.nvlinkCentricSched;
+        break;
+#endif
+#if NCCL_VERSION_CODE >= 22900
+      case NcclField::GraphUsageMode:
+        config.graphUsageMode = *settings.graphUsageMode;
+        break;
+      case NcclField::NumRmaCtx:
+        config.numRmaCtx = *settings.numRmaCtx;
+        break;
+#endif
 #if NCCL_VERSION_CODE >= 23000
       case NcclField::MaxP2pPeers:
         config.maxP2pPeers = *settings.maxP2pPeers;
+        break;
+#endif
+#if NCCL_VERSION_CODE >= 23005
+      case NcclField::GraphStreamOrdering:
+        config.graphStreamOrdering = *settings.graphStreamOrdering;
         break;
 #endif
 #if NCCL_VERSION_CODE >= 23100
@@ -120,7 +147,10 @@ ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion) {
         break;
 #endif
       default:
-        break; // the compiled header lacks the field: planNcclFields skipped it
+        // The usable version is at most the compiled header's, so the
+        // header has every field requireNcclFields let through.
+        throw NcclVersionError(
+            context + ": ncclConfig_t." + ncclFieldName(field) + " is not in the nccl.h pycomm was built with");
     }
   }
   return config;

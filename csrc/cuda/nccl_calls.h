@@ -37,10 +37,11 @@ ncclUniqueId uniqueIdFromBytes(const std::string& bytes);
 // communicators and is returned to the caller.
 ncclResult_t check(NcclApi& api, ncclResult_t result, const std::string& what, ncclComm_t comm);
 
-// ncclConfig_t with blocking=0, splitShare=0 and the fields `settings` sets
-// that `usableVersion` understands. Pointers in the result point into
-// `settings`, which must outlive the config's use.
-ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion);
+// ncclConfig_t with blocking=0, splitShare=0 (unless `settings` asks for
+// sharing) and every field `settings` sets; NcclVersionError (prefixed with
+// `context`) when `usableVersion` is too old for any of them. Pointers in the
+// result point into `settings`, which must outlive the config's use.
+ncclConfig_t makeConfig(const NcclSettings& settings, int usableVersion, const std::string& context);
 
 // NCCL's type for `type`; UnsupportedOpError naming `context` when NCCL (or
 // the library loaded, of `loadedVersion`) has none.

@@ -111,7 +111,7 @@ std::unique_ptr<NcclComm> NcclComm::initRank(
   NcclApi& api = self->nccl();
   const ncclUniqueId id = nccl::uniqueIdFromBytes(uniqueId);
   DeviceScope device(*s.apis.cuda, s.device);
-  ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api));
+  ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api), s.label);
   config.blocking = s.blocking ? 1 : 0;
   ncclComm_t comm = nullptr;
   const std::string what = "ncclCommInitRankConfig (rank " +
@@ -132,7 +132,7 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
   NcclApi& api = self->nccl();
   const std::string what = "ncclCommSplit of " + parent.spec_.label;
   DeviceScope device(*s.apis.cuda, s.device);
-  ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api));
+  ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api), s.label);
   config.blocking = s.blocking ? 1 : 0;
   // The parent is nonblocking: NCCL writes the child here when the split is
   // done, after the call returned.

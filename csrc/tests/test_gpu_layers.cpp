@@ -90,7 +90,7 @@ TEST(RealNcclApi, VersionIdAndNullCommunicatorCalls) {
   EXPECT_NE(nccl->commRegister(none, buffer, sizeof(buffer), &handle), ncclSuccess);
   EXPECT_NE(nccl->commDeregister(none, handle), ncclSuccess);
   ncclComm_t child = nullptr;
-  ncclConfig_t config = nccl::makeConfig({}, nccl::usableVersion(*nccl));
+  ncclConfig_t config = nccl::makeConfig({}, nccl::usableVersion(*nccl), "test");
   EXPECT_EQ(config.blocking, 0);
   EXPECT_NE(nccl->commSplit(none, 0, 0, &child, &config), ncclSuccess);
   ncclRedOp_t op;
@@ -138,11 +138,15 @@ TEST(NcclCalls, ConfigTakesEverySettingTheVersionKnows) {
   s.trafficClass = 106;
   s.ctaPolicy = 1;
   s.commName = "pycomm_ag_of_0";
-  s.launchOrderImplicit = 1;
   s.nvlsCtas = 16;
   s.collnetEnable = 1;
   s.maxP2pPeers = 8;
-  ncclConfig_t config = nccl::makeConfig(s, 23007);
+  s.nChannelsPerNetPeer = 4;
+  s.nvlinkCentricSched = 1;
+  s.graphUsageMode = 1;
+  s.numRmaCtx = 2;
+  s.graphStreamOrdering = 0;
+  ncclConfig_t config = nccl::makeConfig(s, 23007, "test");
   EXPECT_EQ(config.blocking, 0);
   EXPECT_EQ(config.splitShare, 0);
   EXPECT_EQ(config.cgaClusterSize, 2);
@@ -155,16 +159,29 @@ TEST(NcclCalls, ConfigTakesEverySettingTheVersionKnows) {
   EXPECT_EQ(config.nvlsCTAs, 16);
   EXPECT_EQ(config.collnetEnable, 1);
   EXPECT_EQ(config.maxP2pPeers, 8);
-  // An older NCCL: the newer fields keep NCCL's defaults.
-  const ncclConfig_t defaults = NCCL_CONFIG_INITIALIZER;
-  config = nccl::makeConfig(s, 21800);
-  EXPECT_EQ(config.minCTAs, 4);
-  EXPECT_EQ(config.trafficClass, defaults.trafficClass);
-  EXPECT_EQ(config.commName, defaults.commName);
-  EXPECT_EQ(config.nvlsCTAs, defaults.nvlsCTAs);
-  config = nccl::makeConfig(s, 22907);
-  EXPECT_EQ(config.collnetEnable, 1);
-  EXPECT_EQ(config.maxP2pPeers, defaults.maxP2pPeers);
+  EXPECT_EQ(config.nChannelsPerNetPeer, 4);
+  EXPECT_EQ(config.nvlinkCentricSched, 1);
+  EXPECT_EQ(config.graphUsageMode, 1);
+  EXPECT_EQ(config.numRmaCtx, 2);
+  EXPECT_EQ(config.graphStreamOrdering, 0);
+  // Sharing asked for: children split from this communicator share it.
+  s.splitShare = 1;
+  EXPECT_EQ(nccl::makeConfig(s, 23007, "test").splitShare, 1);
+  // An older NCCL would give its default for the newer fields: refused by
+  // name instead, and nothing reaches NCCL.
+  EXPECT_THROW(nccl::makeConfig(s, 22907, "test"), NcclVersionError);
+  NcclSettings old;
+  old.minCtas = 4;
+  EXPECT_EQ(nccl::makeConfig(old, 21800, "test").minCTAs, 4);
+  // NCCL 2.31's field, on the 2.30 header pycomm is built with here.
+  NcclSettings newest;
+  newest.launchOrderImplicit = 1;
+  try {
+    nccl::makeConfig(newest, 23007, "pooled rs");
+    ADD_FAILURE();
+  } catch (const NcclVersionError& e) {
+    EXPECT_NE(std::string(e.what()).find("pooled rs: ncclConfig_t.launchOrderImplicit needs NCCL 2.31.0"), std::string::npos);
+  }
 }
 
 TEST(NcclCalls, TypesAndReduceOps) {
