@@ -137,40 +137,57 @@ def test_premul_sum_equals_torch_nccl_and_ops_are_timed(world: int) -> None:
         assert 0.0 < r["duration_ms"] < 10_000.0
 
 
+def _list_forms_on(group: Any, rank: int, world: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """The results of list all_gather, list reduce_scatter, reduce, gather,
+    scatter and the all-to-alls (uneven splits) on `group`, in that order."""
+    shard = _rank_data(rank, 1024, dtype, device)
+    results = []
+    outs = [torch.empty(1024, dtype=dtype, device=device) for _ in range(world)]
+    dist.all_gather(outs, shard, group=group)
+    results.append(torch.cat(outs))
+    parts = [_rank_data(rank + k, 1024, dtype, device) for k in range(world)]
+    out = torch.empty(1024, dtype=dtype, device=device)
+    dist.reduce_scatter(out, parts, group=group)
+    results.append(out)
+    reduced = shard.clone()
+    dist.reduce(reduced, dst=world - 1, group=group)
+    results.append(reduced)
+    gathered = [torch.zeros_like(shard) for _ in range(world)] if rank == world - 1 else None
+    dist.gather(shard, gathered, dst=world - 1, group=group)
+    results.append(torch.cat(gathered) if gathered is not None else shard)
+    scattered = torch.zeros_like(shard)
+    dist.scatter(scattered, parts if rank == 1 % world else None, src=1 % world, group=group)
+    results.append(scattered)
+    rows = [(rank + q) % 3 + 1 for q in range(world)]
+    received = [(q + rank) % 3 + 1 for q in range(world)]
+    sent = _rank_data(rank, 2 * sum(rows), dtype, device).view(-1, 2)
+    out = torch.zeros(sum(received), 2, dtype=dtype, device=device)
+    dist.all_to_all_single(out, sent, received, rows, group=group)
+    results.append(out)
+    outs = [torch.zeros(r, 2, dtype=dtype, device=device) for r in received]
+    dist.all_to_all(outs, list(sent.split(rows)), group=group)
+    results.append(torch.cat(outs))
+    return results
+
+
 def _list_forms_rank(rank: int, world: int) -> dict[str, Any]:
-    """List all_gather, list reduce_scatter and reduce on the NCCL lane
-    against torch's own NCCL group; gather, scatter, all-to-all and
-    point-to-point get the named error on NCCL lanes."""
+    """List all_gather, list reduce_scatter, reduce, gather, scatter and the
+    all-to-alls on the NCCL lane against torch's own NCCL group; a lone send
+    gets the named error on NCCL lanes."""
     device = torch.device("cuda", torch.cuda.current_device())
-    equal = []
+    same = []
     with pycomm.CommPool() as pool:
         rs = pool.duplicate(dist.group.WORLD, "rs")
         for dtype in DTYPES:
-            shard = _rank_data(rank, 1024, dtype, device)
-            for group in (rs, None):
-                outs = [torch.empty(1024, dtype=dtype, device=device) for _ in range(world)]
-                dist.all_gather(outs, shard, group=group)
-                equal.append(torch.cat(outs))
-            parts = [_rank_data(rank + k, 1024, dtype, device) for k in range(world)]
-            for group in (rs, None):
-                out = torch.empty(1024, dtype=dtype, device=device)
-                dist.reduce_scatter(out, parts, group=group)
-                equal.append(out)
-                reduced = shard.clone()
-                dist.reduce(reduced, dst=world - 1, group=group)
-                equal.append(reduced)
-        same = [torch.equal(equal[i], equal[i + 1]) for i in range(0, len(equal), 2)]
+            pooled = _list_forms_on(rs, rank, world, dtype, device)
+            plain = _list_forms_on(None, rank, world, dtype, device)
+            same.extend(torch.equal(a, b) for a, b in zip(pooled, plain))
         refused = []
-        for call in (
-            lambda: dist.all_to_all_single(torch.empty(world, device=device), torch.ones(world, device=device), group=rs),
-            lambda: dist.gather(shard, [torch.empty_like(shard) for _ in range(world)] if rank == 0 else None,
-                                group_dst=0, group=rs),
-        ):
-            try:
-                call()
-                refused.append("")
-            except pycomm.UnsupportedOpError as e:
-                refused.append(str(e))
+        try:
+            dist.send(torch.ones(4, device=device), dst=(rank + 1) % world, group=rs)
+            refused.append("")
+        except pycomm.UnsupportedOpError as e:
+            refused.append(str(e))
         torch.cuda.synchronize()
     return {"same": same, "refused": refused}
 
@@ -178,7 +195,7 @@ def _list_forms_rank(rank: int, world: int) -> dict[str, Any]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_list_forms_and_reduce_equal_torch_nccl(world: int) -> None:
     for r in run_world(_list_forms_rank, world, backend=BACKEND, timeout_seconds=300):
-        assert r["same"] == [True] * (3 * len(DTYPES)), r["same"]
+        assert r["same"] == [True] * (7 * len(DTYPES)), r["same"]
         assert all("does not run on pooled NCCL lanes yet" in m for m in r["refused"]), r["refused"]
 
 

@@ -117,6 +117,16 @@ class LibraryNcclApi final : public NcclApi {
       ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream) override {
     return ncclReduce(input, output, count, type, op, root, comm, stream);
   }
+  ncclResult_t send(
+      const void* input, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
+      cudaStream_t stream) override {
+    return ncclSend(input, count, type, peer, comm, stream);
+  }
+  ncclResult_t recv(
+      void* output, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
+      cudaStream_t stream) override {
+    return ncclRecv(output, count, type, peer, comm, stream);
+  }
   ncclResult_t redOpCreatePreMulSum(
       ncclRedOp_t* op, void* scalar, ncclDataType_t type,
       ncclScalarResidence_t residence, ncclComm_t comm) override {

@@ -73,6 +73,16 @@ class NcclApi {
   virtual ncclResult_t reduce(
       const void* input, void* output, size_t count, ncclDataType_t type,
       ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream) = 0;
+  // Point-to-point: a send to `peer` is matched with that peer's recv from
+  // this rank, in the order each side calls them, with the same count and
+  // type ("Any point-to-point communication needs two NCCL calls", NCCL
+  // user guide, "Point-to-point communication").
+  virtual ncclResult_t send(
+      const void* input, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
+      cudaStream_t stream) = 0;
+  virtual ncclResult_t recv(
+      void* output, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
+      cudaStream_t stream) = 0;
   // A reduce op that multiplies each input by `*scalar` (of `type`: read on
   // the host at this call with ncclScalarHostImmediate, by the kernel from
   // device memory with ncclScalarDevice) before summing; destroyed with

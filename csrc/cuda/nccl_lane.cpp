@@ -24,10 +24,86 @@ bool runsOnNccl(CollectiveKind kind) {
     case CollectiveKind::Reduce:
     case CollectiveKind::AllGatherList:
     case CollectiveKind::ReduceScatterList:
+    case CollectiveKind::Gather:
+    case CollectiveKind::Scatter:
+    case CollectiveKind::AllToAll:
+    case CollectiveKind::AllToAllList:
       return true;
     default:
-      return false; // gather, scatter, all-to-all, send, recv: NCCL's point-to-point calls
+      return false; // a lone send or recv
   }
+}
+
+// Gather, scatter and all-to-all are sends and recvs in one NCCL group, as
+// NCCL's user guide builds them ("Point-to-point communication": one-to-all,
+// all-to-one, all-to-all). Calls stop at the first failure; the caller
+// closes the group.
+ncclResult_t pointToPointCalls(
+    NcclApi& api, const Collective& op, ncclDataType_t type, int rank, int size, ncclComm_t comm,
+    cudaStream_t stream) {
+  ncclResult_t result = ncclSuccess;
+  auto going = [&] { return result == ncclSuccess || result == ncclInProgress; };
+  auto send = [&](const void* data, int64_t count, int peer) {
+    if (going()) {
+      result = api.send(data, static_cast<size_t>(count), type, peer, comm, stream);
+    }
+  };
+  auto recv = [&](void* data, int64_t count, int peer) {
+    if (going()) {
+      result = api.recv(data, static_cast<size_t>(count), type, peer, comm, stream);
+    }
+  };
+  const int root = static_cast<int>(op.root);
+  switch (op.kind) {
+    case CollectiveKind::Gather:
+      send(op.inputs[0].data_ptr(), op.inputs[0].numel(), root);
+      for (int r = 0; rank == root && r < size; ++r) {
+        recv(op.outputs[r].data_ptr(), op.outputs[r].numel(), r);
+      }
+      break;
+    case CollectiveKind::Scatter:
+      for (int r = 0; rank == root && r < size; ++r) {
+        send(op.inputs[r].data_ptr(), op.inputs[r].numel(), r);
+      }
+      recv(op.outputs[0].data_ptr(), op.outputs[0].numel(), root);
+      break;
+    case CollectiveKind::AllToAll: {
+      // Splits count dim-0 rows (even when none are given); validate()
+      // checked that they cover each tensor.
+      auto rowsOf = [&](const at::Tensor& t, const std::vector<int64_t>& splits, int r) {
+        return splits.empty() ? (t.dim() > 0 ? t.size(0) : 1) / size : splits[r];
+      };
+      auto rowElements = [](const at::Tensor& t) {
+        return t.dim() > 0 && t.size(0) > 0 ? t.numel() / t.size(0) : t.numel();
+      };
+      const at::Tensor& in = op.inputs[0];
+      const at::Tensor& out = op.outputs[0];
+      const int64_t inRow = rowElements(in) * in.element_size();
+      const int64_t outRow = rowElements(out) * out.element_size();
+      auto* inBytes = static_cast<const char*>(in.data_ptr());
+      auto* outBytes = static_cast<char*>(out.data_ptr());
+      int64_t inAt = 0;
+      int64_t outAt = 0;
+      for (int r = 0; r < size; ++r) {
+        const int64_t inRows = rowsOf(in, op.inputSplits, r);
+        const int64_t outRows = rowsOf(out, op.outputSplits, r);
+        send(inBytes + inAt * inRow, inRows * rowElements(in), r);
+        recv(outBytes + outAt * outRow, outRows * rowElements(out), r);
+        inAt += inRows;
+        outAt += outRows;
+      }
+      break;
+    }
+    case CollectiveKind::AllToAllList:
+      for (int r = 0; r < size; ++r) {
+        send(op.inputs[r].data_ptr(), op.inputs[r].numel(), r);
+        recv(op.outputs[r].data_ptr(), op.outputs[r].numel(), r);
+      }
+      break;
+    default:
+      break;
+  }
+  return result;
 }
 // How often the watchdog looks at the oldest op while ops are in flight. It
 // only releases tensors and completes futures: the caller's stream never
@@ -194,6 +270,10 @@ NcclLane::NcclTypes NcclLane::ncclTypesOf(
   NcclTypes out;
   const bool reduces = isReducing(op.kind);
   const bool premul = reduces && op.reduceOp == c10d::ReduceOp::PREMUL_SUM;
+  if (op.inputs.empty() && op.kind != CollectiveKind::Barrier) {
+    // A scatter's non-root ranks have only their output.
+    out.types.push_back(nccl::dataType(op.firstTensor().scalar_type(), loadedVersion_, what));
+  }
   for (const auto& in : op.inputs) {
     out.types.push_back(nccl::dataType(in.scalar_type(), loadedVersion_, what));
     if (premul) {
@@ -238,7 +318,12 @@ void NcclLane::launchCollective(
     // One NCCL call per input; a list all-gather makes one per output, a
     // broadcast from each rank in turn (its one input's type).
     const bool perOutput = op.kind == CollectiveKind::AllGatherList;
-    const size_t callCount = perOutput ? op.outputs.size() : op.inputs.size();
+    const bool pointToPoint = op.kind == CollectiveKind::Gather || op.kind == CollectiveKind::Scatter ||
+        op.kind == CollectiveKind::AllToAll || op.kind == CollectiveKind::AllToAllList;
+    if (pointToPoint) {
+      result = pointToPointCalls(api, op, nccl.types[0], spec_.comm.rank, spec_.comm.size, comm, stream);
+    }
+    const size_t callCount = pointToPoint ? 0 : perOutput ? op.outputs.size() : op.inputs.size();
     for (size_t i = 0; i < callCount && (result == ncclSuccess || result == ncclInProgress); ++i) {
       const at::Tensor& in = op.inputs[perOutput ? 0 : i];
       const ncclDataType_t type = nccl.types[perOutput ? 0 : i];

@@ -29,7 +29,11 @@ std::atomic<uint64_t> nextInstanceSerial{1};
 std::atomic<uint64_t> nextUniqueId{1};
 std::atomic<uint64_t> nextCommId{1};
 
-enum class Kind { AllGather, ReduceScatter, AllReduce, Broadcast, Reduce };
+enum class Kind { AllGather, ReduceScatter, AllReduce, Broadcast, Reduce, Send, Recv };
+
+bool isPointToPoint(Kind kind) {
+  return kind == Kind::Send || kind == Kind::Recv;
+}
 
 const char* labelOf(Kind kind) {
   switch (kind) {
@@ -38,6 +42,8 @@ const char* labelOf(Kind kind) {
     case Kind::AllReduce: return "allreduce";
     case Kind::Broadcast: return "broadcast";
     case Kind::Reduce: return "reduce";
+    case Kind::Send: return "send";
+    case Kind::Recv: return "recv";
   }
   return "?";
 }
@@ -97,6 +103,7 @@ struct Op {
   std::array<unsigned char, 8> scalar{};
   const void* scalarAddress = nullptr;
   int root = 0;
+  int peer = 0; // Send, Recv
 };
 
 using OpList = std::vector<Op>;
@@ -647,17 +654,31 @@ struct SimNccl::Impl {
 
   // Why the ranks' op lists of a round cannot form one collective; empty if they can.
   static std::string mismatchOf(const Round& round) {
-    const OpList& first = *round.ops[0];
+    if (std::string p2p = pointToPointMismatchOf(round); !p2p.empty()) {
+      return p2p;
+    }
+    // Collectives are matched by their place among the rank's collectives
+    // of the group; sends and recvs pair by peer instead (below).
+    auto collectivesOf = [](const OpList& ops) {
+      std::vector<const Op*> out;
+      for (const Op& op : ops) {
+        if (!isPointToPoint(op.kind)) {
+          out.push_back(&op);
+        }
+      }
+      return out;
+    };
+    const auto first = collectivesOf(*round.ops[0]);
     for (size_t r = 1; r < round.ops.size(); ++r) {
-      const OpList& other = *round.ops[r];
+      const auto other = collectivesOf(*round.ops[r]);
       if (other.size() != first.size()) {
         return "collective mismatch: rank 0 issued " + std::to_string(first.size()) +
-            " ops in this kernel, rank " + std::to_string(r) + " issued " +
+            " collectives in this kernel, rank " + std::to_string(r) + " issued " +
             std::to_string(other.size());
       }
       for (size_t k = 0; k < first.size(); ++k) {
-        const Op& a = first[k];
-        const Op& b = other[k];
+        const Op& a = *first[k];
+        const Op& b = *other[k];
         if (a.kind != b.kind || a.count != b.count || a.type != b.type || a.red != b.red ||
             a.root != b.root) {
           auto describe = [](const Op& op) {
@@ -673,11 +694,53 @@ struct SimNccl::Impl {
     return {};
   }
 
+  // The `which`-th op of `kind` with `peer` in `ops`, or null.
+  static const Op* nthPointToPoint(const OpList& ops, Kind kind, int peer, size_t which) {
+    for (const Op& op : ops) {
+      if (op.kind == kind && op.peer == peer && which-- == 0) {
+        return &op;
+      }
+    }
+    return nullptr;
+  }
+
+  // NCCL pairs the k-th send from A to B with the k-th recv on B from A, and
+  // both must give the same count and type ("the count and datatype ... must
+  // be the same on both sides", NCCL API, ncclSend / ncclRecv); a send or
+  // recv left without its match waits forever, as on a GPU. A rank may send
+  // to and receive from itself within one group.
+  static std::string pointToPointMismatchOf(const Round& round) {
+    const int n = static_cast<int>(round.ops.size());
+    for (int from = 0; from < n; ++from) {
+      for (int to = 0; to < n; ++to) {
+        for (size_t k = 0;; ++k) {
+          const Op* send = nthPointToPoint(*round.ops[from], Kind::Send, to, k);
+          const Op* recv = nthPointToPoint(*round.ops[to], Kind::Recv, from, k);
+          if (send == nullptr && recv == nullptr) {
+            break;
+          }
+          const std::string pair = "send " + std::to_string(k) + " from rank " + std::to_string(from) +
+              " to rank " + std::to_string(to);
+          if (send == nullptr || recv == nullptr) {
+            return "point-to-point mismatch: " + pair + (send ? " has no recv" : " was never made");
+          }
+          if (send->count != recv->count || send->type != recv->type) {
+            return "point-to-point mismatch: " + pair + " sends " + std::to_string(send->count) +
+                " of type " + std::to_string(send->type) + ", the recv takes " + std::to_string(recv->count) +
+                " of type " + std::to_string(recv->type);
+          }
+        }
+      }
+    }
+    return {};
+  }
+
   // Rank `rank`'s outputs of a met round, from every rank's inputs.
   static std::vector<std::vector<unsigned char>> compute(const Round& round, int rank) {
     const int n = static_cast<int>(round.ops.size());
     const OpList& mine = *round.ops[rank];
     std::vector<std::vector<unsigned char>> out(mine.size());
+    std::vector<size_t> recvsFrom(n, 0);
     for (size_t k = 0; k < mine.size(); ++k) {
       const Op& op = mine[k];
       const size_t bytes = op.count * elementSize(op.type);
@@ -698,6 +761,16 @@ struct SimNccl::Impl {
             std::memcpy(dst.data(), inputOf(op.root), bytes);
           }
           break;
+        case Kind::Send:
+          break; // the peer's recv reads it
+        case Kind::Recv: {
+          const Op* send = nthPointToPoint(*round.ops[op.peer], Kind::Send, rank, recvsFrom[op.peer]++);
+          dst.resize(bytes);
+          if (bytes > 0) {
+            std::memcpy(dst.data(), send->input, bytes); // matched: mismatchOf found its send
+          }
+          break;
+        }
         case Kind::AllReduce:
         case Kind::ReduceScatter:
         case Kind::Reduce: {
@@ -1055,9 +1128,15 @@ struct SimNccl::Impl {
       if ((op.kind == Kind::Broadcast || op.kind == Kind::Reduce) && (op.root < 0 || op.root >= c->nranks)) {
         return failLocked(cp, ncclInvalidArgument, what + ": invalid root " + std::to_string(op.root));
       }
-      const size_t inElems = op.kind == Kind::ReduceScatter ? op.count * c->nranks : op.count;
+      if (isPointToPoint(op.kind) && (op.peer < 0 || op.peer >= c->nranks)) {
+        return failLocked(cp, ncclInvalidArgument, what + ": invalid peer " + std::to_string(op.peer));
+      }
+      const size_t inElems = op.kind == Kind::ReduceScatter ? op.count * c->nranks
+          : op.kind == Kind::Recv ? 0
+          : op.count;
       const size_t outElems = op.kind == Kind::AllGather ? op.count * c->nranks
           : op.kind == Kind::Reduce && op.root != c->rank ? 0 // "may be NULL" off the root
+          : op.kind == Kind::Send ? 0
           : op.count;
       const bool readsInput = op.kind != Kind::Broadcast || op.root == c->rank;
       if ((inElems > 0 && readsInput && op.input == nullptr) ||
@@ -1561,6 +1640,30 @@ ncclResult_t SimNccl::reduce(
   op.type = type;
   op.root = root;
   return impl_->collective(op, red, comm, stream, "ncclReduce");
+}
+
+ncclResult_t SimNccl::send(
+    const void* input, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
+    cudaStream_t stream) {
+  Op op;
+  op.kind = Kind::Send;
+  op.input = input;
+  op.count = count;
+  op.type = type;
+  op.peer = peer;
+  return impl_->collective(op, std::nullopt, comm, stream, "ncclSend");
+}
+
+ncclResult_t SimNccl::recv(
+    void* output, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
+    cudaStream_t stream) {
+  Op op;
+  op.kind = Kind::Recv;
+  op.output = output;
+  op.count = count;
+  op.type = type;
+  op.peer = peer;
+  return impl_->collective(op, std::nullopt, comm, stream, "ncclRecv");
 }
 
 ncclResult_t SimNccl::redOpCreatePreMulSum(

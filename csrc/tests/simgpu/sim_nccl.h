@@ -39,8 +39,16 @@
 //   as they are); it then waits until its kernels queued on streams have
 //   left them (NCCL's abort synchronizes its stream), and frees it. Peers
 //   of an aborted rank keep waiting, as on a GPU.
-// - Mismatched collectives (counts, types, ops differing across ranks) hang
-//   without a word, as on NCCL: no error is reported.
+// - Point-to-point (send, recv): the k-th send from A to B pairs with the
+//   k-th recv on B from A, with the same count and type; a rank may send to
+//   itself. They run inside a group's kernel like its collectives, so the
+//   sim models them where every rank of the communicator makes a group at
+//   that point (gather, scatter, all-to-all as pycomm issues them); a lone
+//   send between two ranks of a larger communicator, which NCCL runs on
+//   those two ranks alone, is not modeled (pycomm issues none).
+// - Mismatched collectives (counts, types, ops differing across ranks) and
+//   unpaired or mismatched sends and recvs hang without a word, as on NCCL:
+//   no error is reported.
 // - commWindowRegister is collective, takes only cuMem (VMM) memory, and on
 //   a nonblocking communicator returns at once and writes the window later
 //   (see the definition).
@@ -116,6 +124,14 @@ class SimNccl : public NcclApi {
   ncclResult_t reduce(
       const void* input, void* output, size_t count, ncclDataType_t type,
       ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream) override;
+  // Sends and recvs pair as NCCL pairs them (nccl_api.h); see the header
+  // comment for what is modeled.
+  ncclResult_t send(
+      const void* input, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
+      cudaStream_t stream) override;
+  ncclResult_t recv(
+      void* output, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
+      cudaStream_t stream) override;
   ncclResult_t redOpCreatePreMulSum(
       ncclRedOp_t* op, void* scalar, ncclDataType_t type,
       ncclScalarResidence_t residence, ncclComm_t comm) override;

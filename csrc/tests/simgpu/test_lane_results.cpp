@@ -93,6 +93,103 @@ void runOnLanes(
   });
 }
 
+// Gather, scatter and the all-to-alls: sends and recvs in one NCCL group.
+// Roots other than 0 and uneven splits, so a send to the wrong peer or at
+// the wrong offset shows.
+void checkPointToPointCollectives(
+    const std::vector<std::shared_ptr<NcclLane>>& lanes, at::ScalarType type, const std::string& where) {
+  const int n = static_cast<int>(lanes.size());
+  const int gatherRoot = n - 1;
+  const int scatterRoot = 1 % n;
+  runOnLanes(
+      lanes,
+      [&](int r) {
+        Collective op;
+        op.kind = CollectiveKind::Gather;
+        op.root = gatherRoot;
+        op.inputs = {rankData(r, kCount, type)};
+        for (int q = 0; r == gatherRoot && q < n; ++q) {
+          op.outputs.push_back(at::zeros({kCount}, type));
+        }
+        return op;
+      },
+      [&](int r, const Collective& op) {
+        for (int q = 0; r == gatherRoot && q < n; ++q) {
+          expectEqual(op.outputs[q], rankData(q, kCount, type), "gather from rank " + std::to_string(q) + " " + where);
+        }
+      });
+  runOnLanes(
+      lanes,
+      [&](int r) {
+        Collective op;
+        op.kind = CollectiveKind::Scatter;
+        op.root = scatterRoot;
+        for (int q = 0; r == scatterRoot && q < n; ++q) {
+          op.inputs.push_back(rankData(10 + q, kCount, type));
+        }
+        op.outputs = {at::zeros({kCount}, type)};
+        return op;
+      },
+      [&](int r, const Collective& op) {
+        expectEqual(op.outputs[0], rankData(10 + r, kCount, type), "scatter " + where);
+      });
+  // Rank r sends (r + q) % 3 + 1 rows of 2 elements to rank q: uneven, and
+  // rank q's output splits are what each rank sends it.
+  auto rows = [](int from, int to) { return int64_t{(from + to) % 3 + 1}; };
+  auto block = [&](int from, int to) {
+    return (rankData(from, rows(from, to) * 2, type) + to % 2).to(type).view({rows(from, to), 2});
+  };
+  for (bool even : {true, false}) {
+    runOnLanes(
+        lanes,
+        [&](int r) {
+          Collective op;
+          op.kind = CollectiveKind::AllToAll;
+          if (even) {
+            op.inputs = {rankData(r, 2 * n * 3, type).view({n * 3, 2})};
+            op.outputs = {at::zeros({n * 3, 2}, type)};
+            return op;
+          }
+          std::vector<at::Tensor> sent;
+          int64_t received = 0;
+          for (int q = 0; q < n; ++q) {
+            sent.push_back(block(r, q));
+            op.inputSplits.push_back(rows(r, q));
+            op.outputSplits.push_back(rows(q, r));
+            received += rows(q, r);
+          }
+          op.inputs = {at::cat(sent)};
+          op.outputs = {at::zeros({received, 2}, type)};
+          return op;
+        },
+        [&](int r, const Collective& op) {
+          std::vector<at::Tensor> expected;
+          for (int q = 0; q < n; ++q) {
+            expected.push_back(
+                even ? rankData(q, 2 * n * 3, type).view({n * 3, 2}).narrow(0, r * 3, 3) : block(q, r));
+          }
+          expectEqual(op.outputs[0], at::cat(expected), std::string("all_to_all_single ") +
+                          (even ? "even " : "uneven ") + where);
+        });
+  }
+  runOnLanes(
+      lanes,
+      [&](int r) {
+        Collective op;
+        op.kind = CollectiveKind::AllToAllList;
+        for (int q = 0; q < n; ++q) {
+          op.inputs.push_back(block(r, q));
+          op.outputs.push_back(at::zeros({rows(q, r), 2}, type));
+        }
+        return op;
+      },
+      [&](int r, const Collective& op) {
+        for (int q = 0; q < n; ++q) {
+          expectEqual(op.outputs[q], block(q, r), "all_to_all from rank " + std::to_string(q) + " " + where);
+        }
+      });
+}
+
 void checkEveryOp(const std::vector<std::shared_ptr<NcclLane>>& lanes, const std::string& path) {
   const int n = static_cast<int>(lanes.size());
   for (at::ScalarType type : kTypes) {
@@ -106,6 +203,7 @@ void checkEveryOp(const std::vector<std::shared_ptr<NcclLane>>& lanes, const std
     }
 
     const auto gathered = at::cat(shards);
+    checkPointToPointCollectives(lanes, type, where);
     runOnLanes(
         lanes,
         [&](int r) { return allGather(shards[r].clone(), at::empty({kCount * n}, type)); },

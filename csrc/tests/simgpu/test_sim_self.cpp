@@ -1467,6 +1467,81 @@ TEST(SimNccl, CollectiveMismatchHangsWithoutAWord) {
   tearDown(w, {}, streams);
 }
 
+TEST(SimNccl, SendsPairWithRecvsByPeerAndOrderWithinAGroup) {
+  World w;
+  const int n = 3;
+  auto comms = makeComms(w, n);
+  auto streams = makeStreams(w, n);
+  onRanks(n, [&](int r) {
+    // Each rank sends two messages to every rank (itself included), in
+    // order; the recvs are posted in the reverse peer order: pairing is by
+    // peer and by order per peer, not by the place in the group.
+    std::vector<std::vector<int32_t>> in(2 * n), out(2 * n, std::vector<int32_t>(3, -1));
+    for (int q = 0; q < n; ++q) {
+      in[2 * q].assign(3, 100 * r + 10 * q);
+      in[2 * q + 1].assign(3, 100 * r + 10 * q + 1);
+    }
+    ASSERT_EQ(w.nccl->groupStart(), ncclSuccess);
+    for (int q = 0; q < n; ++q) {
+      for (int k = 0; k < 2; ++k) {
+        ASSERT_EQ(w.nccl->send(in[2 * q + k].data(), 3, ncclInt32, q, comms[r], streams[r]), ncclSuccess);
+      }
+    }
+    for (int q = n - 1; q >= 0; --q) {
+      for (int k = 0; k < 2; ++k) {
+        ASSERT_EQ(w.nccl->recv(out[2 * q + k].data(), 3, ncclInt32, q, comms[r], streams[r]), ncclSuccess);
+      }
+    }
+    ASSERT_EQ(w.nccl->groupEnd(), ncclSuccess);
+    ASSERT_TRUE(w.gpu->synchronize(streams[r], 20s));
+    for (int q = 0; q < n; ++q) {
+      EXPECT_EQ(out[2 * q], std::vector<int32_t>(3, 100 * q + 10 * r)) << "rank " << r << " from " << q;
+      EXPECT_EQ(out[2 * q + 1], std::vector<int32_t>(3, 100 * q + 10 * r + 1)) << "rank " << r << " from " << q;
+    }
+  });
+  // An invalid peer is refused at the call.
+  int32_t one = 0;
+  EXPECT_EQ(w.nccl->send(&one, 1, ncclInt32, n, comms[0], streams[0]), ncclInvalidArgument);
+  EXPECT_EQ(w.nccl->recv(&one, 1, ncclInt32, -1, comms[0], streams[0]), ncclInvalidArgument);
+  tearDown(w, comms, streams);
+}
+
+TEST(SimNccl, UnpairedOrMismatchedSendsHangWithoutAWord) {
+  for (const bool countsDiffer : {true, false}) {
+    World w;
+    auto comms = makeComms(w, 2);
+    auto streams = makeStreams(w, 2);
+    std::vector<float> in(4, 1.0f);
+    std::vector<std::vector<float>> outs(2, std::vector<float>(4, -1.0f));
+    onRanks(2, [&](int r) {
+      ASSERT_EQ(w.nccl->groupStart(), ncclSuccess);
+      if (r == 0) {
+        ASSERT_EQ(w.nccl->send(in.data(), 4, ncclFloat32, 1, comms[r], streams[r]), ncclSuccess);
+      } else if (countsDiffer) {
+        ASSERT_EQ(w.nccl->recv(outs[r].data(), 3, ncclFloat32, 0, comms[r], streams[r]), ncclSuccess);
+      } else {
+        // A recv from the wrong peer (itself, with no send to match).
+        ASSERT_EQ(w.nccl->recv(outs[r].data(), 4, ncclFloat32, 1, comms[r], streams[r]), ncclSuccess);
+      }
+      ASSERT_EQ(w.nccl->groupEnd(), ncclSuccess);
+    });
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_FALSE(w.gpu->synchronize(streams[r], 200ms)) << "rank " << r << " finished";
+      ncclResult_t state = ncclInternalError;
+      EXPECT_EQ(w.nccl->commGetAsyncError(comms[r], &state), ncclSuccess);
+      EXPECT_EQ(state, ncclSuccess) << "nothing is reported";
+    }
+    for (auto c : comms) {
+      EXPECT_EQ(w.nccl->commAbort(c), ncclSuccess);
+    }
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_TRUE(w.gpu->synchronize(streams[r], 10s));
+    }
+    EXPECT_EQ(outs[1], std::vector<float>(4, -1.0f)) << "nothing was moved";
+    tearDown(w, {}, streams);
+  }
+}
+
 TEST(SimNccl, CommAbortAndDestroyCanHang) {
   World w;
   auto comms = makeComms(w, 2);
