@@ -417,10 +417,16 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
   const cudaStream_t caller = cuda().currentStream(device_.index());
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   checkCuda(cuda(), cuda().streamIsCapturing(caller, &capture), "cudaStreamIsCapturing");
-  if (capture != cudaStreamCaptureStatusNone) {
+  // Captured as ProcessGroupNCCL captures its ops: the lane's stream joins
+  // the caller's capture through the ready event, the kernels and the end
+  // event are recorded into it, and the caller's wait() joins the lane back.
+  // Each replay of the graph runs the op again; the watchdog never sees it.
+  const bool captured = capture != cudaStreamCaptureStatusNone;
+  if (captured && freeBeforeFirstUse_ < 0) {
     throw UnsupportedOpError(
-        description + ": pooled NCCL lanes cannot be captured into a CUDA "
-        "graph; issue the op outside the capture or use the base group");
+        description + ": a CUDA graph cannot capture the first op of a pooled NCCL lane: NCCL "
+        "connects the communicator's peers at its first op, which a capture cannot hold; run "
+        "one op on the group before capturing (as torch's graph warm-up does)");
   }
   if (freeBeforeFirstUse_ < 0) {
     // Only the first op pays for this read, which a later lane's creation
@@ -432,7 +438,7 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
   try {
     callerReady_->record(caller);
     callerReady_->block(stream_->get());
-    if (startEvents_) {
+    if (startEvents_ && !captured) {
       // Behind what the op waits for, ahead of the kernels NCCL's thread
       // appends: it passes when the op can start. The previous op's launch
       // is settled first (it is already, in program order), or its kernels
@@ -443,6 +449,12 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     }
     end = endEvents_->take();
     launchCollective(op, types, description, end);
+    if (captured) {
+      // The kernels and the end event must land in the capture, before the
+      // caller can end it: whoever would otherwise record the end event
+      // later (the watchdog, the next op) may do it after the capture.
+      comm_->settle();
+    }
   } catch (...) {
     // NCCL may have taken part of the op, or may still: the communicator
     // can no longer be trusted with the next one.
@@ -478,6 +490,15 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
       device_,
       seq,
       std::move(description));
+  if (captured) {
+    // Nothing to watch: the op runs at each replay, which the caller orders
+    // on its streams. A replay reads and writes its tensors whenever it
+    // runs, so the lane keeps them for as long as it lives.
+    work->complete(nullptr);
+    std::lock_guard<std::mutex> lock(mutex_);
+    capturedTensors_.push_back(std::move(tensors));
+    return work;
+  }
   bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -38,9 +38,11 @@
 // while it runs, so a completion callback that drops the last outside
 // reference cannot destroy the lane under the watchdog's feet.
 //
-// CUDA graphs: ops issued while the caller's stream is capturing raise
-// UnsupportedOpError (the watchdog and the held references are host-side and
-// cannot follow replays).
+// CUDA graphs: an op issued while the caller's stream captures is recorded
+// into the capture (the lane's stream joins it through the ready event; the
+// caller's wait() joins it back) and runs at each replay; the watchdog never
+// sees it, and the lane keeps its tensors. A lane's first op cannot be
+// captured (NCCL connects the peers there): UnsupportedOpError.
 //
 // Thread-safety: every public method may be called from any thread. Lock
 // order: issueMutex_, then mutex_; the communicator's own lock is never taken
@@ -257,6 +259,9 @@ class NcclLane : public DeviceLane,
   std::exception_ptr failure_; // why the lane failed, for later ops
   std::exception_ptr endedBy_; // what failed or aborted it, for unfinished ops
   std::deque<InFlight> inFlight_;
+  // The tensors of ops captured into CUDA graphs: each replay reads and
+  // writes them, so they live as long as the lane.
+  std::vector<std::vector<at::Tensor>> capturedTensors_;
   bool watchdogAsleep_ = false; // in its untimed wait: a new op must wake it
   std::shared_ptr<LaneStats> stats_;
   std::thread watchdog_;

@@ -48,6 +48,22 @@ struct StreamItem {
   std::function<void()> run;
 };
 
+struct SimStream;
+
+// One stream capture, cudaStreamBeginCapture to cudaStreamEndCapture: its
+// origin, the streams that joined it, the work recorded and how much of it
+// each stream recorded. Guarded by SimGpu::Impl::mu.
+struct SimCapture {
+  std::shared_ptr<SimStream> origin;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
+  std::thread::id thread;
+  std::vector<std::shared_ptr<SimStream>> members; // the origin first
+  std::vector<SimGraph::Node> nodes;
+  std::map<const SimStream*, uint64_t> recorded; // nodes per stream
+  bool invalidated = false;
+  bool ended = false;
+};
+
 // Guarded by `mu`, except the immutable fields (device, priority, isDefault,
 // handle). `cv` signals both new work (to the worker) and completions (to
 // event waiters and synchronize()).
@@ -63,6 +79,10 @@ struct SimStream {
   cudaStreamCaptureStatus captureStatus = cudaStreamCaptureStatusNone;
   cudaStreamCaptureMode captureMode = cudaStreamCaptureModeGlobal;
   std::thread::id captureThread;
+  std::shared_ptr<SimCapture> capture; // the capture it belongs to now
+  // How many nodes of each stream of its capture this stream waited for
+  // (through captured events, directly or through other streams).
+  std::map<const SimStream*, uint64_t> waitedFor;
 
   std::mutex mu;
   std::condition_variable cv;
@@ -93,6 +113,10 @@ struct SimEvent {
   // the stream's worker before it counts the record completed; one per
   // record, so recording again never changes an earlier record's time.
   std::shared_ptr<std::atomic<int64_t>> passedAtNs;
+  // Set by a record in a capture: the capture, and the nodes of each of
+  // its streams the record follows (what a wait on it waits for).
+  std::weak_ptr<SimCapture> capturedIn;
+  std::map<const SimStream*, uint64_t> capturedCovers;
 };
 
 // A block of simulated device memory, owned by SimGpu::Impl until the SimGpu
@@ -207,8 +231,21 @@ struct SimGpu::Impl {
     slotCv.notify_all();
   }
 
-  // Streams capturing now (under mu).
+  // The origins of the captures running now (under mu).
   std::vector<std::shared_ptr<SimStream>> capturing;
+
+  static void invalidateLocked(SimCapture& capture) {
+    capture.invalidated = true;
+    for (const auto& member : capture.members) {
+      member->captureStatus = cudaStreamCaptureStatusInvalidated;
+    }
+  }
+
+  // A captured event whose capture still runs.
+  static std::shared_ptr<SimCapture> runningCaptureOf(const SimEvent& e) {
+    auto capture = e.capturedIn.lock();
+    return capture && !capture->ended ? capture : nullptr;
+  }
 
   // Device memory (under mu): live blocks by base address; freed ones by
   // (stream, rounded size, kind), the last freed first.
@@ -269,7 +306,7 @@ struct SimGpu::Impl {
           ? s->captureMode != cudaStreamCaptureModeRelaxed
           : mode == cudaStreamCaptureModeGlobal && s->captureMode == cudaStreamCaptureModeGlobal;
       if (forbids) {
-        s->captureStatus = cudaStreamCaptureStatusInvalidated;
+        invalidateLocked(*s->capture);
         violated = true;
       }
     }
@@ -379,11 +416,31 @@ struct SimGpu::Impl {
       std::string label,
       uint64_t comm,
       bool throwIfUnknown,
-      bool inLaunchOrder = false) {
+      bool inLaunchOrder = false,
+      std::function<std::function<void()>()> rearm = {}) {
     std::shared_ptr<SimStream> s;
+    bool captured = false;
     {
       std::lock_guard<std::mutex> lock(mu);
       s = resolveLocked(handle);
+      if (s && s->capture) {
+        captured = true;
+        // Recorded, not run; a launch into an invalidated capture is
+        // refused (cudaErrorStreamCaptureInvalidated), so it is dropped.
+        SimCapture& capture = *s->capture;
+        if (!capture.invalidated) {
+          if (!rearm) {
+            rearm = [kernel] { return kernel; };
+          }
+          capture.nodes.push_back(SimGraph::Node{
+              std::move(rearm), std::move(label), comm, s->device, reinterpret_cast<cudaStream_t>(s.get())});
+          ++capture.recorded[s.get()];
+        }
+        s.reset();
+      }
+    }
+    if (captured) {
+      return; // the kernel is dropped here, outside every lock
     }
     if (!s) {
       if (throwIfUnknown) {
@@ -688,10 +745,35 @@ cudaError_t SimGpu::streamWaitEvent(
   if (!s || e == impl_->events.end()) {
     return cudaErrorInvalidResourceHandle;
   }
+  SimEvent& ev = *e->second;
+  if (auto capture = Impl::runningCaptureOf(ev)) {
+    if (!s->capture) { // a fork: the stream joins the event's capture
+      s->capture = capture;
+      s->captureStatus =
+          capture->invalidated ? cudaStreamCaptureStatusInvalidated : cudaStreamCaptureStatusActive;
+      s->captureMode = capture->mode;
+      s->captureThread = capture->thread;
+      s->waitedFor.clear();
+      capture->members.push_back(s);
+    } else if (s->capture != capture) {
+      Impl::invalidateLocked(*s->capture);
+      Impl::invalidateLocked(*capture);
+      return cudaErrorStreamCaptureIsolation;
+    }
+    for (const auto& [from, nodes] : ev.capturedCovers) {
+      uint64_t& waited = s->waitedFor[from];
+      waited = std::max(waited, nodes);
+    }
+    return cudaSuccess;
+  }
+  if (s->capture) {
+    Impl::invalidateLocked(*s->capture);
+    return cudaErrorStreamCaptureIsolation; // an event recorded outside the capture
+  }
   // The event's record as of now: re-recording it later does not move what
   // this wait waits for, as in CUDA.
-  std::shared_ptr<SimStream> target = e->second->stream;
-  const uint64_t seq = e->second->seq;
+  std::shared_ptr<SimStream> target = ev.stream;
+  const uint64_t seq = ev.seq;
   if (!target) {
     return cudaSuccess; // never recorded: nothing to wait for
   }
@@ -751,6 +833,16 @@ cudaError_t SimGpu::eventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (s->device != e.device) {
     return cudaErrorInvalidResourceHandle; // as CUDA: the event belongs to another device
   }
+  if (s->capture) {
+    if (s->capture->invalidated) {
+      return cudaErrorStreamCaptureInvalidated;
+    }
+    e.capturedIn = s->capture;
+    e.capturedCovers = s->waitedFor;
+    e.capturedCovers[s.get()] = s->capture->recorded[s.get()];
+    return cudaSuccess;
+  }
+  e.capturedIn.reset();
   // A marker that notes when the worker passed it: the event completes then.
   auto passedAt = std::make_shared<std::atomic<int64_t>>(-1);
   StreamItem marker{[passedAt] {
@@ -807,6 +899,10 @@ cudaError_t SimGpu::eventQuery(cudaEvent_t event) {
     return unsafe;
   }
   const SimEvent& e = *it->second;
+  if (auto capture = Impl::runningCaptureOf(e)) {
+    Impl::invalidateLocked(*capture);
+    return cudaErrorStreamCaptureUnsupported;
+  }
   if (!e.stream) {
     return cudaSuccess;
   }
@@ -942,20 +1038,91 @@ cudaError_t SimGpu::beginCapture(cudaStream_t stream, cudaStreamCaptureMode mode
   s->captureStatus = cudaStreamCaptureStatusActive;
   s->captureMode = mode;
   s->captureThread = std::this_thread::get_id();
+  auto capture = std::make_shared<SimCapture>();
+  capture->origin = s;
+  capture->mode = mode;
+  capture->thread = s->captureThread;
+  capture->members.push_back(s);
+  s->capture = std::move(capture);
+  s->waitedFor.clear();
   impl_->capturing.push_back(s);
   return cudaSuccess;
 }
 
-cudaError_t SimGpu::endCapture(cudaStream_t stream) {
+cudaError_t SimGpu::endCapture(cudaStream_t stream, std::shared_ptr<const SimGraph>* graph) {
+  std::shared_ptr<SimCapture> capture; // freed after the lock: it may hold the last kernel references
   std::lock_guard<std::mutex> lock(impl_->mu);
   auto s = impl_->resolveLocked(stream);
-  if (!s || s->captureStatus == cudaStreamCaptureStatusNone) {
+  if (!s || !s->capture) {
     return cudaErrorIllegalState;
   }
-  const bool invalidated = s->captureStatus == cudaStreamCaptureStatusInvalidated;
-  s->captureStatus = cudaStreamCaptureStatusNone;
+  if (s->capture->origin != s) {
+    return cudaErrorStreamCaptureUnmatched; // "not initiated in this stream"
+  }
+  capture = s->capture;
+  cudaError_t result = capture->invalidated ? cudaErrorStreamCaptureInvalidated : cudaSuccess;
+  // CUDA Programming Guide, "Cross-stream Dependencies and Events": every
+  // stream forked into a capture must be joined back into the origin
+  // before the capture ends (cudaErrorStreamCaptureUnjoined otherwise).
+  for (const auto& member : capture->members) {
+    const auto recorded = capture->recorded.find(member.get());
+    if (member != s && result == cudaSuccess && recorded != capture->recorded.end() &&
+        recorded->second > s->waitedFor[member.get()]) {
+      result = cudaErrorStreamCaptureUnjoined;
+    }
+  }
+  for (const auto& member : capture->members) {
+    member->capture.reset();
+    member->captureStatus = cudaStreamCaptureStatusNone;
+    member->waitedFor.clear();
+  }
+  capture->ended = true;
   std::erase(impl_->capturing, s);
-  return invalidated ? cudaErrorStreamCaptureInvalidated : cudaSuccess;
+  if (result == cudaSuccess && graph != nullptr) {
+    auto made = std::make_shared<SimGraph>();
+    made->nodes = std::move(capture->nodes);
+    *graph = std::move(made);
+  }
+  return result;
+}
+
+cudaError_t SimGpu::graphLaunch(const std::shared_ptr<const SimGraph>& graph, cudaStream_t stream) {
+  if (!graph) {
+    return cudaErrorInvalidValue;
+  }
+  std::shared_ptr<SimStream> s;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    s = impl_->resolveLocked(stream);
+    if (!s) {
+      return cudaErrorInvalidResourceHandle;
+    }
+    if (s->capture) {
+      return cudaErrorStreamCaptureUnsupported;
+    }
+  }
+  // Armed now, on the host, in the caller's order: a communicator's kernels
+  // of this launch take their places among its kernels here.
+  std::vector<std::function<void()>> work;
+  for (const auto& node : graph->nodes) {
+    work.push_back(node.arm());
+  }
+  StreamItem item{[this, graph, work = std::move(work)] {
+    for (size_t i = 0; i < work.size(); ++i) {
+      const SimGraph::Node& node = graph->nodes[i];
+      KernelInterval interval;
+      interval.label = node.label;
+      interval.device = node.device;
+      interval.stream = node.stream;
+      interval.comm = node.comm;
+      interval.startUs = nowUs();
+      work[i]();
+      interval.endUs = nowUs();
+      std::lock_guard<std::mutex> lock(impl_->timelineMu);
+      impl_->timeline.push_back(std::move(interval));
+    }
+  }};
+  return impl_->enqueue(s, item) == 0 ? cudaErrorInvalidResourceHandle : cudaSuccess;
 }
 
 int SimGpu::deviceOf(cudaStream_t stream) const {
@@ -1015,9 +1182,11 @@ void SimGpu::launchCollective(
     std::function<void()> kernel,
     std::string label,
     uint64_t comm,
-    bool inLaunchOrder) {
+    bool inLaunchOrder,
+    std::function<std::function<void()>()> rearm) {
   impl_->launch(
-      stream, std::move(kernel), std::move(label), comm, /*throwIfUnknown=*/false, inLaunchOrder);
+      stream, std::move(kernel), std::move(label), comm, /*throwIfUnknown=*/false, inLaunchOrder,
+      std::move(rearm));
 }
 
 void SimGpu::setConcurrentCollectives(int bound) {

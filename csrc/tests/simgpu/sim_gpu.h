@@ -41,6 +41,23 @@ namespace pycomm::sim {
 struct SimStream;
 struct SimEvent;
 
+// What a stream capture made (cudaGraph_t, instantiated): the work queued on
+// the capture's streams, in the order it was queued, which respects every
+// dependency the capture recorded (a wait only ever follows its record).
+struct SimGraph {
+  struct Node {
+    // Makes the work of one launch of the graph, at cudaGraphLaunch: a
+    // communicator's kernel takes its place among its communicator's
+    // kernels then, as each replay is a new collective.
+    std::function<std::function<void()>()> arm;
+    std::string label;
+    uint64_t comm = 0;
+    int device = 0;
+    cudaStream_t stream = nullptr; // where it was captured
+  };
+  std::vector<Node> nodes;
+};
+
 // One kernel (a collective or a launched host function) as it ran.
 struct KernelInterval {
   std::string label; // e.g. "allgather" or what launch() was given
@@ -124,9 +141,32 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   // cudaStreamBeginCapture(stream, mode) on the calling thread: the stream
   // captures (streamIsCapturing reports Active) until endCapture().
   cudaError_t beginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
-  // cudaStreamEndCapture: cudaErrorStreamCaptureInvalidated when an unsafe
-  // call invalidated the capture meanwhile, else cudaSuccess.
-  cudaError_t endCapture(cudaStream_t stream);
+  // cudaStreamEndCapture on the capture's origin stream:
+  // cudaErrorStreamCaptureInvalidated when an unsafe call invalidated the
+  // capture meanwhile, cudaErrorStreamCaptureUnjoined when a stream that
+  // joined it has work the origin never waited for, cudaErrorStreamCaptureUnmatched
+  // on a stream that joined but did not begin it; else cudaSuccess and, if
+  // `graph` is given, the graph. Every stream of the capture leaves it.
+  //
+  // While a stream captures (CUDA Programming Guide, "Stream Capture"):
+  // work queued on it (launch, launchCollective) is recorded, not run; an
+  // event recorded on it is a captured event, and a stream that waits on a
+  // captured event joins the capture (a fork); a capturing stream may not
+  // wait on an event recorded outside its capture, nor on one of another
+  // capture ("It is invalid to wait on a non-captured event from a stream
+  // which is being captured without specifying the cudaEventWaitExternal
+  // flag"; "... to merge two separate capture graphs"):
+  // cudaErrorStreamCaptureIsolation, and the capture is invalidated; a
+  // captured event may not be queried while its capture runs ("It is
+  // invalid to synchronize or query the execution status of ... a captured
+  // event"): cudaErrorStreamCaptureUnsupported, and the capture is
+  // invalidated. A captured record leaves the event's own state as it was.
+  cudaError_t endCapture(cudaStream_t stream, std::shared_ptr<const SimGraph>* graph = nullptr);
+  // cudaGraphLaunch: the graph's work runs on `stream`, after what was
+  // queued there before, node after node in capture order (a launch is one
+  // item of the stream: what follows waits for all of it).
+  // cudaErrorStreamCaptureUnsupported on a capturing stream (not modelled).
+  cudaError_t graphLaunch(const std::shared_ptr<const SimGraph>& graph, cudaStream_t stream);
   // The device a stream belongs to; -1 for an unknown handle.
   int deviceOf(cudaStream_t stream) const;
   // The priority recorded at creation (after clamping to the range).
@@ -186,12 +226,16 @@ class SimGpu : public CudaApi, public std::enable_shared_from_this<SimGpu> {
   // previous launch's launch-completion event advances: NCCL 2.30.7
   // src/enqueue.cc, getImplicitOrder / ncclLaunchPrepare). Kernels still
   // overlap; only their start order is fixed.
+  // `rearm`: on a capturing stream, what a graph launch runs instead of
+  // `kernel` (see SimGraph::Node::arm); without it the graph runs a copy
+  // of `kernel`.
   void launchCollective(
       cudaStream_t stream,
       std::function<void()> kernel,
       std::string label,
       uint64_t comm,
-      bool inLaunchOrder = false);
+      bool inLaunchOrder = false,
+      std::function<std::function<void()>()> rearm = {});
   // Whether `stream` is a live handle; resolves nullptr to the current
   // device's default stream.
   SimStream* resolve(cudaStream_t stream) const;

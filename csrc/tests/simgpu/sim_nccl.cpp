@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <map>
+#include <set>
 #include <mutex>
 #include <optional>
 #include <pthread.h>
@@ -351,6 +352,8 @@ struct KernelSpec {
   cudaStream_t stream = nullptr;
   uint64_t seq = 0;
   std::shared_ptr<OpList> ops;
+  // Launched into a stream capture: it takes its seq at each graph launch.
+  bool captured = false;
 };
 
 struct GroupCall {
@@ -391,6 +394,7 @@ struct SimNccl::Impl {
     std::function<void()> kernel;
     std::string label;
     uint64_t comm;
+    std::function<std::function<void()>()> rearm; // a captured kernel's
   };
 
   Impl(std::shared_ptr<SimGpu> g, int v) : gpu(std::move(g)), version(v) {}
@@ -636,6 +640,25 @@ struct SimNccl::Impl {
     return [this, spec, token] { runKernel(spec); };
   }
 
+  // The launch of `spec`: a captured kernel is not run (its stream records
+  // it); each launch of the graph makes a kernel of its own, which takes
+  // the next place among its communicator's kernels, as every replay of a
+  // captured collective is a collective of its own. The graph holds this
+  // SimNccl's address: a test launches its graphs while the SimNccl lives.
+  Launch launchOfLocked(const KernelSpec& spec) {
+    if (!spec.captured) {
+      return Launch{spec.stream, kernelLocked(spec), labelOf(*spec.ops), spec.comm->id, {}};
+    }
+    auto rearm = [this, spec] {
+      std::lock_guard<std::mutex> lock(mu);
+      KernelSpec replay = spec;
+      replay.captured = false;
+      replay.seq = replay.comm->nextKernel++;
+      return kernelLocked(replay);
+    };
+    return Launch{spec.stream, [] {}, labelOf(*spec.ops), spec.comm->id, std::move(rearm)};
+  }
+
   static std::string labelOf(const OpList& ops) {
     std::string label = pycomm::sim::labelOf(ops.front().kind);
     if (ops.size() > 1) {
@@ -647,7 +670,8 @@ struct SimNccl::Impl {
   void launchAll(std::vector<Launch>& launches) {
     for (auto& l : launches) {
       gpu->launchCollective(
-          l.stream, std::move(l.kernel), std::move(l.label), l.comm, launchOrderImplicit.load());
+          l.stream, std::move(l.kernel), std::move(l.label), l.comm, launchOrderImplicit.load(),
+          std::move(l.rearm));
     }
     launches.clear();
   }
@@ -892,6 +916,15 @@ struct SimNccl::Impl {
     std::vector<KernelSpec> kernels; // one per communicator and stream
     bool firstGroup = false; // some communicator's: it connects its peers
     bool async = true;
+    // SimGpu is asked first: its locks are never taken under ours.
+    std::set<cudaStream_t> capturingStreams;
+    for (const auto& call : calls) {
+      cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+      if (gpu->streamIsCapturing(call.stream, &status) == cudaSuccess &&
+          status != cudaStreamCaptureStatusNone) {
+        capturingStreams.insert(call.stream);
+      }
+    }
     {
       std::lock_guard<std::mutex> lock(mu);
       bool anyBlocking = false;
@@ -918,13 +951,24 @@ struct SimNccl::Impl {
           return k.comm == call.comm && k.stream == call.stream;
         });
         if (it == kernels.end()) {
-          kernels.push_back(KernelSpec{call.comm, call.stream, 0, std::make_shared<OpList>()});
+          kernels.push_back(KernelSpec{
+              call.comm, call.stream, 0, std::make_shared<OpList>(), capturingStreams.count(call.stream) > 0});
           it = std::prev(kernels.end());
         }
         it->ops->push_back(call.op);
       }
       for (auto& k : kernels) {
-        k.seq = k.comm->nextKernel++;
+        if (k.captured && !k.comm->firstGroupRan) {
+          // A first group connects the peers on the host and allocates the
+          // communicator's buffers, which is not modelled inside a capture:
+          // refused, stricter than NCCL may be.
+          return failLocked(
+              k.comm.get(), ncclInvalidUsage,
+              "ncclGroupEnd: a communicator's first group captured into a CUDA graph (not modelled)");
+        }
+        if (!k.captured) {
+          k.seq = k.comm->nextKernel++;
+        }
       }
       // A nonblocking group end that carries work hands the launch to a
       // thread NCCL starts for it and answers ncclInProgress, every time,
@@ -956,7 +1000,7 @@ struct SimNccl::Impl {
       async = !anyBlocking;
       if (!async) {
         for (const auto& k : kernels) {
-          launches.push_back(Launch{k.stream, kernelLocked(k), labelOf(*k.ops), k.comm->id});
+          launches.push_back(launchOfLocked(k));
         }
       } else {
         // Per communicator: in progress until the background thread has put
@@ -1022,7 +1066,7 @@ struct SimNccl::Impl {
         return; // aborted meanwhile: the group never runs
       }
       for (const auto& k : kernels) {
-        launches.push_back(Launch{k.stream, kernelLocked(k), labelOf(*k.ops), c->id});
+        launches.push_back(launchOfLocked(k));
       }
     }
     launchAll(launches);

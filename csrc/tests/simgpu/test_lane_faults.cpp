@@ -640,7 +640,8 @@ TEST(LaneFaults, RefusedOpsLeaveTheLaneUsable) {
   EXPECT_THROW(
       issue(*lanes[0], reduceScatter(at::ones({8}, at::kLong), at::empty({4}, at::kLong), c10d::ReduceOp::AVG)),
       UnsupportedOpError);
-  // An op issued while the caller's stream captures a graph.
+  // A lane's first op issued while the caller's stream captures a graph
+  // (its communicator would connect inside the capture).
   const int device = SimWorld::deviceOf(0);
   cudaStream_t capturing = world.gpu->createStream(device);
   world.gpu->setCurrentStream(device, capturing);

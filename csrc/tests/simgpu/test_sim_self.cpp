@@ -29,6 +29,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using pycomm::sim::KernelInterval;
+using pycomm::sim::SimGraph;
 using Gpu = pycomm::sim::SimGpu;
 using Nccl = pycomm::sim::SimNccl;
 
@@ -574,6 +575,95 @@ TEST(SimGpu, CaptureForbidsUnsafeCallsByMode) {
   EXPECT_EQ(w.gpu->eventQuery(event), cudaSuccess);
   ASSERT_EQ(w.gpu->eventDestroy(event), cudaSuccess);
   tearDown(w, {}, {captured, other});
+}
+
+TEST(SimGpu, CaptureRecordsForkedStreamsAndEachLaunchRunsTheGraph) {
+  World w;
+  ASSERT_EQ(w.gpu->setDevice(1), cudaSuccess);
+  cudaStream_t origin = w.gpu->createStream(1);
+  cudaStream_t side = w.gpu->createStream(1);
+  cudaEvent_t fork = nullptr;
+  cudaEvent_t join = nullptr;
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&fork, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&join, cudaEventDisableTiming), cudaSuccess);
+  std::atomic<int> runs{0};
+  std::vector<int> order;
+  std::mutex orderMu;
+  auto step = [&](int id) {
+    return [&, id] {
+      std::lock_guard<std::mutex> lock(orderMu);
+      order.push_back(id);
+      ++runs;
+    };
+  };
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  ASSERT_EQ(w.gpu->beginCapture(origin, cudaStreamCaptureModeGlobal), cudaSuccess);
+  w.gpu->launch(origin, step(1));
+  ASSERT_EQ(w.gpu->eventRecord(fork, origin), cudaSuccess);
+  ASSERT_EQ(w.gpu->streamWaitEvent(side, fork, 0), cudaSuccess);
+  ASSERT_EQ(w.gpu->streamIsCapturing(side, &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusActive) << "a wait on a captured event forks the stream in";
+  w.gpu->launch(side, step(2));
+  ASSERT_EQ(w.gpu->eventRecord(join, side), cudaSuccess);
+  // Only the stream that began a capture ends it.
+  EXPECT_EQ(w.gpu->endCapture(side), cudaErrorStreamCaptureUnmatched);
+  ASSERT_EQ(w.gpu->streamWaitEvent(origin, join, 0), cudaSuccess);
+  w.gpu->launch(origin, step(3));
+  std::shared_ptr<const SimGraph> graph;
+  ASSERT_EQ(w.gpu->endCapture(origin, &graph), cudaSuccess);
+  ASSERT_EQ(w.gpu->streamIsCapturing(side, &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusNone) << "the forked stream left with the capture";
+  EXPECT_EQ(runs.load(), 0) << "a capture runs nothing";
+  ASSERT_EQ(graph->nodes.size(), 3u);
+  for (int launch = 0; launch < 2; ++launch) {
+    ASSERT_EQ(w.gpu->graphLaunch(graph, origin), cudaSuccess);
+  }
+  ASSERT_TRUE(w.gpu->synchronize(origin, 10s));
+  EXPECT_EQ(order, (std::vector<int>{1, 2, 3, 1, 2, 3}));
+  // Work queued on the streams after the capture runs as usual.
+  w.gpu->launch(side, step(4));
+  ASSERT_TRUE(w.gpu->synchronize(side, 10s));
+  EXPECT_EQ(runs.load(), 7);
+  graph.reset();
+  ASSERT_EQ(w.gpu->eventDestroy(fork), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventDestroy(join), cudaSuccess);
+  tearDown(w, {}, {origin, side});
+}
+
+TEST(SimGpu, CaptureRefusesUnjoinedForksOutsideEventsAndQueriesOfCapturedEvents) {
+  World w;
+  ASSERT_EQ(w.gpu->setDevice(1), cudaSuccess);
+  cudaStream_t origin = w.gpu->createStream(1);
+  cudaStream_t side = w.gpu->createStream(1);
+  cudaEvent_t event = nullptr;
+  ASSERT_EQ(w.gpu->eventCreateWithFlags(&event, cudaEventDisableTiming), cudaSuccess);
+  std::atomic<int> runs{0};
+  // A fork with work the origin never waited for.
+  ASSERT_EQ(w.gpu->beginCapture(origin, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventRecord(event, origin), cudaSuccess);
+  ASSERT_EQ(w.gpu->streamWaitEvent(side, event, 0), cudaSuccess);
+  w.gpu->launch(side, [&] { ++runs; });
+  std::shared_ptr<const SimGraph> graph;
+  EXPECT_EQ(w.gpu->endCapture(origin, &graph), cudaErrorStreamCaptureUnjoined);
+  EXPECT_FALSE(graph);
+  // A wait on an event recorded outside the capture (no
+  // cudaEventWaitExternal): refused, and the capture is invalidated.
+  ASSERT_EQ(w.gpu->eventRecord(event, side), cudaSuccess);
+  ASSERT_EQ(w.gpu->beginCapture(origin, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  EXPECT_EQ(w.gpu->streamWaitEvent(origin, event, 0), cudaErrorStreamCaptureIsolation);
+  EXPECT_EQ(w.gpu->endCapture(origin), cudaErrorStreamCaptureInvalidated);
+  // A captured event queried while its capture runs, even by a relaxed
+  // capture: refused and invalidating. After the capture it is the event
+  // of its last real record again.
+  ASSERT_EQ(w.gpu->beginCapture(origin, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  ASSERT_EQ(w.gpu->eventRecord(event, origin), cudaSuccess);
+  EXPECT_EQ(w.gpu->eventQuery(event), cudaErrorStreamCaptureUnsupported);
+  EXPECT_EQ(w.gpu->endCapture(origin), cudaErrorStreamCaptureInvalidated);
+  ASSERT_TRUE(w.gpu->synchronize(side, 10s));
+  EXPECT_EQ(w.gpu->eventQuery(event), cudaSuccess);
+  EXPECT_EQ(runs.load(), 0) << "nothing captured ever ran";
+  ASSERT_EQ(w.gpu->eventDestroy(event), cudaSuccess);
+  tearDown(w, {}, {origin, side});
 }
 
 TEST(SimGpu, FreedBlockGoesPoisonedToTheNextAllocationOnItsStream) {
@@ -1540,6 +1630,43 @@ TEST(SimNccl, UnpairedOrMismatchedSendsHangWithoutAWord) {
     EXPECT_EQ(outs[1], std::vector<float>(4, -1.0f)) << "nothing was moved";
     tearDown(w, {}, streams);
   }
+}
+
+TEST(SimNccl, EachLaunchOfACapturedCollectiveIsACollectiveOfItsOwn) {
+  World w;
+  const int n = 2;
+  auto comms = makeComms(w, n);
+  auto streams = makeStreams(w, n);
+  std::vector<std::vector<float>> ins(n, std::vector<float>(2)), outs(n, std::vector<float>(2 * n, -1.0f));
+  std::vector<std::shared_ptr<const SimGraph>> graphs(n);
+  // A first group captured would connect the peers inside the capture:
+  // not modelled, refused.
+  onRanks(n, [&](int r) {
+    ASSERT_EQ(w.gpu->beginCapture(streams[r], cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    EXPECT_EQ(w.nccl->allGather(ins[r].data(), outs[r].data(), 2, ncclFloat32, comms[r], streams[r]), ncclInvalidUsage);
+    EXPECT_EQ(w.gpu->endCapture(streams[r]), cudaSuccess);
+  });
+  connect(w, comms, streams);
+  onRanks(n, [&](int r) {
+    ASSERT_EQ(w.gpu->beginCapture(streams[r], cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    ASSERT_EQ(w.nccl->allGather(ins[r].data(), outs[r].data(), 2, ncclFloat32, comms[r], streams[r]), ncclSuccess);
+    ASSERT_EQ(w.gpu->endCapture(streams[r], &graphs[r]), cudaSuccess);
+  });
+  EXPECT_EQ(outs[0], std::vector<float>(2 * n, -1.0f)) << "the capture moved nothing";
+  for (float launch : {1.0f, 2.0f}) {
+    onRanks(n, [&](int r) {
+      ins[r].assign(2, launch * 10 + r);
+      ASSERT_EQ(w.gpu->graphLaunch(graphs[r], streams[r]), cudaSuccess);
+      ASSERT_TRUE(w.gpu->synchronize(streams[r], 10s));
+      for (int q = 0; q < n; ++q) {
+        EXPECT_EQ(outs[r][2 * q], launch * 10 + q) << "launch " << launch << " rank " << r;
+      }
+    });
+  }
+  // An eager collective after the launches meets its peers.
+  connect(w, comms, streams);
+  graphs.clear();
+  tearDown(w, comms, streams);
 }
 
 TEST(SimNccl, CommAbortAndDestroyCanHang) {
