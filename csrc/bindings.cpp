@@ -15,6 +15,7 @@
 #include "cuda/gpu_apis.h"
 #include "cuda/nccl_calls.h"
 #include "cuda/nccl_lane.h"
+#include "cuda/torch_comm_memory.h"
 #endif
 
 namespace py = pybind11;
@@ -227,6 +228,9 @@ void bindCuda(py::module_& m) {
             spec.groupReducesFp8 = groupReducesFp8;
             spec.stallTimeout = std::chrono::milliseconds(
                 static_cast<int64_t>(stallTimeoutSeconds * 1000.0));
+            if (pycomm::nccl::usableVersion(*spec.comm.apis.nccl) >= pycomm::nccl::kMemAllocMinVersion) {
+              spec.memory = std::make_shared<pycomm::TorchCommMemory>(spec.comm.apis, device, label);
+            }
             const std::string id = uniqueId;
             py::gil_scoped_release release; // collective: peers must progress
             return pycomm::NcclLane::create(spec, id, parent);

@@ -4,6 +4,8 @@
 // CUDA headers, so the backend is the same in every build variant.
 //
 // Thread-safety: implementations must accept every call from any thread.
+#include <ATen/core/Tensor.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/Device.h>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
@@ -55,6 +57,13 @@ class DeviceLane {
   virtual bool isRegistered(void* buffer) const = 0;
   // The timeout of ops issued from now on (ops in flight keep theirs).
   virtual void setTimeout(std::chrono::milliseconds timeout) = 0;
+  // torch's allocator of the transport's own memory on device() (NCCL's
+  // ncclMemAlloc), what ProcessGroupNCCL's mem_allocator gives; null when
+  // the transport has none.
+  virtual std::shared_ptr<c10::Allocator> memAllocator() = 0;
+  // A 1-D tensor of `numel` elements in that memory, as ProcessGroupNCCL's
+  // allocate_tensor gives; UnsupportedOpError when there is none.
+  virtual at::Tensor allocateTensor(int64_t numel, const at::TensorOptions& options) = 0;
 };
 
 } // namespace pycomm

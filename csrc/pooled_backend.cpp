@@ -328,6 +328,34 @@ void PooledBackend::registerMemory(const Segments& segments, bool symmetric) {
   }
 }
 
+bool PooledBackend::supportsTensorAlloc(c10::DeviceIndex device) {
+  std::shared_ptr<DeviceLane> lane;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    lane = deviceLane_;
+  }
+  return lane && lane->device().index() == device && lane->memAllocator() != nullptr;
+}
+
+std::shared_ptr<c10::Allocator> PooledBackend::getMemAllocator() {
+  auto allocator = requireDeviceLane("mem_allocator")->memAllocator();
+  if (!allocator) {
+    throw UnsupportedOpError(
+        spec_.label() + ": mem_allocator needs ncclMemAlloc (NCCL 2.19 or newer), which the NCCL in use lacks");
+  }
+  return allocator;
+}
+
+at::Tensor PooledBackend::allocateTensor(long size, at::TensorOptions options) {
+  auto lane = requireDeviceLane("allocate_tensor");
+  if (options.has_device() && options.device() != lane->device()) {
+    throw TensorMismatchError(
+        spec_.label() + ": allocate_tensor on " + options.device().str() + ", but this pooled group's "
+        "NCCL lane serves " + lane->device().str());
+  }
+  return lane->allocateTensor(size, options);
+}
+
 void PooledBackend::deregisterMemory(const Segments& segments) {
   auto lane = requireDeviceLane("deregister_mem_pool");
   for (const auto& segment : segments) {

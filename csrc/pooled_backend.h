@@ -150,6 +150,12 @@ class PooledBackend : public c10d::Backend {
   // instead of waiting in NCCL for a call that never comes. Blocks the
   // caller until registered (collective with symmetric).
   void registerMemory(const Segments& segments, bool symmetric);
+  // NCCL's memory for FSDP2's buffers, as ProcessGroupNCCL gives it
+  // (set_allocate_memory_from_process_group_for_comm): through the NCCL
+  // lane, on its device only; the others refuse by name.
+  bool supportsTensorAlloc(c10::DeviceIndex device) override;
+  std::shared_ptr<c10::Allocator> getMemAllocator() override;
+  at::Tensor allocateTensor(long size, at::TensorOptions options = {}) override;
   void deregisterMemory(const Segments& segments);
 
   bool isOpen() const;

@@ -111,13 +111,30 @@ class _GroupRoute:
             self._by_name[_name(group)] = pooled
         return pooled
 
+    def pooled_groups(self) -> list[dist.ProcessGroup]:
+        """The duplicates this route leads to, one per rank set."""
+        return list(self._by_ranks.values())
+
+
+def _tensor_allocator(group: dist.ProcessGroup, device: torch.device) -> Any:
+    """The backend of `group` that allocates tensors on `device` (its NCCL
+    lane's ncclMemAlloc memory), or None."""
+    try:
+        backend = group._get_backend(device)
+    except RuntimeError:
+        return None
+    return backend if backend.supports_tensor_alloc(device) else None
+
 
 class _RoutedComm:
     """What both custom comms share: the route to the pooled duplicate, and
-    FSDP's buffers allocated as plain tensors."""
+    FSDP's buffers, allocated as plain tensors or, once FSDP2 is told to
+    allocate them from the process group, from the pooled group's NCCL
+    memory (ProcessGroupNCCL's allocate_tensor)."""
 
     def __init__(self, route: _GroupRoute) -> None:
         self._route = route
+        self.allocates_from_group = False
 
     def allocate(
         self,
@@ -126,7 +143,36 @@ class _RoutedComm:
         dtype: torch.dtype,
         device: torch.device,
     ) -> torch.Tensor:
-        return torch.empty(size, dtype=dtype, device=device)
+        if not self.allocates_from_group:
+            return torch.empty(size, dtype=dtype, device=device)
+        # ncclMemAlloc memory belongs to the device, not to a communicator:
+        # any duplicate of the route on `device` serves.
+        for pooled in self._route.pooled_groups():
+            backend = _tensor_allocator(pooled, device)
+            if backend is not None:
+                numel = 1
+                for s in size:
+                    numel *= int(s)
+                return backend.allocate_tensor(numel, dtype=dtype, device=device).view(
+                    [int(s) for s in size]
+                )
+        raise UnsupportedOpError(_no_group_memory(self._route, device))
+
+    def check_group_memory(self, device: torch.device) -> None:
+        """UnsupportedOpError unless every duplicate of the route allocates
+        tensors on `device`."""
+        for pooled in self._route.pooled_groups():
+            if _tensor_allocator(pooled, device) is None:
+                raise UnsupportedOpError(_no_group_memory(self._route, device))
+
+
+def _no_group_memory(route: _GroupRoute, device: torch.device) -> str:
+    return (
+        "FSDP2's set_allocate_memory_from_process_group_for_comm(True) allocates its "
+        f"buffers in the process group's NCCL memory (ncclMemAlloc), and the pooled "
+        f"{route.role!r} duplicates have none on {device}: pooled groups have it only "
+        "with an NCCL lane on that device (CPU tensors run on gloo), from NCCL 2.19"
+    )
 
 
 # torch 2.14 names the single-tensor collectives *_single; 2.11 has only the
@@ -205,13 +251,6 @@ def _sharded_group(mesh_info: Any) -> dist.ProcessGroup | None:
     return group
 
 
-_ALLOCATION_REFUSED = (
-    "FSDP2's set_allocate_memory_from_process_group_for_comm(True) allocates its "
-    "buffers with the group's allocator (ProcessGroupNCCL's ncclMemAlloc); pooled "
-    "groups have no allocator of their own yet, so their buffers stay plain tensors."
-)
-
-
 def _allocates_from_group(param_group: Any) -> bool:
     """Whether FSDP2 was told to allocate this group's buffers from its
     process group (its all-gather comm is then torch's ProcessGroupAlloc one)."""
@@ -219,11 +258,22 @@ def _allocates_from_group(param_group: Any) -> bool:
     return type(comm).__name__ == "ProcessGroupAllocAllGather"
 
 
-def _refuse_group_allocation(enable: bool) -> None:
+def _group_allocation_setter(
+    comms: tuple[_RoutedComm, ...], device: torch.device
+) -> Callable[[bool], None]:
     """Stands for FSDPModule.set_allocate_memory_from_process_group_for_comm
-    on a module routed through the pool."""
-    if enable:
-        raise UnsupportedOpError(f"{_ALLOCATION_REFUSED} This module's comms are pooled.")
+    on a module routed through the pool (FSDP2's own would fail with an
+    AssertionError on custom comms): the pooled comms allocate from the
+    pooled groups' NCCL memory, or the call fails by name."""
+
+    def set_allocate_memory_from_process_group_for_comm(enable: bool) -> None:
+        if enable:
+            for comm in comms:
+                comm.check_group_memory(device)
+        for comm in comms:
+            comm.allocates_from_group = bool(enable)
+
+    return set_allocate_memory_from_process_group_for_comm
 
 
 def _label(name: str) -> str:
@@ -286,8 +336,11 @@ def use_pool(
     allocating = [_label(name) for name, _, param_group in plan if _allocates_from_group(param_group)]
     if allocating:
         raise UnsupportedOpError(
-            f"{_ALLOCATION_REFUSED} It is on for {', '.join(allocating)}: call "
-            "set_allocate_memory_from_process_group_for_comm(False) on them before use_pool()."
+            "FSDP2's set_allocate_memory_from_process_group_for_comm(True) gives a module "
+            "torch's own comms, which use_pool() would replace. It is on for "
+            f"{', '.join(allocating)}: call set_allocate_memory_from_process_group_for_comm(False) "
+            "on them before use_pool(), and (True) after it: the pooled comms then allocate "
+            "from the pooled groups' NCCL memory."
         )
     if group is not None and not _is_member(group):
         raise NotAMemberError(
@@ -305,7 +358,6 @@ def use_pool(
                 )
 
     ag_route, rs_route = _GroupRoute(pool, AG_ROLE), _GroupRoute(pool, RS_ROLE)
-    all_gather, reduce_scatter = _PooledAllGather(ag_route), _PooledReduceScatter(rs_route)
     routed: list[str] = []
     for name, fsdp_module, param_group in plan:
         mesh_info = param_group.mesh_info
@@ -323,10 +375,13 @@ def use_pool(
         post_group = _sharded_group(post_forward) if post_forward is not None else None
         if post_group is not None:
             ag_route.add(post_group, post_group)
+        # Comms of its own per module: FSDP2 allocates per module.
+        all_gather, reduce_scatter = _PooledAllGather(ag_route), _PooledReduceScatter(rs_route)
         fsdp_module.set_custom_all_gather(all_gather)
         fsdp_module.set_custom_reduce_scatter(reduce_scatter)
-        # FSDP2 would fail this call with an AssertionError on custom comms.
-        fsdp_module.set_allocate_memory_from_process_group_for_comm = _refuse_group_allocation
+        fsdp_module.set_allocate_memory_from_process_group_for_comm = _group_allocation_setter(
+            (all_gather, reduce_scatter), param_group.device
+        )
         routed.append(name)
         logger.info(
             "FSDP module %s: all-gather and reduce-scatter on pooled duplicates of "

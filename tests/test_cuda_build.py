@@ -426,22 +426,28 @@ def _register_without_a_lane(rank: int, world: int) -> list[str]:
         backend = ag._get_backend(torch.device("cpu"))
         errors = []
         for call in (lambda: backend.register_mem_pool(object(), symm=True),
-                     lambda: backend.deregister_mem_pool(object())):
+                     lambda: backend.deregister_mem_pool(object()),
+                     lambda: backend.allocate_tensor(16, dtype=torch.float32, device=torch.device("cpu")),
+                     lambda: backend.mem_allocator):
             try:
                 call()
             except pycomm.UnsupportedOpError as e:
                 errors.append(str(e))
-        return errors
+        supported = backend.supports_tensor_alloc(torch.device("cpu"))
+        return errors + [f"supports_tensor_alloc: {supported}"]
 
 
-def test_mem_pool_registration_needs_an_nccl_lane() -> None:
+def test_mem_pool_registration_and_nccl_memory_need_an_nccl_lane() -> None:
     """Megatron-FSDP's nccl_ub calls register_mem_pool on its AG group's
-    backend: a pooled group takes the call, and without an NCCL lane (a CPU
-    world) says why it cannot register."""
+    backend, FSDP2's allocation from the process group allocate_tensor: a
+    pooled group takes the calls, and without an NCCL lane (a CPU world)
+    says why it cannot serve them."""
     for errors in run_world(_register_without_a_lane, 2):
-        assert len(errors) == 2
-        assert all("needs an NCCL lane" in e for e in errors), errors
+        assert len(errors) == 5, errors
+        assert all("needs an NCCL lane" in e for e in errors[:4]), errors
         assert "register_mem_pool" in errors[0] and "deregister_mem_pool" in errors[1]
+        assert "allocate_tensor" in errors[2] and "mem_allocator" in errors[3]
+        assert errors[4] == "supports_tensor_alloc: False"
 
 
 def test_nvls_collnet_and_p2p_fields_reach_the_plan_by_version() -> None:

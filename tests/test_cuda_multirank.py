@@ -253,6 +253,52 @@ def test_graph_capture_and_replay_equal_torch_nccl(world: int) -> None:
         assert r == {"pooled": [True, True], "plain": [True, True]}, r
 
 
+def _fsdp2_allocating_rank(rank: int, world: int) -> dict[str, Any]:
+    """FSDP2 with set_allocate_memory_from_process_group_for_comm(True), on
+    pooled groups and on torch's own: the same losses, and the pooled
+    buffers in ncclMemAlloc memory through the pooled group's allocate_tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import pycomm.fsdp as pf
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    mesh = init_device_mesh("cuda", (world,))
+    losses: dict[str, list[float]] = {}
+    with pycomm.CommPool() as pool:
+        for name in ("plain", "pooled"):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(*[torch.nn.Linear(64, 64, device=device) for _ in range(3)])
+            for layer in model:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            if name == "pooled":
+                pf.use_pool(model, pool)
+            model.set_allocate_memory_from_process_group_for_comm(True)
+            optim = torch.optim.SGD(model.parameters(), lr=0.1)
+            losses[name] = []
+            for step in range(3):
+                torch.manual_seed(100 + step)
+                x = torch.randn(8, 64, device=device)
+                loss = model(x).square().mean()
+                loss.backward()
+                optim.step()
+                optim.zero_grad()
+                losses[name].append(loss.item())
+        ag = pool.duplicate(dist.group.WORLD, "ag")
+        backend = ag._get_backend(device)
+        buffer = backend.allocate_tensor(1024, dtype=torch.bfloat16, device=device)
+        supported = backend.supports_tensor_alloc(device)
+        torch.cuda.synchronize()
+    return {"losses": losses, "supported": supported, "buffer": (buffer.device.type, buffer.numel())}
+
+
+def test_fsdp2_allocating_from_pooled_groups_equals_torch_nccl() -> None:
+    for r in run_world(_fsdp2_allocating_rank, 2, backend=BACKEND, timeout_seconds=300):
+        assert r["losses"]["pooled"] == r["losses"]["plain"], r["losses"]
+        assert r["supported"] is True and r["buffer"] == ("cuda", 1024), r
+
+
 def _overlap_rank(rank: int, world: int) -> dict[str, Any]:
     device = torch.device("cuda", torch.cuda.current_device())
     with pycomm.CommPool() as pool:

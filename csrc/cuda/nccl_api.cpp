@@ -117,6 +117,12 @@ class LibraryNcclApi final : public NcclApi {
       ncclRedOp_t op, int root, ncclComm_t comm, cudaStream_t stream) override {
     return ncclReduce(input, output, count, type, op, root, comm, stream);
   }
+  ncclResult_t memAlloc(void** ptr, size_t size) override {
+    return ncclMemAlloc(ptr, size);
+  }
+  ncclResult_t memFree(void* ptr) override {
+    return ncclMemFree(ptr);
+  }
   ncclResult_t send(
       const void* input, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
       cudaStream_t stream) override {

@@ -83,6 +83,12 @@ class NcclApi {
   virtual ncclResult_t recv(
       void* output, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
       cudaStream_t stream) = 0;
+  // Device memory of the calling thread's current device from CUDA's
+  // virtual memory API (ncclMemAlloc, NCCL >= 2.19): what NCCL's user
+  // buffer registration, symmetric windows and NVLS take best. ncclMemFree
+  // frees only what ncclMemAlloc gave.
+  virtual ncclResult_t memAlloc(void** ptr, size_t size) = 0;
+  virtual ncclResult_t memFree(void* ptr) = 0;
   // A reduce op that multiplies each input by `*scalar` (of `type`: read on
   // the host at this call with ncclScalarHostImmediate, by the kernel from
   // device memory with ncclScalarDevice) before summing; destroyed with

@@ -4,6 +4,8 @@
 #include <cstring>
 
 #include "collective.h"
+#include "comm_memory.h"
+#include "cuda_resources.h"
 #include "errors.h"
 
 namespace pycomm::nccl {
@@ -266,6 +268,23 @@ PreMulFactor preMulFactor(double scalar, const at::Tensor& tensor, at::ScalarTyp
       break;
   }
   return factor;
+}
+
+void* allocateMemory(const GpuApis& apis, int device, size_t bytes, const std::string& what) {
+  DeviceScope scope(*apis.cuda, device); // ncclMemAlloc serves the current device
+  void* ptr = nullptr;
+  const ncclResult_t result = apis.nccl->memAlloc(&ptr, bytes);
+  if (result != ncclSuccess) {
+    throw CollectiveError(
+        what + ": ncclMemAlloc of " + std::to_string(bytes) + " bytes on cuda:" + std::to_string(device) +
+        " failed: " + errorText(*apis.nccl, result));
+  }
+  return ptr;
+}
+
+ncclResult_t freeMemory(const GpuApis& apis, int device, void* ptr) {
+  DeviceScope scope(*apis.cuda, device, DeviceScope::Errors::Quiet);
+  return apis.nccl->memFree(ptr);
 }
 
 } // namespace pycomm::nccl

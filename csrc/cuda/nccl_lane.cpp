@@ -920,6 +920,22 @@ void NcclLane::registerMemory(void* buffer, size_t bytes, bool symmetric) {
   }
 }
 
+std::shared_ptr<c10::Allocator> NcclLane::memAllocator() {
+  return spec_.memory ? spec_.memory->allocator() : nullptr;
+}
+
+at::Tensor NcclLane::allocateTensor(int64_t numel, const at::TensorOptions& options) {
+  if (!spec_.memory) {
+    throw UnsupportedOpError(
+        spec_.comm.label + ": allocate_tensor needs ncclMemAlloc (NCCL 2.19 or newer), which the NCCL "
+        "in use lacks");
+  }
+  if (numel < 0) {
+    throw TensorMismatchError(spec_.comm.label + ": allocate_tensor of " + std::to_string(numel) + " elements");
+  }
+  return spec_.memory->allocate(numel, options.device(device_));
+}
+
 void NcclLane::deregisterMemory(void* buffer) {
   std::lock_guard<std::mutex> issueLock(issueMutex_);
   comm_->deregisterBuffer(buffer);

@@ -57,6 +57,7 @@
 #include <thread>
 
 #include "cuda_resources.h"
+#include "comm_memory.h"
 #include "device_lane.h"
 #include "nccl_calls.h"
 #include "nccl_comm.h"
@@ -88,6 +89,9 @@ struct NcclLaneSpec {
   bool groupReducesFp8 = true;
   // This process's rank in the world: the flight-recorder dump's file name.
   int globalRank = 0;
+  // NCCL's memory for tensors of this device; null when the NCCL in use
+  // has no ncclMemAlloc (before 2.19).
+  std::shared_ptr<CommMemory> memory;
 };
 
 class NcclLane : public DeviceLane,
@@ -126,6 +130,8 @@ class NcclLane : public DeviceLane,
   void setTimeout(std::chrono::milliseconds timeout) override {
     comm_->setTimeout(timeout);
   }
+  std::shared_ptr<c10::Allocator> memAllocator() override;
+  at::Tensor allocateTensor(int64_t numel, const at::TensorOptions& options) override;
   size_t registeredMemory() const {
     return comm_->registeredBuffers();
   }

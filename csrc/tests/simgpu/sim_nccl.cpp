@@ -412,6 +412,7 @@ struct SimNccl::Impl {
   std::vector<std::shared_ptr<Comm>> all; // may still have kernels on streams
   std::map<std::string, std::shared_ptr<Clique>> pendingInits; // by unique id
   std::map<void*, Comm*> registrations;
+  std::set<void*> memAllocs; // ncclMemAlloc'd blocks
   uintptr_t nextRegistration = 1;
   std::chrono::microseconds initDelay{0};
   std::optional<std::chrono::microseconds> groupEndDelay;
@@ -1816,6 +1817,39 @@ void SimNccl::injectAsyncError(ncclComm_t comm, ncclResult_t error, std::string 
 int SimNccl::liveComms() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   return static_cast<int>(impl_->live.size());
+}
+
+ncclResult_t SimNccl::memAlloc(void** ptr, size_t size) {
+  if (ptr == nullptr) {
+    return ncclInvalidArgument;
+  }
+  // SimGpu first: its locks are never taken under ours.
+  const int device = impl_->gpu->currentDevice();
+  void* block = impl_->gpu->allocateBlock(
+      impl_->gpu->legacyStreamOf(device), std::max<size_t>(size, 1), SimGpu::MemoryKind::Vmm);
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->memAllocs.insert(block);
+  *ptr = block;
+  return ncclSuccess;
+}
+
+ncclResult_t SimNccl::memFree(void* ptr) {
+  if (ptr == nullptr) {
+    return ncclSuccess;
+  }
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    if (impl_->memAllocs.erase(ptr) == 0) {
+      return ncclInvalidArgument;
+    }
+  }
+  impl_->gpu->freeBlock(ptr);
+  return ncclSuccess;
+}
+
+int SimNccl::liveMemAllocs() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return static_cast<int>(impl_->memAllocs.size());
 }
 
 int SimNccl::liveRegistrations() const {

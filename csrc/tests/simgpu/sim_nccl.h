@@ -132,6 +132,14 @@ class SimNccl : public NcclApi {
   ncclResult_t recv(
       void* output, size_t count, ncclDataType_t type, int peer, ncclComm_t comm,
       cudaStream_t stream) override;
+  // A VMM block of the calling thread's current device (SimGpu::allocateBlock,
+  // MemoryKind::Vmm, so windows can register it). ncclInvalidArgument for
+  // a null `ptr`, and from memFree for a pointer memAlloc did not give
+  // (NCCL API: ncclMemFree frees "memory allocated by ncclMemAlloc()"; on a
+  // GPU the CUDA driver call under it fails instead, so this is stricter).
+  // memFree(nullptr) does nothing.
+  ncclResult_t memAlloc(void** ptr, size_t size) override;
+  ncclResult_t memFree(void* ptr) override;
   ncclResult_t redOpCreatePreMulSum(
       ncclRedOp_t* op, void* scalar, ncclDataType_t type,
       ncclScalarResidence_t residence, ncclComm_t comm) override;
@@ -195,6 +203,8 @@ class SimNccl : public NcclApi {
   // --- accounting ---
   int liveComms() const;
   int liveRegistrations() const;
+  // ncclMemAlloc'd blocks not yet freed.
+  int liveMemAllocs() const;
   // Premul-sum reduce ops made and not yet destroyed, on live communicators.
   int liveReduceOps() const;
   // Communicators freed by ~SimNccl because nobody destroyed or aborted them.

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -17,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm_memory.h"
 #include "nccl_calls.h"
 #include "nccl_lane.h"
 #include "sim_gpu.h"
@@ -58,6 +60,55 @@ struct SimWorld {
   std::string uniqueId() const {
     return nccl::newUniqueId(*nccl);
   }
+};
+
+// CommMemory of the simulated GPU: every tensor and block its own
+// ncclMemAlloc (the extension's caches them in torch's caching allocator,
+// which needs a real CUDA runtime), host memory standing for the device's
+// as in every test here.
+class SimCommMemory final : public CommMemory {
+ public:
+  SimCommMemory(GpuApis apis, int device)
+      : apis_(std::move(apis)), device_(device), allocator_(std::make_shared<Allocator>(apis_, device)) {}
+  std::shared_ptr<c10::Allocator> allocator() override {
+    return allocator_;
+  }
+  at::Tensor allocate(int64_t numel, const at::TensorOptions& options) override {
+    const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+    void* block = nccl::allocateMemory(apis_, device_, bytes, "sim allocate_tensor");
+    return at::from_blob(
+        block, {numel}, [apis = apis_, device = device_](void* freed) { nccl::freeMemory(apis, device, freed); },
+        options.device(c10::DeviceType::CPU));
+  }
+
+ private:
+  class Allocator final : public c10::Allocator {
+   public:
+    Allocator(GpuApis apis, int device) : apis_(std::move(apis)), device_(device) {}
+    c10::DataPtr allocate(size_t bytes) override {
+      void* block = nccl::allocateMemory(apis_, device_, bytes, "sim mem_allocator");
+      return {block, new Owned{apis_, device_, block}, &Allocator::free, c10::Device(c10::DeviceType::CPU)};
+    }
+    void copy_data(void* dest, const void* src, std::size_t count) const override {
+      std::memcpy(dest, src, count);
+    }
+
+   private:
+    struct Owned {
+      GpuApis apis;
+      int device;
+      void* block;
+    };
+    static void free(void* context) {
+      std::unique_ptr<Owned> owned(static_cast<Owned*>(context));
+      nccl::freeMemory(owned->apis, owned->device, owned->block);
+    }
+    GpuApis apis_;
+    int device_;
+  };
+  GpuApis apis_;
+  int device_;
+  std::shared_ptr<Allocator> allocator_;
 };
 
 // Runs fn(rank) on one thread per rank and waits for all; the first

@@ -917,6 +917,53 @@ TEST(LaneStreams, PrioritiesFollowTheRoleAndTheSpec) {
 namespace pycomm::sim {
 namespace {
 
+TEST(LaneMemory, TensorsInNcclMemoryServeOpsAndWindowsAndAreFreedWithTheirLastReference) {
+  // ProcessGroupNCCL's allocate_tensor / mem_allocator, which FSDP2's
+  // set_allocate_memory_from_process_group_for_comm takes its buffers from.
+  SimWorld world(2);
+  std::vector<std::shared_ptr<NcclLane>> lanes(2);
+  const std::string id = world.uniqueId();
+  onRanks(2, [&](int r) {
+    auto spec = world.spec(r, "ag");
+    spec.memory = std::make_shared<SimCommMemory>(spec.comm.apis, SimWorld::deviceOf(r));
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  std::vector<at::Tensor> shards(2), gathered(2);
+  onRanks(2, [&](int r) {
+    ASSERT_TRUE(lanes[r]->memAllocator());
+    shards[r] = lanes[r]->allocateTensor(256, at::TensorOptions().dtype(at::kBFloat16));
+    gathered[r] = lanes[r]->allocateTensor(512, at::TensorOptions().dtype(at::kBFloat16));
+    EXPECT_EQ(shards[r].numel(), 256);
+    EXPECT_EQ(shards[r].scalar_type(), at::kBFloat16);
+    // ncclMemAlloc's memory: what a symmetric window takes (CUDA's virtual
+    // memory API), on this rank's device.
+    EXPECT_TRUE(world.gpu->inBlock(gathered[r].data_ptr(), 512 * 2, SimGpu::MemoryKind::Vmm));
+    shards[r].fill_(float(r + 1));
+    lanes[r]->registerMemory(gathered[r].data_ptr(), 512 * 2, /*symmetric=*/true);
+    // torch's allocator of the same memory.
+    auto block = lanes[r]->memAllocator()->allocate(64);
+    EXPECT_TRUE(world.gpu->inBlock(block.get(), 64, SimGpu::MemoryKind::Vmm));
+  });
+  EXPECT_EQ(world.nccl->liveMemAllocs(), 4) << "the allocator's blocks went back with their DataPtr";
+  onRanks(2, [&](int r) {
+    ASSERT_TRUE(issue(*lanes[r], allGather(shards[r], gathered[r]))->wait(5000ms));
+    EXPECT_TRUE(at::equal(
+        gathered[r], at::cat({at::ones({256}, at::kBFloat16), at::full({256}, 2.0, at::kBFloat16)})));
+  });
+  closeAll(lanes);
+  shards.clear();
+  gathered.clear();
+  EXPECT_EQ(world.nccl->liveMemAllocs(), 0) << "ncclMemFree'd with the tensors";
+  // A lane without NCCL's memory (an NCCL before 2.19) says so by name.
+  auto plain = makeLanes(world, "rs");
+  EXPECT_FALSE(plain[0]->memAllocator());
+  EXPECT_NE(
+      thrownText<UnsupportedOpError>([&] { plain[0]->allocateTensor(4, at::TensorOptions()); })
+          .find("allocate_tensor needs ncclMemAlloc (NCCL 2.19 or newer)"),
+      std::string::npos);
+  closeAll(plain);
+}
+
 TEST(LaneMemory, RegistrationsReachTheCommunicatorAndEndWithIt) {
   SimWorld world(2);
   auto lanes = makeLanes(world, "ag");

@@ -141,6 +141,12 @@ class CpuTensorLane : public DeviceLane {
   bool isRegistered(void* buffer) const override {
     return lane_->isRegistered(buffer);
   }
+  std::shared_ptr<c10::Allocator> memAllocator() override {
+    return lane_->memAllocator();
+  }
+  at::Tensor allocateTensor(int64_t numel, const at::TensorOptions& options) override {
+    return lane_->allocateTensor(numel, options);
+  }
   std::atomic<int> issued{0};
 
  private:

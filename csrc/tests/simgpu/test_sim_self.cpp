@@ -1669,6 +1669,22 @@ TEST(SimNccl, EachLaunchOfACapturedCollectiveIsACollectiveOfItsOwn) {
   tearDown(w, comms, streams);
 }
 
+TEST(SimNccl, MemAllocGivesVmmMemoryOfTheCurrentDeviceAndFreesOnlyItsOwn) {
+  World w;
+  ASSERT_EQ(w.gpu->setDevice(3), cudaSuccess);
+  void* block = nullptr;
+  ASSERT_EQ(w.nccl->memAlloc(&block, 1000), ncclSuccess);
+  EXPECT_TRUE(w.gpu->inBlock(block, 1000, Gpu::MemoryKind::Vmm));
+  EXPECT_EQ(w.nccl->liveMemAllocs(), 1);
+  EXPECT_EQ(w.nccl->memAlloc(nullptr, 8), ncclInvalidArgument);
+  char own[8];
+  EXPECT_EQ(w.nccl->memFree(own), ncclInvalidArgument) << "not ncclMemAlloc's";
+  EXPECT_EQ(w.nccl->memFree(nullptr), ncclSuccess);
+  EXPECT_EQ(w.nccl->memFree(block), ncclSuccess);
+  EXPECT_EQ(w.nccl->memFree(block), ncclInvalidArgument) << "freed twice";
+  EXPECT_EQ(w.nccl->liveMemAllocs(), 0);
+}
+
 TEST(SimNccl, CommAbortAndDestroyCanHang) {
   World w;
   auto comms = makeComms(w, 2);
