@@ -172,6 +172,25 @@ void tearDown(World& w, const std::vector<ncclComm_t>& comms, const std::vector<
       << w.gpu->streamThreads() << " stream threads left";
 }
 
+// Every rank's stream stays blocked and nothing is reported (as NCCL hangs
+// on mismatched calls) until the communicators are aborted; then each
+// stream moves on.
+void expectHungWithoutAWordUntilAborted(
+    World& w, const std::vector<ncclComm_t>& comms, const std::vector<cudaStream_t>& streams) {
+  for (size_t r = 0; r < comms.size(); ++r) {
+    EXPECT_FALSE(w.gpu->synchronize(streams[r], 200ms)) << "rank " << r << " finished";
+    ncclResult_t state = ncclInternalError;
+    EXPECT_EQ(w.nccl->commGetAsyncError(comms[r], &state), ncclSuccess);
+    EXPECT_EQ(state, ncclSuccess) << "nothing is reported";
+  }
+  for (auto c : comms) {
+    EXPECT_EQ(w.nccl->commAbort(c), ncclSuccess);
+  }
+  for (auto s : streams) {
+    EXPECT_TRUE(w.gpu->synchronize(s, 10s));
+  }
+}
+
 std::vector<KernelInterval> kernelsOf(const Gpu& gpu, uint64_t comm) {
   std::vector<KernelInterval> out;
   for (const auto& k : gpu.timeline()) {
@@ -1541,17 +1560,8 @@ TEST(SimNccl, CollectiveMismatchHangsWithoutAWord) {
     // Rank 1 sends a different count: NCCL compares nothing, and hangs.
     ASSERT_EQ(w.nccl->allGather(in.data(), outs[r].data(), r == 0 ? 4 : 3, ncclFloat32, comms[r], streams[r]), ncclSuccess);
   });
+  expectHungWithoutAWordUntilAborted(w, comms, streams);
   for (int r = 0; r < 2; ++r) {
-    EXPECT_FALSE(w.gpu->synchronize(streams[r], 200ms)) << "rank " << r << " finished";
-    ncclResult_t state = ncclInternalError;
-    EXPECT_EQ(w.nccl->commGetAsyncError(comms[r], &state), ncclSuccess);
-    EXPECT_EQ(state, ncclSuccess) << "nothing is reported";
-  }
-  for (auto c : comms) {
-    EXPECT_EQ(w.nccl->commAbort(c), ncclSuccess);
-  }
-  for (int r = 0; r < 2; ++r) {
-    EXPECT_TRUE(w.gpu->synchronize(streams[r], 10s));
     EXPECT_EQ(outs[r], std::vector<float>(8, -1.0f)) << "nothing was moved";
   }
   tearDown(w, {}, streams);
@@ -1615,18 +1625,7 @@ TEST(SimNccl, UnpairedOrMismatchedSendsHangWithoutAWord) {
       }
       ASSERT_EQ(w.nccl->groupEnd(), ncclSuccess);
     });
-    for (int r = 0; r < 2; ++r) {
-      EXPECT_FALSE(w.gpu->synchronize(streams[r], 200ms)) << "rank " << r << " finished";
-      ncclResult_t state = ncclInternalError;
-      EXPECT_EQ(w.nccl->commGetAsyncError(comms[r], &state), ncclSuccess);
-      EXPECT_EQ(state, ncclSuccess) << "nothing is reported";
-    }
-    for (auto c : comms) {
-      EXPECT_EQ(w.nccl->commAbort(c), ncclSuccess);
-    }
-    for (int r = 0; r < 2; ++r) {
-      EXPECT_TRUE(w.gpu->synchronize(streams[r], 10s));
-    }
+    expectHungWithoutAWordUntilAborted(w, comms, streams);
     EXPECT_EQ(outs[1], std::vector<float>(4, -1.0f)) << "nothing was moved";
     tearDown(w, {}, streams);
   }
