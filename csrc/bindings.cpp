@@ -15,6 +15,7 @@
 #include "cuda/gpu_apis.h"
 #include "cuda/nccl_calls.h"
 #include "cuda/nccl_lane.h"
+#include "cuda/mem_pool_hooks.h"
 #include "cuda/torch_comm_memory.h"
 #endif
 
@@ -147,6 +148,15 @@ pycomm::PooledBackend::Segments poolSegments(const py::object& pool, int device)
   return segments;
 }
 
+#ifdef PYCOMM_CUDA
+// torch.cuda.MemPool.id: the (graph id, pool id) pair the caching allocator
+// names the pool by.
+c10::MempoolId_t poolId(const py::object& pool) {
+  const auto id = py::cast<std::pair<uint64_t, uint64_t>>(pool.attr("id"));
+  return {id.first, id.second};
+}
+#endif
+
 py::dict planToDict(const pycomm::NcclFieldPlan& plan) {
   py::list applied;
   for (auto field : plan.applied) {
@@ -253,6 +263,9 @@ void bindCuda(py::module_& m) {
           py::arg("global_rank") = 0)
       .def_property_readonly("stream_priority", &pycomm::NcclLane::streamPriority)
       .def_property_readonly("created_by_split", &pycomm::NcclLane::createdBySplit)
+      .def_property_readonly(
+          "registered_memory", &pycomm::NcclLane::registeredMemory,
+          "Buffers registered with the lane's communicator (register_mem_pool)")
       .def_property_readonly(
           "memory",
           [](const pycomm::NcclLane& lane) {
@@ -398,8 +411,16 @@ PYBIND11_MODULE(_C, m) {
           [](pycomm::PooledBackend& b, const py::object& pool, bool symm) {
             // What torch's NCCL backend offers Megatron-FSDP's nccl_ub: every
             // segment of the pool on this lane's device, registered with the
-            // lane's communicator.
+            // lane's communicator, and (allocator hooks) every segment the
+            // pool gains or frees afterwards.
             auto lane = b.requireDeviceLane("register_mem_pool");
+#ifdef PYCOMM_CUDA
+            // Watched first: a segment the pool gains meanwhile is either in
+            // the snapshot or reported to the hook (registering twice does
+            // nothing).
+            pycomm::attachMemPoolHooksToTorchAllocator();
+            pycomm::MemPoolHooks::instance().watch(lane, poolId(pool), symm);
+#endif
             const auto segments = poolSegments(pool, lane->device().index());
             py::gil_scoped_release release; // symmetric windows are collective
             b.registerMemory(segments, symm);
@@ -410,6 +431,9 @@ PYBIND11_MODULE(_C, m) {
           "deregister_mem_pool",
           [](pycomm::PooledBackend& b, const py::object& pool) {
             auto lane = b.requireDeviceLane("deregister_mem_pool");
+#ifdef PYCOMM_CUDA
+            pycomm::MemPoolHooks::instance().unwatch(lane.get(), poolId(pool));
+#endif
             const auto segments = poolSegments(pool, lane->device().index());
             py::gil_scoped_release release;
             b.deregisterMemory(segments);

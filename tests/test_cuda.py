@@ -269,7 +269,7 @@ def test_abort_fails_later_ops_by_name(world: torch.device) -> None:
         backend._allgather_base(torch.empty_like(x), x)
 
 
-def test_graph_capture_is_a_clear_error(pool: pycomm.CommPool, world: torch.device) -> None:
+def test_capturing_a_lanes_first_op_is_a_clear_error(pool: pycomm.CommPool, world: torch.device) -> None:
     ag = pool.duplicate(role="ag")
     x = torch.ones(16, device=world)
     out = torch.empty_like(x)
@@ -278,10 +278,30 @@ def test_graph_capture_is_a_clear_error(pool: pycomm.CommPool, world: torch.devi
     with torch.cuda.stream(stream):
         graph.capture_begin()
         try:
-            with pytest.raises(UnsupportedOpError, match="CUDA graph"):
+            with pytest.raises(UnsupportedOpError, match="run one op on the group before capturing"):
                 dist.all_gather_into_tensor(out, x, group=ag)
         finally:
             graph.capture_end()
+
+
+def test_a_registered_pools_later_segments_are_registered(pool: pycomm.CommPool, world: torch.device) -> None:
+    """register_mem_pool hooks torch's caching allocator: a segment the pool
+    gains afterwards is registered with the lane too."""
+    ag = pool.duplicate(role="ag")
+    backend = ag._get_backend(world)
+    lane = backend.device_lane
+    mem = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(mem):
+        first = torch.empty(1 << 20, device=world)
+    backend.register_mem_pool(mem)
+    registered = lane.registered_memory
+    assert registered >= 1
+    with torch.cuda.use_mem_pool(mem):
+        second = torch.empty(64 << 20, device=world)  # more than the pool holds: a new segment
+    assert lane.registered_memory == registered + 1
+    backend.deregister_mem_pool(mem)
+    assert lane.registered_memory == 0
+    del first, second
 
 
 def test_cpu_tensors_still_use_gloo(pool: pycomm.CommPool) -> None:

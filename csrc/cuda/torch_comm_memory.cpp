@@ -1,5 +1,7 @@
 #include "torch_comm_memory.h"
 
+#include "mem_pool_hooks.h"
+
 #include <ATen/cuda/MemPool.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -60,6 +62,14 @@ at::Tensor TorchCommMemory::allocate(int64_t numel, const at::TensorOptions& opt
   }
   c10::cuda::CUDACachingAllocator::endAllocateToPool(device, id);
   return tensor;
+}
+
+void attachMemPoolHooksToTorchAllocator() {
+  static std::once_flag attached;
+  std::call_once(attached, [] {
+    c10::cuda::CUDACachingAllocator::attachAllocatorTraceTracker(
+        [](const c10::CachingDeviceAllocator::TraceEntry& entry) { MemPoolHooks::instance().onTrace(entry); });
+  });
 }
 
 } // namespace pycomm

@@ -40,4 +40,8 @@ class TorchCommMemory final : public CommMemory {
   std::unique_ptr<at::cuda::MemPool> pool_;
 };
 
+// Hands every event of torch's CUDA caching allocator to MemPoolHooks (once
+// per process: trackers cannot be detached).
+void attachMemPoolHooksToTorchAllocator();
+
 } // namespace pycomm

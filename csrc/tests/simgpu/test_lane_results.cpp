@@ -10,6 +10,7 @@
 #include <ATen/record_function.h>
 
 #include "errors.h"
+#include "mem_pool_hooks.h"
 #include "sim_world.h"
 
 using namespace std::chrono_literals;
@@ -962,6 +963,67 @@ TEST(LaneMemory, TensorsInNcclMemoryServeOpsAndWindowsAndAreFreedWithTheirLastRe
           .find("allocate_tensor needs ncclMemAlloc (NCCL 2.19 or newer)"),
       std::string::npos);
   closeAll(plain);
+}
+
+TEST(LaneMemory, AWatchedPoolsLaterSegmentsAreRegisteredAndItsFreedOnesDeregistered) {
+  // register_mem_pool watches the pool: torch's caching allocator reports
+  // each segment it maps or frees (TraceEntry, as its trace trackers get
+  // them; the allocator itself needs a real CUDA runtime), and the lane
+  // registers what a watched pool gains and deregisters what it frees.
+  using Action = c10::CachingDeviceAllocator::TraceEntry::Action;
+  SimWorld world(2);
+  auto lanes = makeLanes(world, "ag");
+  const c10::MempoolId_t pool{0, 7};
+  const c10::MempoolId_t otherPool{0, 8};
+  auto& hooks = MemPoolHooks::instance();
+  std::vector<at::Tensor> segments(2), unwatched(2), gathered(2);
+  auto event = [](Action action, int device, const at::Tensor& t, c10::MempoolId_t id) {
+    return c10::CachingDeviceAllocator::TraceEntry(
+        action, static_cast<c10::DeviceIndex>(device), reinterpret_cast<size_t>(t.data_ptr()),
+        static_cast<size_t>(t.nbytes()), nullptr, id, c10::approx_time_t{});
+  };
+  onRanks(2, [&](int r) {
+    hooks.watch(lanes[r], pool, /*symmetric=*/false);
+    segments[r] = at::full({256}, float(r + 1));
+    unwatched[r] = at::zeros({256});
+    gathered[r] = at::zeros({512});
+  });
+  EXPECT_EQ(hooks.watched(), 2u);
+  for (int r = 0; r < 2; ++r) {
+    const int device = SimWorld::deviceOf(r);
+    hooks.onTrace(event(Action::SEGMENT_ALLOC, device, segments[r], pool));
+    hooks.onTrace(event(Action::SEGMENT_MAP, device, gathered[r], pool)); // an expandable segment grew
+    hooks.onTrace(event(Action::SEGMENT_ALLOC, device, unwatched[r], otherPool)); // another pool
+    hooks.onTrace(event(Action::SEGMENT_ALLOC, 0, unwatched[r], pool)); // a device no lane serves
+    hooks.onTrace(event(Action::ALLOC, device, unwatched[r], pool)); // a block, not a segment
+  }
+  EXPECT_EQ(world.nccl->liveRegistrations(), 4);
+  EXPECT_TRUE(lanes[0]->isRegistered(segments[0].data_ptr()));
+  EXPECT_FALSE(lanes[0]->isRegistered(unwatched[0].data_ptr()));
+  onRanks(2, [&](int r) {
+    ASSERT_TRUE(issue(*lanes[r], allGather(segments[r], gathered[r]))->wait(5000ms));
+    EXPECT_TRUE(at::equal(gathered[r], at::cat({at::ones({256}), at::full({256}, 2.0f)})));
+  });
+  for (int r = 0; r < 2; ++r) {
+    hooks.onTrace(event(Action::SEGMENT_FREE, SimWorld::deviceOf(r), segments[r], pool));
+  }
+  EXPECT_EQ(world.nccl->liveRegistrations(), 2);
+  EXPECT_FALSE(lanes[1]->isRegistered(segments[1].data_ptr()));
+  // Unwatched: the pool's later segments are left alone.
+  for (int r = 0; r < 2; ++r) {
+    hooks.unwatch(lanes[r].get(), pool);
+    hooks.onTrace(event(Action::SEGMENT_ALLOC, SimWorld::deviceOf(r), segments[r], pool));
+  }
+  EXPECT_EQ(world.nccl->liveRegistrations(), 2);
+  // A symmetric pool's new segments wait for the next register_mem_pool
+  // (a window is collective); its watch ends with its lane.
+  hooks.watch(lanes[0], pool, /*symmetric=*/true);
+  hooks.onTrace(event(Action::SEGMENT_ALLOC, SimWorld::deviceOf(0), segments[0], pool));
+  EXPECT_EQ(world.nccl->liveRegistrations(), 2);
+  closeAll(lanes);
+  lanes.clear();
+  EXPECT_EQ(hooks.watched(), 0u);
+  EXPECT_EQ(world.nccl->liveRegistrations(), 0);
 }
 
 TEST(LaneMemory, RegistrationsReachTheCommunicatorAndEndWithIt) {
