@@ -187,6 +187,19 @@ inline std::vector<std::shared_ptr<NcclLane>> makeLanes(
   return lanes;
 }
 
+// makeLanes from a unique id, each rank's spec changed by `adjust` first.
+inline std::vector<std::shared_ptr<NcclLane>> makeLanesWith(
+    SimWorld& world, const std::string& role, const std::function<void(int, NcclLaneSpec&)>& adjust) {
+  std::vector<std::shared_ptr<NcclLane>> lanes(world.size);
+  const std::string id = world.uniqueId();
+  onRanks(world.size, [&](int r) {
+    auto spec = world.spec(r, role);
+    adjust(r, spec);
+    lanes[r] = NcclLane::create(spec, id, nullptr);
+  });
+  return lanes;
+}
+
 // Runs one all-gather on every lane at once and waits for its end, so the
 // communicators' peers are connected (NCCL connects them at the first op,
 // which waits for every peer's) and a test's next ops meet a connected

@@ -73,18 +73,10 @@ class LaneGraphs : public ::testing::TestWithParam<bool> {};
 TEST_P(LaneGraphs, CaptureRecordsOpsAndEachReplayRunsThemAgain) {
   const int n = 2;
   SimWorld world(n);
-  std::vector<std::shared_ptr<NcclLane>> ag(n);
-  std::vector<std::shared_ptr<NcclLane>> rs(n);
-  const std::string agId = world.uniqueId();
-  const std::string rsId = world.uniqueId();
-  onRanks(n, [&](int r) {
-    auto spec = world.spec(r, "ag");
-    spec.comm.launchInProgramOrder = GetParam();
-    ag[r] = NcclLane::create(spec, agId, nullptr);
-    spec = world.spec(r, "rs");
-    spec.comm.launchInProgramOrder = GetParam();
-    rs[r] = NcclLane::create(spec, rsId, nullptr);
-  });
+  const bool inProgramOrder = GetParam();
+  auto inOrder = [&](int, NcclLaneSpec& spec) { spec.comm.launchInProgramOrder = inProgramOrder; };
+  auto ag = makeLanesWith(world, "ag", inOrder);
+  auto rs = makeLanesWith(world, "rs", inOrder);
   // The warm-up: each lane's first op connects its peers.
   connectLanes(world, ag);
   connectLanes(world, rs);

@@ -616,13 +616,7 @@ TEST(LaneBlocking, OpsOnBlockingCommunicatorsRunCorrectly) {
   // The variant bench_issue_cost measures side by side: a blocking
   // communicator launches on the calling thread.
   SimWorld world(2);
-  std::vector<std::shared_ptr<NcclLane>> lanes(2);
-  const std::string id = world.uniqueId();
-  onRanks(2, [&](int r) {
-    auto spec = world.spec(r, "ag");
-    spec.comm.blocking = true;
-    lanes[r] = NcclLane::create(spec, id, nullptr);
-  });
+  auto lanes = makeLanesWith(world, "ag", [](int, NcclLaneSpec& spec) { spec.comm.blocking = true; });
   onRanks(2, [&](int r) {
     for (int i = 0; i < 3; ++i) {
       auto gather = allGather(at::full({8}, float(r + 1 + i)), at::zeros({16}));
@@ -922,12 +916,8 @@ TEST(LaneMemory, TensorsInNcclMemoryServeOpsAndWindowsAndAreFreedWithTheirLastRe
   // ProcessGroupNCCL's allocate_tensor / mem_allocator, which FSDP2's
   // set_allocate_memory_from_process_group_for_comm takes its buffers from.
   SimWorld world(2);
-  std::vector<std::shared_ptr<NcclLane>> lanes(2);
-  const std::string id = world.uniqueId();
-  onRanks(2, [&](int r) {
-    auto spec = world.spec(r, "ag");
+  auto lanes = makeLanesWith(world, "ag", [](int r, NcclLaneSpec& spec) {
     spec.memory = std::make_shared<SimCommMemory>(spec.comm.apis, SimWorld::deviceOf(r));
-    lanes[r] = NcclLane::create(spec, id, nullptr);
   });
   std::vector<at::Tensor> shards(2), gathered(2);
   onRanks(2, [&](int r) {
