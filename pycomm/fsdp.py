@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -134,7 +135,9 @@ class _RoutedComm:
 
     def __init__(self, route: _GroupRoute) -> None:
         self._route = route
-        self.allocates_from_group = False
+        # The backend FSDP's buffers come from, once FSDP2 is told to
+        # allocate them from the process group; None: plain tensors.
+        self._group_allocator: Any = None
 
     def allocate(
         self,
@@ -143,27 +146,24 @@ class _RoutedComm:
         dtype: torch.dtype,
         device: torch.device,
     ) -> torch.Tensor:
-        if not self.allocates_from_group:
+        if self._group_allocator is None:
             return torch.empty(size, dtype=dtype, device=device)
-        # ncclMemAlloc memory belongs to the device, not to a communicator:
-        # any duplicate of the route on `device` serves.
-        for pooled in self._route.pooled_groups():
-            backend = _tensor_allocator(pooled, device)
-            if backend is not None:
-                numel = 1
-                for s in size:
-                    numel *= int(s)
-                return backend.allocate_tensor(numel, dtype=dtype, device=device).view(
-                    [int(s) for s in size]
-                )
-        raise UnsupportedOpError(_no_group_memory(self._route, device))
+        shape = [int(s) for s in size]
+        return self._group_allocator.allocate_tensor(math.prod(shape), dtype=dtype, device=device).view(shape)
 
-    def check_group_memory(self, device: torch.device) -> None:
-        """UnsupportedOpError unless every duplicate of the route allocates
-        tensors on `device`."""
-        for pooled in self._route.pooled_groups():
-            if _tensor_allocator(pooled, device) is None:
-                raise UnsupportedOpError(_no_group_memory(self._route, device))
+    def group_allocator(self, device: torch.device) -> Any:
+        """The backend whose NCCL memory on `device` FSDP's buffers can come
+        from; UnsupportedOpError unless every duplicate of the route has it.
+        ncclMemAlloc memory belongs to the device, not to a communicator, so
+        the first duplicate's backend serves them all."""
+        allocators = [_tensor_allocator(pooled, device) for pooled in self._route.pooled_groups()]
+        if not allocators or any(a is None for a in allocators):
+            raise UnsupportedOpError(_no_group_memory(self._route, device))
+        return allocators[0]
+
+    def allocate_from(self, allocator: Any) -> None:
+        """Buffers from `allocator`'s allocate_tensor (None: plain tensors)."""
+        self._group_allocator = allocator
 
 
 def _no_group_memory(route: _GroupRoute, device: torch.device) -> str:
@@ -267,11 +267,10 @@ def _group_allocation_setter(
     pooled groups' NCCL memory, or the call fails by name."""
 
     def set_allocate_memory_from_process_group_for_comm(enable: bool) -> None:
-        if enable:
-            for comm in comms:
-                comm.check_group_memory(device)
-        for comm in comms:
-            comm.allocates_from_group = bool(enable)
+        # Every comm's allocator first: a refusal leaves the module as it was.
+        allocators = [comm.group_allocator(device) if enable else None for comm in comms]
+        for comm, allocator in zip(comms, allocators):
+            comm.allocate_from(allocator)
 
     return set_allocate_memory_from_process_group_for_comm
 

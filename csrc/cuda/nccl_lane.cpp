@@ -34,6 +34,12 @@ bool runsOnNccl(CollectiveKind kind) {
   }
 }
 
+// The kinds the lane builds from NCCL's sends and recvs (pointToPointCalls).
+bool builtFromSendsAndRecvs(CollectiveKind kind) {
+  return kind == CollectiveKind::Gather || kind == CollectiveKind::Scatter ||
+      kind == CollectiveKind::AllToAll || kind == CollectiveKind::AllToAllList;
+}
+
 // Gather, scatter and all-to-all are sends and recvs in one NCCL group, as
 // NCCL's user guide builds them ("Point-to-point communication": one-to-all,
 // all-to-one, all-to-all). Calls stop at the first failure; the caller
@@ -318,8 +324,7 @@ void NcclLane::launchCollective(
     // One NCCL call per input; a list all-gather makes one per output, a
     // broadcast from each rank in turn (its one input's type).
     const bool perOutput = op.kind == CollectiveKind::AllGatherList;
-    const bool pointToPoint = op.kind == CollectiveKind::Gather || op.kind == CollectiveKind::Scatter ||
-        op.kind == CollectiveKind::AllToAll || op.kind == CollectiveKind::AllToAllList;
+    const bool pointToPoint = builtFromSendsAndRecvs(op.kind);
     if (pointToPoint) {
       result = pointToPointCalls(api, op, nccl.types[0], spec_.comm.rank, spec_.comm.size, comm, stream);
     }

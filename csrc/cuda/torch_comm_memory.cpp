@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/Logging.h>
+#include <c10/util/ScopeExit.h>
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 
 #include <thread>
@@ -53,15 +54,8 @@ at::Tensor TorchCommMemory::allocate(int64_t numel, const at::TensorOptions& opt
   const auto device = static_cast<c10::DeviceIndex>(device_);
   c10::cuda::CUDACachingAllocator::beginAllocateToPool(
       device, id, [me](cudaStream_t) { return std::this_thread::get_id() == me; });
-  at::Tensor tensor;
-  try {
-    tensor = at::empty({numel}, options);
-  } catch (...) {
-    c10::cuda::CUDACachingAllocator::endAllocateToPool(device, id);
-    throw;
-  }
-  c10::cuda::CUDACachingAllocator::endAllocateToPool(device, id);
-  return tensor;
+  const auto routed = c10::make_scope_exit([&] { c10::cuda::CUDACachingAllocator::endAllocateToPool(device, id); });
+  return at::empty({numel}, options);
 }
 
 void attachMemPoolHooksToTorchAllocator() {

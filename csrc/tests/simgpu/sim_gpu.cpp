@@ -410,6 +410,15 @@ struct SimGpu::Impl {
     return s.completed >= seq;
   }
 
+  // Runs `kernel` and adds its interval (start and end now) to the timeline.
+  void runTimed(KernelInterval interval, const std::function<void()>& kernel) {
+    interval.startUs = nowUs();
+    kernel();
+    interval.endUs = nowUs();
+    std::lock_guard<std::mutex> lock(timelineMu);
+    timeline.push_back(std::move(interval));
+  }
+
   void launch(
       cudaStream_t handle,
       std::function<void()> kernel,
@@ -455,22 +464,13 @@ struct SimGpu::Impl {
     }
     StreamItem item{[this, kernel = std::move(kernel), label = std::move(label),
                      device = s->device, resolved, comm, order] {
-      KernelInterval interval;
-      interval.label = label;
-      interval.device = device;
-      interval.stream = resolved;
-      interval.comm = comm;
       if (comm != 0) {
         takeSlot(device, order);
       }
-      interval.startUs = nowUs();
-      kernel();
-      interval.endUs = nowUs();
+      runTimed(KernelInterval{label, device, resolved, comm}, kernel);
       if (comm != 0) {
         giveSlot(device);
       }
-      std::lock_guard<std::mutex> lock(timelineMu);
-      timeline.push_back(std::move(interval));
     }};
     if (enqueue(s, item) == 0) {
       if (order) {
@@ -1110,16 +1110,7 @@ cudaError_t SimGpu::graphLaunch(const std::shared_ptr<const SimGraph>& graph, cu
   StreamItem item{[this, graph, work = std::move(work)] {
     for (size_t i = 0; i < work.size(); ++i) {
       const SimGraph::Node& node = graph->nodes[i];
-      KernelInterval interval;
-      interval.label = node.label;
-      interval.device = node.device;
-      interval.stream = node.stream;
-      interval.comm = node.comm;
-      interval.startUs = nowUs();
-      work[i]();
-      interval.endUs = nowUs();
-      std::lock_guard<std::mutex> lock(impl_->timelineMu);
-      impl_->timeline.push_back(std::move(interval));
+      impl_->runTimed(KernelInterval{node.label, node.device, node.stream, node.comm}, work[i]);
     }
   }};
   return impl_->enqueue(s, item) == 0 ? cudaErrorInvalidResourceHandle : cudaSuccess;
