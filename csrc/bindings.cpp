@@ -395,6 +395,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("cpu_comm"))
       .def_property_readonly(
           "spec", &pycomm::PooledBackend::spec, py::return_value_policy::copy)
+      // torch 2.14 binds Backend.options for every backend; 2.11 only for
+      // its own, so a pooled group's timeout, name and ranks are read here.
+      .def_property_readonly("options", &pycomm::PooledBackend::getBackendOptions)
       .def("is_open", &pycomm::PooledBackend::isOpen)
       .def("stats", [](const pycomm::PooledBackend& b) {
         return statsToDict(b.stats());

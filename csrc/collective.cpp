@@ -536,7 +536,7 @@ void setReduceOp(Collective& op, const c10d::ReduceOp& reduceOp) {
     return;
   }
   const auto* factor =
-      dynamic_cast<const c10d::PreMulSumSupplement*>(reduceOp.supplement_.get());
+      dynamic_cast<const c10d::NCCLPreMulSumSupplement*>(reduceOp.supplement_.get());
   if (factor == nullptr) {
     throw UnsupportedOpError(
         std::string(kindName(op.kind)) + " with PREMUL_SUM needs its factor: "

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <chrono>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "errors.h"

@@ -1,6 +1,7 @@
 #include "lane.h"
 
 #include <iostream>
+#include <utility>
 
 #include "errors.h"
 

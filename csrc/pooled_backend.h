@@ -114,6 +114,10 @@ class PooledBackend : public c10d::Backend {
   // The number of ops this group has taken so far, the same on every member
   // that issued the same ops: torch's DETAIL checks compare it across ranks.
   uint64_t getSequenceNumberForGroup() override;
+  // The count starts with the group, so there is nothing to set: torch 2.14's
+  // base is a deprecated no-op, 2.11's throws, which its DETAIL wrapper
+  // (_ProcessGroupWrapper) calls on every group it wraps.
+  void setSequenceNumberForGroup() override {}
   // As torch's backends give them: the timeout (set_timeout's once called),
   // the group's name, description and global ranks.
   c10::intrusive_ptr<Options> getBackendOptions() override;

@@ -5,6 +5,9 @@
 #include "errors.h"
 #include "op_timing.h"
 
+#include <optional>
+#include <utility>
+
 namespace pycomm {
 
 namespace {

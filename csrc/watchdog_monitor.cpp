@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <condition_variable>
 #include <mutex>
+#include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace pycomm {
@@ -40,16 +42,24 @@ class Monitor {
   // Drops watches that are gone.
   void prune() {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::erase_if(watches_, [](const std::weak_ptr<StallWatch>& w) { return w.expired(); });
+    dropExpiredLocked();
   }
 
  private:
   Monitor() = default;
 
+  // std::erase_if would say this in one line, but torch 2.11 builds
+  // extensions as C++17.
+  void dropExpiredLocked() {
+    watches_.erase(
+        std::remove_if(watches_.begin(), watches_.end(), [](const std::weak_ptr<StallWatch>& w) { return w.expired(); }),
+        watches_.end());
+  }
+
   void run() {
     std::unique_lock<std::mutex> lock(mutex_);
     while (true) {
-      std::erase_if(watches_, [](const std::weak_ptr<StallWatch>& w) { return w.expired(); });
+      dropExpiredLocked();
       if (watches_.empty()) {
         changed_.wait(lock, [&] { return !watches_.empty(); });
         continue;

@@ -19,14 +19,22 @@ caller's to avoid, as with torch alone.
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 from typing import Any
 
+import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import FlightRecorderHook
 from torch.distributed import distributed_c10d as c10d
 
 from pycomm import _C
+
+try:
+    from torch._C._distributed_c10d import FlightRecorderHook
+except ImportError:  # torch before 2.14 has no backend-agnostic hook
+    FlightRecorderHook = None
+
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 
@@ -63,10 +71,22 @@ def register_group(
         )
         c10d._world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
         if _C.flight_recorder_on():
-            # torch attaches its backend-agnostic hook only to the groups
-            # it makes through torchcomms; ProcessGroupNCCL records natively.
-            _flight_recorder_hooks[name] = FlightRecorderHook.attach(group)
+            _attach_flight_recorder(name, group)
         return group
+
+
+def _attach_flight_recorder(name: str, group: dist.ProcessGroup) -> None:
+    # torch attaches its backend-agnostic hook only to the groups it makes
+    # through torchcomms; ProcessGroupNCCL records natively.
+    if FlightRecorderHook is None:
+        logger.warning(
+            "torch %s has no FlightRecorderHook: the collectives of pooled group %s are not in "
+            "its flight recorder (torch 2.14 and later record them)",
+            torch.__version__,
+            name,
+        )
+        return
+    _flight_recorder_hooks[name] = FlightRecorderHook.attach(group)
 
 
 def unregister_group(group: dist.ProcessGroup) -> bool:

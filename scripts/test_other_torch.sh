@@ -29,4 +29,7 @@ echo "test_other_torch: building pycomm against torch $VERSION"
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$WORK/venv/bin/python" setup.py -q build_ext --inplace > build-ext.log 2>&1 \
   || { tail -40 build-ext.log >&2; exit 1; }
 "$WORK/venv/bin/python" -c 'import json, pycomm; print("test_other_torch:", json.dumps(pycomm.build_info()))'
+# The checkout's pycomm for the tests' own subprocesses too (.venv's editable
+# install is behind a .pth that the borrowed site directory does not run).
+export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
 "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider tests/ "$@"

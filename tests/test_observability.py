@@ -19,7 +19,13 @@ import torch.distributed as dist
 
 import pycomm
 from pycomm.launch import run_world
+from pycomm.torch_registry import FlightRecorderHook
 from world_checks import expect_error
+
+# torch 2.14's profiler export carries record_param_comms' sequence number
+# as "Seq", and its ProcessGroup answers any backend's sequence number; 2.11
+# does neither.
+TORCH_2_14_OR_LATER = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 14)
 
 # The world's timeout in these tests: distinct from torch's defaults and
 # pycomm's, so an inherited value cannot pass by chance.
@@ -76,12 +82,14 @@ def test_profiler_records_pooled_all_gathers_and_reduce_scatters_under_their_own
             assert record["Process Group Description"] == "pycomm_ag_of_0"
             assert (record["In msg nelems"], record["Out msg nelems"]) == (4, 4 * world)
             assert record["dtype"] == "Float"
-            assert record["Seq"] == seq
+            if TORCH_2_14_OR_LATER:
+                assert record["Seq"] == seq
         assert scatter["Process Group Name"] == result["names"]["rs"]
         assert scatter["Process Group Description"] == "pycomm_rs_of_0"
         assert (scatter["In msg nelems"], scatter["Out msg nelems"]) == (3 * world, 3)
         assert scatter["dtype"] == "BFloat16"
-        assert scatter["Seq"] == 0  # the RS group counts its own ops
+        if TORCH_2_14_OR_LATER:
+            assert scatter["Seq"] == 0  # the RS group counts its own ops
         for record in records:
             assert record["Rank"] == rank
             assert record["Group size"] == world
@@ -107,9 +115,15 @@ def _ops_under_detail(rank: int, world: int) -> dict:
     work = dist.all_gather_into_tensor(gathered, torch.full((2,), float(rank)), group=ag, async_op=True)
     work.wait()
     out["gathered"] = gathered.tolist()
-    out["work_seq"] = work._get_sequence_number()
+    # torch 2.11 binds no Work._get_sequence_number
+    out["work_seq"] = work._get_sequence_number() if hasattr(work, "_get_sequence_number") else None
     out["work_result"] = work.get_future_result().wait()
-    out["group_seq"] = ag._get_sequence_number_for_group()
+    try:
+        out["group_seq"] = ag._get_sequence_number_for_group()
+    except RuntimeError as e:  # torch 2.11's ProcessGroup asks only its own backends
+        if "does not yet support sequence numbers" not in str(e):
+            raise
+        out["group_seq"] = None
     # pycomm's own methods, through the wrapper as for a ProcessGroupNCCL group
     unwrapped = ag._get_backend(torch.device("cpu")).wrapped_pg
     out["unwrapped"] = type(unwrapped).__name__
@@ -134,9 +148,9 @@ def test_detail_debug_mode_runs_pooled_ops_and_names_ranks_that_disagree(
     for result in results:
         assert result["backend"] == "_ProcessGroupWrapper"
         assert result["gathered"] == [0.0, 0.0, 1.0, 1.0]
-        assert result["work_seq"] == 0
+        assert result["work_seq"] == (0 if hasattr(dist.Work, "_get_sequence_number") else None)
         assert result["work_result"] == 0  # c10d WorkResult::SUCCESS
-        assert result["group_seq"] == 1
+        assert result["group_seq"] == (1 if TORCH_2_14_OR_LATER else None)
         assert result["unwrapped"] == "PooledBackend"
         assert result["unwrapped_ops"] == 1
         assert "Detected mismatch between collectives on ranks" in result["mismatch"]
@@ -209,6 +223,7 @@ def _rs_that_rank_1_never_joins(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.skipif(FlightRecorderHook is None, reason="torch before 2.14 has no backend-agnostic flight-recorder hook")
 def test_a_timed_out_pooled_op_writes_torchs_flight_recorder_dump_naming_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:

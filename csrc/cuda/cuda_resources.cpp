@@ -2,6 +2,8 @@
 
 #include "errors.h"
 
+#include <utility>
+
 namespace pycomm {
 
 void checkCuda(CudaApi& api, cudaError_t result, const std::string& what) {

@@ -14,13 +14,20 @@ MemPoolHooks& MemPoolHooks::instance() {
 
 void MemPoolHooks::watch(const std::shared_ptr<DeviceLane>& lane, c10::MempoolId_t pool, bool symmetric) {
   std::lock_guard<std::mutex> lock(mutex_);
-  std::erase_if(watches_, [&](const Watch& w) { return w.lane.expired() || (w.key == lane.get() && w.pool == pool); });
+  dropLocked(lane.get(), pool);
   watches_.push_back(Watch{lane, lane.get(), pool, lane->device().index(), symmetric});
 }
 
 void MemPoolHooks::unwatch(const DeviceLane* lane, c10::MempoolId_t pool) {
   std::lock_guard<std::mutex> lock(mutex_);
-  std::erase_if(watches_, [&](const Watch& w) { return w.lane.expired() || (w.key == lane && w.pool == pool); });
+  dropLocked(lane, pool);
+}
+
+void MemPoolHooks::dropLocked(const DeviceLane* lane, c10::MempoolId_t pool) {
+  // Not std::erase_if: torch 2.11 builds extensions as C++17.
+  watches_.erase(std::remove_if(watches_.begin(), watches_.end(),
+                                [&](const Watch& w) { return w.lane.expired() || (w.key == lane && w.pool == pool); }),
+                 watches_.end());
 }
 
 size_t MemPoolHooks::watched() {

@@ -46,6 +46,8 @@ class MemPoolHooks {
     c10::DeviceIndex device;
     bool symmetric;
   };
+  // Drops the lane's watch of the pool and every watch whose lane is gone.
+  void dropLocked(const DeviceLane* lane, c10::MempoolId_t pool);
   std::mutex mutex_;
   std::vector<Watch> watches_;
 };

@@ -1,6 +1,8 @@
 #include "nccl_comm.h"
 
+#include <algorithm>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "errors.h"
@@ -134,8 +136,8 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
   DeviceScope device(*s.apis.cuda, s.device);
   ncclConfig_t config = nccl::makeConfig(s.settings, nccl::usableVersion(api), s.label);
   config.blocking = s.blocking ? 1 : 0;
-  // The parent is nonblocking: NCCL writes the child here when the split is
-  // done, after the call returned.
+  // The parent is nonblocking: NCCL writes the child here from its own
+  // thread when the split is done, after the call returned.
   auto slot = std::make_unique<ncclComm_t>(nullptr);
   {
     std::lock_guard<std::mutex> lock(parent.mutex_);
@@ -148,8 +150,13 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
     // in the same order (key = rank).
     const ncclResult_t result = api.commSplit(
         parent.comm_, /*color=*/0, /*key=*/s.rank, slot.get(), &config);
+    // A nonblocking parent's split answers ncclSuccess while it still runs
+    // (NCCL 2.28.9 and 2.30.7 ncclCommSplit returns ncclCommInitChildComm's
+    // result, not the group end's ncclInProgress): only the parent's
+    // asynchronous state says when the child was written, so it is polled
+    // whatever the call answered. A blocking parent's state is final at once.
     ncclResult_t state = result;
-    if (result == ncclInProgress) {
+    if (result == ncclSuccess || result == ncclInProgress) {
       state = pollAsyncState(api, parent.comm_, timeLeft(deadline), &parent.abortRequested_);
     }
     if (state != ncclSuccess) {
@@ -170,10 +177,13 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
       throw CollectiveError(message);
     }
   }
-  if (*slot == nullptr) {
+  // NCCL's thread wrote the slot before the parent's state left
+  // ncclInProgress (an atomic release store).
+  ncclComm_t child = __atomic_load_n(slot.get(), __ATOMIC_ACQUIRE);
+  if (child == nullptr) {
     throw CollectiveError(s.label + ": " + what + " returned no communicator");
   }
-  self->adopt(*slot, what, deadline);
+  self->adopt(child, what, deadline);
   return self;
 }
 

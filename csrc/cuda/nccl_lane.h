@@ -49,8 +49,9 @@
 // while mutex_ is held.
 #include <atomic>
 #include <condition_variable>
-#include <functional>
+#include <cstdlib>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>

@@ -5,6 +5,10 @@
 #include "errors.h"
 #include "op_timing.h"
 
+#include <chrono>
+#include <optional>
+#include <utility>
+
 namespace pycomm {
 
 namespace {

@@ -11,6 +11,7 @@
 #include <torch/csrc/cuda/CUDAPluggableAllocator.h>
 
 #include <thread>
+#include <utility>
 
 namespace pycomm {
 

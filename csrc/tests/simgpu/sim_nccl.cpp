@@ -1368,6 +1368,10 @@ ncclResult_t SimNccl::commSplit(
   const std::shared_ptr<SplitRound> round = entry;
   round->members[c->rank] = SplitRound::Member{color, key, device, *childBlocking};
   if (!c->blocking) {
+    // NCCL 2.28.9 and 2.30.7 src/init.cc ncclCommInitChildComm: "*newcomm
+    // should be NCCL_COMM_NULL until comm split fully complete"; the split's
+    // job writes it from NCCL's thread when done.
+    *child = nullptr;
     c->state = ncclInProgress;
     c->pending = Pending::Split;
     c->split = round;
@@ -1383,7 +1387,12 @@ ncclResult_t SimNccl::commSplit(
         [&](const Comm& member) { return member.split == round; });
   }
   if (!c->blocking) {
-    return ncclInProgress;
+    // ncclCommSplit returns what ncclCommInitChildComm returned: its
+    // NCCLCHECK(ncclGroupEndInternal()) lets the group end's ncclInProgress
+    // pass without returning it (src/include/checks.h), so a nonblocking
+    // split still running reports ncclSuccess; only the parent's
+    // ncclCommGetAsyncError says ncclInProgress until the child is written.
+    return ncclSuccess;
   }
   im.cv.wait(lock, [&] { return round->complete || c->aborted; });
   if (c->aborted) {

@@ -9,7 +9,9 @@
 //   as in NCCL 2.30.7 src/init.cc ncclCommInitChildComm). A communicator
 //   lives on the thread's current device.
 // - Nonblocking communicators (config->blocking == 0) return ncclInProgress
-//   from creation, split, groupEnd and finalize; commGetAsyncError reports
+//   from creation, groupEnd and finalize; a split of a nonblocking parent
+//   returns ncclSuccess with the child null, written only when the split is
+//   done (NCCL 2.28.9 and 2.30.7 ncclCommSplit); commGetAsyncError reports
 //   ncclInProgress until the work is done (creation: every member arrived and
 //   the init delay passed; groupEnd: a background thread enqueues the group's
 //   kernels on the stream after the group-end delay; finalize: the

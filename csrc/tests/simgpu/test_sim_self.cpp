@@ -1462,7 +1462,9 @@ TEST(SimNccl, SplitOfNonblockingParent) {
   onRanks(n, [&](int r) {
     ASSERT_EQ(w.gpu->setDevice(r), cudaSuccess);
     // Equal keys: the parent's rank order decides.
-    ASSERT_EQ(w.nccl->commSplit(parents[r], 0, 5, slots[r].get(), nullptr), ncclInProgress);
+    // As NCCL: success while the split runs, the child null until it is done.
+    ASSERT_EQ(w.nccl->commSplit(parents[r], 0, 5, slots[r].get(), nullptr), ncclSuccess);
+    EXPECT_EQ(__atomic_load_n(slots[r].get(), __ATOMIC_ACQUIRE), nullptr);
     int count = 0;
     EXPECT_EQ(w.nccl->commCount(parents[r], &count), ncclInvalidUsage);
     EXPECT_EQ(pollState(*w.nccl, parents[r]), ncclSuccess);
@@ -1485,7 +1487,7 @@ TEST(SimNccl, SplitOfNonblockingParent) {
     ASSERT_EQ(w.gpu->setDevice(r), cudaSuccess);
     ncclConfig_t config = configOf(false);
     ASSERT_EQ(w.nccl->commSplit(parents[r], r == 1 ? NCCL_SPLIT_NOCOLOR : 0, -r, &children2[r], &config),
-              ncclInProgress);
+              ncclSuccess);
   });
   EXPECT_TRUE(eventually([&] { return w.nccl->liveComms() == before + 2; }));
   EXPECT_NE(children2[0], nullptr);
