@@ -348,9 +348,13 @@ void NcclComm::registerBuffer(void* buffer, size_t bytes, bool symmetric) {
     keepForNccl(std::move(slot));
     throw;
   }
-  if (*slot == nullptr) {
+  if (*slot == nullptr && symmetric) {
     // NCCL answers success with no window when the communicator has no
-    // symmetric memory support (src/dev_runtime.cc).
+    // symmetric memory support (src/dev_runtime.cc). A plain registration's
+    // null handle is NCCL declining to register (NCCL_LOCAL_REGISTER=0, or
+    // P2P through cudaMemcpy; src/register/register.cc): collectives then
+    // copy through NCCL's own buffers, as with ProcessGroupNCCL, and the
+    // null handle is what deregistration takes back.
     throw UnsupportedOpError(
         spec_.label + ": " + what + ": NCCL gave no window (this communicator "
         "has no symmetric memory support)");

@@ -414,6 +414,7 @@ struct SimNccl::Impl {
   std::map<void*, Comm*> registrations;
   std::set<void*> memAllocs; // ncclMemAlloc'd blocks
   uintptr_t nextRegistration = 1;
+  bool localRegistration = true;
   std::chrono::microseconds initDelay{0};
   std::optional<std::chrono::microseconds> groupEndDelay;
   std::atomic<bool> launchOrderImplicit{false};
@@ -461,9 +462,12 @@ struct SimNccl::Impl {
     }
     refreshLocked(*out);
     if (out->state == ncclInProgress) {
+      // NCCL 2.30.7 src/init.cc ncclCommEnsureReady, which every call on a
+      // communicator makes first (collectives, count, split, finalize,
+      // destroy, registration): the same code and words as NCCL.
       return failLocked(
-          out.get(), ncclInvalidUsage,
-          std::string(what) + ": the communicator has an operation in progress");
+          out.get(), ncclInvalidArgument,
+          std::string(what) + ": Attempt to use communicator before the previous operation returned ncclSuccess");
     }
     return ncclSuccess;
   }
@@ -937,7 +941,8 @@ struct SimNccl::Impl {
         }
         refreshLocked(c);
         if (c.state == ncclInProgress) {
-          return failLocked(&c, ncclInvalidUsage, "ncclGroupEnd: a communicator of the group has an operation in progress");
+          return failLocked(&c, ncclInvalidArgument,
+                            "ncclGroupEnd: Attempt to use communicator before the previous operation returned ncclSuccess");
         }
         (c.blocking ? anyBlocking : anyNonblocking) = true;
       }
@@ -1408,6 +1413,10 @@ ncclResult_t SimNccl::commFinalize(ncclComm_t comm) {
   if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommFinalize"); r != ncclSuccess) {
     return r;
   }
+  if (c->finalized) {
+    // NCCL 2.30.7 ncclCommFinalize: "prevent double finalize".
+    return impl_->failLocked(c.get(), ncclInvalidArgument, "ncclCommFinalize: the communicator was finalized already");
+  }
   c->finalized = true;
   if (c->blocking) {
     impl_->cv.wait(lock, [&] { return c->inFlight == 0 || c->aborted; });
@@ -1483,8 +1492,17 @@ ncclResult_t SimNccl::commUserRank(ncclComm_t comm, int* rank) {
   return ncclSuccess;
 }
 
+void SimNccl::setLocalRegistration(bool enabled) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->localRegistration = enabled;
+}
+
 ncclResult_t SimNccl::commRegister(ncclComm_t comm, void* buffer, size_t /*size*/, void** handle) {
   std::lock_guard<std::mutex> lock(impl_->mu);
+  if (!impl_->localRegistration) {
+    *handle = nullptr; // NCCL checks nothing else first either
+    return ncclSuccess;
+  }
   std::shared_ptr<Comm> c;
   if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommRegister"); r != ncclSuccess) {
     return r;
@@ -1504,6 +1522,9 @@ ncclResult_t SimNccl::commDeregister(ncclComm_t comm, void* handle) {
   std::shared_ptr<Comm> c;
   if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommDeregister"); r != ncclSuccess) {
     return r;
+  }
+  if (handle == nullptr) {
+    return ncclSuccess; // what a registration that registered nothing gave
   }
   auto it = impl_->registrations.find(handle);
   if (it == impl_->registrations.end() || it->second != c.get()) {

@@ -16,7 +16,8 @@
 //   the init delay passed; groupEnd: a background thread enqueues the group's
 //   kernels on the stream after the group-end delay; finalize: the
 //   communicator's kernels have run). Any other call on a communicator in
-//   that state returns ncclInvalidUsage. As in NCCL (2.14 and later), every
+//   that state returns ncclInvalidArgument, as ncclCommEnsureReady makes it.
+//   A second finalize is ncclInvalidArgument too. As in NCCL (2.14 and later), every
 //   nonblocking group end that carries work starts a thread of its own to
 //   launch it and answers ncclInProgress. A blocking split waits inside the
 //   call until every member of the parent split (forever, as NCCL does).
@@ -183,6 +184,11 @@ class SimNccl : public NcclApi {
   static constexpr int64_t kFirstUseBytes = int64_t{160} << 20;
   // Communicators created from now on take these amounts.
   void setCommMemory(int64_t creationBytes, int64_t firstUseBytes);
+  // NCCL_LOCAL_REGISTER=1 (NCCL's default). With 0, or where P2P goes
+  // through cudaMemcpy, ncclCommRegister answers ncclSuccess with a null
+  // handle and registers nothing, and ncclCommDeregister takes that null
+  // handle (NCCL 2.30.7 src/register/register.cc).
+  void setLocalRegistration(bool enabled);
 
   // --- calls that hang on sick GPUs ---
   enum class Call { CommAbort, CommDestroy };

@@ -1049,6 +1049,32 @@ TEST(LaneMemory, RegistrationsReachTheCommunicatorAndEndWithIt) {
   EXPECT_THROW(lanes[0]->registerMemory(shards[0].data_ptr(), 16, false), PoolClosedError);
 }
 
+TEST(LaneMemory, ABufferNcclDeclinesToRegisterIsTakenAsProcessGroupNcclTakesIt) {
+  // NCCL_LOCAL_REGISTER=0, or P2P through cudaMemcpy: ncclCommRegister
+  // answers success with a null handle. Megatron-FSDP's register_mem_pool
+  // then goes on without zero-copy, as on ProcessGroupNCCL, not with an error.
+  SimWorld world(2);
+  world.nccl->setLocalRegistration(false);
+  auto lanes = makeLanes(world, "ag");
+  std::vector<at::Tensor> shards(2), gathered(2);
+  onRanks(2, [&](int r) {
+    ASSERT_EQ(world.gpu->setDevice(SimWorld::deviceOf(r)), cudaSuccess);
+    shards[r] = at::full({256}, float(r));
+    gathered[r] = at::empty({512});
+    lanes[r]->registerMemory(gathered[r].data_ptr(), 512 * sizeof(float), /*symmetric=*/false);
+  });
+  EXPECT_EQ(world.nccl->liveRegistrations(), 0); // NCCL registered nothing
+  EXPECT_EQ(lanes[0]->registeredMemory(), 1u); // the lane remembers the buffer
+  onRanks(2, [&](int r) {
+    auto op = allGather(shards[r], gathered[r]);
+    ASSERT_TRUE(issue(*lanes[r], op)->wait(5000ms));
+    EXPECT_TRUE(at::equal(gathered[r], at::cat({at::zeros({256}), at::ones({256})})));
+    lanes[r]->deregisterMemory(gathered[r].data_ptr()); // hands NCCL its null handle back
+  });
+  EXPECT_EQ(lanes[0]->registeredMemory(), 0u);
+  onRanks(2, [&](int r) { lanes[r]->close(); });
+}
+
 size_t freeOn(SimGpu& gpu, int device) {
   const int previous = gpu.currentDevice();
   EXPECT_EQ(gpu.setDevice(device), cudaSuccess);

@@ -1080,7 +1080,7 @@ TEST(SimNccl, NonblockingInitAndGroupEndComplete) {
     EXPECT_EQ(w.nccl->commGetAsyncError(comms[r], &state), ncclSuccess);
     EXPECT_EQ(state, ncclInProgress); // the delay has not passed yet
     int count = 0;
-    EXPECT_EQ(w.nccl->commCount(comms[r], &count), ncclInvalidUsage);
+    EXPECT_EQ(w.nccl->commCount(comms[r], &count), ncclInvalidArgument); // ncclCommEnsureReady
     EXPECT_EQ(pollState(*w.nccl, comms[r]), ncclSuccess);
     EXPECT_FALSE(w.nccl->isBlocking(comms[r]));
     EXPECT_EQ(w.nccl->commCount(comms[r], &count), ncclSuccess);
@@ -1091,7 +1091,7 @@ TEST(SimNccl, NonblockingInitAndGroupEndComplete) {
     ASSERT_EQ(w.nccl->allGather(&in, out, 1, ncclInt64, comms[r], streams[r]), ncclInProgress);
     EXPECT_EQ(w.nccl->commGetAsyncError(comms[r], &state), ncclSuccess);
     EXPECT_EQ(state, ncclInProgress);
-    EXPECT_EQ(w.nccl->allGather(&in, out, 1, ncclInt64, comms[r], streams[r]), ncclInvalidUsage);
+    EXPECT_EQ(w.nccl->allGather(&in, out, 1, ncclInt64, comms[r], streams[r]), ncclInvalidArgument);
     EXPECT_EQ(pollState(*w.nccl, comms[r]), ncclSuccess);
     ASSERT_TRUE(w.gpu->synchronize(streams[r], 20s));
     EXPECT_EQ(out[0], 10);
@@ -1466,7 +1466,7 @@ TEST(SimNccl, SplitOfNonblockingParent) {
     ASSERT_EQ(w.nccl->commSplit(parents[r], 0, 5, slots[r].get(), nullptr), ncclSuccess);
     EXPECT_EQ(__atomic_load_n(slots[r].get(), __ATOMIC_ACQUIRE), nullptr);
     int count = 0;
-    EXPECT_EQ(w.nccl->commCount(parents[r], &count), ncclInvalidUsage);
+    EXPECT_EQ(w.nccl->commCount(parents[r], &count), ncclInvalidArgument);
     EXPECT_EQ(pollState(*w.nccl, parents[r]), ncclSuccess);
   });
   for (int r = 0; r < n; ++r) {
@@ -1729,7 +1729,7 @@ TEST(SimNccl, WindowRegistrationIsCollectiveVmmOnlyAndWrittenLater) {
   ncclResult_t state = ncclSuccess;
   EXPECT_EQ(w.nccl->commGetAsyncError(comms[0], &state), ncclSuccess);
   EXPECT_EQ(state, ncclInProgress);
-  EXPECT_EQ(w.nccl->allGather(vmm[0], vmm[0], 1, ncclFloat32, comms[0], streams[0]), ncclInvalidUsage)
+  EXPECT_EQ(w.nccl->allGather(vmm[0], vmm[0], 1, ncclFloat32, comms[0], streams[0]), ncclInvalidArgument)
       << "no call while the registration is in progress";
   auto window1 = std::make_unique<void*>(nullptr);
   EXPECT_EQ(w.nccl->commWindowRegister(comms[1], vmm[1], 4096, window1.get(), 1), ncclSuccess);
@@ -1946,7 +1946,7 @@ TEST(SimNccl, InvalidArgumentsAndHandles) {
   EXPECT_EQ(w.nccl->commInitRankConfig(&made, 2, id, 0, &nonblocking), ncclInProgress);
   ncclComm_t twice = nullptr;
   EXPECT_EQ(w.nccl->commInitRankConfig(&twice, 2, id, 0, &nonblocking), ncclInvalidArgument);
-  EXPECT_EQ(w.nccl->commDestroy(made), ncclInvalidUsage); // still in progress
+  EXPECT_EQ(w.nccl->commDestroy(made), ncclInvalidArgument); // still in progress
   EXPECT_EQ(w.nccl->commAbort(made), ncclSuccess); // abort is always allowed
 
   int version = 0;
