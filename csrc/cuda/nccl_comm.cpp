@@ -162,15 +162,29 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
     if (state != ncclSuccess) {
       // NCCL may still be splitting: neither the parent nor the slot can be
       // trusted or freed.
-      std::string message = state == ncclInProgress
+      const bool aborted = state == ncclInProgress && parent.abortRequested_.load();
+      std::string message = aborted
+          ? s.label + ": " + what + " was ended by an abort (" + parent.abortReason() + ")"
+          : state == ncclInProgress
           ? s.label + ": " + what + " did not complete within " +
               timeoutText(s.creationBound()) +
               "; every member must duplicate the group with the same role"
           : s.label + ": " + what + " failed: " + nccl::errorText(api, state) +
               " (NCCL: " + nccl::lastError(api, parent.comm_) + ")";
+      ncclComm_t* written = slot.get();
       keepForNccl<ncclComm_t>(std::move(slot));
       parent.requestAbort(message);
       parent.releaseLocked(/*abort=*/true);
+      // The parent's abort joined the split's job, which writes a split that
+      // did not complete as a half-built child (NCCL 2.30.7 src/init.cc,
+      // ncclCommInitRankFunc's fail path): only ncclCommAbort frees it, and
+      // only now, after the parent that points at its abort flag is gone.
+      if (ncclComm_t child = __atomic_load_n(written, __ATOMIC_ACQUIRE); child != nullptr) {
+        (void)api.commAbort(child);
+      }
+      if (aborted) {
+        throw PoolClosedError(message);
+      }
       if (state == ncclInProgress) {
         throw CollectiveTimeoutError(message);
       }

@@ -543,8 +543,22 @@ struct SimNccl::Impl {
   void abortLocked(Comm& comm) {
     releaseLocked(comm);
     comm.aborted = true;
-    // A pending split or group never completes: nothing may be written to
-    // the caller's slot, nothing enqueued.
+    if (comm.pending == Pending::Split && comm.splitSlot != nullptr) {
+      // NCCL's abort joins the split's job (ncclCommEnsureReady ->
+      // ncclGroupJobAbort), whose child init then fails and still writes
+      // the half-built child to the caller's slot (NCCL 2.30.7 src/init.cc
+      // ncclCommInitRankFunc: fail -> exit -> __atomic_store_n(job->newcomm)):
+      // a communicator in error that only ncclCommAbort frees.
+      const SplitRound::Member& me = comm.split->members[comm.rank];
+      if (me.color != NCCL_SPLIT_NOCOLOR) {
+        auto child = newCommLocked(std::make_shared<Clique>(comm.nranks), comm.rank, me.device, me.childBlocking);
+        child->asyncError = ncclInternalError;
+        child->lastError = "ncclCommSplit: the parent was aborted before the split completed";
+        *comm.splitSlot = reinterpret_cast<ncclComm_t>(child.get());
+      }
+    }
+    // A pending split or group never completes: nothing more is written,
+    // nothing enqueued.
     comm.pending = Pending::None;
     comm.split.reset();
     comm.splitSlot = nullptr;
@@ -1503,9 +1517,12 @@ ncclResult_t SimNccl::commRegister(ncclComm_t comm, void* buffer, size_t /*size*
     *handle = nullptr; // NCCL checks nothing else first either
     return ncclSuccess;
   }
-  std::shared_ptr<Comm> c;
-  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommRegister"); r != ncclSuccess) {
-    return r;
+  // Plain registration is no operation on the communicator: NCCL makes no
+  // ncclCommEnsureReady here (src/register/register.cc), so one in progress
+  // takes it.
+  std::shared_ptr<Comm> c = impl_->findLocked(comm);
+  if (!c) {
+    return impl_->failLocked(nullptr, ncclInvalidArgument, "ncclCommRegister: invalid communicator");
   }
   if (handle == nullptr || buffer == nullptr) {
     return impl_->failLocked(c.get(), ncclInvalidArgument, "ncclCommRegister: null buffer or handle");
@@ -1519,9 +1536,9 @@ ncclResult_t SimNccl::commRegister(ncclComm_t comm, void* buffer, size_t /*size*
 
 ncclResult_t SimNccl::commDeregister(ncclComm_t comm, void* handle) {
   std::lock_guard<std::mutex> lock(impl_->mu);
-  std::shared_ptr<Comm> c;
-  if (const ncclResult_t r = impl_->usableLocked(comm, c, "ncclCommDeregister"); r != ncclSuccess) {
-    return r;
+  std::shared_ptr<Comm> c = impl_->findLocked(comm); // no ncclCommEnsureReady either
+  if (!c) {
+    return impl_->failLocked(nullptr, ncclInvalidArgument, "ncclCommDeregister: invalid communicator");
   }
   if (handle == nullptr) {
     return ncclSuccess; // what a registration that registered nothing gave

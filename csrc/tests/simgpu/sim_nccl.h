@@ -17,7 +17,10 @@
 //   kernels on the stream after the group-end delay; finalize: the
 //   communicator's kernels have run). Any other call on a communicator in
 //   that state returns ncclInvalidArgument, as ncclCommEnsureReady makes it.
-//   A second finalize is ncclInvalidArgument too. As in NCCL (2.14 and later), every
+//   A second finalize is ncclInvalidArgument too; plain (de)registration
+//   makes no such check. Aborting a parent whose split is still running
+//   writes a half-built child in error to the split's slot, as NCCL's job
+//   does when the abort joins it; only commAbort frees that child. As in NCCL (2.14 and later), every
 //   nonblocking group end that carries work starts a thread of its own to
 //   launch it and answers ncclInProgress. A blocking split waits inside the
 //   call until every member of the parent split (forever, as NCCL does).

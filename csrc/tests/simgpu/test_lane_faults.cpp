@@ -13,6 +13,7 @@
 #include <iterator>
 #include <mutex>
 #include <optional>
+#include <thread>
 
 #include "comm_pool.h"
 #include "errors.h"
@@ -512,6 +513,36 @@ TEST(LaneFaults, MemberThatFailsBeforeTheSplitLeavesNoPeerWaitingPastTheTimeout)
     lane->abort();
   }
   EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, AnAbortDuringASplitEndsItAtOnceByNameNotAsATimeout) {
+  // Rank 1 never splits, so rank 0's split polls its parent until the
+  // parent's lane is aborted from another thread.
+  SimWorld world(2);
+  auto ag = makeLanes(world, "ag");
+  std::string error;
+  bool closed = false;
+  const int64_t start = nowUs();
+  std::thread aborter([&] {
+    std::this_thread::sleep_for(100ms);
+    ag[0]->abort();
+  });
+  try {
+    NcclLane::create(world.spec(0, "rs", 5000ms), "", ag[0]);
+    ADD_FAILURE() << "split without rank 1 succeeded";
+  } catch (const PycommError& e) {
+    error = e.what();
+    closed = dynamic_cast<const PoolClosedError*>(&e) != nullptr;
+  }
+  aborter.join();
+  EXPECT_TRUE(closed) << "a PoolClosedError, not: " << error;
+  EXPECT_LT(nowUs() - start, 2'000'000) << "the abort, not the 5 s timeout";
+  EXPECT_NE(error.find("ncclCommSplit"), std::string::npos) << error;
+  EXPECT_NE(error.find("was ended by an abort"), std::string::npos) << error;
+  for (auto& lane : ag) {
+    lane->abort();
+  }
+  EXPECT_EQ(world.nccl->liveComms(), 0); // the half-built child too
 }
 
 TEST(LaneFaults, MemberMissingAtCreationTimesOutByName) {
