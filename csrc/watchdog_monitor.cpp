@@ -1,5 +1,7 @@
 #include "watchdog_monitor.h"
 
+#include "erase_if.h"
+
 #include <algorithm>
 #include <condition_variable>
 #include <mutex>
@@ -48,12 +50,8 @@ class Monitor {
  private:
   Monitor() = default;
 
-  // std::erase_if would say this in one line, but torch 2.11 builds
-  // extensions as C++17.
   void dropExpiredLocked() {
-    watches_.erase(
-        std::remove_if(watches_.begin(), watches_.end(), [](const std::weak_ptr<StallWatch>& w) { return w.expired(); }),
-        watches_.end());
+    eraseIf(watches_, [](const std::weak_ptr<StallWatch>& w) { return w.expired(); });
   }
 
   void run() {

@@ -121,8 +121,6 @@ def group_timeout_seconds(group: dist.ProcessGroup) -> float | None:
     """The timeout `group` was made with (the world's unless new_group was
     given one), which torch keeps only in the backend's options; None when
     no backend of the group says."""
-    import torch
-
     for device in ("cuda", "cpu"):
         try:
             timeout = group._get_backend(torch.device(device)).options._timeout

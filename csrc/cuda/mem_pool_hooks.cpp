@@ -1,5 +1,7 @@
 #include "mem_pool_hooks.h"
 
+#include "erase_if.h"
+
 #include <c10/util/Logging.h>
 
 #include <algorithm>
@@ -24,10 +26,7 @@ void MemPoolHooks::unwatch(const DeviceLane* lane, c10::MempoolId_t pool) {
 }
 
 void MemPoolHooks::dropLocked(const DeviceLane* lane, c10::MempoolId_t pool) {
-  // Not std::erase_if: torch 2.11 builds extensions as C++17.
-  watches_.erase(std::remove_if(watches_.begin(), watches_.end(),
-                                [&](const Watch& w) { return w.lane.expired() || (w.key == lane && w.pool == pool); }),
-                 watches_.end());
+  eraseIf(watches_, [&](const Watch& w) { return w.lane.expired() || (w.key == lane && w.pool == pool); });
 }
 
 size_t MemPoolHooks::watched() {

@@ -20,9 +20,9 @@
 //   A second finalize is ncclInvalidArgument too; plain (de)registration
 //   makes no such check. Aborting a parent whose split is still running
 //   writes a half-built child in error to the split's slot, as NCCL's job
-//   does when the abort joins it; only commAbort frees that child. As in NCCL (2.14 and later), every
-//   nonblocking group end that carries work starts a thread of its own to
-//   launch it and answers ncclInProgress. A blocking split waits inside the
+//   does when the abort joins it; only commAbort frees that child. As in
+//   NCCL (2.14 and later), every nonblocking group end that carries work
+//   starts a thread of its own to launch it and answers ncclInProgress. A blocking split waits inside the
 //   call until every member of the parent split (forever, as NCCL does).
 // - A communicator's first group end connects its peers and launches only
 //   once every peer made its own (NCCL_RUNTIME_CONNECT): a blocking one

@@ -172,32 +172,36 @@ class ScopedEnv {
 };
 
 // The lanes of one role on every rank, made collectively: from a unique id,
-// or split from `parents` (one per rank) when given.
+// or split from `parents` (one per rank) when given; each rank's spec
+// changed by `adjust` first.
+inline std::vector<std::shared_ptr<NcclLane>> makeLanesAdjusted(
+    SimWorld& world,
+    const std::string& role,
+    const std::vector<std::shared_ptr<NcclLane>>& parents,
+    std::chrono::milliseconds timeout,
+    const std::function<void(int, NcclLaneSpec&)>& adjust) {
+  std::vector<std::shared_ptr<NcclLane>> lanes(world.size);
+  const std::string id = parents.empty() ? world.uniqueId() : "";
+  onRanks(world.size, [&](int r) {
+    auto spec = world.spec(r, role, timeout);
+    adjust(r, spec);
+    lanes[r] = NcclLane::create(spec, id, parents.empty() ? nullptr : parents[r]);
+  });
+  return lanes;
+}
+
 inline std::vector<std::shared_ptr<NcclLane>> makeLanes(
     SimWorld& world,
     const std::string& role,
     const std::vector<std::shared_ptr<NcclLane>>& parents = {},
     std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
-  std::vector<std::shared_ptr<NcclLane>> lanes(world.size);
-  const std::string id = parents.empty() ? world.uniqueId() : "";
-  onRanks(world.size, [&](int r) {
-    lanes[r] = NcclLane::create(
-        world.spec(r, role, timeout), id, parents.empty() ? nullptr : parents[r]);
-  });
-  return lanes;
+  return makeLanesAdjusted(world, role, parents, timeout, [](int, NcclLaneSpec&) {});
 }
 
 // makeLanes from a unique id, each rank's spec changed by `adjust` first.
 inline std::vector<std::shared_ptr<NcclLane>> makeLanesWith(
     SimWorld& world, const std::string& role, const std::function<void(int, NcclLaneSpec&)>& adjust) {
-  std::vector<std::shared_ptr<NcclLane>> lanes(world.size);
-  const std::string id = world.uniqueId();
-  onRanks(world.size, [&](int r) {
-    auto spec = world.spec(r, role);
-    adjust(r, spec);
-    lanes[r] = NcclLane::create(spec, id, nullptr);
-  });
-  return lanes;
+  return makeLanesAdjusted(world, role, {}, std::chrono::seconds(10), adjust);
 }
 
 // Runs one all-gather on every lane at once and waits for its end, so the
