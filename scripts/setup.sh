@@ -48,6 +48,19 @@ if [ ! -x "$VENV/bin/python" ] || ! is_python312 "$VENV/bin/python"; then
   "$PY" -m venv "$VENV"
 fi
 
+# PyPI downloads here are sometimes cut off mid-wheel (torch is 550 MB): pip
+# resumes a cut download itself, and a whole attempt that still fails is
+# tried again after a pause rather than failing the set-up.
+pip_install() {
+  local attempt
+  for attempt in 1 2 3 4; do
+    if "$VENV/bin/python" -m pip install -q --resume-retries 20 "$@"; then return 0; fi
+    echo "setup: pip install $* failed (attempt $attempt of 4); trying again in $((attempt * 15)) s" >&2
+    sleep $((attempt * 15))
+  done
+  return 1
+}
+
 stamp_matches() { [ "$(cat "$VENV/.pycomm-$1.sha" 2>/dev/null)" = "$2" ]; }
 
 WANT="$(sha256sum requirements.txt | cut -d' ' -f1)"
@@ -55,7 +68,7 @@ if ! stamp_matches requirements "$WANT"; then
   echo "setup: installing requirements.txt (torch takes a minute or two)"
   start=$SECONDS
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -r requirements.txt
+  pip_install -r requirements.txt
   echo "$WANT" > "$VENV/.pycomm-requirements.sha"
   echo "setup: requirements.txt installed in $((SECONDS - start)) s"
 fi
@@ -69,11 +82,11 @@ if [ "$WITH_BRIDGE" = 1 ]; then
     echo "setup: installing Megatron-Bridge and Transformer Engine (a first build of its extension takes about half an hour on 2 cores; pip keeps the wheel)"
     start=$SECONDS
     # Without Bridge's own requirements (requirements-bridge.txt says why).
-    "$VENV/bin/python" -m pip install -q --no-deps -r requirements-bridge.txt
+    pip_install --no-deps -r requirements-bridge.txt
     NVTE_FRAMEWORK=pytorch NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_BUILD_USE_NVIDIA_WHEELS=1 \
       CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" CPATH="${CUDA_HOME:-/usr/local/cuda}/include${CPATH:+:$CPATH}" \
       MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-      "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -r requirements-bridge-source.txt
+      pip_install --no-deps --no-build-isolation -r requirements-bridge-source.txt
     echo "$WANT" > "$VENV/.pycomm-bridge.sha"
     echo "setup: Megatron-Bridge set installed in $((SECONDS - start)) s"
   fi
