@@ -36,12 +36,15 @@ const char* kindName(CollectiveKind kind) {
       return "send";
     case CollectiveKind::Recv:
       return "recv";
+    case CollectiveKind::SendRecvBatch:
+      return "batch_isend_irecv";
   }
   return "unknown";
 }
 
 bool isPointToPoint(CollectiveKind kind) {
-  return kind == CollectiveKind::Send || kind == CollectiveKind::Recv;
+  return kind == CollectiveKind::Send || kind == CollectiveKind::Recv ||
+      kind == CollectiveKind::SendRecvBatch;
 }
 
 bool isReducing(CollectiveKind kind) {
@@ -264,8 +267,11 @@ std::string Collective::describe() const {
   if (hasRoot(kind)) {
     out << ", root=" << root;
   }
-  if (isPointToPoint(kind)) {
+  if (kind == CollectiveKind::Send || kind == CollectiveKind::Recv) {
     out << (kind == CollectiveKind::Send ? ", to=" : ", from=") << peer << ", tag=" << tag;
+  }
+  for (size_t i = 0; i < parts.size(); ++i) {
+    out << (i ? " " : ": ") << (parts[i].send ? "to=" : "from=") << parts[i].peer;
   }
   out << ")";
   return out.str();
@@ -485,6 +491,13 @@ void validate(const Collective& op, int64_t groupSize, int64_t rank) {
       expectCount(op, op.inputs, 1, "input");
       expectCount(op, op.outputs, 0, "output");
       break;
+    case CollectiveKind::SendRecvBatch:
+      expectCount(op, op.inputs, op.parts.size(), "input");
+      expectCount(op, op.outputs, 0, "output");
+      for (const PointToPointPart& part : op.parts) {
+        checkRank(op, part.peer, groupSize, part.send ? "destination" : "source");
+      }
+      break;
     case CollectiveKind::AllGatherList:
       expectCount(op, op.inputs, 1, "input");
       expectCount(op, op.outputs, ranks, "output");
@@ -522,7 +535,7 @@ void validate(const Collective& op, int64_t groupSize, int64_t rank) {
   if (hasRoot(op.kind)) {
     checkRank(op, op.root, groupSize, "root");
   }
-  if (isPointToPoint(op.kind)) {
+  if (op.kind == CollectiveKind::Send || op.kind == CollectiveKind::Recv) {
     checkRank(op, op.peer, groupSize, op.kind == CollectiveKind::Send ? "destination" : "source");
   }
   if (isReducing(op.kind)) {

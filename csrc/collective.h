@@ -30,16 +30,28 @@ enum class CollectiveKind : uint8_t {
   AllToAllList = 11, // inputs the list sent, outputs the list received
   Send = 12, // inputs {t} to group rank `peer`, matched by `tag`
   Recv = 13, // inputs {t}, written from group rank `peer`
+  // The sends and recvs torch issued between startCoalescing and
+  // endCoalescing (batch_isend_irecv): inputs[i] does what parts[i] says,
+  // and all of them progress together, as one NCCL group.
+  SendRecvBatch = 14,
 };
-constexpr size_t kCollectiveKindCount = 14;
+constexpr size_t kCollectiveKindCount = 15;
 
 const char* kindName(CollectiveKind kind);
-// Send and Recv: a lane issues them and goes on, as torch's backends do, so
-// that two ranks' isend/irecv pairs meet whatever order each issued them in.
+// Send, Recv and SendRecvBatch: a lane issues them and goes on, as torch's
+// backends do, so that two ranks' isend/irecv pairs meet whatever order
+// each issued them in; their ranks issue different ops at the same place.
 bool isPointToPoint(CollectiveKind kind);
 // Whether the kind takes a reduce op.
 bool isReducing(CollectiveKind kind);
 const char* reduceOpName(c10d::ReduceOp::RedOpType op);
+
+// One send or recv of a SendRecvBatch.
+struct PointToPointPart {
+  bool send = true;
+  int64_t peer = -1; // a group rank
+  int64_t tag = 0;
+};
 
 struct Collective {
   CollectiveKind kind = CollectiveKind::Barrier;
@@ -58,6 +70,8 @@ struct Collective {
   // Send and Recv: the other rank (a group rank) and the tag both sides give.
   int64_t peer = -1;
   int64_t tag = 0;
+  // SendRecvBatch: one per input.
+  std::vector<PointToPointPart> parts;
   // AllToAll: dim-0 rows sent to / received from each rank; empty: evenly.
   std::vector<int64_t> inputSplits;
   std::vector<int64_t> outputSplits;

@@ -265,6 +265,16 @@ std::vector<Issued> issue(c10d::Backend& comm, Collective& op, int64_t rank) {
       issued.push_back(
           {comm.recv(op.inputs, static_cast<int>(op.peer), static_cast<int>(op.tag)), nullptr});
       break;
+    case CollectiveKind::SendRecvBatch:
+      // gloo's sends and recvs already progress together once issued.
+      for (size_t i = 0; i < op.parts.size(); ++i) {
+        std::vector<at::Tensor> one{op.inputs[i]};
+        const PointToPointPart& part = op.parts[i];
+        const int peer = static_cast<int>(part.peer);
+        const int tag = static_cast<int>(part.tag);
+        issued.push_back({part.send ? comm.send(one, peer, tag) : comm.recv(one, peer, tag), nullptr});
+      }
+      break;
   }
   return issued;
 }

@@ -145,6 +145,18 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::route(Collective op, c10d::OpType type) {
+  if (!coalescingOpen_.load(std::memory_order_relaxed)) {
+    return routeNow(std::move(op), type);
+  }
+  auto work = routeNow(std::move(op), type);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (coalescing_) {
+    lastWhileCoalescing_ = work;
+  }
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::routeNow(Collective op, c10d::OpType type) {
   if (auto lane = deviceLaneFor(op)) {
     // No staging here: torch's NCCL groups refuse non-contiguous tensors too.
     validate(op, size_, rank_);
@@ -773,7 +785,55 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::alltoall_base(
       even ? "all_to_all" : "all_to_allv");
 }
 
+bool PooledBackend::holdWhileCoalescing(const std::vector<at::Tensor>& tensors, const PointToPointPart& part) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!coalescing_) {
+    return false;
+  }
+  for (const auto& t : tensors) {
+    coalescing_->inputs.push_back(t);
+    coalescing_->parts.push_back(part);
+  }
+  return true;
+}
+
+void PooledBackend::startCoalescing() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  throwIfNotOpen();
+  if (coalescing_) {
+    throw UnsupportedOpError(
+        spec_.label() + ": startCoalescing while a batch is open; batches "
+        "(batch_isend_irecv, _coalescing_manager) do not nest");
+  }
+  coalescing_.emplace();
+  coalescing_->kind = CollectiveKind::SendRecvBatch;
+  coalescingOpen_.store(true);
+}
+
+c10::intrusive_ptr<c10d::Work> PooledBackend::endCoalescing() {
+  Collective batch;
+  c10::intrusive_ptr<c10d::Work> last;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!coalescing_) {
+      throw UnsupportedOpError(spec_.label() + ": endCoalescing without startCoalescing");
+    }
+    batch = std::move(*coalescing_);
+    coalescing_.reset();
+    coalescingOpen_.store(false);
+    last = std::move(lastWhileCoalescing_);
+    lastWhileCoalescing_.reset();
+  }
+  if (batch.inputs.empty()) {
+    return last;
+  }
+  return submit(std::move(batch), c10d::OpType::COALESCED, "coalesced", "coalesced");
+}
+
 c10::intrusive_ptr<c10d::Work> PooledBackend::send(std::vector<at::Tensor>& tensors, int dstRank, int tag) {
+  if (holdWhileCoalescing(tensors, PointToPointPart{true, dstRank, tag})) {
+    return {};
+  }
   Collective op;
   op.kind = CollectiveKind::Send;
   op.inputs = tensors;
@@ -783,6 +843,9 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::send(std::vector<at::Tensor>& tens
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::recv(std::vector<at::Tensor>& tensors, int srcRank, int tag) {
+  if (holdWhileCoalescing(tensors, PointToPointPart{false, srcRank, tag})) {
+    return {};
+  }
   Collective op;
   op.kind = CollectiveKind::Recv;
   op.inputs = tensors;

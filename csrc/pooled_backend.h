@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -110,6 +111,19 @@ class PooledBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>&, int, int) override;
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>&, int, int) override;
   c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>&, int) override;
+  // batch_isend_irecv: the sends and recvs issued between startCoalescing
+  // and endCoalescing are held (each returns no Work, as torch's NCCL
+  // backend's do) and run as one op, one NCCL group on an NCCL lane, whose
+  // Work endCoalescing returns. Other ops issued meanwhile run at once (torch's
+  // fast-path coalescing hands its all_reduce over just before
+  // endCoalescing); a batch without sends or recvs returns the Work of the
+  // last of them, which ends after the others (a lane runs its ops in
+  // order), and none when there was nothing, as torch's.
+  bool supportsCoalescing() const override {
+    return true;
+  }
+  void startCoalescing() override;
+  c10::intrusive_ptr<c10d::Work> endCoalescing() override;
 
   // The number of ops this group has taken so far, the same on every member
   // that issued the same ops: torch's DETAIL checks compare it across ranks.
@@ -234,6 +248,8 @@ class PooledBackend : public c10d::Backend {
   std::vector<at::Tensor> rootsList(
       const std::vector<std::vector<at::Tensor>>& lists, const char* op, const char* what) const;
   bool isOpenOrClosed() const;
+  // Whether a send or recv was held for endCoalescing.
+  bool holdWhileCoalescing(const std::vector<at::Tensor>& tensors, const PointToPointPart& part);
 
   PooledGroupSpec spec_;
   // spec_.label(), made once: every op's Work shares it.
@@ -242,6 +258,11 @@ class PooledBackend : public c10d::Backend {
   mutable std::mutex mutex_;
   State state_ = State::Open;
   uint64_t nextSeq_ = 0;
+  std::optional<Collective> coalescing_; // between startCoalescing and endCoalescing
+  std::atomic<bool> coalescingOpen_{false}; // coalescing_ is set: read without mutex_ on the hot path
+  c10::intrusive_ptr<c10d::Work> lastWhileCoalescing_;
+  // route() without the bookkeeping of an open batch.
+  c10::intrusive_ptr<c10d::Work> routeNow(Collective op, c10d::OpType type);
   std::chrono::milliseconds timeout_; // spec_.timeout until set_timeout()
   const bool timed_; // TORCH_NCCL_ENABLE_TIMING when the group was made
   // One set_timeout() at a time, so the Works, the transport and the device

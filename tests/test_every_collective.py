@@ -197,6 +197,22 @@ def _point_to_point(rank: int, world: int, pooled: Any, plain: Any) -> dict:
                dist.P2POp(dist.irecv, got, group_peer=prv, group=group)]
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+        if name == "pooled":
+            # A batch around a fast-path all_reduce: no send or recv, so its
+            # Work is the all_reduce's (torch's manager keeps only the one
+            # endCoalescing returns).
+            summed = torch.full((2,), float(rank))
+            with dist._coalescing_manager(group, device=torch.device("cpu"), async_ops=True) as cm:
+                dist.all_reduce(summed, group=group)
+            cm.wait()
+            out["coalesced_all_reduce"] = {"works": len(cm.works), "sum": summed.tolist()}
+            # isend/irecv inside the manager return no Work of their own.
+            inside = torch.empty(3)
+            with dist._coalescing_manager(group, device=torch.device("cpu"), async_ops=True) as cm:
+                held = [dist.isend(torch.full((3,), float(rank)), group_dst=nxt, group=group),
+                        dist.irecv(inside, group_src=prv, group=group)]
+            cm.wait()
+            out["held"] = {"works": [w is None for w in held], "batch_works": len(cm.works), "got": inside.tolist()}
         bare = torch.empty(7, dtype=torch.int64)
         works = [dist.isend(torch.full((7,), rank * 10 + 1), group_dst=nxt, group=group, tag=4),
                  dist.irecv(bare, group_src=prv, group=group, tag=4)]
@@ -307,6 +323,8 @@ def test_every_collective_equals_a_plain_group(world: int) -> None:
         prv = (rank - 1) % world
         assert p2p["pooled"]["ring"] == rank_tensor(prv, 7, torch.float32, salt=9).tolist()
         assert p2p["pooled"]["bare"] == [prv * 10 + 1] * 7
+        assert p2p["coalesced_all_reduce"] == {"works": 1, "sum": [float(sum(range(world)))] * 2}, p2p
+        assert p2p["held"] == {"works": [True, True], "batch_works": 1, "got": [float(prv)] * 3}, p2p
         if rank == 0:
             assert p2p["pooled"]["pair"] == [2.0, 4.0, 6.0]
             assert p2p["pooled"]["late"] == [12.0, 14.0]
@@ -330,4 +348,7 @@ def test_every_collective_equals_a_plain_group(world: int) -> None:
         row = next(row for row in r["stats"] if row["role"] == "ag")
         assert row["errors"] == 0, row
         assert row["ops_by_kind"]["all_to_all"] >= 2 * len(DTYPES), row
-        assert row["ops_by_kind"]["send"] >= 2 and row["ops_by_kind"]["recv"] >= 2, row
+        # Each batch ran as one op (startCoalescing .. endCoalescing), the bare
+        # isend/irecv as one each.
+        assert row["ops_by_kind"]["batch_isend_irecv"] == 2, row
+        assert row["ops_by_kind"]["send"] >= 1 and row["ops_by_kind"]["recv"] >= 1, row

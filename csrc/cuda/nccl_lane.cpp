@@ -29,25 +29,31 @@ bool runsOnNccl(CollectiveKind kind) {
     case CollectiveKind::Scatter:
     case CollectiveKind::AllToAll:
     case CollectiveKind::AllToAllList:
+    case CollectiveKind::Send:
+    case CollectiveKind::Recv:
+    case CollectiveKind::SendRecvBatch:
       return true;
     default:
-      return false; // a lone send or recv
+      return false; // barriers go through the CPU lane
   }
 }
 
 // The kinds the lane builds from NCCL's sends and recvs (pointToPointCalls).
 bool builtFromSendsAndRecvs(CollectiveKind kind) {
   return kind == CollectiveKind::Gather || kind == CollectiveKind::Scatter ||
-      kind == CollectiveKind::AllToAll || kind == CollectiveKind::AllToAllList;
+      kind == CollectiveKind::AllToAll || kind == CollectiveKind::AllToAllList ||
+      isPointToPoint(kind);
 }
 
 // Gather, scatter and all-to-all are sends and recvs in one NCCL group, as
 // NCCL's user guide builds them ("Point-to-point communication": one-to-all,
-// all-to-one, all-to-all). Calls stop at the first failure; the caller
+// all-to-one, all-to-all); so is a batch of isend/irecv, each of its
+// tensors with its own type. Calls stop at the first failure; the caller
 // closes the group.
 ncclResult_t pointToPointCalls(
-    NcclApi& api, const Collective& op, ncclDataType_t type, int rank, int size, ncclComm_t comm,
-    cudaStream_t stream) {
+    NcclApi& api, const Collective& op, const std::vector<ncclDataType_t>& types, int rank, int size,
+    ncclComm_t comm, cudaStream_t stream) {
+  const ncclDataType_t type = types[0];
   ncclResult_t result = ncclSuccess;
   auto going = [&] { return result == ncclSuccess || result == ncclInProgress; };
   auto send = [&](const void* data, int64_t count, int peer) {
@@ -62,6 +68,21 @@ ncclResult_t pointToPointCalls(
   };
   const int root = static_cast<int>(op.root);
   switch (op.kind) {
+    case CollectiveKind::Send:
+      send(op.inputs[0].data_ptr(), op.inputs[0].numel(), static_cast<int>(op.peer));
+      break;
+    case CollectiveKind::Recv:
+      recv(op.inputs[0].data_ptr(), op.inputs[0].numel(), static_cast<int>(op.peer));
+      break;
+    case CollectiveKind::SendRecvBatch:
+      for (size_t i = 0; i < op.parts.size() && going(); ++i) {
+        const at::Tensor& t = op.inputs[i];
+        const int peer = static_cast<int>(op.parts[i].peer);
+        result = op.parts[i].send
+            ? api.send(t.data_ptr(), static_cast<size_t>(t.numel()), types[i], peer, comm, stream)
+            : api.recv(t.data_ptr(), static_cast<size_t>(t.numel()), types[i], peer, comm, stream);
+      }
+      break;
     case CollectiveKind::Gather:
       send(op.inputs[0].data_ptr(), op.inputs[0].numel(), root);
       for (int r = 0; rank == root && r < size; ++r) {
@@ -327,7 +348,7 @@ void NcclLane::launchCollective(
     const bool perOutput = op.kind == CollectiveKind::AllGatherList;
     const bool pointToPoint = builtFromSendsAndRecvs(op.kind);
     if (pointToPoint) {
-      result = pointToPointCalls(api, op, nccl.types[0], spec_.comm.rank, spec_.comm.size, comm, stream);
+      result = pointToPointCalls(api, op, nccl.types, spec_.comm.rank, spec_.comm.size, comm, stream);
     }
     const size_t callCount = pointToPoint ? 0 : perOutput ? op.outputs.size() : op.inputs.size();
     for (size_t i = 0; i < callCount && (result == ncclSuccess || result == ncclInProgress); ++i) {
@@ -404,8 +425,8 @@ c10::intrusive_ptr<c10d::Work> NcclLane::issue(
     std::string description) {
   if (!runsOnNccl(op.kind)) {
     throw UnsupportedOpError(
-        description + ": " + kindName(op.kind) + " does not run on pooled NCCL lanes yet; "
-        "issue it on CPU tensors or on the base group");
+        description + ": " + kindName(op.kind) + " does not run on pooled NCCL lanes; "
+        "the pooled group's CPU lane runs it");
   }
   const NcclTypes types = ncclTypesOf(op, description);
   if (spec_.comm.apis.nccl->torchGroupDepth() > 0) {

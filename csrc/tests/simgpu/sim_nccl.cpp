@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <stdexcept>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 
@@ -105,6 +106,9 @@ struct Op {
   const void* scalarAddress = nullptr;
   int root = 0;
   int peer = 0; // Send, Recv
+  // Send, Recv: its place among this rank's sends to (recvs from) `peer`,
+  // in the order the calls reached group ends.
+  uint64_t ordinal = 0;
 };
 
 using OpList = std::vector<Op>;
@@ -240,7 +244,45 @@ std::optional<bool> blockingOf(const ncclConfig_t* config) {
   return std::nullopt;
 }
 
-// One kernel sequence number of a clique: where its ranks' kernels meet.
+bool hasCollective(const OpList& ops) {
+  return std::any_of(ops.begin(), ops.end(), [](const Op& op) { return !isPointToPoint(op.kind); });
+}
+
+// The collectives of a kernel, in order: the k-th meets every rank's k-th,
+// wherever the group put its sends and recvs.
+std::vector<const Op*> collectivesOf(const OpList& ops) {
+  std::vector<const Op*> out;
+  for (const Op& op : ops) {
+    if (!isPointToPoint(op.kind)) {
+      out.push_back(&op);
+    }
+  }
+  return out;
+}
+
+// The k-th send from one rank to another of a clique, and the recv it pairs
+// with. NCCL pairs them by peer and order alone, whatever else either rank
+// runs, and only the two ranks take part ("Any point-to-point communication
+// needs two NCCL calls: a call to ncclSend on one rank and a corresponding
+// ncclRecv on the other rank, with the same count and data type", NCCL user
+// guide, "Point-to-point communication"). Each side "is blocking for the
+// GPU" (NCCL API, ncclSend / ncclRecv): its kernel ends only once the other
+// side ran and the data moved, so a send whose recv never runs holds its
+// stream, and the communicator, forever.
+// The ops of one group progress together (NCCL API, ncclSend: "If multiple
+// ncclSend and ncclRecv operations need to progress concurrently to
+// complete, they must be fused within a ncclGroupStart/ncclGroupEnd"), so
+// the bytes move as soon as both sides run, whichever waits for what else.
+struct Channel {
+  const Op* send = nullptr; // posted by the sender's running kernel
+  const Op* recv = nullptr; // posted by the receiver's running kernel
+  bool copied = false; // the send's bytes are in `bytes`
+  std::vector<unsigned char> bytes; // for the recv, written at its kernel's end
+  int left = 0; // sides done with it
+};
+
+// One kernel sequence number of a clique: where its ranks' kernels that hold
+// a collective meet (only those need every rank).
 struct Round {
   explicit Round(int n) : ops(n) {}
   std::vector<std::shared_ptr<const OpList>> ops; // by rank; fixed once met
@@ -288,14 +330,16 @@ struct Clique {
   bool complete = false;
   Clock::time_point completeAt;
   std::map<uint64_t, std::shared_ptr<Round>> rounds;
+  // By (from, to, ordinal).
+  std::map<std::tuple<int, int, uint64_t>, std::shared_ptr<Channel>> channels;
   std::map<int, std::shared_ptr<SplitRound>> splits;
   std::map<int, std::shared_ptr<WindowRound>> windows;
   // Members created and not yet freed, and what the freed ones took of
   // their devices (given back with the last: every rank is in this process).
   int liveMembers = 0;
   std::vector<std::pair<int, int64_t>> heldBytes;
-  // Members whose first group end has come: the peers connect when all have
-  // (see runGroup).
+  // Members whose first group end with a collective has come: the peers
+  // connect when all have (see runGroup).
   int connecting = 0;
   bool connected = false;
   // The lowest compute capability (major) of its ranks' devices: what NCCL
@@ -335,12 +379,15 @@ struct Comm {
   ncclResult_t asyncError = ncclSuccess;
   bool injected = false; // kernels block until abort
   std::string lastError;
-  uint64_t nextKernel = 0;
+  uint64_t nextKernel = 0; // kernels that hold a collective
+  std::map<int, uint64_t> sendsTo; // by peer: the next send's ordinal
+  std::map<int, uint64_t> recvsFrom;
   int splitCalls = 0;
   int inFlight = 0; // kernels handed to a stream that have not left it
   int running = 0;
   std::optional<std::chrono::microseconds> groupEndDelay;
   bool firstGroupRan = false;
+  bool joinedConnection = false; // counted in its clique's `connecting`
   int64_t deviceBytes = 0; // what it took of its device's memory
   std::map<int, PreMul> redOps;
   int nextRedOp = 0;
@@ -672,10 +719,27 @@ struct SimNccl::Impl {
       std::lock_guard<std::mutex> lock(mu);
       KernelSpec replay = spec;
       replay.captured = false;
-      replay.seq = replay.comm->nextKernel++;
+      replay.ops = std::make_shared<OpList>(*spec.ops);
+      placeLocked(replay);
       return kernelLocked(replay);
     };
     return Launch{spec.stream, [] {}, labelOf(*spec.ops), spec.comm->id, std::move(rearm)};
+  }
+
+  // Gives `kernel` its place among its communicator's kernels: a collective
+  // round, and each send and recv its place among those with the same peer.
+  static void placeLocked(KernelSpec& kernel) {
+    Comm& comm = *kernel.comm;
+    if (hasCollective(*kernel.ops)) {
+      kernel.seq = comm.nextKernel++;
+    }
+    for (Op& op : *kernel.ops) {
+      if (op.kind == Kind::Send) {
+        op.ordinal = comm.sendsTo[op.peer]++;
+      } else if (op.kind == Kind::Recv) {
+        op.ordinal = comm.recvsFrom[op.peer]++;
+      }
+    }
   }
 
   static std::string labelOf(const OpList& ops) {
@@ -697,20 +761,7 @@ struct SimNccl::Impl {
 
   // Why the ranks' op lists of a round cannot form one collective; empty if they can.
   static std::string mismatchOf(const Round& round) {
-    if (std::string p2p = pointToPointMismatchOf(round); !p2p.empty()) {
-      return p2p;
-    }
-    // Collectives are matched by their place among the rank's collectives
-    // of the group; sends and recvs pair by peer instead (below).
-    auto collectivesOf = [](const OpList& ops) {
-      std::vector<const Op*> out;
-      for (const Op& op : ops) {
-        if (!isPointToPoint(op.kind)) {
-          out.push_back(&op);
-        }
-      }
-      return out;
-    };
+    // Sends and recvs pair through their channels instead.
     const auto first = collectivesOf(*round.ops[0]);
     for (size_t r = 1; r < round.ops.size(); ++r) {
       const auto other = collectivesOf(*round.ops[r]);
@@ -737,57 +788,43 @@ struct SimNccl::Impl {
     return {};
   }
 
-  // The `which`-th op of `kind` with `peer` in `ops`, or null.
-  static const Op* nthPointToPoint(const OpList& ops, Kind kind, int peer, size_t which) {
-    for (const Op& op : ops) {
-      if (op.kind == kind && op.peer == peer && which-- == 0) {
-        return &op;
-      }
-    }
-    return nullptr;
+  // Whether a send and the recv it pairs with disagree on what moves: "the
+  // count and datatype ... must be the same on both sides" (NCCL API,
+  // ncclSend / ncclRecv).
+  static bool pairMismatched(const Channel& channel) {
+    return channel.send->count != channel.recv->count || channel.send->type != channel.recv->type;
   }
 
-  // NCCL pairs the k-th send from A to B with the k-th recv on B from A, and
-  // both must give the same count and type ("the count and datatype ... must
-  // be the same on both sides", NCCL API, ncclSend / ncclRecv); a send or
-  // recv left without its match waits forever, as on a GPU. A rank may send
-  // to and receive from itself within one group.
-  static std::string pointToPointMismatchOf(const Round& round) {
-    const int n = static_cast<int>(round.ops.size());
-    for (int from = 0; from < n; ++from) {
-      for (int to = 0; to < n; ++to) {
-        for (size_t k = 0;; ++k) {
-          const Op* send = nthPointToPoint(*round.ops[from], Kind::Send, to, k);
-          const Op* recv = nthPointToPoint(*round.ops[to], Kind::Recv, from, k);
-          if (send == nullptr && recv == nullptr) {
-            break;
-          }
-          const std::string pair = "send " + std::to_string(k) + " from rank " + std::to_string(from) +
-              " to rank " + std::to_string(to);
-          if (send == nullptr || recv == nullptr) {
-            return "point-to-point mismatch: " + pair + (send ? " has no recv" : " was never made");
-          }
-          if (send->count != recv->count || send->type != recv->type) {
-            return "point-to-point mismatch: " + pair + " sends " + std::to_string(send->count) +
-                " of type " + std::to_string(send->type) + ", the recv takes " + std::to_string(recv->count) +
-                " of type " + std::to_string(recv->type);
-          }
-        }
-      }
+  // Moves a channel's bytes once both sides run (under `mu`, so a side that
+  // withdraws cannot free its buffer meanwhile); whether it moved them now.
+  static bool progressLocked(Channel& channel) {
+    if (channel.copied || channel.send == nullptr || channel.recv == nullptr || pairMismatched(channel)) {
+      return false;
     }
-    return {};
+    const auto* from = static_cast<const unsigned char*>(channel.send->input);
+    channel.bytes.assign(from, from + channel.send->count * elementSize(channel.send->type));
+    channel.copied = true;
+    return true;
   }
 
   // Rank `rank`'s outputs of a met round, from every rank's inputs.
   static std::vector<std::vector<unsigned char>> compute(const Round& round, int rank) {
     const int n = static_cast<int>(round.ops.size());
     const OpList& mine = *round.ops[rank];
+    std::vector<std::vector<const Op*>> collectives(n); // by rank
+    for (int r = 0; r < n; ++r) {
+      collectives[r] = collectivesOf(*round.ops[r]);
+    }
     std::vector<std::vector<unsigned char>> out(mine.size());
-    std::vector<size_t> recvsFrom(n, 0);
+    size_t c = 0; // this op's place among the collectives
     for (size_t k = 0; k < mine.size(); ++k) {
       const Op& op = mine[k];
+      if (isPointToPoint(op.kind)) {
+        continue; // they move through their channels (runKernelLocked)
+      }
+      const size_t place = c++;
       const size_t bytes = op.count * elementSize(op.type);
-      auto inputOf = [&](int r) { return static_cast<const unsigned char*>(round.ops[r]->at(k).input); };
+      auto inputOf = [&](int r) { return static_cast<const unsigned char*>(collectives[r][place]->input); };
       std::vector<unsigned char>& dst = out[k];
       switch (op.kind) {
         case Kind::AllGather:
@@ -805,15 +842,8 @@ struct SimNccl::Impl {
           }
           break;
         case Kind::Send:
-          break; // the peer's recv reads it
-        case Kind::Recv: {
-          const Op* send = nthPointToPoint(*round.ops[op.peer], Kind::Send, rank, recvsFrom[op.peer]++);
-          dst.resize(bytes);
-          if (bytes > 0) {
-            std::memcpy(dst.data(), send->input, bytes); // matched: mismatchOf found its send
-          }
+        case Kind::Recv:
           break;
-        }
         case Kind::AllReduce:
         case Kind::ReduceScatter:
         case Kind::Reduce: {
@@ -825,7 +855,7 @@ struct SimNccl::Impl {
           std::vector<const unsigned char*> sources(n);
           std::vector<const unsigned char*> scalars(n);
           for (int r = 0; r < n; ++r) {
-            const Op& theirs = round.ops[r]->at(k);
+            const Op& theirs = *collectives[r][place];
             sources[r] = bytes > 0 ? inputOf(r) + offset : nullptr;
             scalars[r] = theirs.scalarAddress != nullptr
                 ? static_cast<const unsigned char*>(theirs.scalarAddress)
@@ -867,51 +897,135 @@ struct SimNccl::Impl {
       cv.wait(lock, [&] { return comm.aborted; });
       return;
     }
-    std::shared_ptr<Round>& entry = comm.clique->rounds[spec.seq];
-    if (!entry) {
-      entry = std::make_shared<Round>(comm.nranks);
-    }
-    const std::shared_ptr<Round> round = entry;
-    round->ops[comm.rank] = spec.ops;
-    if (++round->joined == comm.nranks) {
-      round->met = true;
-      round->metAt = Clock::now();
-      cv.notify_all();
-    }
-    cv.wait(lock, [&] { return round->met || comm.aborted || comm.injected; });
-    if (!round->met) {
-      // Leave before the peers met, so they keep waiting (for a rank that
-      // never comes, as on a GPU) and never read this rank's buffers.
-      round->ops[comm.rank] = nullptr;
-      if (--round->joined == 0) {
-        comm.clique->rounds.erase(spec.seq);
+    Clique& clique = *comm.clique;
+    const OpList& ops = *spec.ops;
+    // Its sends and recvs are posted before it waits for anything, so a
+    // peer's kernel finds them while this one waits for its round.
+    struct Posted {
+      size_t op;
+      std::tuple<int, int, uint64_t> key;
+      std::shared_ptr<Channel> channel;
+    };
+    std::vector<Posted> posted;
+    for (size_t k = 0; k < ops.size(); ++k) {
+      const Op& op = ops[k];
+      if (!isPointToPoint(op.kind)) {
+        continue;
       }
-      cv.wait(lock, [&] { return comm.aborted; });
-      return;
+      const bool send = op.kind == Kind::Send;
+      auto key = send ? std::make_tuple(comm.rank, op.peer, op.ordinal)
+                      : std::make_tuple(op.peer, comm.rank, op.ordinal);
+      std::shared_ptr<Channel>& entry = clique.channels[key];
+      if (!entry) {
+        entry = std::make_shared<Channel>();
+      }
+      (send ? entry->send : entry->recv) = &op;
+      progressLocked(*entry);
+      posted.push_back(Posted{k, key, entry});
     }
-    if (!mismatchOf(*round).empty()) {
-      // NCCL does not compare the ranks' calls: ranks whose counts, types
-      // or ops differ wait for data that never comes, or read and write past
-      // their buffers; nothing is reported (NCCL user guide, "Troubleshooting
-      // / Errors": mismatched collectives hang). The kernel moves nothing and
-      // holds its stream until the communicator is aborted; pycomm's own
-      // answers (the timeout, PYCOMM_DEBUG=order) are what tests assert.
-      cv.wait(lock, [&] { return comm.aborted; });
-      leaveLocked(comm, spec.seq, *round);
-      return;
-    }
-    // Between the two barriers every rank only computes: no wait here is
-    // abort-aware, and none can last, so no rank frees its buffers while a
-    // peer reads them.
-    lock.unlock();
-    auto outputs = compute(*round, comm.rank);
-    lock.lock();
-    if (++round->computed == comm.nranks) {
+    if (!posted.empty()) {
       cv.notify_all();
     }
-    cv.wait(lock, [&] { return round->computed == comm.nranks; });
-    const auto deadline = round->metAt + collectiveDuration;
-    leaveLocked(comm, spec.seq, *round);
+    auto leaveChannels = [&] {
+      for (const Posted& p : posted) {
+        if (!p.channel->copied) {
+          // Withdrawn before the data moved: the peer keeps waiting (for a
+          // rank that never comes, as on a GPU) and never reads this
+          // rank's buffer.
+          (ops[p.op].kind == Kind::Send ? p.channel->send : p.channel->recv) = nullptr;
+        }
+        if (++p.channel->left == 2) {
+          clique.channels.erase(p.key);
+        }
+      }
+    };
+    auto hangUntilAborted = [&] {
+      leaveChannels();
+      cv.wait(lock, [&] { return comm.aborted; });
+    };
+    std::vector<std::vector<unsigned char>> outputs(ops.size());
+    Clock::time_point movedAt{};
+    if (hasCollective(ops)) {
+      std::shared_ptr<Round>& entry = clique.rounds[spec.seq];
+      if (!entry) {
+        entry = std::make_shared<Round>(comm.nranks);
+      }
+      const std::shared_ptr<Round> round = entry;
+      round->ops[comm.rank] = spec.ops;
+      if (++round->joined == comm.nranks) {
+        round->met = true;
+        round->metAt = Clock::now();
+        cv.notify_all();
+      }
+      cv.wait(lock, [&] { return round->met || comm.aborted || comm.injected; });
+      if (!round->met) {
+        // Leave before the peers met, so they keep waiting (for a rank that
+        // never comes, as on a GPU) and never read this rank's buffers.
+        round->ops[comm.rank] = nullptr;
+        if (--round->joined == 0) {
+          clique.rounds.erase(spec.seq);
+        }
+        hangUntilAborted();
+        return;
+      }
+      if (!mismatchOf(*round).empty()) {
+        // NCCL does not compare the ranks' calls: ranks whose counts, types
+        // or ops differ wait for data that never comes, or read and write
+        // past their buffers; nothing is reported (NCCL user guide,
+        // "Troubleshooting / Errors": mismatched collectives hang). The
+        // kernel moves nothing and holds its stream until the communicator
+        // is aborted; pycomm's own answers (the timeout, PYCOMM_DEBUG=order)
+        // are what tests assert.
+        hangUntilAborted();
+        leaveLocked(comm, spec.seq, *round);
+        return;
+      }
+      // Between the two barriers every rank only computes: no wait here is
+      // abort-aware, and none can last, so no rank frees its buffers while a
+      // peer reads them.
+      lock.unlock();
+      outputs = compute(*round, comm.rank);
+      lock.lock();
+      if (++round->computed == comm.nranks) {
+        cv.notify_all();
+      }
+      cv.wait(lock, [&] { return round->computed == comm.nranks; });
+      movedAt = round->metAt;
+      leaveLocked(comm, spec.seq, *round);
+    }
+    if (!posted.empty()) {
+      // Each side ends once its channel moved the bytes. A pair whose counts
+      // or types differ never moves (see pairMismatched): both sides hang,
+      // as on a GPU.
+      bool moved = false;
+      while (true) {
+        bool changed = false;
+        moved = true;
+        for (const Posted& p : posted) {
+          changed = progressLocked(*p.channel) || changed;
+          moved = moved && p.channel->copied;
+        }
+        if (changed) {
+          cv.notify_all();
+        }
+        if (moved || comm.aborted || comm.injected) {
+          break;
+        }
+        cv.wait(lock);
+      }
+      if (!moved) {
+        hangUntilAborted();
+        return;
+      }
+      for (const Posted& p : posted) {
+        if (ops[p.op].kind == Kind::Recv) {
+          outputs[p.op] = std::move(p.channel->bytes);
+        }
+      }
+      leaveChannels();
+      movedAt = Clock::now();
+    }
+    const auto deadline = movedAt + collectiveDuration;
     // The output is complete only when the kernel ends: a reader that does
     // not wait for the op's end sees what was there before. An abort ends
     // the kernel early, leaving the output as it is.
@@ -987,7 +1101,7 @@ struct SimNccl::Impl {
               "ncclGroupEnd: a communicator's first group captured into a CUDA graph (not modelled)");
         }
         if (!k.captured) {
-          k.seq = k.comm->nextKernel++;
+          placeLocked(k);
         }
       }
       // A nonblocking group end that carries work hands the launch to a
@@ -1009,6 +1123,13 @@ struct SimNccl::Impl {
         if (!k.comm->firstGroupRan) { // NCCL allocates its buffers lazily
           takeDeviceMemoryLocked(*k.comm, firstUseBytes);
           k.comm->firstGroupRan = true;
+        }
+        // Sends and recvs connect only their two ranks (NCCL 2.30.7
+        // src/group.cc, ncclPrepareTasksAndCollPreconnect: ncclTransportP2pSetup
+        // for the peers of the group's p2p tasks), which the kernels'
+        // pairing models: a group of sends and recvs alone waits for no one.
+        if (hasCollective(*k.ops) && !k.comm->joinedConnection) {
+          k.comm->joinedConnection = true;
           Clique& clique = *k.comm->clique;
           if (++clique.connecting == clique.nranks) {
             clique.connected = true;
@@ -1033,9 +1154,11 @@ struct SimNccl::Impl {
         }
         for (const auto& c : comms) {
           std::vector<KernelSpec> mine;
+          bool connects = false; // it holds a collective
           for (const auto& k : kernels) {
             if (k.comm == c) {
               mine.push_back(k);
+              connects = connects || hasCollective(*k.ops);
             }
           }
           c->state = ncclInProgress;
@@ -1045,9 +1168,11 @@ struct SimNccl::Impl {
           // A thread per group end, as NCCL starts one: its cost is part
           // of what a nonblocking group end costs its caller.
           ++groupThreads;
-          std::thread([this, c, delay, mine = std::move(mine)] {
+          std::thread([this, c, delay, connects, mine = std::move(mine)] {
             std::this_thread::sleep_for(delay);
-            waitConnected(*c);
+            if (connects) {
+              waitConnected(*c);
+            }
             enqueueDeferred(c, mine);
             std::lock_guard<std::mutex> threadLock(mu);
             --groupThreads;
@@ -1060,6 +1185,9 @@ struct SimNccl::Impl {
     if (!async && firstGroup) {
       std::unique_lock<std::mutex> lock(mu);
       for (const auto& k : kernels) {
+        if (!hasCollective(*k.ops)) {
+          continue;
+        }
         cv.wait(lock, [&] { return k.comm->clique->connected || k.comm->aborted; });
         if (k.comm->aborted) {
           result = failLocked(nullptr, ncclSystemError, "ncclGroupEnd: aborted while connecting to the peers");

@@ -703,16 +703,16 @@ TEST(LaneFaults, RefusedOpsLeaveTheLaneUsable) {
   } catch (const UnsupportedOpError& e) {
     EXPECT_NE(std::string(e.what()).find("BAND"), std::string::npos) << e.what();
   }
-  // The kinds the lane does not issue to NCCL yet are named, not launched.
+  // A barrier is the CPU lane's (PooledBackend never hands one over): named,
+  // not launched.
   try {
-    Collective toPeer;
-    toPeer.kind = CollectiveKind::Send;
-    toPeer.inputs = {at::ones({4})};
-    toPeer.peer = 1;
-    issue(*lanes[0], toPeer);
-    ADD_FAILURE() << "send was handed to NCCL";
+    Collective barrier;
+    barrier.kind = CollectiveKind::Barrier;
+    barrier.inputs = {at::ones({4})};
+    issue(*lanes[0], barrier);
+    ADD_FAILURE() << "a barrier was handed to NCCL";
   } catch (const UnsupportedOpError& e) {
-    EXPECT_NE(std::string(e.what()).find("send does not run on pooled NCCL lanes yet"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("barrier does not run on pooled NCCL lanes"), std::string::npos)
         << e.what();
   }
   // uint32/uint64 map to NCCL's own types, and the lane still works.

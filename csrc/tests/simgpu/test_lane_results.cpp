@@ -402,6 +402,80 @@ TEST_P(LaneResults, EveryOpTypeAndReduceOpOnInitAndSplitLanes) {
   EXPECT_EQ(NcclComm::liveCount(), 0);
 }
 
+// A lone send and its recv run on their two ranks alone, as NCCL runs them
+// (the third rank issues nothing, not even a first collective), for every
+// type; the lane's collectives are unaffected.
+TEST(LanePointToPoint, ALoneSendAndItsRecvNeedOnlyTheirTwoRanks) {
+  {
+    const int n = 3;
+    SimWorld world(n);
+    auto lanes = makeLanes(world, "ag");
+    for (auto type : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble, at::kLong, at::kInt, at::kByte,
+                      at::kChar, at::kFloat8_e4m3fn}) {
+      const at::Tensor sent = rankData(0, kCount, at::kFloat).to(type);
+      at::Tensor got = at::zeros({kCount}, type);
+      onRanks(n, [&](int r) {
+        if (r == 1) {
+          return;
+        }
+        Collective op;
+        op.kind = r == 0 ? CollectiveKind::Send : CollectiveKind::Recv;
+        op.inputs = {r == 0 ? sent : got};
+        op.peer = r == 0 ? 2 : 0;
+        ASSERT_TRUE(issue(*lanes[r], op)->wait(5000ms)) << c10::toString(type);
+      });
+      expectEqual(got, sent, std::string("send to rank 2 of ") + c10::toString(type));
+    }
+    runOnLanes(
+        lanes,
+        [&](int r) { return allGather(rankData(r, 4, at::kFloat), at::empty({4 * n})); },
+        [&](int, const Collective& op) {
+          expectEqual(
+              op.outputs[0], at::cat({rankData(0, 4, at::kFloat), rankData(1, 4, at::kFloat), rankData(2, 4, at::kFloat)}),
+              "all_gather after the sends");
+        });
+    closeAll(lanes);
+    EXPECT_EQ(world.nccl->overlapViolations(), 0);
+  }
+  EXPECT_EQ(NcclComm::liveCount(), 0);
+}
+
+// batch_isend_irecv's ring: each rank sends to the next and receives from
+// the previous, tensors of several types, in one NCCL group (as lone ops on
+// one communicator each send would wait for a recv queued behind the
+// peer's own send).
+TEST(LanePointToPoint, ABatchRunsARingAsOneGroup) {
+  for (const int n : {2, 4}) {
+    SimWorld world(n);
+    auto lanes = makeLanes(world, "ag");
+    const std::vector<at::ScalarType> types = {at::kFloat, at::kBFloat16, at::kLong};
+    std::vector<std::vector<at::Tensor>> received(n);
+    onRanks(n, [&](int r) {
+      Collective op;
+      op.kind = CollectiveKind::SendRecvBatch;
+      for (auto type : types) {
+        op.inputs.push_back(rankData(r, kCount, type));
+        op.parts.push_back(PointToPointPart{true, (r + 1) % n, 0});
+      }
+      for (auto type : types) {
+        op.inputs.push_back(at::zeros({kCount}, type));
+        op.parts.push_back(PointToPointPart{false, (r + n - 1) % n, 0});
+        received[r].push_back(op.inputs.back());
+      }
+      ASSERT_TRUE(issue(*lanes[r], op)->wait(5000ms)) << "rank " << r;
+    });
+    for (int r = 0; r < n; ++r) {
+      for (size_t i = 0; i < types.size(); ++i) {
+        expectEqual(
+            received[r][i], rankData((r + n - 1) % n, kCount, types[i]),
+            "rank " + std::to_string(r) + " of " + std::to_string(n) + ", " + c10::toString(types[i]));
+      }
+    }
+    closeAll(lanes);
+  }
+  EXPECT_EQ(NcclComm::liveCount(), 0);
+}
+
 // Raw values of `T` as a tensor of `type` (ATen has few kernels for the
 // unsigned types; bytes are what the checks compare).
 template <typename T>

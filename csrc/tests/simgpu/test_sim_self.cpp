@@ -1633,6 +1633,104 @@ TEST(SimNccl, UnpairedOrMismatchedSendsHangWithoutAWord) {
   }
 }
 
+TEST(SimNccl, ALoneSendAndItsRecvRunOnTheirTwoRanksAlone) {
+  World w;
+  const int n = 3;
+  auto comms = makeComms(w, n);
+  auto streams = makeStreams(w, n);
+  // Rank 1 takes no part, not even by a first collective: a send and its
+  // recv need only their two ranks, each in a group of its own.
+  std::vector<int32_t> sent{7, 8, 9};
+  std::vector<int32_t> got(3, -1);
+  onRanks(n, [&](int r) {
+    if (r == 0) {
+      ASSERT_EQ(w.nccl->send(sent.data(), 3, ncclInt32, 2, comms[r], streams[r]), ncclSuccess);
+    } else if (r == 2) {
+      ASSERT_EQ(w.nccl->recv(got.data(), 3, ncclInt32, 0, comms[r], streams[r]), ncclSuccess);
+    }
+    ASSERT_TRUE(w.gpu->synchronize(streams[r], 5s)) << "rank " << r;
+  });
+  EXPECT_EQ(got, sent);
+  // Sends and recvs took no place among the collectives: the ranks' first
+  // all-reduce meets every rank's first.
+  std::vector<std::vector<float>> sums(n);
+  onRanks(n, [&](int r) {
+    sums[r].assign(2, float(r + 1));
+    ASSERT_EQ(w.nccl->allReduce(sums[r].data(), sums[r].data(), 2, ncclFloat32, ncclSum, comms[r], streams[r]), ncclSuccess);
+    ASSERT_TRUE(w.gpu->synchronize(streams[r], 5s)) << "rank " << r;
+    EXPECT_EQ(sums[r], std::vector<float>(2, 6.0f));
+  });
+  tearDown(w, comms, streams);
+}
+
+TEST(SimNccl, SendsPairWithRecvsByPeerAndOrderAcrossGroups) {
+  World w;
+  auto comms = makeComms(w, 2);
+  auto streams = makeStreams(w, 2);
+  std::vector<int32_t> a{1, 2}, b{3, 4};
+  std::vector<std::vector<int32_t>> got(2, std::vector<int32_t>(2, -1));
+  std::vector<std::vector<float>> sums(2);
+  onRanks(2, [&](int r) {
+    sums[r].assign(4, float(r + 1));
+    if (r == 0) {
+      // Two groups: a send, then a send beside an all-reduce.
+      ASSERT_EQ(w.nccl->send(a.data(), 2, ncclInt32, 1, comms[r], streams[r]), ncclSuccess);
+      ASSERT_EQ(w.nccl->groupStart(), ncclSuccess);
+      ASSERT_EQ(w.nccl->send(b.data(), 2, ncclInt32, 1, comms[r], streams[r]), ncclSuccess);
+      ASSERT_EQ(w.nccl->allReduce(sums[r].data(), sums[r].data(), 4, ncclFloat32, ncclSum, comms[r], streams[r]), ncclSuccess);
+      ASSERT_EQ(w.nccl->groupEnd(), ncclSuccess);
+    } else {
+      // One group, the all-reduce first: the k-th recv from rank 0 takes
+      // rank 0's k-th send to it, and the all-reduces meet.
+      ASSERT_EQ(w.nccl->groupStart(), ncclSuccess);
+      ASSERT_EQ(w.nccl->allReduce(sums[r].data(), sums[r].data(), 4, ncclFloat32, ncclSum, comms[r], streams[r]), ncclSuccess);
+      for (auto& out : got) {
+        ASSERT_EQ(w.nccl->recv(out.data(), 2, ncclInt32, 0, comms[r], streams[r]), ncclSuccess);
+      }
+      ASSERT_EQ(w.nccl->groupEnd(), ncclSuccess);
+    }
+    ASSERT_TRUE(w.gpu->synchronize(streams[r], 5s)) << "rank " << r;
+    EXPECT_EQ(sums[r], std::vector<float>(4, 3.0f)) << "rank " << r;
+  });
+  EXPECT_EQ(got[0], a);
+  EXPECT_EQ(got[1], b);
+  tearDown(w, comms, streams);
+}
+
+TEST(SimNccl, ASendHoldsItsStreamUntilItsRecvRuns) {
+  // Each rank sends, then receives, in groups of their own on one stream:
+  // each send waits for a recv queued behind the peer's own send ("blocking
+  // for the GPU"), so neither ends. In one group they do.
+  for (const bool oneGroup : {false, true}) {
+    World w;
+    auto comms = makeComms(w, 2);
+    auto streams = makeStreams(w, 2);
+    std::vector<std::vector<float>> ins{{1, 1}, {2, 2}};
+    std::vector<std::vector<float>> outs(2, std::vector<float>(2, -1.0f));
+    onRanks(2, [&](int r) {
+      if (oneGroup) {
+        ASSERT_EQ(w.nccl->groupStart(), ncclSuccess);
+      }
+      ASSERT_EQ(w.nccl->send(ins[r].data(), 2, ncclFloat32, 1 - r, comms[r], streams[r]), ncclSuccess);
+      ASSERT_EQ(w.nccl->recv(outs[r].data(), 2, ncclFloat32, 1 - r, comms[r], streams[r]), ncclSuccess);
+      if (oneGroup) {
+        ASSERT_EQ(w.nccl->groupEnd(), ncclSuccess);
+      }
+    });
+    if (oneGroup) {
+      for (int r = 0; r < 2; ++r) {
+        ASSERT_TRUE(w.gpu->synchronize(streams[r], 5s)) << "rank " << r;
+        EXPECT_EQ(outs[r], ins[1 - r]);
+      }
+      tearDown(w, comms, streams);
+    } else {
+      expectHungWithoutAWordUntilAborted(w, comms, streams);
+      EXPECT_EQ(outs[0], std::vector<float>(2, -1.0f)) << "nothing was moved";
+      tearDown(w, {}, streams);
+    }
+  }
+}
+
 TEST(SimNccl, EachLaunchOfACapturedCollectiveIsACollectiveOfItsOwn) {
   World w;
   const int n = 2;
