@@ -184,8 +184,8 @@ def _list_forms_on(group: Any, rank: int, world: int, dtype: torch.dtype, device
 
 def _list_forms_rank(rank: int, world: int) -> dict[str, Any]:
     """List all_gather, list reduce_scatter, reduce, gather, scatter and the
-    all-to-alls on the NCCL lane against torch's own NCCL group; a lone send
-    gets the named error on NCCL lanes."""
+    all-to-alls on the NCCL lane against torch's own NCCL group, then
+    batch_isend_irecv's ring and a lone send and recv."""
     device = torch.device("cuda", torch.cuda.current_device())
     same = []
     with pycomm.CommPool() as pool:
@@ -194,21 +194,33 @@ def _list_forms_rank(rank: int, world: int) -> dict[str, Any]:
             pooled = _list_forms_on(rs, rank, world, dtype, device)
             plain = _list_forms_on(None, rank, world, dtype, device)
             same.extend(torch.equal(a, b) for a, b in zip(pooled, plain))
-        refused = []
-        try:
-            dist.send(torch.ones(4, device=device), dst=(rank + 1) % world, group=rs)
-            refused.append("")
-        except pycomm.UnsupportedOpError as e:
-            refused.append(str(e))
+        # batch_isend_irecv's ring (one NCCL group on the lane), then a lone
+        # send and its recv (rank 0 to rank 1), on the lane and on torch's.
+        p2p = []
+        for group in (rs, None):
+            sent = _rank_data(rank, 1024, torch.float32, device)
+            got = torch.zeros_like(sent)
+            ops = [dist.P2POp(dist.isend, sent, (rank + 1) % world, group=group),
+                   dist.P2POp(dist.irecv, got, (rank - 1) % world, group=group)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            lone = torch.zeros(4, device=device)
+            if rank == 0:
+                dist.send(torch.arange(4.0, device=device) + 1, dst=1, group=group)
+            elif rank == 1:
+                dist.recv(lone, src=0, group=group)
+            p2p.append((got, lone))
         torch.cuda.synchronize()
-    return {"same": same, "refused": refused}
+        ring_ok = torch.equal(p2p[0][0], _rank_data((rank - 1) % world, 1024, torch.float32, device))
+        p2p_same = [torch.equal(a, b) for a, b in zip(p2p[0], p2p[1])]
+    return {"same": same, "ring_ok": ring_ok, "p2p_same": p2p_same}
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_list_forms_and_reduce_equal_torch_nccl(world: int) -> None:
     for r in run_world(_list_forms_rank, world, backend=BACKEND, timeout_seconds=300):
         assert r["same"] == [True] * (7 * len(DTYPES)), r["same"]
-        assert all("does not run on pooled NCCL lanes yet" in m for m in r["refused"]), r["refused"]
+        assert r["ring_ok"] and r["p2p_same"] == [True, True], r
 
 
 def _graph_steps(group_ag: Any, group_rs: Any, rank: int, world: int, device: torch.device) -> list[bool]:
