@@ -55,9 +55,11 @@ pip_install() {
   local attempt
   for attempt in 1 2 3 4; do
     if "$VENV/bin/python" -m pip install -q --resume-retries 20 "$@"; then return 0; fi
+    [ "$attempt" = 4 ] && break
     echo "setup: pip install $* failed (attempt $attempt of 4); trying again in $((attempt * 15)) s" >&2
     sleep $((attempt * 15))
   done
+  echo "setup: pip install $* failed 4 times; see pip's error above" >&2
   return 1
 }
 
