@@ -632,6 +632,7 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
   auto work = inFlight_.front().work;
   const int64_t issuedUs = inFlight_.front().issuedUs;
   const auto timeout = inFlight_.front().timeout;
+  const CollectiveKind kind = inFlight_.front().kind;
   lock.unlock();
 
   std::exception_ptr error;
@@ -668,8 +669,14 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
     error = std::make_exception_ptr(CollectiveTimeoutError(
         work->description() + " did not finish within its timeout of " +
         std::to_string(timeout.count()) +
-        " ms; a peer may be gone or may not have issued the same op. The "
-        "communicator was aborted"));
+        " ms; a peer may be gone or may not have issued the same op" +
+        (kind == CollectiveKind::Send || kind == CollectiveKind::Recv
+             ? std::string(", or the matching call may be queued behind one of the peer's own: a "
+                           "lone send or recv holds the lane's stream until its peer's runs (NCCL's "
+                           "send and recv block the GPU), so an exchange where both ranks send "
+                           "first goes through batch_isend_irecv")
+             : std::string()) +
+        ". The communicator was aborted"));
   }
   if (error) {
     // When the lane is ending already (abort(), another failure), the ops

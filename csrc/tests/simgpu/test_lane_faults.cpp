@@ -185,6 +185,35 @@ TEST(LaneFaults, MismatchedOpsAcrossRanksTimeOutByName) {
   for (int r = 0; r < 2; ++r) {
     const std::string message = expectFailure<CollectiveTimeoutError>(works[r], 5000ms);
     EXPECT_NE(message.find("all_gather"), std::string::npos) << message;
+    EXPECT_EQ(message.find("batch_isend_irecv"), std::string::npos) << "only sends and recvs name it";
+  }
+  EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
+  closeAll(lanes);
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
+TEST(LaneFaults, LoneSendsThatEachWaitBehindTheOthersTimeOutNamingTheWayOut) {
+  // Both ranks send, then receive, each as a lone op on its lane: each send
+  // waits for a recv queued behind the peer's own send. Bounded by the
+  // timeout, whose error says why and names batch_isend_irecv.
+  SimWorld world(2);
+  auto lanes = armedLanes(world, "ag", nullptr, 300ms);
+  std::vector<std::vector<c10::intrusive_ptr<c10d::Work>>> works(2);
+  const int64_t start = nowUs();
+  onRanks(2, [&](int r) {
+    for (auto kind : {CollectiveKind::Send, CollectiveKind::Recv}) {
+      Collective op;
+      op.kind = kind;
+      op.inputs = {at::ones({8})};
+      op.peer = 1 - r;
+      works[r].push_back(issue(*lanes[r], op));
+    }
+  });
+  for (int r = 0; r < 2; ++r) {
+    const std::string message = expectFailure<CollectiveTimeoutError>(works[r][0], 5000ms);
+    EXPECT_NE(message.find("send("), std::string::npos) << message;
+    EXPECT_NE(message.find("goes through batch_isend_irecv"), std::string::npos) << message;
+    EXPECT_THROW(works[r][1]->wait(5000ms), CollectiveTimeoutError);
   }
   EXPECT_LT(nowUs() - start, 1'300'000) << "timeout + 1 s";
   closeAll(lanes);
