@@ -213,6 +213,14 @@ def _point_to_point(rank: int, world: int, pooled: Any, plain: Any) -> dict:
                         dist.irecv(inside, group_src=prv, group=group)]
             cm.wait()
             out["held"] = {"works": [w is None for w in held], "batch_works": len(cm.works), "got": inside.tolist()}
+            # Batches do not nest, and an end needs its start: named errors.
+            cpu = torch.device("cpu")
+            group._start_coalescing(cpu)
+            with pytest.raises(pycomm.UnsupportedOpError, match="batches .* do not nest"):
+                group._start_coalescing(cpu)
+            group._end_coalescing(cpu)
+            with pytest.raises(pycomm.UnsupportedOpError, match="endCoalescing without startCoalescing"):
+                group._end_coalescing(cpu)
         bare = torch.empty(7, dtype=torch.int64)
         works = [dist.isend(torch.full((7,), rank * 10 + 1), group_dst=nxt, group=group, tag=4),
                  dist.irecv(bare, group_src=prv, group=group, tag=4)]
