@@ -11,6 +11,12 @@
 namespace pycomm {
 
 namespace {
+
+// `what` behind the communicator's label, unless `what` starts with it
+// already (a lane's op descriptions do).
+std::string labelled(const std::string& label, const std::string& what) {
+  return what.compare(0, label.size() + 2, label + ": ") == 0 ? what : label + ": " + what;
+}
 std::atomic<int64_t> liveComms{0};
 
 // A group end on a connected communicator is taken within tens of
@@ -90,12 +96,12 @@ void NcclComm::adopt(
   if (state == ncclInProgress) {
     (void)nccl().commAbort(comm); // freeing it is all that is left to do
     throw CollectiveTimeoutError(
-        spec_.label + ": " + what + " did not complete within " +
+        labelled(spec_.label, what) + " did not complete within " +
         timeoutText(spec_.creationBound()) +
         "; every member must duplicate the group with the same role");
   }
   if (state != ncclSuccess) {
-    const std::string message = spec_.label + ": " + what + " failed: " +
+    const std::string message = labelled(spec_.label, what) + " failed: " +
         nccl::errorText(nccl(), state) + " (NCCL: " + nccl::lastError(nccl(), comm) + ")";
     (void)nccl().commAbort(comm);
     throw CollectiveError(message);
@@ -122,7 +128,7 @@ std::unique_ptr<NcclComm> NcclComm::initRank(
   if (result != ncclSuccess && result != ncclInProgress && comm != nullptr) {
     (void)api.commAbort(comm); // the error below is what matters
   }
-  nccl::check(api, result, s.label + ": " + what, comm);
+  nccl::check(api, result, labelled(s.label, what), comm);
   self->adopt(comm, what, deadline);
   return self;
 }
@@ -164,12 +170,12 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
       // trusted or freed.
       const bool aborted = state == ncclInProgress && parent.abortRequested_.load();
       std::string message = aborted
-          ? s.label + ": " + what + " was ended by an abort (" + parent.abortReason() + ")"
+          ? labelled(s.label, what) + " was ended by an abort (" + parent.abortReason() + ")"
           : state == ncclInProgress
-          ? s.label + ": " + what + " did not complete within " +
+          ? labelled(s.label, what) + " did not complete within " +
               timeoutText(s.creationBound()) +
               "; every member must duplicate the group with the same role"
-          : s.label + ": " + what + " failed: " + nccl::errorText(api, state) +
+          : labelled(s.label, what) + " failed: " + nccl::errorText(api, state) +
               " (NCCL: " + nccl::lastError(api, parent.comm_) + ")";
       ncclComm_t* written = slot.get();
       keepForNccl<ncclComm_t>(std::move(slot));
@@ -195,7 +201,7 @@ std::unique_ptr<NcclComm> NcclComm::split(NcclCommSpec spec, NcclComm& parent) {
   // ncclInProgress (an atomic release store).
   ncclComm_t child = __atomic_load_n(slot.get(), __ATOMIC_ACQUIRE);
   if (child == nullptr) {
-    throw CollectiveError(s.label + ": " + what + " returned no communicator");
+    throw CollectiveError(labelled(s.label, what) + " returned no communicator");
   }
   self->adopt(child, what, deadline);
   return self;
@@ -232,7 +238,7 @@ void NcclComm::settleLocked(const std::string& what) {
   if (state == ncclInProgress) {
     if (abortRequested_.load()) {
       throw PoolClosedError(
-          spec_.label + ": " + what + " was ended by an abort (" + abortReason() + ")");
+          labelled(spec_.label, what) + " was ended by an abort (" + abortReason() + ")");
     }
     throw CollectiveTimeoutError(
         spec_.label + ": NCCL did not take " + what + " within " +
@@ -241,7 +247,7 @@ void NcclComm::settleLocked(const std::string& what) {
         "connects the peers at a communicator's first op, which waits until "
         "every peer issued theirs)");
   }
-  nccl::check(nccl(), state, spec_.label + ": " + what, comm_);
+  nccl::check(nccl(), state, labelled(spec_.label, what), comm_);
 }
 
 void NcclComm::enqueue(
@@ -256,11 +262,11 @@ ncclResult_t NcclComm::callLocked(
     const std::function<ncclResult_t(ncclComm_t)>& calls) {
   if (comm_ == nullptr || abortRequested_.load()) {
     throw PoolClosedError(
-        spec_.label + ": " + what + ": the NCCL communicator was " +
+        labelled(spec_.label, what) + ": the NCCL communicator was " +
         (abortRequested_.load() ? "aborted (" + abortReason() + ")" : "destroyed"));
   }
   settleLaunchLocked();
-  return nccl::check(nccl(), calls(comm_), spec_.label + ": " + what, comm_);
+  return nccl::check(nccl(), calls(comm_), labelled(spec_.label, what), comm_);
 }
 
 void NcclComm::enqueueLocked(
@@ -370,7 +376,7 @@ void NcclComm::registerBuffer(void* buffer, size_t bytes, bool symmetric) {
     // copy through NCCL's own buffers, as with ProcessGroupNCCL, and the
     // null handle is what deregistration takes back.
     throw UnsupportedOpError(
-        spec_.label + ": " + what + ": NCCL gave no window (this communicator "
+        labelled(spec_.label, what) + ": NCCL gave no window (this communicator "
         "has no symmetric memory support)");
   }
   registrations_.emplace(buffer, Registration{*slot, symmetric});

@@ -1304,24 +1304,35 @@ struct SimNccl::Impl {
       if (c->finalized) {
         return failLocked(cp, ncclInvalidUsage, what + ": the communicator was finalized");
       }
+      // A call NCCL's checks refuse puts a nonblocking communicator in error
+      // for good: ncclEnqueueCheck's failure path stores the error as the
+      // communicator's asynchronous state (NCCL 2.30.7 src/enqueue.cc,
+      // "fail: ... ncclCommSetAsyncError(info->comm, ret)"), which every later
+      // call then meets (ncclCommEnsureReady). A blocking one stays usable.
+      auto refuse = [&](ncclResult_t code, const std::string& message) {
+        if (!c->blocking) {
+          c->asyncError = code;
+        }
+        return failLocked(cp, code, message);
+      };
       if (op.type < 0 || op.type >= ncclNumTypes) {
-        return failLocked(cp, ncclInvalidArgument, what + ": invalid data type " + std::to_string(op.type));
+        return refuse(ncclInvalidArgument, what + ": invalid data type " + std::to_string(op.type));
       }
       if (resolved == nullptr) {
-        return failLocked(
-            cp, ncclUnhandledCudaError, what + ": invalid stream (cudaErrorInvalidResourceHandle)");
+        return refuse(
+            ncclUnhandledCudaError, what + ": invalid stream (cudaErrorInvalidResourceHandle)");
       }
       if (streamDevice != c->device) {
-        return failLocked(
-            cp, ncclInvalidUsage,
+        return refuse(
+            ncclInvalidUsage,
             what + ": a stream of device " + std::to_string(streamDevice) +
                 " for a communicator of device " + std::to_string(c->device));
       }
       if ((op.kind == Kind::Broadcast || op.kind == Kind::Reduce) && (op.root < 0 || op.root >= c->nranks)) {
-        return failLocked(cp, ncclInvalidArgument, what + ": invalid root " + std::to_string(op.root));
+        return refuse(ncclInvalidArgument, what + ": invalid root " + std::to_string(op.root));
       }
       if (isPointToPoint(op.kind) && (op.peer < 0 || op.peer >= c->nranks)) {
-        return failLocked(cp, ncclInvalidArgument, what + ": invalid peer " + std::to_string(op.peer));
+        return refuse(ncclInvalidArgument, what + ": invalid peer " + std::to_string(op.peer));
       }
       const size_t inElems = op.kind == Kind::ReduceScatter ? op.count * c->nranks
           : op.kind == Kind::Recv ? 0
@@ -1333,11 +1344,11 @@ struct SimNccl::Impl {
       const bool readsInput = op.kind != Kind::Broadcast || op.root == c->rank;
       if ((inElems > 0 && readsInput && op.input == nullptr) ||
           (outElems > 0 && op.output == nullptr)) {
-        return failLocked(cp, ncclInvalidArgument, what + ": null buffer");
+        return refuse(ncclInvalidArgument, what + ": null buffer");
       }
       if (red) {
         if (std::string error = resolveRed(*c, *red, op.type, op); !error.empty()) {
-          return failLocked(cp, ncclInvalidArgument, what + ": " + error);
+          return refuse(ncclInvalidArgument, what + ": " + error);
         }
       }
       call.comm = std::move(c);

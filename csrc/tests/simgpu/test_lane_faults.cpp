@@ -1040,5 +1040,29 @@ TEST(LaneFaults, CloseReturnsWithinTheStallBoundWhenNcclsDestroyHangs) {
   EXPECT_TRUE(eventually([&] { return world.nccl->liveComms() == 0; }));
 }
 
+TEST(LaneFaults, ACallNcclRefusesFailsTheLaneForGoodInNcclsWords) {
+  // A refused call leaves a nonblocking communicator in error for good (the
+  // simulated NCCL does as NCCL does): the lane fails with NCCL's words,
+  // once labelled, and every later op meets that error.
+  SimWorld world(2);
+  auto lanes = armedLanes(world, "ag", nullptr, 300ms);
+  connectLanes(world, lanes);
+  Collective toNowhere;
+  toNowhere.kind = CollectiveKind::Send; // PooledBackend's validate() would name it first
+  toNowhere.inputs = {at::ones({4})};
+  toNowhere.peer = 5;
+  const std::string refused = thrownText<CollectiveError>([&] { issue(*lanes[0], toNowhere); });
+  EXPECT_NE(refused.find("ncclSend: invalid peer 5"), std::string::npos) << refused;
+  const std::string label = "role 'ag' of group 'sim' (rank 0)";
+  EXPECT_EQ(refused.find(label), 0u) << refused;
+  EXPECT_EQ(refused.find(label, 1), std::string::npos) << "labelled once: " << refused;
+  EXPECT_EQ(thrownText<CollectiveError>([&] { issue(*lanes[0], allGather(at::ones({4}), at::empty({8}))); }), refused);
+  // Its peer's op finds no partner and ends at its timeout.
+  auto alone = issue(*lanes[1], allGather(at::ones({4}), at::empty({8})));
+  EXPECT_NE(expectFailure<CollectiveTimeoutError>(alone, 5000ms).find("300 ms"), std::string::npos);
+  closeAll(lanes);
+  EXPECT_EQ(world.nccl->liveComms(), 0);
+}
+
 } // namespace
 } // namespace pycomm::sim

@@ -1633,6 +1633,32 @@ TEST(SimNccl, UnpairedOrMismatchedSendsHangWithoutAWord) {
   }
 }
 
+TEST(SimNccl, ARefusedCallPutsANonblockingCommunicatorInErrorForGood) {
+  for (const bool blocking : {true, false}) {
+    World w;
+    auto comms = makeComms(w, 1, blocking);
+    auto streams = makeStreams(w, 1);
+    std::vector<float> buffer(4, 1.0f);
+    // An invalid root: refused at the call on both.
+    EXPECT_EQ(w.nccl->broadcast(buffer.data(), buffer.data(), 4, ncclFloat32, 3, comms[0], streams[0]), ncclInvalidArgument);
+    ncclResult_t state = ncclInternalError;
+    ASSERT_EQ(w.nccl->commGetAsyncError(comms[0], &state), ncclSuccess);
+    const ncclResult_t valid =
+        w.nccl->allReduce(buffer.data(), buffer.data(), 4, ncclFloat32, ncclSum, comms[0], streams[0]);
+    if (blocking) {
+      EXPECT_EQ(state, ncclSuccess) << "a blocking communicator stays usable";
+      EXPECT_EQ(valid, ncclSuccess);
+      ASSERT_TRUE(w.gpu->synchronize(streams[0], 5s));
+      tearDown(w, comms, streams);
+    } else {
+      EXPECT_EQ(state, ncclInvalidArgument) << "the refusal is the communicator's state now";
+      EXPECT_EQ(valid, ncclInvalidArgument) << "and every later call meets it";
+      EXPECT_EQ(w.nccl->commAbort(comms[0]), ncclSuccess);
+      tearDown(w, {}, streams);
+    }
+  }
+}
+
 TEST(SimNccl, ALoneSendAndItsRecvRunOnTheirTwoRanksAlone) {
   World w;
   const int n = 3;
