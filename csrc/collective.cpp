@@ -43,8 +43,11 @@ const char* kindName(CollectiveKind kind) {
 }
 
 bool isPointToPoint(CollectiveKind kind) {
-  return kind == CollectiveKind::Send || kind == CollectiveKind::Recv ||
-      kind == CollectiveKind::SendRecvBatch;
+  return isLonePointToPoint(kind) || kind == CollectiveKind::SendRecvBatch;
+}
+
+bool isLonePointToPoint(CollectiveKind kind) {
+  return kind == CollectiveKind::Send || kind == CollectiveKind::Recv;
 }
 
 bool isReducing(CollectiveKind kind) {
@@ -267,7 +270,7 @@ std::string Collective::describe() const {
   if (hasRoot(kind)) {
     out << ", root=" << root;
   }
-  if (kind == CollectiveKind::Send || kind == CollectiveKind::Recv) {
+  if (isLonePointToPoint(kind)) {
     out << (kind == CollectiveKind::Send ? ", to=" : ", from=") << peer << ", tag=" << tag;
   }
   for (size_t i = 0; i < parts.size(); ++i) {
@@ -535,7 +538,7 @@ void validate(const Collective& op, int64_t groupSize, int64_t rank) {
   if (hasRoot(op.kind)) {
     checkRank(op, op.root, groupSize, "root");
   }
-  if (op.kind == CollectiveKind::Send || op.kind == CollectiveKind::Recv) {
+  if (isLonePointToPoint(op.kind)) {
     checkRank(op, op.peer, groupSize, op.kind == CollectiveKind::Send ? "destination" : "source");
   }
   if (isReducing(op.kind)) {

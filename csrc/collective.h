@@ -42,6 +42,8 @@ const char* kindName(CollectiveKind kind);
 // backends do, so that two ranks' isend/irecv pairs meet whatever order
 // each issued them in; their ranks issue different ops at the same place.
 bool isPointToPoint(CollectiveKind kind);
+// Send and Recv: one tensor, to or from `peer`.
+bool isLonePointToPoint(CollectiveKind kind);
 // Whether the kind takes a reduce op.
 bool isReducing(CollectiveKind kind);
 const char* reduceOpName(c10d::ReduceOp::RedOpType op);

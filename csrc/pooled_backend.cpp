@@ -145,13 +145,12 @@ c10::intrusive_ptr<c10d::Work> PooledBackend::submit(
 }
 
 c10::intrusive_ptr<c10d::Work> PooledBackend::route(Collective op, c10d::OpType type) {
-  if (!coalescingOpen_.load(std::memory_order_relaxed)) {
-    return routeNow(std::move(op), type);
-  }
   auto work = routeNow(std::move(op), type);
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (coalescing_) {
-    lastWhileCoalescing_ = work;
+  if (coalescingOpen_.load(std::memory_order_relaxed)) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (coalescing_) {
+      lastWhileCoalescing_ = work;
+    }
   }
   return work;
 }

@@ -248,6 +248,8 @@ class PooledBackend : public c10d::Backend {
   std::vector<at::Tensor> rootsList(
       const std::vector<std::vector<at::Tensor>>& lists, const char* op, const char* what) const;
   bool isOpenOrClosed() const;
+  // route() without the bookkeeping of an open batch.
+  c10::intrusive_ptr<c10d::Work> routeNow(Collective op, c10d::OpType type);
   // Whether a send or recv was held for endCoalescing.
   bool holdWhileCoalescing(const std::vector<at::Tensor>& tensors, const PointToPointPart& part);
 
@@ -261,8 +263,6 @@ class PooledBackend : public c10d::Backend {
   std::optional<Collective> coalescing_; // between startCoalescing and endCoalescing
   std::atomic<bool> coalescingOpen_{false}; // coalescing_ is set: read without mutex_ on the hot path
   c10::intrusive_ptr<c10d::Work> lastWhileCoalescing_;
-  // route() without the bookkeeping of an open batch.
-  c10::intrusive_ptr<c10d::Work> routeNow(Collective op, c10d::OpType type);
   std::chrono::milliseconds timeout_; // spec_.timeout until set_timeout()
   const bool timed_; // TORCH_NCCL_ENABLE_TIMING when the group was made
   // One set_timeout() at a time, so the Works, the transport and the device

@@ -53,19 +53,21 @@ bool builtFromSendsAndRecvs(CollectiveKind kind) {
 ncclResult_t pointToPointCalls(
     NcclApi& api, const Collective& op, const std::vector<ncclDataType_t>& types, int rank, int size,
     ncclComm_t comm, cudaStream_t stream) {
-  const ncclDataType_t type = types[0];
   ncclResult_t result = ncclSuccess;
   auto going = [&] { return result == ncclSuccess || result == ncclInProgress; };
-  auto send = [&](const void* data, int64_t count, int peer) {
+  auto sendAs = [&](ncclDataType_t type, const void* data, int64_t count, int peer) {
     if (going()) {
       result = api.send(data, static_cast<size_t>(count), type, peer, comm, stream);
     }
   };
-  auto recv = [&](void* data, int64_t count, int peer) {
+  auto recvAs = [&](ncclDataType_t type, void* data, int64_t count, int peer) {
     if (going()) {
       result = api.recv(data, static_cast<size_t>(count), type, peer, comm, stream);
     }
   };
+  // Every kind but a batch has one type.
+  auto send = [&](const void* data, int64_t count, int peer) { sendAs(types[0], data, count, peer); };
+  auto recv = [&](void* data, int64_t count, int peer) { recvAs(types[0], data, count, peer); };
   const int root = static_cast<int>(op.root);
   switch (op.kind) {
     case CollectiveKind::Send:
@@ -75,12 +77,14 @@ ncclResult_t pointToPointCalls(
       recv(op.inputs[0].data_ptr(), op.inputs[0].numel(), static_cast<int>(op.peer));
       break;
     case CollectiveKind::SendRecvBatch:
-      for (size_t i = 0; i < op.parts.size() && going(); ++i) {
+      for (size_t i = 0; i < op.parts.size(); ++i) {
         const at::Tensor& t = op.inputs[i];
         const int peer = static_cast<int>(op.parts[i].peer);
-        result = op.parts[i].send
-            ? api.send(t.data_ptr(), static_cast<size_t>(t.numel()), types[i], peer, comm, stream)
-            : api.recv(t.data_ptr(), static_cast<size_t>(t.numel()), types[i], peer, comm, stream);
+        if (op.parts[i].send) {
+          sendAs(types[i], t.data_ptr(), t.numel(), peer);
+        } else {
+          recvAs(types[i], t.data_ptr(), t.numel(), peer);
+        }
       }
       break;
     case CollectiveKind::Gather:
@@ -670,7 +674,7 @@ bool NcclLane::watchOnce(std::unique_lock<std::mutex>& lock, int64_t& previousEn
         work->description() + " did not finish within its timeout of " +
         std::to_string(timeout.count()) +
         " ms; a peer may be gone or may not have issued the same op" +
-        (kind == CollectiveKind::Send || kind == CollectiveKind::Recv
+        (isLonePointToPoint(kind)
              ? std::string(", or the matching call may be queued behind one of the peer's own: a "
                            "lone send or recv holds the lane's stream until its peer's runs (NCCL's "
                            "send and recv block the GPU), so an exchange where both ranks send "
